@@ -1,0 +1,87 @@
+"""Named architecture presets: the official registered archs (``lcm/models/*/archs.py``)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .config import (
+    BaseLCMConfig,
+    DenoiserConfig,
+    ModelConfig,
+    SchedulerConfig,
+    TransformerConfig,
+    TwoTowerConfig,
+)
+
+# The released 1.6B/7B recipes: RMSNorm, SwiGLU, RoPE, output-projection bias, no final dropout.
+_LARGE_STACK: dict[str, Any] = dict(
+    dropout_p=0.1,
+    final_dropout_p=0.0,
+    attention_dropout_p=0.0,
+    use_swiglu=True,
+    pos_embedding_style="rope",
+    layer_normalization_style="rms",
+    mha_output_proj_bias=True,
+)
+
+
+def toy_base_lcm() -> BaseLCMConfig:
+    return BaseLCMConfig(lcm=TransformerConfig(num_layers=2, num_attn_heads=8, ffn_inner_dim=4096))
+
+
+def base_lcm_1_6B() -> BaseLCMConfig:
+    return BaseLCMConfig(
+        max_seq_len=4096,
+        model_dim=2048,
+        sonar_normalizer_name="dummy_sonar_normalizer",
+        lcm=TransformerConfig(num_layers=32, num_attn_heads=16, ffn_inner_dim=8192, **_LARGE_STACK),
+    )
+
+
+def toy_two_tower() -> TwoTowerConfig:
+    return TwoTowerConfig(
+        sonar_normalizer_name="dummy_sonar_normalizer",
+        context_encoder=TransformerConfig(num_layers=2, num_attn_heads=8, ffn_inner_dim=4096),
+        denoiser=DenoiserConfig(num_layers=2, num_attn_heads=8, ffn_inner_dim=4096, timestep_embed_dim=1024),
+    )
+
+
+def _two_tower_large(model_dim: int, heads: int, ffn: int, denoiser_layers: int) -> TwoTowerConfig:
+    large = dict(_LARGE_STACK, num_attn_heads=heads, ffn_inner_dim=ffn)
+    return TwoTowerConfig(
+        sonar_normalizer_name="dummy_sonar_normalizer",
+        max_seq_len=4096,
+        model_dim=model_dim,
+        context_encoder=TransformerConfig(num_layers=5, **large),
+        denoiser=DenoiserConfig(
+            num_layers=denoiser_layers, timestep_embed_dim=model_dim, **dict(large, pos_embedding_style="none")
+        ),
+        noise_scheduler=SchedulerConfig(num_diffusion_train_steps=100),
+        trained_with_cf_guidance=True,
+    )
+
+
+def two_tower_1_6B() -> TwoTowerConfig:
+    return _two_tower_large(2048, 16, 8192, 13)
+
+
+def two_tower_7B() -> TwoTowerConfig:
+    return _two_tower_large(4096, 32, 16384, 14)
+
+
+#: preset name -> config factory; the names are the official arch names.
+ARCHS: dict[str, Callable[[], ModelConfig]] = {
+    "toy_base_lcm": toy_base_lcm,
+    "base_lcm_1_6B": base_lcm_1_6B,
+    "toy_two_tower_diffusion_lcm": toy_two_tower,
+    "two_tower_diffusion_lcm_1_6B": two_tower_1_6B,
+    "two_tower_diffusion_lcm_7B": two_tower_7B,
+}
+
+
+def get_arch(name: str) -> ModelConfig:
+    """Returns a fresh config for the named preset."""
+    try:
+        return ARCHS[name]()
+    except KeyError:
+        raise KeyError(f"unknown arch '{name}'; available: {sorted(ARCHS)}") from None

@@ -1,0 +1,334 @@
+"""The reference generation engine for Base-LCM and Two-Tower LCMs.
+
+A readable implementation of the official generators (``LCMGenerator``, ``TwoTowerDiffusionLCMGenerator``):
+documents advance in lockstep, one sentence embedding per step; rows whose (right-padded) prompt still
+covers the current position are teacher-forced; finished rows leave the batch. Every random draw goes
+through a :class:`~lcm_fast.inference.noise.NoiseSource`, in the official order, so recorded noise
+replays exactly. A fast engine (cached, table-driven, graph-captured) comes separately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..config import merge_into
+from ..diffusion import DDIMScheduler, SchedulerOutput, classifier_free_guidance
+from ..models import BaseLCM, TwoTowerLCM
+from .noise import NoiseSource, TorchNoise
+
+StepCallback = Callable[[int, int, SchedulerOutput], None]
+
+
+@dataclass
+class GenerationOptions:
+    """Official ``DiffusionLCMGeneratorOptions`` (a superset of ``LCMGeneratorOptions``), same defaults.
+
+    The paper's recommended Two-Tower settings are :meth:`recommended`.
+    """
+
+    max_seq_len: int = 200
+    """Upper bound on the number of generated sentences (``max_gen_len`` may not exceed it)."""
+    min_seq_len: int = 1
+    """Default ``min_gen_len``: sentences generated before EOS/repetition may stop a document."""
+    eos_threshold: Optional[float] = 0.9
+    """Stop when cos(eos_vec, output) >= this (needs an ``eos_vec``)."""
+    sample_latent_variable: bool = True
+    """Base-LCM: add N(0, lcm_temperature^2) noise in normalized space (the official default)."""
+    stop_on_repetition_cosine_threshold: Optional[float] = None
+    include_eos_token: bool = False
+    trim_hypotheses: bool = False
+    """Drop the EOS-like sentence from a document that stopped on EOS/repetition."""
+    seed: Optional[int] = None
+    """Noise seed (CPU generator, so outputs do not depend on the device). ``None``: torch's global RNG.
+    Unlike the official code, ``0`` is a seed like any other."""
+    lcm_temperature: float = 1.0
+    guidance_scale: float = 1.0
+    """Classifier-free guidance weight w; 1.0 disables CFG."""
+    guidance_rescale: float = 0.0
+    ddim_eta: float = 0.0
+    epsilon_scaling: Optional[float] = None
+    initial_noise_scale: float = 1.0
+    inference_timesteps: int = 100
+    clip_noise: float = 100
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 6.0
+    official_timestep_stride: bool = True
+    """Reproduce the official integer-stride timestep quirk (T=100, 40 requested steps run 50)."""
+
+    @classmethod
+    def recommended(cls, **overrides: Any) -> "GenerationOptions":
+        """The official README's Two-Tower evaluation settings: 40 steps, w=3, rescale 0.7, noise 0.6."""
+        base = dict(inference_timesteps=40, guidance_scale=3.0, guidance_rescale=0.7, initial_noise_scale=0.6)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def from_dict(cls, mapping: Mapping[str, Any]) -> "GenerationOptions":
+        """Strict: an unknown option name is an error."""
+        return merge_into(cls(), mapping)
+
+
+@dataclass
+class GenerationOutput:
+    """One embedding sequence per input document, in input order; each **includes its prompt**."""
+
+    sequences: list[Tensor]  # each [L_i, sonar_dim], SONAR space
+
+    @property
+    def lengths(self) -> Tensor:  # [B] int64
+        return torch.tensor([s.shape[0] for s in self.sequences], dtype=torch.long)
+
+    def padded(self) -> tuple[Tensor, Tensor]:
+        """-> (sequences [B, L_max, D] right-padded with zeros, lengths [B])."""
+        return torch.nn.utils.rnn.pad_sequence(self.sequences, batch_first=True), self.lengths
+
+
+def _validate_prompts(prompts: Tensor, seq_lens: Optional[Tensor], dim: int) -> Tensor:
+    """Checks the batch and returns seq_lens [B] int64 (full length when None)."""
+    if not isinstance(prompts, Tensor) or prompts.dim() != 3:
+        raise ValueError(f"prompts must be a [batch, sentences, dim] tensor, got {getattr(prompts, 'shape', prompts)}")
+    B, P, D = prompts.shape
+    if B == 0:
+        raise ValueError("empty batch: prompts has 0 documents")
+    if P == 0:
+        raise ValueError("empty prompts: every document needs at least one sentence embedding")
+    if D != dim:
+        raise ValueError(f"prompt embedding dim {D} does not match the model's sonar_embed_dim {dim}")
+    if seq_lens is None:
+        seq_lens = torch.full((B,), P, dtype=torch.long, device=prompts.device)
+    else:
+        seq_lens = torch.as_tensor(seq_lens, device=prompts.device)
+        if seq_lens.shape != (B,) or seq_lens.is_floating_point():
+            raise ValueError(f"seq_lens must be an integer tensor of shape [{B}], got {tuple(seq_lens.shape)}")
+        seq_lens = seq_lens.long()
+        if int(seq_lens.max()) > P:
+            i = int(seq_lens.argmax())
+            raise ValueError(f"seq_lens[{i}]={int(seq_lens[i])} is longer than the prompt tensor ({P} sentences)")
+        if int(seq_lens.min()) < 1:
+            i = int(seq_lens.argmin())
+            raise ValueError(f"document {i} has an empty prompt (seq_lens[{i}]={int(seq_lens[i])}); give at least one sentence")
+    valid = torch.arange(P, device=prompts.device)[None, :] < seq_lens[:, None]
+    bad = ~torch.isfinite(prompts).all(dim=-1) & valid
+    if bad.any():
+        doc, pos = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"prompt contains NaN or inf at document {doc}, sentence {pos}")
+    return seq_lens
+
+
+class _BaseLCMStepper:
+    """Base-LCM next-sentence prediction with an optional KV cache (official ``LCMGenerator``)."""
+
+    def __init__(self, model: BaseLCM, options: GenerationOptions, temperature: float, use_cache: bool,
+                 capacity: int, noise: NoiseSource) -> None:
+        self.model, self.options, self.temperature = model, options, temperature
+        self.cache = model.new_cache(capacity) if use_cache else None
+        self.randn = lambda shape: noise.randn(shape, site="latent_sample", device=model_device(model))
+
+    def _predict(self, seqs: Tensor) -> Tensor:
+        return self.model.predict_next_sentence(
+            seqs, cache=self.cache, sample=self.options.sample_latent_variable,
+            temperature=self.temperature, randn=self.randn,
+        )
+
+    def prefill(self, prefix: Tensor) -> None:  # prefix: [B, Pmin-1, D] raw
+        if self.cache is not None and prefix.shape[1] > 0:
+            # The official prefill is a full predict_next_sentence: its output is discarded but its
+            # sampling noise is drawn, so we draw it too to stay on the same random stream.
+            self._predict(prefix)
+
+    def step(self, seqs: Tensor, step: int, callback: Optional[StepCallback]) -> Tensor:  # -> [B, D]
+        inputs = seqs[:, step - 1 : step] if self.cache is not None else seqs[:, :step]
+        return self._predict(inputs)[:, -1]
+
+    def reorder(self, index: Tensor) -> None:
+        for c in self.cache or []:
+            c.reorder(index)
+
+
+class _TwoTowerStepper:
+    """Two-Tower: incremental contextualizer + a full DDIM chain per sentence, with or without CFG
+    (official ``TwoTowerDiffusionLCModel.predict_next_sentence[_with_cf_guidance]``)."""
+
+    def __init__(self, model: TwoTowerLCM, options: GenerationOptions, use_cache: bool, capacity: int,
+                 noise: NoiseSource) -> None:
+        self.model, self.options, self.noise = model, options, noise
+        self.cache = model.new_cache(capacity) if use_cache else None
+        overrides = {}
+        if options.thresholding:
+            overrides = dict(thresholding=True, dynamic_thresholding_ratio=options.dynamic_thresholding_ratio,
+                             sample_max_value=options.sample_max_value)
+        self.scheduler = model.noise_scheduler.with_options(**overrides)
+        self.scheduler.set_timesteps(options.inference_timesteps, official_stride=options.official_timestep_stride)
+        self.context: Optional[Tensor] = None  # [B, C, model_dim]
+
+    def prefill(self, prefix: Tensor) -> None:  # prefix: [B, Pmin-1, D] raw
+        m = self.model
+        if self.cache is None:
+            return
+        if prefix.shape[1] > 0:
+            self.context = m.encode(m.normalizer.normalize(prefix), cache=self.cache)
+        else:
+            self.context = prefix.new_zeros(prefix.shape[0], 0, m.config.model_dim)
+
+    def step(self, seqs: Tensor, step: int, callback: Optional[StepCallback]) -> Tensor:  # -> [B, D]
+        m, opt, sched = self.model, self.options, self.scheduler
+        if self.cache is not None:
+            new = m.encode(m.normalizer.normalize(seqs[:, step - 1 : step]), cache=self.cache)
+            self.context = torch.cat((self.context, new), dim=1)
+        else:  # no cache: re-encode the whole prefix (same result; the official code crashes here)
+            self.context = m.encode(m.normalizer.normalize(seqs[:, :step]))
+        context, B, device = self.context, seqs.shape[0], seqs.device
+        dtype = next(m.parameters()).dtype
+        latents = self.noise.randn((B, 1, m.sonar_dim), site="initial_latents", device=device)
+        latents = (latents * opt.initial_noise_scale).clip(-opt.clip_noise, opt.clip_noise)
+        cfg = opt.guidance_scale != 1.0
+        if cfg:  # rows [0, B) conditional, [B, 2B) unconditional: zero context, only the zero key visible
+            context = torch.cat((context, torch.zeros_like(context)), dim=0)
+            context_lens = torch.tensor([context.shape[1]] * B + [0] * B, device=device)
+        T = sched.num_train_steps
+        out = None
+        for t in sched.timesteps.tolist():
+            x = torch.cat((latents, latents)) if cfg else latents
+            timesteps = torch.full((x.shape[0], 1), t, dtype=torch.long, device=device)
+            pred = m.denoiser(x.to(dtype), timesteps, context, context_lens if cfg else None, inference=True).float()
+            kwargs: dict[str, Any] = dict(eta=opt.ddim_eta, epsilon_scaling=opt.epsilon_scaling)
+            if opt.ddim_eta > 0:
+                kwargs["variance_noise"] = self.noise.randn(tuple(latents.shape), site="ddim_variance", device=device)
+            if not cfg:
+                out = sched.step(pred, t, latents, **kwargs)
+            elif t == T - 1:
+                # a_{T-1} = 0 under zero-terminal-SNR: epsilon is undefined, so the first step uses the
+                # conditional x0 prediction directly, without guidance (official behaviour).
+                out = sched.step(pred[:B], t, latents, **kwargs)
+            else:
+                eps = sched.get_epsilon(pred, x, t)
+                guided = classifier_free_guidance(eps[:B], eps[B:], opt.guidance_scale, opt.guidance_rescale)
+                out = sched.step(guided, t, latents, prediction_type="epsilon", **kwargs)
+            if callback is not None:
+                callback(step, t, out)
+            latents = out.prev_sample.clip(-opt.clip_noise, opt.clip_noise)
+        # The sentence is the last step's x0 prediction (not the final latents), back in SONAR space.
+        return m.normalizer.denormalize(out.pred_original_sample.to(dtype))[:, -1]
+
+    def reorder(self, index: Tensor) -> None:
+        for c in self.cache or []:
+            c.reorder(index)
+        if self.context is not None:
+            self.context = self.context.index_select(0, index)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class Generator:
+    """Generates continuations of batches of right-padded concept sequences.
+
+    Args:
+        model: a :class:`BaseLCM` or :class:`TwoTowerLCM` (put in eval mode).
+        options: :class:`GenerationOptions` (official defaults when None).
+        eos_vec: [sonar_dim] end-of-text embedding for ``eos_threshold`` stopping.
+    """
+
+    def __init__(self, model: BaseLCM | TwoTowerLCM, options: Optional[GenerationOptions] = None,
+                 eos_vec: Optional[Tensor] = None) -> None:
+        if not isinstance(model, (BaseLCM, TwoTowerLCM)):
+            raise TypeError(f"expected a BaseLCM or TwoTowerLCM, got {type(model).__name__}")
+        self.model = model.eval()
+        self.options = options or GenerationOptions()
+        if self.options.min_seq_len < 1:
+            raise ValueError(f"min_seq_len must be >= 1, got {self.options.min_seq_len}")
+        if eos_vec is not None and eos_vec.shape != (model.sonar_dim,):
+            raise ValueError(f"eos_vec must have shape [{model.sonar_dim}], got {list(eos_vec.shape)}")
+        self.eos_vec = eos_vec
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompts: Tensor,
+        seq_lens: Optional[Tensor] = None,
+        *,
+        max_gen_len: Optional[int] = None,
+        min_gen_len: Optional[int] = None,
+        temperature: float = 0.0,
+        disable_cache: bool = False,
+        noise: Optional[NoiseSource] = None,
+        step_callback: Optional[StepCallback] = None,
+        progress: bool = False,
+    ) -> GenerationOutput:
+        """prompts: [B, P, sonar_dim] raw SONAR embeddings, right-padded; seq_lens: [B] valid prompt
+        lengths (None: all P). Generates up to ``max_gen_len`` (default ``options.max_seq_len``)
+        sentences per document.
+
+        temperature: Base-LCM sampling temperature; 0 means ``options.lcm_temperature``.
+        noise: overrides the noise source (default ``TorchNoise(options.seed)``), e.g. to replay.
+        step_callback: Two-Tower only, called as ``(position, t, SchedulerOutput)`` after every DDIM
+            step (outputs before the ``clip_noise`` clamp).
+        """
+        opt, model = self.options, self.model
+        seq_lens = _validate_prompts(prompts, seq_lens, model.sonar_dim)
+        max_gen_len = max_gen_len or opt.max_seq_len
+        if max_gen_len > opt.max_seq_len:
+            raise ValueError(f"max_gen_len={max_gen_len} exceeds options.max_seq_len={opt.max_seq_len}")
+        min_gen_len = min_gen_len or opt.min_seq_len
+        if min_gen_len < 1:
+            raise ValueError(f"min_gen_len must be >= 1, got {min_gen_len}")
+        noise = noise if noise is not None else TorchNoise(opt.seed)
+        temperature = temperature or opt.lcm_temperature
+
+        device, dtype = model_device(model), next(model.parameters()).dtype
+        B, P_max, D = prompts.shape
+        P_min = int(seq_lens.min())
+        total = P_max + max_gen_len
+        seqs = torch.zeros(B, total, D, device=device, dtype=dtype)
+        seqs[:, :P_max] = prompts.to(device=device, dtype=dtype)
+        prompt_lens = seq_lens.to(device)
+        in_prompt = torch.arange(P_max, device=device)[None, :] < prompt_lens[:, None]  # [B, P_max]
+        rows = torch.arange(B, device=device)  # original index of each active row
+        results: list[Optional[Tensor]] = [None] * B
+
+        if isinstance(model, TwoTowerLCM):
+            stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise)
+        else:
+            stepper = _BaseLCMStepper(model, opt, temperature, not disable_cache, total, noise)
+        stepper.prefill(seqs[:, : P_min - 1])
+
+        eos = self.eos_vec.to(device=device, dtype=dtype) if self.eos_vec is not None else None
+        for step in tqdm(range(P_min, total), disable=not progress, desc="generating", unit="sentence"):
+            out = stepper.step(seqs, step, step_callback)  # [B_active, D]
+            teacher_forced = in_prompt[:, step] if step < P_max else torch.zeros_like(rows, dtype=torch.bool)
+            out[teacher_forced] = seqs[teacher_forced, step]
+            stop = torch.zeros_like(teacher_forced)
+            if opt.eos_threshold is not None and eos is not None:
+                stop |= F.cosine_similarity(eos, out) >= opt.eos_threshold
+            if opt.stop_on_repetition_cosine_threshold is not None:
+                stop |= F.cosine_similarity(seqs[:, step - 1], out) >= opt.stop_on_repetition_cosine_threshold
+            stop &= ~teacher_forced & ((step - prompt_lens) >= min_gen_len)
+            finish = stop | ((step - prompt_lens + 1) >= max_gen_len)
+            seqs[:, step] = out
+            for i in finish.nonzero().flatten().tolist():
+                length = step + 1
+                if opt.trim_hypotheses and bool(stop[i]) and not opt.include_eos_token:
+                    length -= 1
+                results[int(rows[i])] = seqs[i, :length].clone()
+            keep = (~finish).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            if keep.numel() < finish.numel():  # the official code reorders every step; same result
+                seqs, rows, prompt_lens, in_prompt = seqs[keep], rows[keep], prompt_lens[keep], in_prompt[keep]
+                stepper.reorder(keep)
+        return GenerationOutput([r for r in results])  # type: ignore[misc]
+
+
+def generate(model: BaseLCM | TwoTowerLCM, prompts: Tensor, seq_lens: Optional[Tensor] = None, *,
+             options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None,
+             **call_kwargs: Any) -> GenerationOutput:
+    """One-shot helper: ``Generator(model, options, eos_vec)(prompts, seq_lens, **call_kwargs)``."""
+    return Generator(model, options, eos_vec)(prompts, seq_lens, **call_kwargs)
+

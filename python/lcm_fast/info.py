@@ -1,0 +1,53 @@
+"""``python -m lcm_fast.info``: the environment, the extension build, and the backend each op takes.
+
+Paste its output at the top of every bug report.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from . import __version__
+from . import _ext
+from .ops import OPS
+
+
+def report() -> str:
+    lines = [
+        f"lcm_fast {__version__}  python {platform.python_version()}  torch {torch.__version__}",
+        f"torch CUDA: {torch.version.cuda or 'none'}  available: {torch.cuda.is_available()}"
+        + (f"  device: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        f"extension lcm_fast._C: {'loaded' if _ext.EXT_AVAILABLE else 'NOT loaded (' + str(_ext.EXT_ERROR) + ')'}",
+    ]
+    info = _ext.build_info()
+    if info is not None:
+        lines += [
+            f"  built against torch {info['torch_version']} with {info['compiler']}",
+            f"  flags: {info['cxx_flags'].strip()}",
+            f"  SIMD: {', '.join(info['simd']) or 'baseline'} (at::vec {info['at_vec_capability']})",
+            f"  OpenMP: {info['openmp']} ({info['openmp_max_threads']} threads; ATen {info['aten_num_threads']})",
+            f"  CUDA kernels: {info['cuda_archs'] or 'not compiled'}",
+        ]
+        if info["torch_version"] != torch.__version__:
+            lines.append(f"  WARNING: running torch {torch.__version__}, rebuild the extension against it")
+    lines.append("ops (backend on cpu / cuda, and why):")
+    if not OPS:
+        lines.append("  none registered yet: every computation runs in plain PyTorch")
+    for name, op in OPS.items():
+        for device in ("cpu", "cuda"):
+            backend, reasons = op.backend_for(device)
+            why = f"  ({'; '.join(reasons)})" if reasons else ""
+            lines.append(f"  {name:<24} {device:<5} {backend}{why}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,74 @@
+"""Base-LCM: PreNet -> causal Transformer -> PostNet, trained with MSE (paper section 2.2)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import BaseLCMConfig, NormalizerConfig
+from ..nn.attention import KVCache
+from ..nn.normalizer import SonarNormalizer
+from ..nn.projection import Projection
+from ..nn.transformer import Decoder
+from .frontend import Frontend, frontend_positions_start
+
+
+class BaseLCM(nn.Module):
+    """Module tree and keys as the official ``BaseLCModel``: ``frontend`` (with the optional
+    ``sonar_normalizer``), ``lcm``, ``postnet``. Output position i predicts position i+1."""
+
+    def __init__(self, config: BaseLCMConfig, normalizer: Optional[NormalizerConfig] = None) -> None:
+        super().__init__()
+        self.config = config
+        self.sonar_dim = config.sonar_embed_dim
+        self.frontend = Frontend(
+            config.sonar_embed_dim, config.model_dim, config.max_seq_len, config.lcm.pos_embedding_style, config.frontend
+        )
+        if config.sonar_normalizer_name is not None:
+            self.frontend.sonar_normalizer = SonarNormalizer.from_config(config.sonar_embed_dim, normalizer)
+        else:
+            self.frontend.sonar_normalizer = None
+        self.lcm = Decoder(config.model_dim, config.max_seq_len, config.lcm)
+        self.postnet = Projection(config.model_dim, config.model_output_dim or config.sonar_embed_dim, config.postnet)
+
+    @property
+    def normalizer(self) -> Optional[SonarNormalizer]:
+        return self.frontend.sonar_normalizer
+
+    def new_cache(self, capacity: int) -> list[KVCache]:
+        return self.lcm.new_cache(capacity)
+
+    def forward(
+        self, x: Tensor, seq_lens: Optional[Tensor] = None, cache: Optional[list[KVCache]] = None
+    ) -> Tensor:
+        """x: [B, S, sonar_dim] *normalized* embeddings; seq_lens: [B] or None -> [B, S, out_dim].
+
+        The frontend does not normalize (as in the official code): callers pass normalized inputs.
+        """
+        h = self.frontend(x, frontend_positions_start(cache))
+        h = self.lcm(h, seq_lens, cache)
+        return self.postnet(h)
+
+    def predict_next_sentence(
+        self,
+        x: Tensor,
+        seq_lens: Optional[Tensor] = None,
+        cache: Optional[list[KVCache]] = None,
+        *,
+        sample: bool = False,
+        temperature: float = 1.0,
+        randn: Optional[Callable[[tuple[int, ...]], Tensor]] = None,
+    ) -> Tensor:
+        """x: [B, S, sonar_dim] raw SONAR embeddings -> [B, S, sonar_dim] predictions in SONAR space.
+
+        With ``sample`` and ``temperature > 0``, ``randn(shape) * temperature`` is added to every
+        position in normalized space (the official ``predict_next_sentence``).
+        """
+        norm = self.normalizer
+        out = self(norm.normalize(x) if norm is not None else x, seq_lens, cache)
+        if sample and temperature > 0:
+            noise = randn(tuple(out.shape)) if randn is not None else torch.randn_like(out)
+            out = out + noise.to(out) * temperature
+        return norm.denormalize(out) if norm is not None else out

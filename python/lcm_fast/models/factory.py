@@ -1,0 +1,46 @@
+"""Model construction from a config, and parameter accounting against the official builders."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config import BaseLCMConfig, ModelConfig, NormalizerConfig, TwoTowerConfig
+from .base_lcm import BaseLCM
+from .two_tower import TwoTowerLCM
+
+
+def build_model(
+    config: ModelConfig,
+    *,
+    normalizer: Optional[NormalizerConfig] = None,
+    device: Optional[torch.device | str] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> BaseLCM | TwoTowerLCM:
+    """Builds the model for ``config`` (weights uninitialised; use ``device="meta"`` to only inspect).
+
+    ``normalizer`` selects clipping/FFT for the SONAR normalizer (its statistics come from weights).
+    """
+    with torch.device(device or "cpu"):
+        if isinstance(config, TwoTowerConfig):
+            model = TwoTowerLCM(config, normalizer)
+        elif isinstance(config, BaseLCMConfig):
+            model = BaseLCM(config, normalizer)
+        else:
+            raise TypeError(f"not a model config: {type(config).__name__}")
+    return model.to(dtype) if dtype is not None else model
+
+
+def official_parameter_count(model: BaseLCM | TwoTowerLCM) -> int:
+    """Parameters the official builder creates for the same config: ours plus the denoiser
+    self-attention's dead q/k projections (and q/k norms), which lcm_fast does not allocate."""
+    count = sum(p.numel() for p in model.parameters())
+    if isinstance(model, TwoTowerLCM):
+        cfg, dim = model.config.denoiser, model.config.model_dim
+        per_layer = 2 * (dim * dim + dim)
+        if cfg.enable_qk_layernorm:
+            norm = {"standard": 2 * dim, "rms": dim, "fp32": dim, "unit": 0}[cfg.layer_normalization_style]
+            per_layer += 2 * norm
+        count += cfg.num_layers * per_layer
+    return count

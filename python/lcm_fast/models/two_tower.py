@@ -1,0 +1,177 @@
+"""Two-Tower diffusion LCM: a causal contextualizer and an AdaLN denoiser (paper section 2.3.4)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import DenoiserConfig, NormalizerConfig, TwoTowerConfig
+from ..diffusion.schedule import DDIMScheduler
+from ..nn.attention import KVCache, MultiheadAttention, ValueOutputAttention, key_padding_mask
+from ..nn.norm import make_norm
+from ..nn.normalizer import SonarNormalizer
+from ..nn.position import RotaryEncoder, make_frontend_positions
+from ..nn.projection import Projection
+from ..nn.timestep import TimestepEmbedder
+from ..nn.transformer import Decoder, FeedForward
+from .frontend import Frontend, frontend_positions_start
+
+
+class AdaLNModulator(nn.Module):
+    """SiLU + ``fc`` (D -> 9D). Output rows: [self-attn | cross-attn | ffn] x [shift, scale, gate]."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, 9 * dim)
+
+    def forward(self, t_emb: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # [..., D] -> 3 x [..., 3D]
+        return self.fc(F.silu(t_emb)).chunk(3, dim=-1)
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class DenoiserLayer(nn.Module):
+    """Pre-norm DiT block with cross-attention: each sublayer is ``x + gate * f(LN(x) * (1 + scale) + shift)``."""
+
+    def __init__(self, dim: int, config: DenoiserConfig, rope: Optional[RotaryEncoder]) -> None:
+        super().__init__()
+        style = config.layer_normalization_style
+        self.self_attn_layer_norm = make_norm(style, dim)
+        self.self_attn = ValueOutputAttention(dim, output_bias=config.mha_output_proj_bias)
+        self.self_attn_norm = make_norm(style, dim) if config.norm_order_style == "normformer" else None
+        self.cross_attention_layer_norm = make_norm(style, dim)
+        self.cross_attention = MultiheadAttention(
+            dim,
+            config.num_attn_heads,
+            output_bias=config.mha_output_proj_bias,
+            qk_norm_style=style if config.enable_qk_layernorm else None,
+            rope=rope,
+            dropout_p=config.attention_dropout_p,
+        )
+        self.ffn_layer_norm = make_norm(style, dim)
+        self.ffn = FeedForward(dim, config)
+        self.modulator = AdaLNModulator(dim)
+        self.dropout = nn.Dropout(config.dropout_p)
+
+    def forward(self, x: Tensor, t_emb: Tensor, keys: Tensor, cross_mask: Optional[Tensor]) -> Tensor:
+        """x: [B, S, D] latents; t_emb: [B, S, D]; keys: [B, C+1, D] (zero row first)."""
+        mod_sa, mod_ca, mod_ff = self.modulator(t_emb)
+        shift, scale, gate = mod_sa.chunk(3, dim=-1)
+        h = self.self_attn(_modulate(self.self_attn_layer_norm(x), shift, scale))
+        if self.self_attn_norm is not None:
+            h = self.self_attn_norm(h)
+        x = x + gate * self.dropout(h)
+        shift, scale, gate = mod_ca.chunk(3, dim=-1)
+        h = self.cross_attention(_modulate(self.cross_attention_layer_norm(x), shift, scale), keys, mask=cross_mask)
+        x = x + gate * self.dropout(h)
+        shift, scale, gate = mod_ff.chunk(3, dim=-1)
+        h = self.ffn(_modulate(self.ffn_layer_norm(x), shift, scale))
+        return x + gate * self.dropout(h)
+
+
+class Denoiser(nn.Module):
+    """Keys as the official ``LCMDenoiser``: ``embed_time``, ``initial_proj``, ``final_proj``,
+    ``pos_encoder``, ``layers``, ``layer_norm``."""
+
+    def __init__(self, sonar_dim: int, dim: int, max_seq_len: int, config: DenoiserConfig) -> None:
+        super().__init__()
+        if config.norm_order_style == "post":
+            raise ValueError("the AdaLN denoiser needs pre-normalization (norm_order_style 'pre' or 'normformer')")
+        if config.timestep_embed_dim != dim:
+            raise ValueError(f"denoiser.timestep_embed_dim ({config.timestep_embed_dim}) must equal model_dim ({dim})")
+        rope = None
+        if config.pos_embedding_style == "rope":
+            rope = RotaryEncoder(dim // config.num_attn_heads, max_seq_len, config.rope_theta)
+        self.embed_time = TimestepEmbedder(dim)
+        self.initial_proj = Projection(sonar_dim, dim, config.pre_denoiser)
+        self.final_proj = Projection(dim, sonar_dim, config.post_denoiser)
+        self.pos_encoder = make_frontend_positions(config.pos_embedding_style, dim, max_seq_len)
+        self.layers = nn.ModuleList(DenoiserLayer(dim, config, rope) for _ in range(config.num_layers))
+        self.layer_norm = make_norm(config.layer_normalization_style, dim)
+        self.dropout = nn.Dropout(config.final_dropout_p)
+
+    def forward(
+        self,
+        latents: Tensor,
+        timesteps: Tensor,
+        context: Tensor,
+        context_lens: Optional[Tensor] = None,
+        *,
+        inference: bool,
+        source_lens: Optional[Tensor] = None,
+    ) -> Tensor:
+        """latents: [B, S, sonar_dim] (normalized space); timesteps: [B, S] int; context: [B, C, D];
+        context_lens: [B] valid context rows or None (all valid); source_lens: [B] (supervised training).
+
+        A literal zero row is prepended to the context (key 0). With ``inference`` the query sees all
+        keys; otherwise query i sees key 0 and context rows < i (+ source_lens), as in training.
+        Returns the prediction [B, S, sonar_dim] (x0 for prediction_type 'sample').
+        """
+        keys = torch.cat((torch.zeros_like(context[:, :1]), context), dim=1)
+        num_keys = keys.shape[1]
+        mask = None
+        if not inference:
+            # ShiftedCausalAttentionMask: row i sees keys 0..i (+ source length when supervised).
+            q = torch.arange(latents.shape[1], device=latents.device)[:, None]
+            k = torch.arange(num_keys, device=latents.device)[None, :]
+            offset = source_lens[:, None, None] if source_lens is not None else 0
+            mask = k <= q + offset  # [S, C+1] or [B, S, C+1]
+            mask = mask[:, None] if mask.dim() == 3 else mask
+        if context_lens is not None:
+            pad = key_padding_mask(context_lens + 1, num_keys)
+            mask = pad if mask is None else pad & mask
+        x = self.initial_proj(latents)
+        if self.pos_encoder is not None:
+            x = self.pos_encoder(x)
+        t_emb = self.embed_time(timesteps)
+        for layer in self.layers:
+            x = layer(x, t_emb, keys, mask)
+        return self.final_proj(self.dropout(self.layer_norm(x)))
+
+
+class TwoTowerLCM(nn.Module):
+    """Keys as the official ``TwoTowerDiffusionLCModel``: ``sonar_normalizer``, ``encoder_frontend``,
+    ``context_encoder``, ``denoiser``. ``noise_scheduler`` is a plain object (not in the state dict)."""
+
+    def __init__(self, config: TwoTowerConfig, normalizer: Optional[NormalizerConfig] = None) -> None:
+        super().__init__()
+        self.config = config
+        self.sonar_dim = config.sonar_embed_dim
+        self.sonar_normalizer = SonarNormalizer.from_config(config.sonar_embed_dim, normalizer)
+        self.encoder_frontend = Frontend(
+            config.sonar_embed_dim,
+            config.model_dim,
+            config.max_seq_len,
+            config.context_encoder.pos_embedding_style,
+            config.frontend,
+        )
+        self.context_encoder = Decoder(config.model_dim, config.max_seq_len, config.context_encoder)
+        self.denoiser = Denoiser(config.sonar_embed_dim, config.model_dim, config.max_seq_len, config.denoiser)
+        self.noise_scheduler = DDIMScheduler(config.noise_scheduler)
+
+    @property
+    def normalizer(self) -> SonarNormalizer:
+        return self.sonar_normalizer
+
+    def new_cache(self, capacity: int) -> list[KVCache]:
+        return self.context_encoder.new_cache(capacity)
+
+    def encode(
+        self, x: Tensor, seq_lens: Optional[Tensor] = None, cache: Optional[list[KVCache]] = None
+    ) -> Tensor:
+        """Contextualizer. x: [B, S, sonar_dim] normalized; seq_lens: [B] or None -> [B, S, model_dim]."""
+        h = self.encoder_frontend(x, frontend_positions_start(cache))
+        return self.context_encoder(h, seq_lens, cache)
+
+    def forward(
+        self, clean: Tensor, noisy: Tensor, timesteps: Tensor, seq_lens: Optional[Tensor] = None
+    ) -> Tensor:
+        """Training-style call. clean, noisy: [B, S, sonar_dim] normalized; timesteps: [B, S] int;
+        seq_lens: [B] or None. Position i is denoised from the context of positions < i."""
+        context = self.encode(clean, seq_lens)
+        return self.denoiser(noisy, timesteps, context, seq_lens, inference=False)

@@ -1,0 +1,136 @@
+"""Multi-head attention (fairseq2 ``StandardMultiheadAttention`` semantics) and its KV cache."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .norm import make_norm
+from .position import RotaryEncoder
+
+
+class KVCache:
+    """Keys/values of one attention module for incremental decoding, preallocated to ``capacity``.
+
+    Rows can be dropped or reordered with :meth:`reorder` (finished documents leave the batch).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self.k: Optional[Tensor] = None  # [B, H, capacity, head_dim]
+        self.v: Optional[Tensor] = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v: [B, H, S, head_dim] -> all cached keys/values [B, H, length + S, head_dim]."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: {end} positions > capacity {self.capacity}")
+        if self.k is None:
+            shape = (*k.shape[:2], self.capacity, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index: Tensor) -> None:  # index: [B_new] rows to keep, in order
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+class MultiheadAttention(nn.Module):
+    """q/k/v projections (always with bias), optional q/k LayerNorm over the full model dim (before the
+    head split), optional RoPE, SDPA with scale 1/sqrt(head_dim), output projection.
+
+    Keys: ``q_proj``, ``k_proj``, ``v_proj``, ``output_proj``, [``q_layer_norm``, ``k_layer_norm``].
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        output_bias: bool,
+        qk_norm_style: Optional[str] = None,
+        rope: Optional[RotaryEncoder] = None,
+        dropout_p: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"model dim {dim} is not divisible by num_attn_heads={num_heads}")
+        self.num_heads = num_heads
+        self.dropout_p = dropout_p
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim, bias=output_bias)
+        self.q_layer_norm = make_norm(qk_norm_style, dim) if qk_norm_style else None
+        self.k_layer_norm = make_norm(qk_norm_style, dim) if qk_norm_style else None
+        self.pos_encoder = rope
+
+    def _heads(self, x: Tensor) -> Tensor:  # [B, S, dim] -> [B, H, S, head_dim]
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def forward(
+        self,
+        x: Tensor,
+        keys: Optional[Tensor] = None,
+        *,
+        mask: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ) -> Tensor:
+        """x: [B, S_q, dim]; keys: [B, S_k, dim] (cross-attention) or None (self-attention).
+
+        mask: bool, True = may attend, broadcastable to [B, H, S_q, S_total_k].
+        cache: self-attention only; new keys are appended and attention runs over all cached keys.
+        """
+        kv_in = x if keys is None else keys
+        q, k = self.q_proj(x), self.k_proj(kv_in)
+        if self.q_layer_norm is not None:
+            q, k = self.q_layer_norm(q), self.k_layer_norm(k)
+        q, k, v = self._heads(q), self._heads(k), self._heads(self.v_proj(kv_in))
+        start = cache.length if cache is not None else 0
+        if self.pos_encoder is not None:
+            q = self.pos_encoder(q, start if keys is None else 0)
+            k = self.pos_encoder(k, start if keys is None else 0)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
+        )
+        return self.output_proj(out.transpose(1, 2).flatten(2))
+
+
+class ValueOutputAttention(nn.Module):
+    """The denoiser's self-attention, reduced to what it computes.
+
+    The official denoiser masks its self-attention with ``log(eye(S))``: every query sees only its own
+    key, the softmax weight is exactly 1, and the output is ``output_proj(v_proj(x))`` bit for bit.
+    The q/k projections of official checkpoints are dead weights and are dropped on load.
+    Keys: ``v_proj``, ``output_proj``.
+    """
+
+    def __init__(self, dim: int, *, output_bias: bool) -> None:
+        super().__init__()
+        self.v_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim, bias=output_bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, S, dim] -> [B, S, dim]
+        return self.output_proj(self.v_proj(x))
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> Optional[Tensor]:
+    """[q_len, k_len] bool mask for queries at the last q_len of k_len positions; None if all visible."""
+    if q_len == 1:
+        return None
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    return torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]
+
+
+def key_padding_mask(seq_lens: Tensor, k_len: int) -> Tensor:
+    """seq_lens: [B] -> [B, 1, 1, k_len] bool, True for valid keys."""
+    return (torch.arange(k_len, device=seq_lens.device)[None, :] < seq_lens[:, None])[:, None, None, :]

@@ -1,0 +1,65 @@
+"""SONAR embedding normalizer: ``normalize(x) = (x - center) / scale`` and its inverse.
+
+Optional per-dimension clipping (buffers ``clip_min``/``clip_max``) and an FFT transform (official archs
+``*_fft``): rfft (norm="backward") laid out as [real parts (dim/2+1) | imaginary parts 1..dim/2-1].
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import NormalizerConfig
+
+
+def _fft(x: Tensor) -> Tensor:  # [..., dim] real -> [..., dim] packed spectrum (fp32 for half inputs)
+    spec = torch.fft.rfft(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, norm="backward")
+    return torch.cat((spec.real, spec.imag[..., 1:-1]), dim=-1).to(x.dtype)
+
+
+def _ifft(y: Tensor) -> Tensor:
+    dim = y.shape[-1]
+    yf = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
+    real, imag = yf[..., : dim // 2 + 1], yf[..., dim // 2 + 1 :]
+    zero = torch.zeros_like(real[..., :1])
+    spec = torch.complex(real, torch.cat((zero, imag, zero), dim=-1))
+    return torch.fft.irfft(spec, n=dim, norm="backward").to(y.dtype)
+
+
+class SonarNormalizer(nn.Module):
+    """Buffers ``center [dim]``, ``scale [dim]`` (+ ``clip_min``, ``clip_max`` when clipping)."""
+
+    def __init__(self, dim: int, *, clip: bool = False, with_fft: bool = False) -> None:
+        super().__init__()
+        self.dim = dim
+        self.with_fft = with_fft
+        self.register_buffer("center", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+        if clip:
+            self.register_buffer("clip_min", torch.full((dim,), -torch.inf))
+            self.register_buffer("clip_max", torch.full((dim,), torch.inf))
+        else:
+            self.clip_min = self.clip_max = None
+
+    @classmethod
+    def from_config(cls, dim: int, config: Optional[NormalizerConfig]) -> "SonarNormalizer":
+        """``config`` (optional) selects clipping and FFT; its dim, when given, must equal ``dim``."""
+        if config is None:
+            return cls(dim)
+        if config.dim != dim:
+            raise ValueError(f"normalizer dim {config.dim} does not match sonar_embed_dim {dim}")
+        return cls(dim, clip=config.clip_proba is not None, with_fft=config.with_fft)
+
+    def normalize(self, x: Tensor) -> Tensor:  # [..., dim] SONAR space -> normalized space
+        if self.with_fft:
+            x = _fft(x)
+        y = (x - self.center) / self.scale
+        return torch.clamp(y, self.clip_min, self.clip_max) if self.clip_min is not None else y
+
+    def denormalize(self, y: Tensor) -> Tensor:  # [..., dim] normalized space -> SONAR space
+        if self.clip_min is not None:
+            y = torch.clamp(y, self.clip_min, self.clip_max)
+        x = y * self.scale + self.center
+        return _ifft(x) if self.with_fft else x

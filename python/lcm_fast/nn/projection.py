@@ -1,0 +1,19 @@
+"""``Projection``: a linear layer plus an optional activation (key ``fc``, ``activation_fn``)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..config import ProjectionConfig
+from .activation import make_activation
+
+
+class Projection(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, config: ProjectionConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_dim, out_dim, bias=config.linear_bias)
+        self.activation_fn = make_activation(config.activation_name) if config.activation_name else None
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., in_dim] -> [..., out_dim]
+        x = self.fc(x)
+        return self.activation_fn(x) if self.activation_fn is not None else x

@@ -1,0 +1,126 @@
+"""The causal Transformer stack (fairseq2 ``StandardTransformerDecoderLayer`` / LCM decoder semantics)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import TransformerConfig
+from .activation import make_activation
+from .attention import KVCache, MultiheadAttention, causal_mask, key_padding_mask
+from .norm import make_norm
+from .position import RotaryEncoder
+
+
+def swiglu_inner_dim(ffn_inner_dim: int) -> int:
+    """The official GLU inner dim: int(2/3 * ffn_inner_dim) rounded *up* to a multiple of 256."""
+    inner = int(ffn_inner_dim * 2 / 3)
+    return 256 * ((inner + 255) // 256)
+
+
+class FeedForward(nn.Module):
+    """ReLU-style FFN ``output_proj(act(inner_proj(x)))`` [+ normformer ``inner_layer_norm``], or with
+    ``swiglu`` ``output_proj(silu(gate_proj(x)) * inner_proj(x))``. All projections have biases."""
+
+    def __init__(self, dim: int, config: TransformerConfig) -> None:
+        super().__init__()
+        self.swiglu = config.use_swiglu
+        if self.swiglu:
+            inner = swiglu_inner_dim(config.ffn_inner_dim)
+            self.gate_proj = nn.Linear(dim, inner)
+            self.inner_activation = nn.SiLU()
+            self.inner_layer_norm = None
+        else:
+            inner = config.ffn_inner_dim
+            self.inner_activation = make_activation(config.ffn_inner_activation_name)
+            normformer = config.norm_order_style == "normformer"
+            self.inner_layer_norm = make_norm(config.layer_normalization_style, inner) if normformer else None
+        self.inner_proj = nn.Linear(dim, inner)
+        self.output_proj = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., dim] -> [..., dim]
+        if self.swiglu:
+            return self.output_proj(self.inner_activation(self.gate_proj(x)) * self.inner_proj(x))
+        h = self.inner_activation(self.inner_proj(x))
+        if self.inner_layer_norm is not None:
+            h = self.inner_layer_norm(h)
+        return self.output_proj(h)
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention + FFN with pre/post/normformer norm order, sublayer dropout and optional
+    ``residual_scale`` (multiplies the FFN residual, not the branch)."""
+
+    def __init__(self, dim: int, config: TransformerConfig, rope: Optional[RotaryEncoder]) -> None:
+        super().__init__()
+        style, self.order = config.layer_normalization_style, config.norm_order_style
+        self.self_attn_layer_norm = make_norm(style, dim)
+        self.self_attn = MultiheadAttention(
+            dim,
+            config.num_attn_heads,
+            output_bias=config.mha_output_proj_bias,
+            qk_norm_style=style if config.enable_qk_layernorm else None,
+            rope=rope,
+            dropout_p=config.attention_dropout_p,
+        )
+        self.self_attn_norm = make_norm(style, dim) if self.order == "normformer" else None
+        self.ffn_layer_norm = make_norm(style, dim)
+        self.ffn = FeedForward(dim, config)
+        self.dropout = nn.Dropout(config.dropout_p)
+        scale = config.scale_residual
+        self.residual_scale = nn.Parameter(torch.full((dim,), float(scale))) if scale is not None else None
+
+    def forward(self, x: Tensor, mask: Optional[Tensor], cache: Optional[KVCache]) -> Tensor:  # [B, S, dim]
+        post = self.order == "post"
+        h = self.self_attn(x if post else self.self_attn_layer_norm(x), mask=mask, cache=cache)
+        if self.self_attn_norm is not None:
+            h = self.self_attn_norm(h)
+        x = self.dropout(h) + x
+        if post:
+            x = self.self_attn_layer_norm(x)
+        h = self.dropout(self.ffn(x if post else self.ffn_layer_norm(x)))
+        x = h + (x if self.residual_scale is None else self.residual_scale * x)
+        return self.ffn_layer_norm(x) if post else x
+
+
+class Decoder(nn.Module):
+    """Causal stack: ``layers``, final ``layer_norm`` (absent when the final norm order is post),
+    final dropout. Keys match the official ``LCMTransformerDecoder``."""
+
+    def __init__(self, dim: int, max_seq_len: int, config: TransformerConfig) -> None:
+        super().__init__()
+        rope = None
+        if config.pos_embedding_style == "rope":
+            rope = RotaryEncoder(dim // config.num_attn_heads, max_seq_len, config.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(dim, config, rope) for _ in range(config.num_layers))
+        final_order = config.final_norm_order_style or config.norm_order_style
+        self.layer_norm = make_norm(config.layer_normalization_style, dim) if final_order != "post" else None
+        self.dropout = nn.Dropout(config.final_dropout_p)
+
+    def new_cache(self, capacity: int) -> list[KVCache]:
+        return [KVCache(capacity) for _ in self.layers]
+
+    def forward(
+        self,
+        x: Tensor,
+        seq_lens: Optional[Tensor] = None,
+        cache: Optional[list[KVCache]] = None,
+    ) -> Tensor:
+        """x: [B, S, dim]; seq_lens: [B] valid lengths (right padding) or None.
+
+        With ``cache`` the S new positions follow the cached ones (incremental decoding, no padding).
+        """
+        if cache is not None and seq_lens is not None:
+            raise ValueError("incremental decoding does not take padding (seq_lens must be None)")
+        past = cache[0].length if cache is not None else 0
+        mask = causal_mask(x.shape[1], past + x.shape[1], x.device)
+        if seq_lens is not None:
+            pad = key_padding_mask(seq_lens, x.shape[1])
+            mask = pad if mask is None else pad & mask
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, cache[i] if cache is not None else None)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return self.dropout(x)

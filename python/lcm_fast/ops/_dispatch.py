@@ -1,0 +1,3 @@
+"""Registry of fused ops and the backend each one takes on a device."""
+
+OPS: dict = {}
