@@ -1,0 +1,86 @@
+"""Every recorded generation run, replaying the official noise and re-drawing it from the seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lcm_fast
+from lcm_fast.models import TwoTowerLCM
+
+from ..tolerances import PARITY_GENERATION_NORMALIZED, PARITY_GENERATION_RAW, PARITY_SCHEDULER
+from .conftest import generation_runs, loaded_model, model_fixture, record
+
+
+def _run(name: str, tag: str, replay: bool, trajectory: list | None = None):
+    fx, model = model_fixture(name), loaded_model(name)
+    run = fx.spec["generate"][tag]
+    options = lcm_fast.GenerationOptions.from_dict(run["options"])
+    noise = lcm_fast.ReplayNoise([fx[n] for n in run.get("noise", [])]) if replay else None
+    eos = fx[run["eos_vec"]] if run.get("eos_vec") else None
+    callback = None
+    if trajectory is not None:
+        def callback(position, t, out):
+            trajectory.append((position, t, out))
+    out = lcm_fast.generate(
+        model, fx[fx.spec["prompt"]["raw_seqs"]], fx[fx.spec["prompt"]["seq_lens"]],
+        options=options, eos_vec=eos, noise=noise, step_callback=callback, **run["call"],
+    )
+    if replay:
+        assert noise.remaining == 0, f"{noise.remaining} recorded noise tensors were not drawn"
+    return fx, model, run, out
+
+
+def _compare(name, tag, mode, model, fx, run, out):
+    seqs, lens = out.padded()
+    assert torch.equal(lens, fx[run["output_lens"]]), f"output_lens {lens.tolist()} != {fx[run['output_lens']].tolist()}"
+    expected = fx[run["output_seqs"]]
+    assert seqs.shape == expected.shape
+    where = f"{name}/{tag} ({mode})"
+    record(f"generation/{mode}", where, seqs, expected)
+    if model.normalizer is not None:
+        valid = torch.arange(seqs.shape[1])[None, :] < lens[:, None]
+        actual, ref = model.normalizer.normalize(seqs)[valid], model.normalizer.normalize(expected)[valid]
+        torch.testing.assert_close(actual, ref, **PARITY_GENERATION_NORMALIZED, msg=lambda m: f"{where}: {m}")
+    else:
+        torch.testing.assert_close(seqs, expected, **PARITY_GENERATION_RAW, msg=lambda m: f"{where}: {m}")
+
+
+@pytest.mark.parametrize("name,tag", generation_runs())
+def test_generation_replayed_noise(name, tag):
+    fx, model, run, out = _run(name, tag, replay=True)
+    _compare(name, tag, "replay", model, fx, run, out)
+
+
+@pytest.mark.parametrize("name,tag", generation_runs())
+def test_generation_from_seed(name, tag):
+    """Drawing the noise ourselves from the run's seed (or none) gives the official noise bit for bit."""
+    fx, model, run, out = _run(name, tag, replay=False)
+    _compare(name, tag, "seeded", model, fx, run, out)
+
+
+@pytest.mark.parametrize(
+    "name,tag",
+    [(n, t) for n, t in generation_runs() if "trajectory_first_generated_position" in model_fixture(n).spec["generate"][t]],
+)
+def test_diffusion_trajectory(name, tag):
+    """Every DDIM step of the first generated position (prev_sample before the clip, and x0)."""
+    trajectory: list = []
+    fx, model, run, _ = _run(name, tag, replay=True, trajectory=trajectory)
+    assert isinstance(model, TwoTowerLCM)
+    spec = run["trajectory_first_generated_position"]
+    first = trajectory[0][0]
+    steps = [(t, out) for pos, t, out in trajectory if pos == first]
+    assert [t for t, _ in steps] == spec["timesteps"] == run["scheduler_timesteps"]
+    for field in ("prev_sample", "pred_original_sample"):
+        actual = torch.stack([getattr(out, field) for _, out in steps])
+        record("generation/trajectory", f"{name}/{tag} {field}", actual, fx[spec[field]])
+        torch.testing.assert_close(actual, fx[spec[field]], **PARITY_SCHEDULER)
+
+
+@pytest.mark.parametrize("name,tag", [(n, t) for n, t in generation_runs() if model_fixture(n).spec["model_type"] != "base_lcm"])
+def test_scheduler_timesteps_of_run(name, tag):
+    run = model_fixture(name).spec["generate"][tag]
+    sched = loaded_model(name).noise_scheduler.with_options()
+    options = lcm_fast.GenerationOptions.from_dict(run["options"])
+    assert sched.set_timesteps(options.inference_timesteps).tolist() == run["scheduler_timesteps"]
