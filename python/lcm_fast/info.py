@@ -12,7 +12,6 @@ import torch
 
 from . import __version__
 from . import _ext
-from .ops import OPS
 
 
 def report() -> str:
@@ -33,14 +32,10 @@ def report() -> str:
         ]
         if info["torch_version"] != torch.__version__:
             lines.append(f"  WARNING: running torch {torch.__version__}, rebuild the extension against it")
-    lines.append("ops (backend on cpu / cuda, and why):")
-    if not OPS:
-        lines.append("  none registered yet: every computation runs in plain PyTorch")
-    for name, op in OPS.items():
-        for device in ("cpu", "cuda"):
-            backend, reasons = op.backend_for(device)
-            why = f"  ({'; '.join(reasons)})" if reasons else ""
-            lines.append(f"  {name:<24} {device:<5} {backend}{why}")
+    # Fused ops register themselves in torch.ops.lcm_fast; until an op family lands, every
+    # computation (models, scheduler, generation) takes the plain-PyTorch reference path.
+    ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lcm_fast::"))
+    lines.append("ops: " + (", ".join(ops) if ops else "none registered: models and generation run in plain PyTorch"))
     return "\n".join(lines)
 
 

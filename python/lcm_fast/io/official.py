@@ -7,9 +7,7 @@ No fairseq2 is needed: the card is plain YAML and the weights load with ``torch.
 
 from __future__ import annotations
 
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 from urllib.parse import unquote, urlparse
@@ -67,7 +65,7 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # torch.load fails on corrupt files with many exception types
         raise CheckpointError(f"{path} is truncated or not a torch checkpoint: {e}") from e
 
 

@@ -12,10 +12,11 @@ from ..nn.attention import KVCache
 from ..nn.normalizer import SonarNormalizer
 from ..nn.projection import Projection
 from ..nn.transformer import Decoder
+from .pretrained import SavePretrainedMixin
 from .frontend import Frontend, frontend_positions_start
 
 
-class BaseLCM(nn.Module):
+class BaseLCM(SavePretrainedMixin, nn.Module):
     """Module tree and keys as the official ``BaseLCModel``: ``frontend`` (with the optional
     ``sonar_normalizer``), ``lcm``, ``postnet``. Output position i predicts position i+1."""
 

@@ -17,6 +17,7 @@ from ..nn.position import RotaryEncoder, make_frontend_positions
 from ..nn.projection import Projection
 from ..nn.timestep import TimestepEmbedder
 from ..nn.transformer import Decoder, FeedForward
+from .pretrained import SavePretrainedMixin
 from .frontend import Frontend, frontend_positions_start
 
 
@@ -134,7 +135,7 @@ class Denoiser(nn.Module):
         return self.final_proj(self.dropout(self.layer_norm(x)))
 
 
-class TwoTowerLCM(nn.Module):
+class TwoTowerLCM(SavePretrainedMixin, nn.Module):
     """Keys as the official ``TwoTowerDiffusionLCModel``: ``sonar_normalizer``, ``encoder_frontend``,
     ``context_encoder``, ``denoiser``. ``noise_scheduler`` is a plain object (not in the state dict)."""
 

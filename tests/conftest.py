@@ -1,0 +1,74 @@
+"""Shared helpers: the fixture directory, tiny randomly initialised models, official-format writers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import lcm_fast
+from lcm_fast.config import BaseLCMConfig, TwoTowerConfig, config_from_dict
+
+REFERENCE = Path(
+    os.environ.get("LCM_FAST_REFERENCE_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared/fixtures/reference_lcm")
+)
+
+
+def tiny_config(family: str, **overrides) -> BaseLCMConfig | TwoTowerConfig:
+    """A small config (sonar dim 24, model dim 16, 2 heads) with ``overrides`` merged in."""
+    stack = dict(num_layers=2, num_attn_heads=2, ffn_inner_dim=32, dropout_p=0.0, final_dropout_p=0.0)
+    base = dict(sonar_embed_dim=24, model_dim=16, max_seq_len=32, sonar_normalizer_name="n")
+    if family == "base_lcm":
+        mapping = dict(base, lcm=stack)
+    else:
+        mapping = dict(base, context_encoder=stack, denoiser=dict(stack, timestep_embed_dim=16),
+                       noise_scheduler=dict(num_diffusion_train_steps=100))
+    return config_from_dict(family, _deep_merge(mapping, overrides))
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def random_model(config, seed: int = 0):
+    """A model with random weights (non-trivial norms and normalizer statistics), in eval mode."""
+    torch.manual_seed(seed)
+    model = lcm_fast.build_model(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.1) + (1.0 if name.endswith("norm.weight") else 0.0))
+        if model.normalizer is not None:
+            model.normalizer.center.normal_(0, 0.01)
+            model.normalizer.scale.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def write_official(directory: Path, model, state: dict | None = None, card_overrides: dict | None = None) -> Path:
+    """Writes ``model`` as an official training run would: model.pt + model_card.yaml. Returns the card."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state if state is not None else model.state_dict(), "model_key": "model"}, directory / "model.pt")
+    card = {
+        "name": "test_model",
+        "model_family": model.config.model_type,
+        "checkpoint": f"file:///nonexistent/{directory.name}/model.pt",
+        "model_config": dataclasses.asdict(model.config),
+        "__source__": "inproc",
+        **(card_overrides or {}),
+    }
+    path = directory / "model_card.yaml"
+    path.write_text(yaml.safe_dump(card))
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not (REFERENCE / "manifest.json").is_file():
+        pytest.fail(f"reference fixtures not found at {REFERENCE}; set LCM_FAST_REFERENCE_FIXTURES")
+    return REFERENCE

@@ -1,0 +1,175 @@
+"""Bad input gets a clear error that names what is wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+import lcm_fast
+from lcm_fast import CheckpointError
+
+from .conftest import random_model, tiny_config, write_official
+
+
+@pytest.fixture(scope="module")
+def two_tower():
+    return random_model(tiny_config("two_tower_diffusion_lcm"))
+
+
+@pytest.fixture(scope="module")
+def base_lcm():
+    return random_model(tiny_config("base_lcm"))
+
+
+def _prompts(model, batch=2, length=4):
+    return torch.randn(batch, length, model.sonar_dim)
+
+
+# ---- generation inputs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["two_tower", "base_lcm"])
+def test_wrong_embedding_dim(family, request):
+    model = request.getfixturevalue(family)
+    with pytest.raises(ValueError, match=r"prompt embedding dim 25 does not match the model's sonar_embed_dim 24"):
+        lcm_fast.generate(model, torch.randn(2, 3, 25), max_gen_len=1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_prompt(two_tower, bad):
+    prompts = _prompts(two_tower)
+    prompts[1, 2, 5] = bad
+    with pytest.raises(ValueError, match=r"NaN or inf at document 1, sentence 2"):
+        lcm_fast.generate(two_tower, prompts, max_gen_len=1)
+
+
+def test_non_finite_padding_is_ignored(base_lcm):
+    prompts = _prompts(base_lcm)
+    prompts[1, 3] = float("nan")  # padding of document 1
+    out = lcm_fast.generate(base_lcm, prompts, torch.tensor([4, 3]), max_gen_len=1)
+    assert all(torch.isfinite(s).all() for s in out.sequences)
+
+
+def test_seq_lens_longer_than_tensor(two_tower):
+    with pytest.raises(ValueError, match=r"seq_lens\[1\]=5 is longer than the prompt tensor \(4 sentences\)"):
+        lcm_fast.generate(two_tower, _prompts(two_tower), torch.tensor([4, 5]), max_gen_len=1)
+
+
+def test_seq_lens_shape_and_empty_document(two_tower):
+    with pytest.raises(ValueError, match=r"seq_lens must be an integer tensor of shape \[2\]"):
+        lcm_fast.generate(two_tower, _prompts(two_tower), torch.tensor([4]), max_gen_len=1)
+    with pytest.raises(ValueError, match=r"document 0 has an empty prompt"):
+        lcm_fast.generate(two_tower, _prompts(two_tower), torch.tensor([0, 2]), max_gen_len=1)
+
+
+def test_empty_batch_and_empty_prompt(two_tower):
+    with pytest.raises(ValueError, match="empty batch"):
+        lcm_fast.generate(two_tower, torch.zeros(0, 3, 24), max_gen_len=1)
+    with pytest.raises(ValueError, match="empty prompts"):
+        lcm_fast.generate(two_tower, torch.zeros(2, 0, 24), max_gen_len=1)
+    with pytest.raises(ValueError, match=r"\[batch, sentences, dim\]"):
+        lcm_fast.generate(two_tower, torch.zeros(3, 24), max_gen_len=1)
+
+
+def test_lengths_and_eos_vec(two_tower):
+    with pytest.raises(ValueError, match="max_gen_len=300 exceeds options.max_seq_len=200"):
+        lcm_fast.generate(two_tower, _prompts(two_tower), max_gen_len=300)
+    with pytest.raises(ValueError, match=r"exceed the model's max_seq_len=32"):
+        lcm_fast.generate(two_tower, _prompts(two_tower, length=30), max_gen_len=5)
+    with pytest.raises(ValueError, match=r"eos_vec must have shape \[24\]"):
+        lcm_fast.Generator(two_tower, eos_vec=torch.zeros(25))
+
+
+def test_replay_noise_mismatch(two_tower):
+    with pytest.raises(RuntimeError, match=r"recorded shape \[2, 1, 7\], requested \[2, 1, 24\]"):
+        lcm_fast.generate(two_tower, _prompts(two_tower), max_gen_len=1, noise=lcm_fast.ReplayNoise([torch.zeros(2, 1, 7)]))
+    with pytest.raises(RuntimeError, match="noise replay exhausted"):
+        lcm_fast.generate(two_tower, _prompts(two_tower), max_gen_len=1, noise=lcm_fast.ReplayNoise([]))
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------
+
+
+def test_unknown_model_family(tmp_path, base_lcm):
+    card = write_official(tmp_path / "run", base_lcm, card_overrides={"model_family": "vae_lcm"})
+    with pytest.raises(CheckpointError, match=r"unknown model family 'vae_lcm'"):
+        lcm_fast.load_official(card)
+
+
+def test_unknown_config_key(tmp_path, base_lcm):
+    card = write_official(tmp_path / "run", base_lcm)
+    data = yaml.safe_load(card.read_text())
+    data["model_config"]["lcm"]["num_expertz"] = 4
+    card.write_text(yaml.safe_dump(data))
+    with pytest.raises(CheckpointError, match=r"unknown config key 'lcm.num_expertz'"):
+        lcm_fast.load_official(card)
+
+
+def test_truncated_checkpoint(tmp_path, base_lcm):
+    card = write_official(tmp_path / "run", base_lcm)
+    pt = tmp_path / "run" / "model.pt"
+    pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or not a torch checkpoint"):
+        lcm_fast.load_official(card)
+
+
+def test_not_a_checkpoint(tmp_path, base_lcm):
+    card = write_official(tmp_path / "run", base_lcm)
+    (tmp_path / "run" / "model.pt").write_text("hello, not a checkpoint")
+    with pytest.raises(CheckpointError, match="truncated or not a torch checkpoint"):
+        lcm_fast.load_official(card)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "run" / "model.pt")
+    with pytest.raises(CheckpointError, match=r"not an official LCM checkpoint"):
+        lcm_fast.load_official(card)
+
+
+def test_mismatched_normalizer_dim(tmp_path, base_lcm):
+    state = dict(base_lcm.state_dict())
+    state["frontend.sonar_normalizer.center"] = torch.zeros(12)
+    card = write_official(tmp_path / "run", base_lcm, state=state)
+    with pytest.raises(CheckpointError, match=r"normalizer dim \[12\] does not match sonar_embed_dim 24"):
+        lcm_fast.load_official(card)
+
+
+def test_missing_unexpected_and_misshapen_keys(tmp_path, two_tower):
+    state = dict(two_tower.state_dict())
+    del state["denoiser.layers.0.ffn.inner_proj.bias"]
+    state["denoiser.layers.0.extra.weight"] = torch.zeros(1)
+    state["denoiser.final_proj.fc.bias"] = torch.zeros(3)
+    card = write_official(tmp_path / "run", two_tower, state=state)
+    with pytest.raises(CheckpointError) as err:
+        lcm_fast.load_official(card)
+    msg = str(err.value)
+    assert "missing keys (1): denoiser.layers.0.ffn.inner_proj.bias" in msg
+    assert "unexpected keys (1): denoiser.layers.0.extra.weight" in msg
+    assert "denoiser.final_proj.fc.bias: checkpoint [3] vs model [24]" in msg
+
+
+def test_checkpoint_file_missing(tmp_path, base_lcm):
+    card = write_official(tmp_path / "run", base_lcm)
+    (tmp_path / "run" / "model.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoint 'file:///nonexistent/run/model.pt' of .* not found"):
+        lcm_fast.load_official(card)
+    with pytest.raises(FileNotFoundError):
+        lcm_fast.load_official(tmp_path / "nowhere.yaml")
+
+
+def test_model_pt_without_card(tmp_path, reference_dir):
+    shutil.copy(reference_dir / "base_lcm_b/checkpoints/step_1/model.pt", tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="no model_card.yaml next to"):
+        lcm_fast.load_official(tmp_path / "model.pt")
+
+
+def test_native_format_version(tmp_path, base_lcm):
+    base_lcm.save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m/config.json").read_text())
+    meta["format_version"] = 99
+    (tmp_path / "m/config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format_version 99 is not supported"):
+        lcm_fast.from_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="not an lcm_fast model directory"):
+        lcm_fast.from_pretrained(tmp_path / "empty")
