@@ -113,7 +113,7 @@ class Denoiser(nn.Module):
         keys; otherwise query i sees key 0 and context rows < i (+ source_lens), as in training.
         Returns the prediction [B, S, sonar_dim] (x0 for prediction_type 'sample').
         """
-        keys = torch.cat((torch.zeros_like(context[:, :1]), context), dim=1)
+        keys = torch.cat((context.new_zeros(context.shape[0], 1, context.shape[2]), context), dim=1)
         num_keys = keys.shape[1]
         mask = None
         if not inference:

@@ -1,0 +1,54 @@
+"""DDIM scheduler behaviour beyond the fixtures: the stride option, validation, identities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lcm_fast import DDIMScheduler, SchedulerConfig
+
+
+def test_official_stride_quirk_and_exact_steps():
+    sched = DDIMScheduler(SchedulerConfig(num_diffusion_train_steps=100))
+    official = sched.set_timesteps(40)
+    assert len(official) == 50 and official[:3].tolist() == [99, 97, 95] and sched.prev_timestep(99) == 97
+    exact = sched.set_timesteps(40, official_stride=False)
+    assert len(exact) == 40 and exact[0] == 99 and exact.tolist() == sorted(set(exact.tolist()), reverse=True)
+    chain = [sched.prev_timestep(t) for t in exact.tolist()]
+    assert chain == exact.tolist()[1:] + [-1]
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 7, 40, 100])
+def test_exact_step_counts(spacing, steps):
+    sched = DDIMScheduler(SchedulerConfig(num_diffusion_train_steps=100, timestep_spacing=spacing))
+    ts = sched.set_timesteps(steps, official_stride=False)
+    assert len(ts) == steps and int(ts.min()) >= 0 and int(ts.max()) <= 99
+
+
+def test_validation():
+    sched = DDIMScheduler(SchedulerConfig(num_diffusion_train_steps=100))
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        sched.step(torch.zeros(1, 4), 99, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"num_steps=101 must be in \[1, num_diffusion_train_steps=100\]"):
+        sched.set_timesteps(101)
+    sched.set_timesteps(10)
+    with pytest.raises(ValueError, match="eta > 0 needs variance_noise"):
+        sched.step(torch.zeros(1, 4), 89, torch.zeros(1, 4), eta=0.5)
+    with pytest.raises(ValueError, match="unknown prediction_type 'score'"):
+        sched.step(torch.zeros(1, 4), 89, torch.zeros(1, 4), prediction_type="score")
+    with pytest.raises(ValueError, match="unknown beta_schedule 'cubic'"):
+        DDIMScheduler(SchedulerConfig(beta_schedule="cubic"))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
+def test_zero_terminal_snr_and_identities(schedule):
+    sched = DDIMScheduler(SchedulerConfig(num_diffusion_train_steps=100, beta_schedule=schedule))
+    assert sched.alphas_cumprod[-1] == 0 and (sched.alphas_cumprod[:-1] > 0).all()
+    x0, eps, t = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64), torch.arange(5) * 20
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    xt = sched.add_noise(x0, eps, t)
+    v = sched.get_velocity(x0, eps, t)
+    a = sched.alphas_cumprod[t][:, None]
+    torch.testing.assert_close(a.sqrt() * xt - (1 - a).sqrt() * v, x0)  # v-prediction recovers x0
+    torch.testing.assert_close(sched.get_snrs()[t], sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t]))
