@@ -12,6 +12,7 @@ The CMake build directory is build/cmake-<python>-<torch>, kept between builds s
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,15 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+
+def _tool(name: str) -> str:
+    """The tool from this interpreter's environment first (pip's cmake>=3.26, needed for CUDA builds)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which(name, path=path)
+    if found is None:
+        raise RuntimeError(f"{name} not found: pip install -r requirements-dev.txt (or set LCM_FAST_SKIP_EXT=1)")
+    return found
 
 
 class CMakeExtension(Extension):
@@ -36,14 +46,15 @@ class CMakeBuild(build_ext):
         build_dir = ROOT / "build" / f"cmake-{tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            _tool("cmake"), "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DLCM_FAST_WITH_CUDA={'OFF' if os.environ.get('LCM_FAST_WITH_CUDA') == '0' else 'ON'}",
         ]
         subprocess.run(cfg, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+        subprocess.run([_tool("cmake"), "--build", str(build_dir), "-j", jobs], check=True)
 
 
 ext_modules = [] if os.environ.get("LCM_FAST_SKIP_EXT") == "1" else [CMakeExtension("lcm_fast._C")]
