@@ -6,7 +6,6 @@ tests run on any fixture directory in this format."""
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from functools import cache
 from pathlib import Path
@@ -15,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURES = Path(os.environ.get("LCM_FAST_REFERENCE_FIXTURES", REPO.parent / "shared/fixtures/reference_lcm"))
+from ..conftest import REFERENCE as FIXTURES
 
 
 def _manifest() -> dict:

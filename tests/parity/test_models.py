@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -46,13 +48,20 @@ def test_loads_from_model_pt_and_directory(name):
         assert all(torch.equal(state[k], ref[k]) for k in ref)
 
 
-def _capture(model, names):
+@contextmanager
+def capture_outputs(model, names):
+    """Records the outputs of the named submodules during the block: {name: tensor}."""
     out, handles = {}, []
     for n in names:
         def hook(_m, _i, o, n=n):
             out[n] = o[0] if isinstance(o, tuple) else o
         handles.append(model.get_submodule(n).register_forward_hook(hook))
-    return out, handles
+    try:
+        with torch.no_grad():
+            yield out
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @pytest.mark.parametrize("name", model_names("two_tower"))
@@ -65,11 +74,8 @@ def test_two_tower_forward(name):
         fx[fw["clean_seqs"]].flatten(0, 1), fx[fw["noise"]].flatten(0, 1), fx[fw["timesteps"]].flatten()
     ).view_as(fx[fw["clean_seqs"]])
     _check("two_tower/add_noise", f"{name} noisy_seqs", noisy, fx[fw["noisy_seqs"]], mask)
-    captured, handles = _capture(model, fw["intermediates"])
-    with torch.no_grad():
+    with capture_outputs(model, fw["intermediates"]) as captured:
         out = model(fx[fw["clean_seqs"]], fx[fw["noisy_seqs"]], fx[fw["timesteps"]], lens)
-    for h in handles:
-        h.remove()
     _check("two_tower/forward", f"{name} output", out, fx[fw["output"]], mask)
     for module, ref in fw["intermediates"].items():
         _check("two_tower/forward", f"{name} {module}", captured[module], fx[ref], mask)
@@ -94,12 +100,9 @@ def test_base_lcm_forward_and_predict(name):
     mask = _valid(lens, fx[fw["seqs"]].shape[1])
     if model.normalizer is not None:
         _check("base_lcm/forward", f"{name} normalize", model.normalizer.normalize(fx[fw["raw_seqs"]]), fx[fw["seqs"]], mask)
-    captured, handles = _capture(model, fw["intermediates"])
-    with torch.no_grad():
+    with capture_outputs(model, fw["intermediates"]) as captured:
         out = model(fx[fw["seqs"]], lens)
         pred = model.predict_next_sentence(fx[fw["raw_seqs"]], lens)
-    for h in handles:
-        h.remove()
     _check("base_lcm/forward", f"{name} output", out, fx[fw["output"]], mask)
     for module, ref in fw["intermediates"].items():
         _check("base_lcm/forward", f"{name} {module}", captured[module], fx[ref], mask)

@@ -46,14 +46,7 @@ class DenoiserLayer(nn.Module):
         self.self_attn = ValueOutputAttention(dim, output_bias=config.mha_output_proj_bias)
         self.self_attn_norm = make_norm(style, dim) if config.norm_order_style == "normformer" else None
         self.cross_attention_layer_norm = make_norm(style, dim)
-        self.cross_attention = MultiheadAttention(
-            dim,
-            config.num_attn_heads,
-            output_bias=config.mha_output_proj_bias,
-            qk_norm_style=style if config.enable_qk_layernorm else None,
-            rope=rope,
-            dropout_p=config.attention_dropout_p,
-        )
+        self.cross_attention = MultiheadAttention.from_config(dim, config, rope)
         self.ffn_layer_norm = make_norm(style, dim)
         self.ffn = FeedForward(dim, config)
         self.modulator = AdaLNModulator(dim)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import TransformerConfig
 from .norm import make_norm
 from .position import RotaryEncoder
 
@@ -71,6 +72,18 @@ class MultiheadAttention(nn.Module):
         self.q_layer_norm = make_norm(qk_norm_style, dim) if qk_norm_style else None
         self.k_layer_norm = make_norm(qk_norm_style, dim) if qk_norm_style else None
         self.pos_encoder = rope
+
+    @classmethod
+    def from_config(cls, dim: int, config: TransformerConfig, rope: Optional[RotaryEncoder]) -> "MultiheadAttention":
+        """The attention of a layer of ``config`` (self- or cross-attention alike)."""
+        return cls(
+            dim,
+            config.num_attn_heads,
+            output_bias=config.mha_output_proj_bias,
+            qk_norm_style=config.layer_normalization_style if config.enable_qk_layernorm else None,
+            rope=rope,
+            dropout_p=config.attention_dropout_p,
+        )
 
     def _heads(self, x: Tensor) -> Tensor:  # [B, S, dim] -> [B, H, S, head_dim]
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)

@@ -57,14 +57,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         style, self.order = config.layer_normalization_style, config.norm_order_style
         self.self_attn_layer_norm = make_norm(style, dim)
-        self.self_attn = MultiheadAttention(
-            dim,
-            config.num_attn_heads,
-            output_bias=config.mha_output_proj_bias,
-            qk_norm_style=style if config.enable_qk_layernorm else None,
-            rope=rope,
-            dropout_p=config.attention_dropout_p,
-        )
+        self.self_attn = MultiheadAttention.from_config(dim, config, rope)
         self.self_attn_norm = make_norm(style, dim) if self.order == "normformer" else None
         self.ffn_layer_norm = make_norm(style, dim)
         self.ffn = FeedForward(dim, config)
