@@ -71,38 +71,3 @@ def test_training_mask_equals_inference_on_prefix(variant):
         for i in range(4):
             single = model.denoiser(noisy[:, i : i + 1], t[:, i : i + 1], context[:, :i], inference=True)
             torch.testing.assert_close(full[:, i : i + 1], single, atol=1e-5, rtol=1e-5)
-
-
-def test_weight_normalized_checkpoint_is_folded(tmp_path):
-    """Official weight-norm parametrizations (original0 = g, original1 = v) load as plain weights."""
-    from torch.nn.utils.parametrizations import weight_norm
-
-    from .conftest import write_official
-
-    cfg = tiny_config("base_lcm", lcm={"mha_qkv_weight_normalization": True}, postnet={"weight_normalization": True})
-    model = random_model(cfg)
-    for module in [model.postnet.fc] + [l.self_attn.q_proj for l in model.lcm.layers]:
-        weight_norm(module, dim=0)
-    with torch.no_grad():
-        model.postnet.fc.parametrizations.weight.original0.mul_(1.7)  # g != ||v||: folding must use both
-    state = model.state_dict()
-    assert "postnet.fc.parametrizations.weight.original0" in state
-    loaded = lcm_fast.load_official(write_official(tmp_path / "run", model, state=state))
-    x = torch.randn(2, 3, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
-
-
-def test_card_with_model_arch(tmp_path):
-    """Cards of runs trained from a registered arch: the arch config, then the card's overrides."""
-    import yaml
-
-    from .conftest import write_official
-
-    model = random_model(tiny_config("base_lcm"))
-    card = write_official(tmp_path / "run", model)
-    data = yaml.safe_load(card.read_text())
-    data["model_arch"] = "toy_base_lcm"
-    card.write_text(yaml.safe_dump(data))
-    loaded = lcm_fast.load_official(card)
-    assert loaded.config == model.config
