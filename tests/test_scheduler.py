@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lcm_fast import DDIMScheduler, SchedulerConfig
 
@@ -52,3 +54,28 @@ def test_zero_terminal_snr_and_identities(schedule):
     a = sched.alphas_cumprod[t][:, None]
     torch.testing.assert_close(a.sqrt() * xt - (1 - a).sqrt() * v, x0)  # v-prediction recovers x0
     torch.testing.assert_close(sched.get_snrs()[t], sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t]))
+
+
+def test_clip_sample():
+    sched = DDIMScheduler(SchedulerConfig(num_diffusion_train_steps=100, clip_sample=True, clip_sample_range=0.5))
+    sched.set_timesteps(10)
+    x0 = torch.tensor([[-2.0, -0.2, 0.3, 4.0]])
+    out = sched.step(x0, 49, torch.zeros(1, 4))
+    torch.testing.assert_close(out.pred_original_sample, torch.tensor([[-0.5, -0.2, 0.3, 0.5]]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(T=st.integers(1, 1000), frac=st.floats(0.0, 1.0), spacing=st.sampled_from(["linspace", "leading", "trailing"]))
+def test_timestep_counts_property(T, frac, spacing):
+    """Exact mode runs exactly S distinct descending steps in [0, T); official trailing/leading run
+    ceil(T / (T // S)) steps with the integer stride T // S."""
+    S = max(1, round(frac * T))
+    sched = DDIMScheduler(SchedulerConfig(num_diffusion_train_steps=T, timestep_spacing=spacing))
+    exact = sched.set_timesteps(S, official_stride=False).tolist()
+    assert len(exact) == S == len(set(exact)) and exact == sorted(exact, reverse=True)
+    assert 0 <= exact[-1] and exact[0] <= T - 1
+    official = sched.set_timesteps(S).tolist()
+    if spacing != "linspace":
+        stride = T // S
+        assert len(official) == -(-T // stride)
+        assert all(a - b == stride for a, b in zip(official, official[1:]))

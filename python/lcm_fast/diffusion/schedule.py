@@ -126,7 +126,8 @@ class DDIMScheduler:
                 # torch.arange with dtype=long truncates the float step -T/S to an integer.
                 ts = torch.arange(T, 0, -(T / num_steps), dtype=torch.long) - 1
             else:
-                ts = torch.from_numpy(np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1)
+                # T - i * T/S for i < S (a float arange can yield S + 1 entries through rounding)
+                ts = torch.from_numpy(np.round(T - np.arange(num_steps) * (T / num_steps)).astype(np.int64) - 1)
         else:
             raise ValueError(f"unknown timestep_spacing '{spacing}'; expected linspace, leading or trailing")
         self.num_inference_steps = num_steps
