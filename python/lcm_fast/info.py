@@ -6,7 +6,6 @@ Paste its output at the top of every bug report.
 from __future__ import annotations
 
 import platform
-import sys
 
 import torch
 
@@ -45,4 +44,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

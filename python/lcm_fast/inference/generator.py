@@ -121,6 +121,10 @@ def _validate_prompts(prompts: Tensor, seq_lens: Optional[Tensor], dim: int) -> 
     return seq_lens
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 class _BaseLCMStepper:
     """Base-LCM next-sentence prediction with an optional KV cache (official ``LCMGenerator``)."""
 
@@ -223,10 +227,6 @@ class _TwoTowerStepper:
             self.context = self.context.index_select(0, index)
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 class Generator:
     """Generates continuations of batches of right-padded concept sequences.
 
@@ -323,7 +323,7 @@ class Generator:
             if keep.numel() < finish.numel():  # the official code reorders every step; same result
                 seqs, rows, prompt_lens, in_prompt = seqs[keep], rows[keep], prompt_lens[keep], in_prompt[keep]
                 stepper.reorder(keep)
-        return GenerationOutput([r for r in results])  # type: ignore[misc]
+        return GenerationOutput(results)  # type: ignore[arg-type]  (every row finishes by max_gen_len)
 
 
 def generate(model: BaseLCM | TwoTowerLCM, prompts: Tensor, seq_lens: Optional[Tensor] = None, *,
