@@ -57,4 +57,4 @@ print(report())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "NOT loaded (disabled by LCM_FAST_DISABLE_EXT=1)" in out.stdout
-    assert "plain PyTorch" in out.stdout
+    assert "guided_ddim_step_            cpu   ref  (extension not loaded" in out.stdout

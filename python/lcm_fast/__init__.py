@@ -19,6 +19,7 @@ from .diffusion import DDIMScheduler
 from .inference import GenerationOptions, GenerationOutput, Generator, ReplayNoise, TorchNoise, generate
 from .io import CheckpointError, from_pretrained, load_normalizer, load_official, save_pretrained
 from .models import BaseLCM, TwoTowerLCM, build_model
+from .ops import set_backend
 
 EXT_AVAILABLE = _ext.EXT_AVAILABLE
 
@@ -45,4 +46,5 @@ __all__ = [
     "load_normalizer",
     "load_official",
     "save_pretrained",
+    "set_backend",
 ]

@@ -11,6 +11,8 @@ import torch
 
 from . import __version__
 from . import _ext
+from .ops import OPS
+from .ops._dispatch import requested_backend
 
 
 def report() -> str:
@@ -31,10 +33,14 @@ def report() -> str:
         ]
         if info["torch_version"] != torch.__version__:
             lines.append(f"  WARNING: running torch {torch.__version__}, rebuild the extension against it")
-    # Fused ops register themselves in torch.ops.lcm_fast; until an op family lands, every
-    # computation (models, scheduler, generation) takes the plain-PyTorch reference path.
-    ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lcm_fast::"))
-    lines.append("ops: " + (", ".join(ops) if ops else "none registered: models and generation run in plain PyTorch"))
+    lines.append("ops (backend for fp32 inputs on cpu / cuda, and why):")
+    for name, spec in OPS.items():
+        for device in ("cpu", "cuda"):
+            reasons = spec.reasons(device, torch.float32)
+            backend = "ref" if reasons or requested_backend() == "ref" else "ext"
+            why = f"  ({'; '.join(reasons)})" if reasons else ""
+            lines.append(f"  {name:<28} {device:<5} {backend}{why}")
+    lines.append(f"backend request: {requested_backend()} (LCM_FAST_BACKEND / lcm_fast.set_backend)")
     return "\n".join(lines)
 
 

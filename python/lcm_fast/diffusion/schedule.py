@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import SchedulerConfig
+from ..ops.guided_ddim import PREDICTION_TYPES, split_prediction
 
 MAX_BETA = 0.999
 
@@ -72,6 +73,12 @@ def make_betas(config: SchedulerConfig) -> Tensor:
             f"unknown beta_schedule '{kind}'; expected linear, scaled_linear, squaredcos_cap_v2 or sigmoid"
         )
     return rescale_zero_terminal_snr(betas) if config.rescale_betas_zero_snr else betas
+
+
+def _checked(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type '{prediction_type}'; expected sample, epsilon or v_prediction")
+    return prediction_type
 
 
 class SchedulerOutput(NamedTuple):
@@ -157,16 +164,26 @@ class DDIMScheduler:
         s = torch.clamp(s, min=1, max=self.config.sample_max_value).unsqueeze(1)
         return (torch.clamp(flat, -s, s) / s).reshape(shape).to(dtype)
 
-    def _split(self, model_output: Tensor, sample: Tensor, a_t: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
-        """(x0, eps) from the model output of the given prediction type (DDIM Eq. 12 solved both ways)."""
-        b_t = 1 - a_t
-        if prediction_type == "sample":
-            return model_output, (sample - a_t**0.5 * model_output) / b_t**0.5
-        if prediction_type == "epsilon":
-            return (sample - b_t**0.5 * model_output) / a_t**0.5, model_output
-        if prediction_type == "v_prediction":
-            return a_t**0.5 * sample - b_t**0.5 * model_output, a_t**0.5 * model_output + b_t**0.5 * sample
-        raise ValueError(f"unknown prediction_type '{prediction_type}'; expected sample, epsilon or v_prediction")
+    def _coefficients(self, t: int, eta: float) -> tuple[Tensor, ...]:
+        """fp32 scalars of one step, computed as the official step() does:
+        (sqrt(a_t), sqrt(b_t), sqrt(a_prev), sqrt(1 - a_prev - sigma^2), sigma)."""
+        a_t, a_prev = self.alphas_cumprod[t], self._alpha_prev(self.prev_timestep(t))
+        # Eq. 16: sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
+        sigma = eta * variance**0.5
+        return a_t**0.5, (1 - a_t) ** 0.5, a_prev**0.5, (1 - a_prev - sigma**2) ** 0.5, sigma
+
+    def coefficient_table(self, eta: float = 0.0, *, guided: bool = False) -> Tensor:
+        """[n_steps, 6] fp32 coefficients of the current timesteps, for ``ops.guided_ddim_step_``:
+        sqrt(a_t), sqrt(b_t), sqrt(a_prev), direction, sigma, first_step. ``first_step`` marks
+        t = T-1 when ``guided`` (CFG), where the sampler steps on the conditional x0 without guidance."""
+        if self.timesteps is None:
+            raise RuntimeError("call set_timesteps() before coefficient_table()")
+        rows = []
+        for t in self.timesteps.tolist():
+            first = torch.tensor(float(guided and t == self.num_train_steps - 1))
+            rows.append(torch.stack([*self._coefficients(t, eta), first]))
+        return torch.stack(rows)
 
     def step(
         self,
@@ -183,30 +200,28 @@ class DDIMScheduler:
 
         ``variance_noise`` (standard normal, same shape) is required when ``eta > 0``.
         """
-        t = int(timestep)
-        prev = self.prev_timestep(t)
-        a_t, a_prev = self.alphas_cumprod[t], self._alpha_prev(prev)
-        x0, eps = self._split(model_output, sample, a_t, prediction_type or self.config.prediction_type)
+        sa, sb, sap, direction, sigma = self._coefficients(int(timestep), eta)
+        ptype = PREDICTION_TYPES[_checked(prediction_type or self.config.prediction_type)]
+        x0, eps = split_prediction(model_output, sample, sa, sb, ptype)
         if epsilon_scaling is not None:
             eps = eps / epsilon_scaling  # after x0 is formed: only the direction term is affected
         if self.config.thresholding:
             x0 = self._threshold(x0)
         elif self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-        # Eq. 16: sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-        variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
-        std_dev = eta * variance**0.5
         # Eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps (+ sigma z)
-        prev_sample = a_prev**0.5 * x0 + (1 - a_prev - std_dev**2) ** 0.5 * eps
+        prev_sample = sap * x0 + direction * eps
         if eta > 0:
             if variance_noise is None:
                 raise ValueError("eta > 0 needs variance_noise (a standard normal tensor shaped like sample)")
-            prev_sample = prev_sample + std_dev * variance_noise
+            prev_sample = prev_sample + sigma * variance_noise
         return SchedulerOutput(prev_sample, x0)
 
     def get_epsilon(self, model_output: Tensor, sample: Tensor, timestep: Timestep) -> Tensor:
         """The noise implied by the model output under the configured prediction type. [..., D]."""
-        return self._split(model_output, sample, self.alphas_cumprod[int(timestep)], self.config.prediction_type)[1]
+        a_t = self.alphas_cumprod[int(timestep)]
+        ptype = PREDICTION_TYPES[_checked(self.config.prediction_type)]
+        return split_prediction(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5, ptype)[1]
 
     def _per_sample(self, values: Tensor, timesteps: Tensor, like: Tensor) -> Tensor:
         v = values.to(device=like.device, dtype=like.dtype)[timesteps.to(like.device).long()].flatten()

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..config import merge_into
 from ..diffusion import DDIMScheduler, SchedulerOutput, classifier_free_guidance
 from ..models import BaseLCM, TwoTowerLCM
+from ..ops import guided_ddim_step_, sampler_params
 from .noise import NoiseSource, TorchNoise
 
 StepCallback = Callable[[int, int, SchedulerOutput], None]
@@ -157,7 +158,9 @@ class _BaseLCMStepper:
 
 class _TwoTowerStepper:
     """Two-Tower: incremental contextualizer + a full DDIM chain per sentence, with or without CFG
-    (official ``TwoTowerDiffusionLCModel.predict_next_sentence[_with_cf_guidance]``)."""
+    (official ``TwoTowerDiffusionLCModel.predict_next_sentence[_with_cf_guidance]``). Each DDIM step
+    is one fused ``guided_ddim_step_`` (CFG combine, rescale, update, clips); dynamic thresholding,
+    which needs a per-row quantile, runs the scheduler's step instead."""
 
     def __init__(self, model: TwoTowerLCM, options: GenerationOptions, use_cache: bool, capacity: int,
                  noise: NoiseSource) -> None:
@@ -167,8 +170,14 @@ class _TwoTowerStepper:
         if options.thresholding:
             overrides = dict(thresholding=True, dynamic_thresholding_ratio=options.dynamic_thresholding_ratio,
                              sample_max_value=options.sample_max_value)
-        self.scheduler = model.noise_scheduler.with_options(**overrides)
-        self.scheduler.set_timesteps(options.inference_timesteps, official_stride=options.official_timestep_stride)
+        self.scheduler = sched = model.noise_scheduler.with_options(**overrides)
+        sched.set_timesteps(options.inference_timesteps, official_stride=options.official_timestep_stride)
+        self.cfg = options.guidance_scale != 1.0
+        device = model_device(model)
+        self.coefficients = sched.coefficient_table(options.ddim_eta, guided=self.cfg).to(device)  # [n_steps, 6]
+        clip_sample = sched.config.clip_sample_range if sched.config.clip_sample else None
+        self.params = sampler_params(options.guidance_scale, options.guidance_rescale, options.epsilon_scaling,
+                                     options.clip_noise, clip_sample, device=device)
         self.context: Optional[Tensor] = None  # [B, C, model_dim]
 
     def prefill(self, prefix: Tensor) -> None:  # prefix: [B, Pmin-1, D] raw
@@ -180,6 +189,20 @@ class _TwoTowerStepper:
         else:
             self.context = prefix.new_zeros(prefix.shape[0], 0, m.config.model_dim)
 
+    def _scheduler_step(self, pred: Tensor, t: int, latents: Tensor, noise: Optional[Tensor]) -> SchedulerOutput:
+        """The official chain through DDIMScheduler (used with dynamic thresholding)."""
+        opt, sched, B = self.options, self.scheduler, latents.shape[0]
+        kwargs: dict[str, Any] = dict(eta=opt.ddim_eta, epsilon_scaling=opt.epsilon_scaling, variance_noise=noise)
+        if not self.cfg:
+            return sched.step(pred, t, latents, **kwargs)
+        if t == sched.num_train_steps - 1:
+            # a_{T-1} = 0 under zero-terminal-SNR: epsilon is undefined, so the first step uses the
+            # conditional x0 prediction directly, without guidance (official behaviour).
+            return sched.step(pred[:B], t, latents, **kwargs)
+        eps = sched.get_epsilon(pred, torch.cat((latents, latents)), t)
+        guided = classifier_free_guidance(eps[:B], eps[B:], opt.guidance_scale, opt.guidance_rescale)
+        return sched.step(guided, t, latents, prediction_type="epsilon", **kwargs)
+
     def step(self, seqs: Tensor, step: int, callback: Optional[StepCallback]) -> Tensor:  # -> [B, D]
         m, opt, sched = self.model, self.options, self.scheduler
         if self.cache is not None:
@@ -187,38 +210,31 @@ class _TwoTowerStepper:
             self.context = torch.cat((self.context, new), dim=1)
         else:  # no cache: re-encode the whole prefix (same result; the official code crashes here)
             self.context = m.encode(m.normalizer.normalize(seqs[:, :step]))
-        context, B, device = self.context, seqs.shape[0], seqs.device
+        context, B, D, device = self.context, seqs.shape[0], m.sonar_dim, seqs.device
         dtype = next(m.parameters()).dtype
-        latents = self.noise.randn((B, 1, m.sonar_dim), site="initial_latents", device=device)
-        latents = (latents * opt.initial_noise_scale).clip(-opt.clip_noise, opt.clip_noise)
-        cfg = opt.guidance_scale != 1.0
-        if cfg:  # rows [0, B) conditional, [B, 2B) unconditional: zero context, only the zero key visible
+        latents = self.noise.randn((B, 1, D), site="initial_latents", device=device)
+        latents = (latents * opt.initial_noise_scale).clip(-opt.clip_noise, opt.clip_noise)  # [B, 1, D] fp32
+        x0 = torch.empty_like(latents)
+        context_lens = None
+        if self.cfg:  # rows [0, B) conditional, [B, 2B) unconditional: zero context, only the zero key visible
             context = torch.cat((context, torch.zeros_like(context)), dim=0)
             context_lens = torch.tensor([context.shape[1]] * B + [0] * B, device=device)
-        T = sched.num_train_steps
-        out = None
-        for t in sched.timesteps.tolist():
-            x = torch.cat((latents, latents)) if cfg else latents
+        ptype = sched.config.prediction_type
+        for i, t in enumerate(sched.timesteps.tolist()):
+            x = torch.cat((latents, latents)) if self.cfg else latents
             timesteps = torch.full((x.shape[0], 1), t, dtype=torch.long, device=device)
-            pred = m.denoiser(x.to(dtype), timesteps, context, context_lens if cfg else None, inference=True).float()
-            kwargs: dict[str, Any] = dict(eta=opt.ddim_eta, epsilon_scaling=opt.epsilon_scaling)
-            if opt.ddim_eta > 0:
-                kwargs["variance_noise"] = self.noise.randn(tuple(latents.shape), site="ddim_variance", device=device)
-            if not cfg:
-                out = sched.step(pred, t, latents, **kwargs)
-            elif t == T - 1:
-                # a_{T-1} = 0 under zero-terminal-SNR: epsilon is undefined, so the first step uses the
-                # conditional x0 prediction directly, without guidance (official behaviour).
-                out = sched.step(pred[:B], t, latents, **kwargs)
+            pred = m.denoiser(x.to(dtype), timesteps, context, context_lens, inference=True).float()
+            noise = self.noise.randn((B, 1, D), site="ddim_variance", device=device) if opt.ddim_eta > 0 else None
+            if sched.config.thresholding:
+                out = self._scheduler_step(pred, t, latents, noise)
+                latents, x0 = out.prev_sample.clip(-opt.clip_noise, opt.clip_noise), out.pred_original_sample
             else:
-                eps = sched.get_epsilon(pred, x, t)
-                guided = classifier_free_guidance(eps[:B], eps[B:], opt.guidance_scale, opt.guidance_rescale)
-                out = sched.step(guided, t, latents, prediction_type="epsilon", **kwargs)
+                guided_ddim_step_(latents.view(B, D), x0.view(B, D), pred.view(-1, D), self.coefficients[i],
+                                  self.params, noise.view(B, D) if noise is not None else None, ptype)
             if callback is not None:
-                callback(step, t, out)
-            latents = out.prev_sample.clip(-opt.clip_noise, opt.clip_noise)
+                callback(step, t, SchedulerOutput(latents.clone(), x0.clone()))
         # The sentence is the last step's x0 prediction (not the final latents), back in SONAR space.
-        return m.normalizer.denormalize(out.pred_original_sample.to(dtype))[:, -1]
+        return m.normalizer.denormalize(x0.to(dtype))[:, -1]
 
     def reorder(self, index: Tensor) -> None:
         for c in self.cache or []:
@@ -269,7 +285,7 @@ class Generator:
         temperature: Base-LCM sampling temperature; 0 means ``options.lcm_temperature``.
         noise: overrides the noise source (default ``TorchNoise(options.seed)``), e.g. to replay.
         step_callback: Two-Tower only, called as ``(position, t, SchedulerOutput)`` after every DDIM
-            step (outputs before the ``clip_noise`` clamp).
+            step, with the new latents (after the ``clip_noise`` clamp) and the x0 prediction, [B, 1, D].
         """
         opt, model = self.options, self.model
         seq_lens = _validate_prompts(prompts, seq_lens, model.sonar_dim)
