@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -22,7 +21,8 @@ import torch
 from .. import _ext
 
 BACKENDS = ("auto", "ext", "ref")
-_context: ContextVar[Optional[str]] = ContextVar("lcm_fast_backend", default=None)
+# The innermost set_backend() (a plain global rather than a ContextVar, which torch.compile cannot trace).
+_override: list[str] = []
 _warned: set[tuple[str, str]] = set()
 
 
@@ -35,15 +35,15 @@ def _check(name: str) -> str:
 @contextlib.contextmanager
 def set_backend(name: str) -> Iterator[None]:
     """``with lcm_fast.set_backend("ref"): ...`` pins the backend of every op call inside."""
-    token = _context.set(_check(name))
+    _override.append(_check(name))
     try:
         yield
     finally:
-        _context.reset(token)
+        _override.pop()
 
 
 def requested_backend(explicit: Optional[str] = None) -> str:
-    return _check(explicit or _context.get() or os.environ.get("LCM_FAST_BACKEND") or "auto")
+    return _check(explicit or (_override[-1] if _override else None) or os.environ.get("LCM_FAST_BACKEND") or "auto")
 
 
 @dataclass
@@ -55,13 +55,17 @@ class OpSpec:
     #: extra input-dependent reasons: (device_type, dtype, **static facts) -> [reason, ...]
     extra: Optional[Callable[..., list[str]]] = field(default=None)
 
-    def has_kernel(self, device_type: str) -> bool:
-        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-        return bool(
-            _ext.EXT_AVAILABLE
-            and key is not None
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"lcm_fast::{self.name}", key)
+    def __post_init__(self) -> None:
+        # which devices have a compiled kernel: fixed once the extension is loaded (looked up here, not
+        # per call, so that torch.compile traces through the dispatcher)
+        self.kernels = frozenset(
+            device
+            for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+            if _ext.EXT_AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key(f"lcm_fast::{self.name}", key)
         )
+
+    def has_kernel(self, device_type: str) -> bool:
+        return device_type in self.kernels
 
     def reasons(self, device_type: str, dtype: Optional[torch.dtype] = None, **facts) -> list[str]:
         if not _ext.EXT_AVAILABLE:

@@ -65,15 +65,16 @@ def guided_ddim_step_ref(
     latents: Tensor, pred_x0: Tensor, model_out: Tensor, coef: Tensor, params: Tensor,
     noise: Optional[Tensor] = None, prediction_type: int = 0,
 ) -> None:
-    """Plain-PyTorch twin (the specification), in fp32, in the official operation order.
+    """Plain-PyTorch twin (the specification), in the official operation order, computed in fp32
+    (fp64 for fp64 inputs, which makes it the high-precision oracle of the tests).
 
     latents, pred_x0: [B, D] (written); model_out: [2B, D] or [B, D]; coef: [6]; params: [6];
     noise: [B, D] or None.
     """
-    B = latents.shape[0]
-    x, out = latents.float(), model_out.float()
-    sa, sb, sap, direction, sigma, first = coef.float().unbind()
-    w, phi, one_minus_phi, scaling, clip_noise, clip_sample = params.float().unbind()
+    B, compute = latents.shape[0], torch.promote_types(latents.dtype, torch.float32)
+    x, out = latents.to(compute), model_out.to(compute)
+    sa, sb, sap, direction, sigma, first = coef.to(compute).unbind()
+    w, phi, one_minus_phi, scaling, clip_noise, clip_sample = params.to(compute).unbind()
     x0, eps = split_prediction(out[:B], x, sa, sb, prediction_type)
     if out.shape[0] == 2 * B:
         eps_c, eps_u = eps, split_prediction(out[B:], x, sa, sb, prediction_type)[1]
@@ -86,7 +87,7 @@ def guided_ddim_step_ref(
     x0 = x0.clamp(-clip_sample, clip_sample)
     prev = sap * x0 + direction * eps
     if noise is not None:
-        prev = prev + sigma * noise.float()
+        prev = prev + sigma * noise.to(compute)
     latents.copy_(prev.clamp(-clip_noise, clip_noise))
     pred_x0.copy_(x0)
 
