@@ -6,6 +6,20 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(lcm_fast, m) {
+  // AdaLN norm + modulate of the Two-Tower denoiser, one pass per row: y = norm(x) * (1 + scale) + shift,
+  // norm = LayerNorm (rms=False) or RMSNorm (rms=True) with optional weight/bias [D]; x, shift, scale
+  // share one shape [..., D] and dtype. Differentiable (register_autograd in Python).
+  m.def("adaln_norm_modulate(Tensor x, Tensor shift, Tensor scale, Tensor? weight, Tensor? bias, bool rms, "
+        "float eps) -> Tensor");
+  // The gated residual of one sublayer fused with the next sublayer's norm + modulate:
+  // r = residual + gate * branch; y = norm(r) * (1 + scale) + shift. Returns (r, y).
+  m.def("adaln_gated_residual_norm_modulate(Tensor residual, Tensor branch, Tensor gate, Tensor shift, "
+        "Tensor scale, Tensor? weight, Tensor? bias, bool rms, float eps) -> (Tensor, Tensor)");
+  // Backward of adaln_norm_modulate (recomputes the row statistics): (grad_x, grad_scale,
+  // grad_weight fp32 [D], grad_bias fp32 [D]); grad_shift is grad_y.
+  m.def("adaln_norm_modulate_backward(Tensor grad_y, Tensor x, Tensor scale, Tensor? weight, Tensor? bias, "
+        "bool rms, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+
   // One fused DDIM step of the Two-Tower sampler, in place: latents [B, D] <- clip(x_prev),
   // pred_x0 [B, D] <- x0. model_out is [2B, D] (CFG: conditional rows, then unconditional) or [B, D];
   // coef [6] is the step's row of the scheduler's coefficient table, params [6] the generation

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+import lcm_fast
 from lcm_fast.models.factory import official_parameter_count
 
 from ..tolerances import PARITY_FORWARD
@@ -64,8 +65,9 @@ def capture_outputs(model, names):
             h.remove()
 
 
+@pytest.mark.parametrize("backend", ["ref", "ext"])
 @pytest.mark.parametrize("name", model_names("two_tower"))
-def test_two_tower_forward(name):
+def test_two_tower_forward(name, backend):
     fx, model = model_fixture(name), loaded_model(name)
     fw = fx.spec["forward"]
     lens = fx[fw["seq_lens"]]
@@ -74,22 +76,23 @@ def test_two_tower_forward(name):
         fx[fw["clean_seqs"]].flatten(0, 1), fx[fw["noise"]].flatten(0, 1), fx[fw["timesteps"]].flatten()
     ).view_as(fx[fw["clean_seqs"]])
     _check("two_tower/add_noise", f"{name} noisy_seqs", noisy, fx[fw["noisy_seqs"]], mask)
-    with capture_outputs(model, fw["intermediates"]) as captured:
+    with capture_outputs(model, fw["intermediates"]) as captured, lcm_fast.set_backend(backend):
         out = model(fx[fw["clean_seqs"]], fx[fw["noisy_seqs"]], fx[fw["timesteps"]], lens)
-    _check("two_tower/forward", f"{name} output", out, fx[fw["output"]], mask)
+    _check(f"two_tower/forward/{backend}", f"{name} output", out, fx[fw["output"]], mask)
     for module, ref in fw["intermediates"].items():
-        _check("two_tower/forward", f"{name} {module}", captured[module], fx[ref], mask)
+        _check(f"two_tower/forward/{backend}", f"{name} {module}", captured[module], fx[ref], mask)
 
 
+@pytest.mark.parametrize("backend", ["ref", "ext"])
 @pytest.mark.parametrize("name", model_names("two_tower"))
-def test_two_tower_denoise_inference(name):
+def test_two_tower_denoise_inference(name, backend):
     fx, model = model_fixture(name), loaded_model(name)
     di = fx.spec["denoise_inference"]
-    with torch.no_grad():
+    with torch.no_grad(), lcm_fast.set_backend(backend):
         out = model.denoiser(
             fx[di["latents"]], fx[di["timesteps"]], fx[di["context"]], fx[di["context_seq_lens"]], inference=True
         )
-    _check("two_tower/denoise_inference", name, out, fx[di["output"]])
+    _check(f"two_tower/denoise_inference/{backend}", name, out, fx[di["output"]])
 
 
 @pytest.mark.parametrize("name", model_names("base_lcm"))

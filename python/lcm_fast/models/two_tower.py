@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..config import DenoiserConfig, NormalizerConfig, TwoTowerConfig
 from ..diffusion.schedule import DDIMScheduler
+from ..ops.adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate, norm_args
 from ..nn.attention import KVCache, MultiheadAttention, ValueOutputAttention, key_padding_mask
 from ..nn.norm import make_norm
 from ..nn.normalizer import SonarNormalizer
@@ -32,12 +33,9 @@ class AdaLNModulator(nn.Module):
         return self.fc(F.silu(t_emb)).chunk(3, dim=-1)
 
 
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
-
-
 class DenoiserLayer(nn.Module):
-    """Pre-norm DiT block with cross-attention: each sublayer is ``x + gate * f(LN(x) * (1 + scale) + shift)``."""
+    """Pre-norm DiT block with cross-attention: each sublayer is ``x + gate * f(LN(x) * (1 + scale) + shift)``
+    (AdaLN-Zero, Peebles & Xie 2023), modulated by the timestep embedding only."""
 
     def __init__(self, dim: int, config: DenoiserConfig, rope: Optional[RotaryEncoder]) -> None:
         super().__init__()
@@ -53,19 +51,23 @@ class DenoiserLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout_p)
 
     def forward(self, x: Tensor, t_emb: Tensor, keys: Tensor, cross_mask: Optional[Tensor]) -> Tensor:
-        """x: [B, S, D] latents; t_emb: [B, S, D]; keys: [B, C+1, D] (zero row first)."""
+        """x: [B, S, D] latents; t_emb: [B, S, D]; keys: [B, C+1, D] (zero row first).
+
+        Each gated residual is fused with the next sublayer's norm + modulate (ops.adaln)."""
         mod_sa, mod_ca, mod_ff = self.modulator(t_emb)
-        shift, scale, gate = mod_sa.chunk(3, dim=-1)
-        h = self.self_attn(_modulate(self.self_attn_layer_norm(x), shift, scale))
+        shift, scale, gate_sa = mod_sa.chunk(3, dim=-1)
+        w, b, rms, eps = norm_args(self.self_attn_layer_norm)
+        h = self.self_attn(adaln_norm_modulate(x, shift, scale, w, b, rms=rms, eps=eps))
         if self.self_attn_norm is not None:
             h = self.self_attn_norm(h)
-        x = x + gate * self.dropout(h)
-        shift, scale, gate = mod_ca.chunk(3, dim=-1)
-        h = self.cross_attention(_modulate(self.cross_attention_layer_norm(x), shift, scale), keys, mask=cross_mask)
-        x = x + gate * self.dropout(h)
-        shift, scale, gate = mod_ff.chunk(3, dim=-1)
-        h = self.ffn(_modulate(self.ffn_layer_norm(x), shift, scale))
-        return x + gate * self.dropout(h)
+        shift, scale, gate_ca = mod_ca.chunk(3, dim=-1)
+        w, b, rms, eps = norm_args(self.cross_attention_layer_norm)
+        x, y = adaln_gated_residual_norm_modulate(x, self.dropout(h), gate_sa, shift, scale, w, b, rms=rms, eps=eps)
+        h = self.cross_attention(y, keys, mask=cross_mask)
+        shift, scale, gate_ff = mod_ff.chunk(3, dim=-1)
+        w, b, rms, eps = norm_args(self.ffn_layer_norm)
+        x, y = adaln_gated_residual_norm_modulate(x, self.dropout(h), gate_ca, shift, scale, w, b, rms=rms, eps=eps)
+        return x + gate_ff * self.dropout(self.ffn(y))
 
 
 class Denoiser(nn.Module):

@@ -2,6 +2,18 @@
 specification, the fallback and the test oracle) and the ``register_fake`` for torch.compile."""
 
 from ._dispatch import OPS, set_backend
+from .adaln import (
+    adaln_gated_residual_norm_modulate,
+    adaln_gated_residual_norm_modulate_ref,
+    adaln_norm_modulate,
+    adaln_norm_modulate_ref,
+)
 from .guided_ddim import guided_ddim_step_, guided_ddim_step_ref, sampler_params
 
-__all__ = ["OPS", "guided_ddim_step_", "guided_ddim_step_ref", "sampler_params", "set_backend"]
+__all__ = [
+    "OPS",
+    "adaln_gated_residual_norm_modulate",
+    "adaln_gated_residual_norm_modulate_ref",
+    "adaln_norm_modulate",
+    "adaln_norm_modulate_ref",
+    "guided_ddim_step_", "guided_ddim_step_ref", "sampler_params", "set_backend"]
