@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,8 @@ def test_info_report():
     assert f"torch {torch.__version__}" in text
     assert "extension lcm_fast._C: loaded" in text
     assert "SIMD:" in text and "OpenMP:" in text and "CUDA kernels:" in text
-    assert "guided_ddim_step_            cpu   ext" in text
+    for op in ("guided_ddim_step_", "adaln_norm_modulate", "adaln_gated_residual_norm_modulate"):
+        assert re.search(rf"^  {op} +cpu +ext$", text, re.M), text
     out = subprocess.run([sys.executable, "-m", "lcm_fast.info"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == text
 
@@ -57,4 +59,4 @@ print(report())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "NOT loaded (disabled by LCM_FAST_DISABLE_EXT=1)" in out.stdout
-    assert "guided_ddim_step_            cpu   ref  (extension not loaded" in out.stdout
+    assert re.search(r"^  guided_ddim_step_ +cpu +ref  \(extension not loaded", out.stdout, re.M), out.stdout

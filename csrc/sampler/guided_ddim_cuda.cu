@@ -4,72 +4,17 @@
 // phases: (1) epsilon of both CFG halves and the guided combination, block sums for the means;
 // (2) squared deviations, block sums for the rescale ratio (two-pass moments); (3) x0, epsilon
 // scaling, clips and the DDIM update. Loads/stores are 128-bit when the row allows it.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cmath>
 #include <cstdint>
 
+#include "common/cuda_utils.cuh"
 #include "sampler/guided_ddim.h"
 
 namespace lcm_fast {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kBlockThreads;
 constexpr int kElemsPerThread = kMaxCudaDim / kThreads;  // 32
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// VEC consecutive elements moved as one (128-bit when VEC * sizeof(T) == 16).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ void load(const T* p, float* out) {
-  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) out[j] = to_float(pack.v[j]);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store(T* p, const float* in) {
-  Pack<T, VEC> pack;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) pack.v[j] = from_float<T>(in[j]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
-}
-
-// Sums a and b over the block; every thread gets the totals.
-__device__ __forceinline__ void block_sum2(float& a, float& b) {
-  __shared__ float partial[2][kThreads / 32];
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    a += __shfl_xor_sync(0xffffffffu, a, offset);
-    b += __shfl_xor_sync(0xffffffffu, b, offset);
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  __syncthreads();  // partial[] may still be read by a previous call
-  if (lane == 0) {
-    partial[0][warp] = a;
-    partial[1][warp] = b;
-  }
-  __syncthreads();
-  a = 0.f;
-  b = 0.f;
-  for (int w = 0; w < warps; ++w) {
-    a += partial[0][w];
-    b += partial[1][w];
-  }
-}
 
 // eps implied by a model output under the prediction type (official get_epsilon).
 template <int PT>
@@ -197,8 +142,6 @@ void launch_typed(void* latents, void* pred_x0, const void* model_out, const flo
   }
 #undef LCM_FAST_LAUNCH
 }
-
-bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T>
 void launch_dtype(void* latents, void* pred_x0, const void* model_out, const float* coef, const float* params,

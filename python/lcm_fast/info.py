@@ -34,12 +34,13 @@ def report() -> str:
         if info["torch_version"] != torch.__version__:
             lines.append(f"  WARNING: running torch {torch.__version__}, rebuild the extension against it")
     lines.append("ops (backend for fp32 inputs on cpu / cuda, and why):")
+    width = max(map(len, OPS), default=0) + 2
     for name, spec in OPS.items():
         for device in ("cpu", "cuda"):
             reasons = spec.reasons(device, torch.float32)
             backend = "ref" if reasons or requested_backend() == "ref" else "ext"
             why = f"  ({'; '.join(reasons)})" if reasons else ""
-            lines.append(f"  {name:<28} {device:<5} {backend}{why}")
+            lines.append(f"  {name:<{width}} {device:<5} {backend}{why}")
     lines.append(f"backend request: {requested_backend()} (LCM_FAST_BACKEND / lcm_fast.set_backend)")
     return "\n".join(lines)
 
