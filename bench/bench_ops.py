@@ -11,50 +11,97 @@ import pytest
 import torch
 
 from lcm_fast import DDIMScheduler, SchedulerConfig
-from lcm_fast.ops import guided_ddim_step_, guided_ddim_step_ref, sampler_params
-from lcm_fast.ops.guided_ddim import SPEC
+from lcm_fast.ops import (
+    OPS,
+    adaln_gated_residual_norm_modulate,
+    adaln_gated_residual_norm_modulate_ref,
+    adaln_norm_modulate,
+    adaln_norm_modulate_ref,
+    guided_ddim_step_,
+    guided_ddim_step_ref,
+    sampler_params,
+)
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and SPEC.has_kernel("cuda") else [])
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and all("cuda" in s.kernels for s in OPS.values()) else [])
 BACKENDS = ["ref", "compile", "ext"]
-_compiled = {}
-# one static-shape compilation per (B, D) of the grid (dynamo's default limit is 8 per function)
+SHAPES = [(B, D) for B in (1, 64, 4096) for D in (1024, 2048, 4096)]
+# one static-shape compilation per (op, B, D) of the grid (dynamo's default limit is 8 per function)
 torch._dynamo.config.recompile_limit = 64
 
+_compiled: dict = {}
 
-def _guided_ddim_fn(backend: str):
+
+def _backend_fn(ref, ext, backend: str):
+    """The callable for a backend: the reference, the reference under torch.compile, or the op."""
     if backend == "ext":
-        return lambda *args: guided_ddim_step_(*args, backend="ext")
+        return lambda *args, **kw: ext(*args, **kw, backend="ext")
     if backend == "ref":
-        return guided_ddim_step_ref
-    if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(guided_ddim_step_ref, fullgraph=True, dynamic=False)
-    return _compiled["fn"]
+        return ref
+    if ref not in _compiled:
+        _compiled[ref] = torch.compile(ref, fullgraph=True, dynamic=False)
+    return _compiled[ref]
+
+
+def _measure(benchmark, run, *, op, backend, device, B, D, dtype, moved_bytes):
+    def timed():
+        run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    timed()  # warm-up (and compilation for the compile backend)
+    benchmark.group = f"{op}/{device}/B{B}/D{D}"
+    benchmark(timed)
+    median = benchmark.stats.stats.median if benchmark.stats else float("nan")
+    benchmark.extra_info.update(op=op, backend=backend, device=device, B=B, D=D,
+                                dtype=str(dtype).removeprefix("torch."), gbps=moved_bytes / median / 1e9)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("D", [1024, 2048, 4096])
-@pytest.mark.parametrize("B", [1, 64, 4096])
+@pytest.mark.parametrize("B,D", SHAPES)
 def test_guided_ddim_step(benchmark, device, backend, B, D):
-    dtype = torch.float32
+    """CFG on: reads x [B, D] and model_out [2B, D], writes latents and x0."""
     sched = DDIMScheduler(SchedulerConfig(num_diffusion_train_steps=100))
     sched.set_timesteps(40)
     coef = sched.coefficient_table(guided=True)[10].to(device)
     params = sampler_params(3.0, 0.7, 1.00045, 100.0, device=device)
-    latents = torch.randn(B, D, device=device, dtype=dtype)
-    model_out = torch.randn(2 * B, D, device=device, dtype=dtype)
+    latents = torch.randn(B, D, device=device)
+    model_out = torch.randn(2 * B, D, device=device)
     x0 = torch.empty_like(latents)
-    fn = _guided_ddim_fn(backend)
+    fn = _backend_fn(guided_ddim_step_ref, guided_ddim_step_, backend)
+    _measure(benchmark, lambda: fn(latents, x0, model_out, coef, params, None, 0), op="guided_ddim_step_",
+             backend=backend, device=device, B=B, D=D, dtype=latents.dtype, moved_bytes=6 * latents.nbytes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,D", SHAPES)
+@pytest.mark.parametrize("op", ["adaln_norm_modulate", "adaln_gated_residual_norm_modulate"])
+def test_adaln(benchmark, device, backend, B, D, op):
+    """RMSNorm with weight (the released archs' norm), fp32; B rows of D."""
+    x, shift, scale, branch, gate = (torch.randn(B, D, device=device) for _ in range(5))
+    weight = torch.randn(D, device=device)
+    if op == "adaln_norm_modulate":
+        fn = _backend_fn(adaln_norm_modulate_ref, adaln_norm_modulate, backend)
+        run, moved = (lambda: fn(x, shift, scale, weight, None, rms=True)), 4 * x.nbytes
+    else:
+        fn = _backend_fn(adaln_gated_residual_norm_modulate_ref, adaln_gated_residual_norm_modulate, backend)
+        run, moved = (lambda: fn(x, branch, gate, shift, scale, weight, None, rms=True)), 7 * x.nbytes
+    _measure(benchmark, run, op=op, backend=backend, device=device, B=B, D=D, dtype=x.dtype, moved_bytes=moved)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["ref", "ext"])
+@pytest.mark.parametrize("B,D", [(4096, 1024), (4096, 2048)])
+def test_adaln_norm_modulate_backward(benchmark, device, backend, B, D):
+    """Forward + backward of norm_modulate (training), RMSNorm with weight, fp32."""
+    x, shift, scale = (torch.randn(B, D, device=device, requires_grad=True) for _ in range(3))
+    weight = torch.randn(D, device=device, requires_grad=True)
+    grad = torch.randn(B, D, device=device)
+    fn = _backend_fn(adaln_norm_modulate_ref, adaln_norm_modulate, backend)
 
     def run():
-        fn(latents, x0, model_out, coef, params, None, 0)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        torch.autograd.grad(fn(x, shift, scale, weight, None, rms=True), (x, shift, scale, weight), grad)
 
-    run()  # warm-up (and compilation for the compile backend)
-    benchmark.group = f"guided_ddim_step_/{device}/B{B}/D{D}"
-    benchmark(run)
-    moved = (latents.numel() * 3 + model_out.numel()) * latents.element_size()  # read x, out; write x, x0
-    median = benchmark.stats.stats.median if benchmark.stats else float("nan")
-    benchmark.extra_info.update(op="guided_ddim_step_", backend=backend, device=device, B=B, D=D,
-                                dtype=str(dtype).removeprefix("torch."), gbps=moved / median / 1e9)
+    _measure(benchmark, run, op="adaln_norm_modulate+backward", backend=backend, device=device, B=B, D=D,
+             dtype=x.dtype, moved_bytes=9 * x.nbytes)
