@@ -193,3 +193,40 @@ def test_argument_errors():
         op(x, x.double(), x, None, None, False, 1e-5)
     with pytest.raises(RuntimeError, match="unsupported dtype"):
         op(x.double(), x.double(), x.double(), None, None, False, 1e-5)
+
+
+@pytest.mark.slow
+@settings(max_examples=5000, deadline=None)
+@given(
+    rows=st.integers(1, 64), D=st.integers(2, 2100), dtype=st.sampled_from(DTYPES), norm=st.sampled_from(sorted(NORMS)),
+    gated=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_forward_fuzz_slow(rows, D, dtype, norm, gated, seed):
+    _check((rows, D), dtype, "cpu", norm, gated, seed)
+
+
+def test_multithreaded_equals_single_threaded():
+    """Forward rows are independent of the thread count; weight/bias gradients sum per-thread partials."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from lcm_fast.ops import adaln_norm_modulate
+torch.manual_seed(0)
+x, s, c = (torch.randn(64, 1000, requires_grad=True) for _ in range(3))
+w, b = torch.randn(1000, requires_grad=True), torch.randn(1000, requires_grad=True)
+y = adaln_norm_modulate(x, s, c, w, b, backend="ext")
+gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+torch.save((y, gx, gw), "{path}")
+"""
+    results = []
+    for threads in ("1", "2"):
+        path = f"/tmp/lcm_fast_adaln_threads_{threads}_{os.getpid()}.pt"
+        subprocess.run([sys.executable, "-c", code.format(path=path)], check=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
+        results.append(torch.load(path))
+        os.unlink(path)
+    (y1, gx1, gw1), (y2, gx2, gw2) = results
+    assert torch.equal(y1, y2) and torch.equal(gx1, gx2)
+    torch.testing.assert_close(gw1, gw2, atol=1e-4, rtol=1e-5)  # summation order of the partials

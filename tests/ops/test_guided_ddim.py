@@ -221,3 +221,15 @@ torch.save((lat, x0), "{path}")
         results.append(torch.load(path))
         os.unlink(path)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.slow
+@settings(max_examples=5000, deadline=None)
+@given(
+    B=st.integers(1, 33), D=st.integers(8, 2100), dtype=st.sampled_from(DTYPES), cfg=st.booleans(),
+    row=st.integers(1, 9), pt=st.integers(0, 2), noise=st.booleans(), w=st.floats(0.0, 8.0),
+    phi=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
+)
+def test_fuzz_slow(B, D, dtype, cfg, row, pt, noise, w, phi, seed):
+    inputs = _inputs(B, D, dtype, "cpu", cfg=cfg, row=row, noise=noise, seed=seed)
+    _check(*inputs[:3], sampler_params(w, phi, 1.0005, 100.0), inputs[3], pt)
