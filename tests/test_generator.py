@@ -69,6 +69,6 @@ def test_step_callback_and_progress():
     calls = []
     options = lcm_fast.GenerationOptions(inference_timesteps=4, guidance_scale=2.0, seed=0)
     lcm_fast.generate(model, torch.randn(2, 3, 24), options=options, max_gen_len=2, progress=True,
-                      step_callback=lambda pos, t, out: calls.append((pos, t, out.prev_sample.shape)))
+                      step_callback=lambda pos, t, out, rows: calls.append((pos, t, out.prev_sample.shape)))
     assert [(p, t) for p, t, _ in calls] == [(p, t) for p in (3, 4) for t in (99, 74, 49, 24)]
     assert all(shape == (2, 1, 24) for *_, shape in calls)

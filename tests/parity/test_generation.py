@@ -12,7 +12,8 @@ from ..tolerances import PARITY_GENERATION_NORMALIZED, PARITY_GENERATION_RAW, PA
 from .conftest import generation_runs, loaded_model, model_fixture, record
 
 
-def _run(name: str, tag: str, replay: bool, trajectory: list | None = None, backend: str = "auto"):
+def _run(name: str, tag: str, replay: bool, trajectory: list | None = None, backend: str = "auto",
+         engine: str = "fast"):
     fx, model = model_fixture(name), loaded_model(name)
     run = fx.spec["generate"][tag]
     options = lcm_fast.GenerationOptions.from_dict(run["options"])
@@ -20,12 +21,12 @@ def _run(name: str, tag: str, replay: bool, trajectory: list | None = None, back
     eos = fx[run["eos_vec"]] if run.get("eos_vec") else None
     callback = None
     if trajectory is not None:
-        def callback(position, t, out):
-            trajectory.append((position, t, out))
+        def callback(position, t, out, rows):
+            trajectory.append((position, t, out, rows))
     with lcm_fast.set_backend(backend):
         out = lcm_fast.generate(
             model, fx[fx.spec["prompt"]["raw_seqs"]], fx[fx.spec["prompt"]["seq_lens"]],
-            options=options, eos_vec=eos, noise=noise, step_callback=callback, **run["call"],
+            options=options, eos_vec=eos, noise=noise, step_callback=callback, engine=engine, **run["call"],
         )
     if replay:
         assert noise.remaining == 0, f"{noise.remaining} recorded noise tensors were not drawn"
@@ -47,12 +48,13 @@ def _compare(name, tag, mode, model, fx, run, out):
         torch.testing.assert_close(seqs, expected, **PARITY_GENERATION_RAW, msg=lambda m: f"{where}: {m}")
 
 
+@pytest.mark.parametrize("engine", ["reference", "fast"])
 @pytest.mark.parametrize("backend", ["ref", "ext"])
 @pytest.mark.parametrize("name,tag", generation_runs())
-def test_generation_replayed_noise(name, tag, backend):
-    """Through both paths of the fused ops: the PyTorch references and the compiled kernels."""
-    fx, model, run, out = _run(name, tag, replay=True, backend=backend)
-    _compare(name, tag, f"replay/{backend}", model, fx, run, out)
+def test_generation_replayed_noise(name, tag, backend, engine):
+    """Both engines, through both paths of the fused ops (PyTorch references, compiled kernels)."""
+    fx, model, run, out = _run(name, tag, replay=True, backend=backend, engine=engine)
+    _compare(name, tag, f"replay/{engine}/{backend}", model, fx, run, out)
 
 
 @pytest.mark.parametrize("name,tag", generation_runs())
@@ -62,27 +64,28 @@ def test_generation_from_seed(name, tag):
     _compare(name, tag, "seeded", model, fx, run, out)
 
 
-@pytest.mark.parametrize("backend", ["ref", "ext"])
+@pytest.mark.parametrize("engine,backend", [("reference", "ref"), ("reference", "ext"), ("fast", "ext")])
 @pytest.mark.parametrize(
     "name,tag",
     [(n, t) for n, t in generation_runs() if "trajectory_first_generated_position" in model_fixture(n).spec["generate"][t]],
 )
-def test_diffusion_trajectory(name, tag, backend):
-    """Every DDIM step of the first generated position (prev_sample and x0)."""
+def test_diffusion_trajectory(name, tag, backend, engine):
+    """Every DDIM step of the first generated position (prev_sample and x0), for the rows the engine
+    denoised (the fast engine skips teacher-forced rows)."""
     trajectory: list = []
-    fx, model, run, _ = _run(name, tag, replay=True, trajectory=trajectory, backend=backend)
+    fx, model, run, _ = _run(name, tag, replay=True, trajectory=trajectory, backend=backend, engine=engine)
     assert isinstance(model, TwoTowerLCM)
     spec = run["trajectory_first_generated_position"]
-    first = trajectory[0][0]
-    steps = [(t, out) for pos, t, out in trajectory if pos == first]
+    first, rows = trajectory[0][0], trajectory[0][3]
+    steps = [(t, out) for pos, t, out, _ in trajectory if pos == first]
     assert [t for t, _ in steps] == spec["timesteps"] == run["scheduler_timesteps"]
     clip = run["options"]["clip_noise"]
     # the recorded prev_sample precedes the clip_noise clamp; ours follows it: equal while inside
     assert fx[spec["prev_sample"]].abs().max() < clip
     for field in ("prev_sample", "pred_original_sample"):
-        actual = torch.stack([getattr(out, field) for _, out in steps])
-        record(f"generation/trajectory/{backend}", f"{name}/{tag} {field}", actual, fx[spec[field]])
-        torch.testing.assert_close(actual, fx[spec[field]], **PARITY_SCHEDULER)
+        actual, expected = torch.stack([getattr(out, field) for _, out in steps]), fx[spec[field]][:, rows]
+        record(f"generation/trajectory/{engine}/{backend}", f"{name}/{tag} {field}", actual, expected)
+        torch.testing.assert_close(actual, expected, **PARITY_SCHEDULER)
 
 
 @pytest.mark.parametrize("name,tag", [(n, t) for n, t in generation_runs() if model_fixture(n).spec["model_type"] != "base_lcm"])

@@ -1,10 +1,14 @@
-"""The reference generation engine for Base-LCM and Two-Tower LCMs.
+"""Generation for Base-LCM and Two-Tower LCMs: the official generators' algorithm.
 
-A readable implementation of the official generators (``LCMGenerator``, ``TwoTowerDiffusionLCMGenerator``):
-documents advance in lockstep, one sentence embedding per step; rows whose (right-padded) prompt still
-covers the current position are teacher-forced; finished rows leave the batch. Every random draw goes
-through a :class:`~lcm_fast.inference.noise.NoiseSource`, in the official order, so recorded noise
-replays exactly. A fast engine (cached, table-driven, graph-captured) comes separately.
+Documents advance in lockstep, one sentence embedding per step (as ``LCMGenerator`` and
+``TwoTowerDiffusionLCMGenerator`` do); rows whose (right-padded) prompt still covers the current position
+are teacher-forced; finished rows leave the batch. Every random draw goes through a
+:class:`~lcm_fast.inference.noise.NoiseSource`, in the official order, so recorded noise replays exactly.
+
+Two engines compute the Two-Tower denoising: ``"reference"`` evaluates the denoiser as the official
+code does (a readable port: every row, both CFG halves, every step), ``"fast"`` (the default) gets the
+same outputs without the waste (see :mod:`lcm_fast.inference.fast`). Base-LCM uses its KV-cached
+decoder in both.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from ..config import merge_into
 from ..diffusion import DDIMScheduler, SchedulerOutput, classifier_free_guidance
 from ..models import BaseLCM, TwoTowerLCM
 from ..ops import guided_ddim_step_, sampler_params
+from .fast import FastDenoiser
 from .noise import NoiseSource, TorchNoise
 
-StepCallback = Callable[[int, int, SchedulerOutput], None]
+StepCallback = Callable[[int, int, SchedulerOutput, Tensor], None]
+ENGINES = ("fast", "reference")
 
 
 @dataclass
@@ -147,7 +153,8 @@ class _BaseLCMStepper:
             # sampling noise is drawn, so we draw it too to stay on the same random stream.
             self._predict(prefix)
 
-    def step(self, seqs: Tensor, step: int, callback: Optional[StepCallback]) -> Tensor:  # -> [B, D]
+    def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
+        """Next sentence of every active row: [B, D] (teacher-forced rows are computed and replaced)."""
         inputs = seqs[:, step - 1 : step] if self.cache is not None else seqs[:, :step]
         return self._predict(inputs)[:, -1]
 
@@ -157,10 +164,11 @@ class _BaseLCMStepper:
 
 
 class _TwoTowerStepper:
-    """Two-Tower: incremental contextualizer + a full DDIM chain per sentence, with or without CFG
-    (official ``TwoTowerDiffusionLCModel.predict_next_sentence[_with_cf_guidance]``). Each DDIM step
-    is one fused ``guided_ddim_step_`` (CFG combine, rescale, update, clips); dynamic thresholding,
-    which needs a per-row quantile, runs the scheduler's step instead."""
+    """Two-Tower reference: incremental contextualizer + a full DDIM chain per sentence, with or without
+    CFG, computed as the official ``TwoTowerDiffusionLCModel.predict_next_sentence[_with_cf_guidance]``
+    does (every row, both CFG halves at every step). Each DDIM step is one fused ``guided_ddim_step_``
+    (CFG combine, rescale, update, clips); dynamic thresholding, which needs a per-row quantile, runs
+    the scheduler's step instead."""
 
     def __init__(self, model: TwoTowerLCM, options: GenerationOptions, use_cache: bool, capacity: int,
                  noise: NoiseSource) -> None:
@@ -189,6 +197,30 @@ class _TwoTowerStepper:
         else:
             self.context = prefix.new_zeros(prefix.shape[0], 0, m.config.model_dim)
 
+    def _extend_context(self, seqs: Tensor, step: int) -> None:
+        m = self.model
+        if self.cache is not None:
+            new = m.encode(m.normalizer.normalize(seqs[:, step - 1 : step]), cache=self.cache)
+            self.context = torch.cat((self.context, new), dim=1)
+        else:  # no cache: re-encode the whole prefix (same result; the official code crashes here)
+            self.context = m.encode(m.normalizer.normalize(seqs[:, :step]))
+
+    def _rows(self, forced: Tensor) -> Optional[Tensor]:
+        """Batch rows to denoise (None: all). The reference denoises teacher-forced rows too."""
+        return None
+
+    def _denoise(self, latents: Tensor, i: int, t: int, rows: Optional[Tensor]) -> Tensor:
+        """Model output for latents [n, 1, D] (model dtype): [2n, 1, D] with CFG (conditional rows,
+        then unconditional: zero context, only the zero key visible), else [n, 1, D]."""
+        context, n = self.context, latents.shape[0]
+        x, context_lens = latents, None
+        if self.cfg:
+            x = torch.cat((latents, latents))
+            context = torch.cat((context, torch.zeros_like(context)), dim=0)
+            context_lens = torch.tensor([context.shape[1]] * n + [0] * n, device=latents.device)
+        timesteps = torch.full((x.shape[0], 1), t, dtype=torch.long, device=latents.device)
+        return self.model.denoiser(x, timesteps, context, context_lens, inference=True)
+
     def _scheduler_step(self, pred: Tensor, t: int, latents: Tensor, noise: Optional[Tensor]) -> SchedulerOutput:
         """The official chain through DDIMScheduler (used with dynamic thresholding)."""
         opt, sched, B = self.options, self.scheduler, latents.shape[0]
@@ -203,44 +235,79 @@ class _TwoTowerStepper:
         guided = classifier_free_guidance(eps[:B], eps[B:], opt.guidance_scale, opt.guidance_rescale)
         return sched.step(guided, t, latents, prediction_type="epsilon", **kwargs)
 
-    def step(self, seqs: Tensor, step: int, callback: Optional[StepCallback]) -> Tensor:  # -> [B, D]
+    def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
+        """Next sentence of every active row: [B, D]. forced: [B] rows whose prompt covers ``step``
+        (their output is replaced by the prompt; the noise is still drawn for them, as officially)."""
         m, opt, sched = self.model, self.options, self.scheduler
-        if self.cache is not None:
-            new = m.encode(m.normalizer.normalize(seqs[:, step - 1 : step]), cache=self.cache)
-            self.context = torch.cat((self.context, new), dim=1)
-        else:  # no cache: re-encode the whole prefix (same result; the official code crashes here)
-            self.context = m.encode(m.normalizer.normalize(seqs[:, :step]))
-        context, B, D, device = self.context, seqs.shape[0], m.sonar_dim, seqs.device
+        self._extend_context(seqs, step)
+        B, D, device = seqs.shape[0], m.sonar_dim, seqs.device
         dtype = next(m.parameters()).dtype
+        rows = self._rows(forced)
+        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
         latents = self.noise.randn((B, 1, D), site="initial_latents", device=device)
-        latents = (latents * opt.initial_noise_scale).clip(-opt.clip_noise, opt.clip_noise)  # [B, 1, D] fp32
-        x0 = torch.empty_like(latents)
-        context_lens = None
-        if self.cfg:  # rows [0, B) conditional, [B, 2B) unconditional: zero context, only the zero key visible
-            context = torch.cat((context, torch.zeros_like(context)), dim=0)
-            context_lens = torch.tensor([context.shape[1]] * B + [0] * B, device=device)
+        latents = pick((latents * opt.initial_noise_scale).clip(-opt.clip_noise, opt.clip_noise))  # [n, 1, D] fp32
+        n = latents.shape[0]
+        x0 = torch.zeros_like(latents)
         ptype = sched.config.prediction_type
         for i, t in enumerate(sched.timesteps.tolist()):
-            x = torch.cat((latents, latents)) if self.cfg else latents
-            timesteps = torch.full((x.shape[0], 1), t, dtype=torch.long, device=device)
-            pred = m.denoiser(x.to(dtype), timesteps, context, context_lens, inference=True).float()
             noise = self.noise.randn((B, 1, D), site="ddim_variance", device=device) if opt.ddim_eta > 0 else None
+            if n == 0:  # every row teacher-forced: nothing to denoise, but the noise stream advances
+                continue
+            noise = pick(noise) if noise is not None else None
+            pred = self._denoise(latents.to(dtype), i, t, rows).float()
             if sched.config.thresholding:
                 out = self._scheduler_step(pred, t, latents, noise)
                 latents, x0 = out.prev_sample.clip(-opt.clip_noise, opt.clip_noise), out.pred_original_sample
             else:
-                guided_ddim_step_(latents.view(B, D), x0.view(B, D), pred.view(-1, D), self.coefficients[i],
-                                  self.params, noise.view(B, D) if noise is not None else None, ptype)
+                guided_ddim_step_(latents.view(n, D), x0.view(n, D), pred.view(-1, D), self.coefficients[i],
+                                  self.params, noise.view(n, D) if noise is not None else None, ptype)
             if callback is not None:
-                callback(step, t, SchedulerOutput(latents.clone(), x0.clone()))
+                which = torch.arange(B, device=device) if rows is None else rows
+                callback(step, t, SchedulerOutput(latents.clone(), x0.clone()), which)
         # The sentence is the last step's x0 prediction (not the final latents), back in SONAR space.
-        return m.normalizer.denormalize(x0.to(dtype))[:, -1]
+        out = m.normalizer.denormalize(x0.to(dtype))[:, -1]
+        if rows is None:
+            return out
+        return torch.zeros(B, D, device=device, dtype=dtype).index_copy_(0, rows, out)
 
     def reorder(self, index: Tensor) -> None:
         for c in self.cache or []:
             c.reorder(index)
         if self.context is not None:
             self.context = self.context.index_select(0, index)
+
+
+class _FastTwoTowerStepper(_TwoTowerStepper):
+    """The same algorithm through :class:`FastDenoiser` (timestep tables, cached cross-attention K/V,
+    constant unconditional cross-attention, no unconditional pass at the first CFG step), and no
+    diffusion for teacher-forced rows."""
+
+    def __init__(self, model: TwoTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource) -> None:
+        super().__init__(model, options, True, capacity, noise)
+        self.fast = FastDenoiser(model, self.scheduler.timesteps.tolist(), capacity)
+
+    def prefill(self, prefix: Tensor) -> None:
+        super().prefill(prefix)
+        self.fast.start(self.context)
+
+    def _extend_context(self, seqs: Tensor, step: int) -> None:
+        before = self.context.shape[1]
+        super()._extend_context(seqs, step)
+        self.fast.append(self.context[:, before:])
+
+    def _rows(self, forced: Tensor) -> Optional[Tensor]:
+        return None if not forced.any() else (~forced).nonzero().flatten()
+
+    def _denoise(self, latents: Tensor, i: int, t: int, rows: Optional[Tensor]) -> Tensor:
+        n = latents.shape[0]
+        first = t == self.scheduler.num_train_steps - 1
+        if not self.cfg or first:  # the first CFG step only uses the conditional prediction
+            return self.fast(latents, i, n, rows)
+        return self.fast(torch.cat((latents, latents)), i, n, rows)
+
+    def reorder(self, index: Tensor) -> None:
+        super().reorder(index)
+        self.fast.reorder(index)
 
 
 class Generator:
@@ -250,12 +317,16 @@ class Generator:
         model: a :class:`BaseLCM` or :class:`TwoTowerLCM` (put in eval mode).
         options: :class:`GenerationOptions` (official defaults when None).
         eos_vec: [sonar_dim] end-of-text embedding for ``eos_threshold`` stopping.
+        engine: ``"fast"`` (default) or ``"reference"`` (see the module docstring).
     """
 
     def __init__(self, model: BaseLCM | TwoTowerLCM, options: Optional[GenerationOptions] = None,
-                 eos_vec: Optional[Tensor] = None) -> None:
+                 eos_vec: Optional[Tensor] = None, engine: str = "fast") -> None:
         if not isinstance(model, (BaseLCM, TwoTowerLCM)):
             raise TypeError(f"expected a BaseLCM or TwoTowerLCM, got {type(model).__name__}")
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine '{engine}'; expected one of {ENGINES}")
+        self.engine = engine
         self.model = model.eval()
         self.options = options or GenerationOptions()
         if self.options.min_seq_len < 1:
@@ -284,8 +355,12 @@ class Generator:
 
         temperature: Base-LCM sampling temperature; 0 means ``options.lcm_temperature``.
         noise: overrides the noise source (default ``TorchNoise(options.seed)``), e.g. to replay.
-        step_callback: Two-Tower only, called as ``(position, t, SchedulerOutput)`` after every DDIM
-            step, with the new latents (after the ``clip_noise`` clamp) and the x0 prediction, [B, 1, D].
+        disable_cache: recompute every prefix instead of caching (the reference engine; the fast engine
+            always caches).
+        step_callback: Two-Tower only, called as ``(position, t, SchedulerOutput, rows)`` after every
+            DDIM step, with the new latents (after the ``clip_noise`` clamp) and the x0 prediction,
+            [n, 1, D], of the active-batch ``rows`` [n] that were denoised (the fast engine skips
+            teacher-forced rows).
         """
         opt, model = self.options, self.model
         seq_lens = _validate_prompts(prompts, seq_lens, model.sonar_dim)
@@ -309,7 +384,9 @@ class Generator:
         rows = torch.arange(B, device=device)  # original index of each active row
         results: list[Optional[Tensor]] = [None] * B
 
-        if isinstance(model, TwoTowerLCM):
+        if isinstance(model, TwoTowerLCM) and self.engine == "fast" and not disable_cache:
+            stepper = _FastTwoTowerStepper(model, opt, total, noise)
+        elif isinstance(model, TwoTowerLCM):
             stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise)
         else:
             stepper = _BaseLCMStepper(model, opt, temperature, not disable_cache, total, noise)
@@ -317,8 +394,8 @@ class Generator:
 
         eos = self.eos_vec.to(device=device, dtype=dtype) if self.eos_vec is not None else None
         for step in tqdm(range(P_min, total), disable=not progress, desc="generating", unit="sentence"):
-            out = stepper.step(seqs, step, step_callback)  # [B_active, D]
             teacher_forced = in_prompt[:, step] if step < P_max else torch.zeros_like(rows, dtype=torch.bool)
+            out = stepper.step(seqs, step, teacher_forced, step_callback)  # [B_active, D]
             out[teacher_forced] = seqs[teacher_forced, step]
             stop = torch.zeros_like(teacher_forced)
             if opt.eos_threshold is not None and eos is not None:
@@ -343,8 +420,8 @@ class Generator:
 
 
 def generate(model: BaseLCM | TwoTowerLCM, prompts: Tensor, seq_lens: Optional[Tensor] = None, *,
-             options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None,
+             options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None, engine: str = "fast",
              **call_kwargs: Any) -> GenerationOutput:
-    """One-shot helper: ``Generator(model, options, eos_vec)(prompts, seq_lens, **call_kwargs)``."""
-    return Generator(model, options, eos_vec)(prompts, seq_lens, **call_kwargs)
+    """One-shot helper: ``Generator(model, options, eos_vec, engine)(prompts, seq_lens, **call_kwargs)``."""
+    return Generator(model, options, eos_vec, engine)(prompts, seq_lens, **call_kwargs)
 

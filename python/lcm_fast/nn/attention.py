@@ -88,6 +88,29 @@ class MultiheadAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:  # [B, S, dim] -> [B, H, S, head_dim]
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
+    def project_q(self, x: Tensor, start: int = 0) -> Tensor:
+        """x: [B, S, dim] -> queries [B, H, S, head_dim] at positions start.."""
+        q = self.q_proj(x)
+        if self.q_layer_norm is not None:
+            q = self.q_layer_norm(q)
+        q = self._heads(q)
+        return self.pos_encoder(q, start) if self.pos_encoder is not None else q
+
+    def project_kv(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+        """x: [B, S, dim] -> keys, values [B, H, S, head_dim] at positions start.."""
+        k = self.k_proj(x)
+        if self.k_layer_norm is not None:
+            k = self.k_layer_norm(k)
+        k, v = self._heads(k), self._heads(self.v_proj(x))
+        return (self.pos_encoder(k, start) if self.pos_encoder is not None else k), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """q: [B, H, S_q, hd]; k, v: [B, H, S_k, hd] -> output projection of SDPA, [B, S_q, dim]."""
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
+        )
+        return self.output_proj(out.transpose(1, 2).flatten(2))
+
     def forward(
         self,
         x: Tensor,
@@ -101,21 +124,12 @@ class MultiheadAttention(nn.Module):
         mask: bool, True = may attend, broadcastable to [B, H, S_q, S_total_k].
         cache: self-attention only; new keys are appended and attention runs over all cached keys.
         """
-        kv_in = x if keys is None else keys
-        q, k = self.q_proj(x), self.k_proj(kv_in)
-        if self.q_layer_norm is not None:
-            q, k = self.q_layer_norm(q), self.k_layer_norm(k)
-        q, k, v = self._heads(q), self._heads(k), self._heads(self.v_proj(kv_in))
-        start = cache.length if cache is not None else 0
-        if self.pos_encoder is not None:
-            q = self.pos_encoder(q, start if keys is None else 0)
-            k = self.pos_encoder(k, start if keys is None else 0)
+        start = cache.length if cache is not None and keys is None else 0
+        q = self.project_q(x, start)
+        k, v = self.project_kv(x if keys is None else keys, start)
         if cache is not None:
             k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
-        )
-        return self.output_proj(out.transpose(1, 2).flatten(2))
+        return self.attend(q, k, v, mask)
 
 
 class ValueOutputAttention(nn.Module):
