@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-import lcm_fast
 from lcm_fast import _ext
 from lcm_fast.info import report
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch

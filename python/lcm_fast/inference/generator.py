@@ -13,6 +13,7 @@ decoder in both.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -22,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..config import merge_into
-from ..diffusion import DDIMScheduler, SchedulerOutput, classifier_free_guidance
+from ..diffusion import SchedulerOutput, classifier_free_guidance
 from ..models import BaseLCM, TwoTowerLCM
 from ..ops import guided_ddim_step_, sampler_params
 from .fast import FastDenoiser
@@ -347,7 +348,7 @@ class Generator:
         disable_cache: bool = False,
         noise: Optional[NoiseSource] = None,
         step_callback: Optional[StepCallback] = None,
-        progress: bool = False,
+        progress: Optional[bool] = None,
     ) -> GenerationOutput:
         """prompts: [B, P, sonar_dim] raw SONAR embeddings, right-padded; seq_lens: [B] valid prompt
         lengths (None: all P). Generates up to ``max_gen_len`` (default ``options.max_seq_len``)
@@ -361,6 +362,8 @@ class Generator:
             DDIM step, with the new latents (after the ``clip_noise`` clamp) and the x0 prediction,
             [n, 1, D], of the active-batch ``rows`` [n] that were denoised (the fast engine skips
             teacher-forced rows).
+        progress: show a progress bar (sentences generated, documents finished); None: only on a
+            terminal and for at least 64 sentences.
         """
         opt, model = self.options, self.model
         seq_lens = _validate_prompts(prompts, seq_lens, model.sonar_dim)
@@ -393,7 +396,10 @@ class Generator:
         stepper.prefill(seqs[:, : P_min - 1])
 
         eos = self.eos_vec.to(device=device, dtype=dtype) if self.eos_vec is not None else None
-        for step in tqdm(range(P_min, total), disable=not progress, desc="generating", unit="sentence"):
+        if progress is None:
+            progress = sys.stderr.isatty() and B * max_gen_len >= 64
+        bar = tqdm(total=B * max_gen_len, disable=not progress, desc="generating", unit="sentence")
+        for step in range(P_min, total):
             teacher_forced = in_prompt[:, step] if step < P_max else torch.zeros_like(rows, dtype=torch.bool)
             out = stepper.step(seqs, step, teacher_forced, step_callback)  # [B_active, D]
             out[teacher_forced] = seqs[teacher_forced, step]
@@ -405,17 +411,20 @@ class Generator:
             stop &= ~teacher_forced & ((step - prompt_lens) >= min_gen_len)
             finish = stop | ((step - prompt_lens + 1) >= max_gen_len)
             seqs[:, step] = out
+            bar.update(int((~teacher_forced).sum()))
             for i in finish.nonzero().flatten().tolist():
                 length = step + 1
                 if opt.trim_hypotheses and bool(stop[i]) and not opt.include_eos_token:
                     length -= 1
                 results[int(rows[i])] = seqs[i, :length].clone()
             keep = (~finish).nonzero().flatten()
+            bar.set_postfix(documents=f"{B - keep.numel()}/{B} done", refresh=False)
             if keep.numel() == 0:
                 break
             if keep.numel() < finish.numel():  # the official code reorders every step; same result
                 seqs, rows, prompt_lens, in_prompt = seqs[keep], rows[keep], prompt_lens[keep], in_prompt[keep]
                 stepper.reorder(keep)
+        bar.close()
         return GenerationOutput(results)  # type: ignore[arg-type]  (every row finishes by max_gen_len)
 
 
