@@ -100,13 +100,15 @@ class Denoiser(nn.Module):
         *,
         inference: bool,
         source_lens: Optional[Tensor] = None,
+        cfg_dropout_rows: Optional[Tensor] = None,
     ) -> Tensor:
         """latents: [B, S, sonar_dim] (normalized space); timesteps: [B, S] int; context: [B, C, D];
         context_lens: [B] valid context rows or None (all valid); source_lens: [B] (supervised training).
 
         A literal zero row is prepended to the context (key 0). With ``inference`` the query sees all
-        keys; otherwise query i sees key 0 and context rows < i (+ source_lens), as in training.
-        Returns the prediction [B, S, sonar_dim] (x0 for prediction_type 'sample').
+        keys; otherwise query i sees key 0 and context rows < i (+ source_lens), as in training, and the
+        query rows marked in ``cfg_dropout_rows`` ([S] bool: classifier-free-guidance training) see
+        only key 0. Returns the prediction [B, S, sonar_dim] (x0 for prediction_type 'sample').
         """
         keys = torch.cat((context.new_zeros(context.shape[0], 1, context.shape[2]), context), dim=1)
         num_keys = keys.shape[1]
@@ -117,6 +119,8 @@ class Denoiser(nn.Module):
             k = torch.arange(num_keys, device=latents.device)[None, :]
             offset = source_lens[:, None, None] if source_lens is not None else 0
             mask = k <= q + offset  # [S, C+1] or [B, S, C+1]
+            if cfg_dropout_rows is not None:
+                mask = mask & ~(cfg_dropout_rows[:, None] & (k > 0))
             mask = mask[:, None] if mask.dim() == 3 else mask
         if context_lens is not None:
             pad = key_padding_mask(context_lens + 1, num_keys)
@@ -165,9 +169,11 @@ class TwoTowerLCM(SavePretrainedMixin, nn.Module):
         return self.context_encoder(h, seq_lens, cache)
 
     def forward(
-        self, clean: Tensor, noisy: Tensor, timesteps: Tensor, seq_lens: Optional[Tensor] = None
+        self, clean: Tensor, noisy: Tensor, timesteps: Tensor, seq_lens: Optional[Tensor] = None,
+        cfg_dropout_rows: Optional[Tensor] = None,
     ) -> Tensor:
         """Training-style call. clean, noisy: [B, S, sonar_dim] normalized; timesteps: [B, S] int;
-        seq_lens: [B] or None. Position i is denoised from the context of positions < i."""
+        seq_lens: [B] or None; cfg_dropout_rows: [S] bool rows denoised without context (CFG training).
+        Position i is denoised from the context of positions < i."""
         context = self.encode(clean, seq_lens)
-        return self.denoiser(noisy, timesteps, context, seq_lens, inference=False)
+        return self.denoiser(noisy, timesteps, context, seq_lens, inference=False, cfg_dropout_rows=cfg_dropout_rows)

@@ -1,0 +1,1 @@
+"""The ``lcm-fast`` command line (``python -m lcm_fast.cli``)."""

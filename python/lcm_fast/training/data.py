@@ -1,0 +1,187 @@
+"""Training data: parquet files of documents as sentence-embedding sequences.
+
+One row per document: column ``embeddings`` (a list of fixed-size vectors, fp16 or fp32), optionally
+``sentences`` (list of strings) and ``prompt_len`` (int: the first ``prompt_len`` sentences are the
+prompt, for instruction fine-tuning). Files are read with pyarrow one row group at a time
+(memory-mapped), shuffled with a seeded buffer, long documents wrapped at ``max_sentences``, and
+batched by a concept budget (padded batch size ``batch * longest <= max_concepts``).
+
+The stream is a pure function of (files, options, seed, epoch), so a run resumes exactly by replaying
+it and skipping the batches already consumed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+EMBEDDINGS = "embeddings"
+PROMPT_LEN = "prompt_len"
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file and the row."""
+
+
+@dataclass
+class Document:
+    embeddings: Tensor  # [L, D] fp32
+    prompt_len: int = 0  # leading prompt sentences (instruction fine-tuning): no loss on them
+
+
+@dataclass
+class Batch:
+    """Right-padded documents."""
+
+    embeddings: Tensor  # [B, L, D] fp32, zero padding
+    seq_lens: Tensor  # [B] int64
+    prompt_lens: Tensor  # [B] int64 (0 when not fine-tuning)
+
+    @property
+    def num_concepts(self) -> int:
+        return int(self.seq_lens.sum())
+
+
+def _embeddings_of(column: pa.ChunkedArray, dim: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [rows + 1], values [total, dim] fp32) of a list-of-vectors column."""
+    col = column.combine_chunks()
+    if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
+        raise DataError(f"{where}: column '{EMBEDDINGS}' must be a list of vectors, got {col.type}")
+    offsets = col.offsets.to_numpy()
+    inner = col.values
+    if pa.types.is_fixed_size_list(inner.type):
+        if inner.type.list_size != dim:
+            raise DataError(f"{where}: embeddings have dim {inner.type.list_size}, expected {dim}")
+        flat = inner.flatten()
+    elif pa.types.is_list(inner.type) or pa.types.is_large_list(inner.type):
+        sizes = np.diff(inner.offsets.to_numpy())
+        if (sizes != dim).any():
+            k = int(np.nonzero(sizes != dim)[0][0])
+            row = int(np.searchsorted(offsets, k, side="right") - 1)
+            raise DataError(f"{where} row {row}: an embedding has dim {int(sizes[k])}, expected {dim}")
+        flat = inner.flatten()
+    else:
+        raise DataError(f"{where}: column '{EMBEDDINGS}' must hold vectors (lists of floats), got {inner.type}")
+    if not pa.types.is_floating(flat.type):
+        raise DataError(f"{where}: embeddings must be floating point, got {flat.type}")
+    values = flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    return offsets, values
+
+
+def read_documents(path: str | Path, dim: int) -> Iterator[tuple[int, Document]]:
+    """Yields (row, document) of one parquet file, one row group at a time.
+
+    Raises:
+        DataError: unreadable file, missing column, wrong dim, NaN/inf, empty document, bad prompt_len.
+    """
+    path = Path(path)
+    try:
+        pf = pq.ParquetFile(path, memory_map=True)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from e
+    names = pf.schema_arrow.names
+    if EMBEDDINGS not in names:
+        raise DataError(f"{path}: missing column '{EMBEDDINGS}' (columns: {names})")
+    columns = [EMBEDDINGS] + ([PROMPT_LEN] if PROMPT_LEN in names else [])
+    first_row = 0
+    for group in range(pf.metadata.num_row_groups):
+        try:
+            table = pf.read_row_group(group, columns=columns)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: row group {group} is corrupt ({e})") from e
+        offsets, values = _embeddings_of(table.column(EMBEDDINGS), dim, str(path))
+        prompt = table.column(PROMPT_LEN).to_numpy(zero_copy_only=False) if PROMPT_LEN in columns else None
+        for i in range(table.num_rows):
+            row = first_row + i
+            emb = values[offsets[i] : offsets[i + 1]]
+            if emb.shape[0] == 0:
+                raise DataError(f"{path} row {row}: empty document (no sentence embeddings)")
+            if not np.isfinite(emb).all():
+                bad = int(np.nonzero(~np.isfinite(emb).all(axis=1))[0][0])
+                raise DataError(f"{path} row {row}: NaN or inf in sentence {bad}")
+            p = int(prompt[i]) if prompt is not None else 0
+            if not 0 <= p < emb.shape[0]:
+                raise DataError(f"{path} row {row}: prompt_len {p} must be in [0, {emb.shape[0]}) (the answer needs a sentence)")
+            yield row, Document(torch.from_numpy(emb.copy()), p)
+        first_row += table.num_rows
+
+
+def write_documents(path: str | Path, docs: Sequence[Tensor], *, prompt_lens: Optional[Sequence[int]] = None,
+                    row_group_size: int = 1024) -> None:
+    """Writes documents ([L_i, D] tensors) as fp16 vectors in the layout :func:`read_documents` reads."""
+    dim = docs[0].shape[1]
+    values = pa.array(np.concatenate([d.to(torch.float16).numpy() for d in docs]).reshape(-1))
+    vectors = pa.FixedSizeListArray.from_arrays(values, dim)
+    offsets = pa.array(np.concatenate([[0], np.cumsum([d.shape[0] for d in docs])]).astype(np.int32))
+    columns = {EMBEDDINGS: pa.ListArray.from_arrays(offsets, vectors)}
+    if prompt_lens is not None:
+        columns[PROMPT_LEN] = pa.array(list(prompt_lens), type=pa.int32())
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+
+
+@dataclass
+class DataConfig:
+    files: Sequence[str]
+    dim: int = 1024
+    max_sentences: int = 128
+    """Longer documents are wrapped into chunks of at most this many sentences."""
+    max_concepts: int = 7168
+    """Padded budget per batch: batch_size * longest document <= max_concepts."""
+    shuffle_buffer: int = 1024
+    eot: Optional[Tensor] = None
+    """[D] end-of-text embedding appended to every document (paper: "End of text.")."""
+    seed: int = 0
+
+
+def _documents(config: DataConfig) -> Iterator[Document]:
+    for file in config.files:
+        for _, doc in read_documents(file, config.dim):
+            emb = doc.embeddings
+            if config.eot is not None:
+                emb = torch.cat((emb, config.eot.float()[None]))
+            for start in range(0, emb.shape[0], config.max_sentences):
+                chunk = emb[start : start + config.max_sentences]
+                # the prompt stays on the first chunk only (it is the prompt of that chunk's answer)
+                yield Document(chunk, max(0, doc.prompt_len - start))
+
+
+def _shuffled(docs: Iterator[Document], size: int, rng: random.Random) -> Iterator[Document]:
+    buffer: list[Document] = []
+    for doc in docs:
+        buffer.append(doc)
+        if len(buffer) >= size:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def collate(docs: Sequence[Document]) -> Batch:
+    lens = torch.tensor([d.embeddings.shape[0] for d in docs])
+    out = torch.zeros(len(docs), int(lens.max()), docs[0].embeddings.shape[1])
+    for i, d in enumerate(docs):
+        out[i, : d.embeddings.shape[0]] = d.embeddings
+    return Batch(out, lens, torch.tensor([d.prompt_len for d in docs]))
+
+
+def batches(config: DataConfig, epoch: int = 0) -> Iterator[Batch]:
+    """The deterministic batch stream of one epoch (seeded by ``config.seed`` and ``epoch``)."""
+    if config.max_sentences > config.max_concepts:
+        raise ValueError(f"max_sentences ({config.max_sentences}) exceeds the batch budget max_concepts ({config.max_concepts})")
+    rng = random.Random(config.seed * 1_000_003 + epoch)
+    pending: list[Document] = []
+    for doc in _shuffled(_documents(config), config.shuffle_buffer, rng):
+        longest = max([doc.embeddings.shape[0]] + [d.embeddings.shape[0] for d in pending])
+        if pending and (len(pending) + 1) * longest > config.max_concepts:
+            yield collate(pending)
+            pending = []
+        pending.append(doc)
+    if pending:
+        yield collate(pending)

@@ -1,0 +1,200 @@
+"""A small, resumable trainer for the LCM variants.
+
+AdamW, linear warmup then cosine decay, gradient clipping and accumulation. Checkpoints go to
+``<out_dir>/checkpoints/step_<N>/`` (the model in lcm_fast's native format plus ``trainer_state.pt``:
+optimizer, schedule, RNG states and data position), written into a temporary directory and renamed into
+place, so a kill at any moment leaves only complete checkpoints. ``resume=True`` continues from the latest
+one exactly: the same weights at step n as an uninterrupted run. Metrics go to ``<out_dir>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..io.native import from_pretrained, save_pretrained
+from ..models import BaseLCM, TwoTowerLCM
+from .data import Batch, DataConfig, batches
+from .losses import LOSSES
+
+
+@dataclass
+class TrainConfig:
+    """Defaults follow the official pre-training recipes (reference-lcm-spec.md section 7.2)."""
+
+    variant: str = "two_tower"
+    """base (Base-LCM, MSE) | two_tower (Two-Tower diffusion)"""
+    steps: int = 1000
+    lr: float = 4e-4
+    warmup_steps: int = 100
+    final_lr_ratio: float = 0.01
+    """The cosine decays to lr * final_lr_ratio at the last step."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    max_grad_norm: float = 25.0
+    grad_accumulation: int = 1
+    cfg_dropout: float = 0.15
+    """Two-Tower: fraction of positions trained without context (classifier-free guidance)."""
+    loss_weighting: str = "none"
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 2
+    out_dir: str = "lcm_run"
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine to ``final_lr_ratio`` at ``config.steps``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.final_lr_ratio + (1 - config.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    """Trains ``model`` on the batches of ``data`` under ``config``.
+
+    Args:
+        model: a BaseLCM or TwoTowerLCM (its normalizer defines the normalized training space).
+        config: optimisation and checkpointing options.
+        data: the parquet data stream; epochs repeat it with new shuffles.
+    """
+
+    def __init__(self, model: BaseLCM | TwoTowerLCM, config: TrainConfig, data: DataConfig) -> None:
+        if config.variant not in LOSSES:
+            raise ValueError(f"unknown variant '{config.variant}'; expected one of {sorted(LOSSES)}")
+        expected = BaseLCM if config.variant == "base" else TwoTowerLCM
+        if not isinstance(model, expected):
+            raise TypeError(f"variant '{config.variant}' trains a {expected.__name__}, got {type(model).__name__}")
+        self.model, self.config, self.data = model, config, data
+        self.out = Path(config.out_dir)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+        )
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
+        self.generator = torch.Generator().manual_seed(config.seed)  # timesteps, noise, CFG rows
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+
+    # ---- data ---------------------------------------------------------------------------------------
+
+    def _stream(self) -> Iterator[Batch]:
+        """Batches from the current data position on, epoch after epoch."""
+        while True:
+            stream = batches(self.data, self.epoch)
+            for index, batch in enumerate(stream):
+                if index < self.batch_in_epoch:
+                    continue  # resuming: replay the deterministic stream up to the saved position
+                self.batch_in_epoch = index + 1
+                yield batch
+            if self.batch_in_epoch == 0:
+                raise ValueError("the training data is empty")
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "config": asdict(self.config),
+        }
+
+    def save(self) -> Path:
+        """Writes checkpoints/step_<step> atomically (temporary directory, then rename)."""
+        final = self.out / "checkpoints" / f"step_{self.step}"
+        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(self.model, tmp)
+        torch.save(self._state(), tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    @staticmethod
+    def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:
+        """The complete checkpoint with the highest step (temporary directories are ignored)."""
+        root = Path(out_dir) / "checkpoints"
+        done = [p for p in root.glob("step_*") if p.name.split("_")[1].isdigit() and (p / "trainer_state.pt").exists()]
+        return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+    def load(self, checkpoint: str | Path) -> None:
+        """Restores model weights, optimizer, schedule, RNG states and data position."""
+        checkpoint = Path(checkpoint)
+        weights = from_pretrained(checkpoint, dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(weights.state_dict())
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drops metric lines written after the checkpoint we resume from (they will be recomputed)."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    def train(self, *, resume: bool = False, progress: Optional[bool] = None) -> BaseLCM | TwoTowerLCM:
+        """Runs until ``config.steps`` optimizer steps; returns the model (in train mode)."""
+        cfg = self.config
+        if resume and (latest := self.latest_checkpoint(self.out)) is not None:
+            self.load(latest)
+        self.out.mkdir(parents=True, exist_ok=True)
+        loss_fn = LOSSES[cfg.variant]
+        self.model.train()
+        stream = self._stream()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.variant}", unit="step",
+                   disable=not progress if progress is not None else None)
+        with (self.out / "metrics.jsonl").open("a") as metrics:
+            while self.step < cfg.steps:
+                start, concepts, total = time.perf_counter(), 0, 0.0
+                for _ in range(cfg.grad_accumulation):
+                    batch = next(stream)
+                    loss, _ = loss_fn(self.model, batch, self.generator, cfg_dropout=cfg.cfg_dropout,
+                                      weighting=cfg.loss_weighting)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step} (epoch {self.epoch})")
+                    (loss / cfg.grad_accumulation).backward()
+                    total += loss.item() / cfg.grad_accumulation
+                    concepts += batch.num_concepts
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.schedule.step()
+                self.step += 1
+                rate = concepts / (time.perf_counter() - start)
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.4f}", concepts_per_s=f"{rate:.0f}", refresh=False)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    record = dict(step=self.step, loss=total, lr=self.schedule.get_last_lr()[0],
+                                  grad_norm=float(grad_norm), concepts_per_s=rate)
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save()
+        bar.close()
+        return self.model

@@ -1,0 +1,160 @@
+"""The trainer: variants learn, checkpoints are atomic, and a resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import lcm_fast
+from lcm_fast.training import DataConfig, TrainConfig, Trainer, write_documents
+
+from ..conftest import tiny_config
+
+DIM = 24
+STEPS = 400
+
+
+def _dataset(path, n_docs=16, seed=0):
+    """Documents following x_{i+1} = A x_i (+ small noise): a next-concept rule worth learning."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.linalg.qr(torch.randn(DIM, DIM, generator=g))[0]
+    docs = []
+    for _ in range(n_docs):
+        x = [torch.randn(DIM, generator=g)]
+        for _ in range(int(torch.randint(4, 9, (1,), generator=g))):
+            x.append(A @ x[-1] + 0.01 * torch.randn(DIM, generator=g))
+        docs.append(torch.stack(x))
+    write_documents(path, docs)
+    return DataConfig(files=[str(path)], dim=DIM, max_sentences=16, max_concepts=64, shuffle_buffer=8, seed=seed)
+
+
+def _model(variant: str, seed: int = 0, dropout: float = 0.1):
+    """A tiny model (dropout on by default, so that the resume tests cover the global RNG too)."""
+    torch.manual_seed(seed)
+    if variant == "base":
+        return lcm_fast.build_model(tiny_config("base_lcm", lcm={"dropout_p": dropout}))
+    return lcm_fast.build_model(tiny_config("two_tower_diffusion_lcm", context_encoder={"dropout_p": dropout}))
+
+
+def _losses(out_dir):
+    return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("variant,factor", [("base", 5.0), ("two_tower", 2.0)])
+def test_variant_learns(tmp_path, variant, factor):
+    data = _dataset(tmp_path / "train.parquet")
+    cfg = TrainConfig(variant=variant, steps=STEPS, lr=3e-3, warmup_steps=10, weight_decay=0.0, log_every=1,
+                      save_every=1000, out_dir=str(tmp_path / "run"))
+    start = time.perf_counter()
+    model = Trainer(_model(variant, dropout=0.0), cfg, data).train()
+    assert time.perf_counter() - start < 60
+    losses = _losses(tmp_path / "run")
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last * factor < first, (first, last)
+    # the final checkpoint is a native model that generates
+    again = lcm_fast.from_pretrained(tmp_path / f"run/checkpoints/step_{STEPS}")
+    ref, got = model.state_dict(), again.state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    out = lcm_fast.generate(again, torch.randn(2, 3, DIM), max_gen_len=2,
+                            options=lcm_fast.GenerationOptions(inference_timesteps=5, seed=0))
+    assert out.lengths.tolist() == [5, 5]
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("variant", ["base", "two_tower"])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_is_exact(tmp_path, variant, accumulation):
+    data = _dataset(tmp_path / "train.parquet", n_docs=6)
+
+    def config(name):
+        return TrainConfig(variant=variant, steps=12, lr=1e-3, warmup_steps=3, grad_accumulation=accumulation,
+                           save_every=3, log_every=1, out_dir=str(tmp_path / name))
+
+    full = Trainer(_model(variant), config("full"), data).train()
+
+    class Stopping(Trainer):
+        def save(self):
+            path = super().save()
+            if self.step == 6:
+                raise _Interrupted
+            return path
+
+    with pytest.raises(_Interrupted):
+        Stopping(_model(variant), config("resumed"), data).train()
+    resumed = Trainer(_model(variant, seed=123), config("resumed"), data).train(resume=True)
+    ref, got = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "resumed")
+
+
+def test_resume_after_kill_signal(tmp_path):
+    """A training process killed at an arbitrary moment resumes to the uninterrupted result."""
+    data = _dataset(tmp_path / "train.parquet", n_docs=6)
+    script = f"""
+import sys, torch
+sys.path.insert(0, {os.getcwd()!r})
+from tests.training.test_trainer import _model, _dataset
+from lcm_fast.training import TrainConfig, Trainer
+from pathlib import Path
+data = _dataset(Path({str(tmp_path)!r}) / "train.parquet", n_docs=6)
+cfg = TrainConfig(variant="two_tower", steps=150, lr=1e-3, warmup_steps=3, save_every=2, log_every=1,
+                  out_dir=sys.argv[1])
+Trainer(_model("two_tower"), cfg, data).train(resume=True, progress=False)
+"""
+    run = lambda name: [sys.executable, "-c", script, str(tmp_path / name)]
+    subprocess.run(run("full"), check=True)
+    proc = subprocess.Popen(run("killed"))
+    deadline = time.time() + 60
+    while Trainer.latest_checkpoint(tmp_path / "killed") is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(Trainer.latest_checkpoint(tmp_path / "killed").name.split("_")[1])
+    assert 0 < killed_at < 150  # really interrupted mid-run
+    subprocess.run(run("killed"), check=True)
+    full = lcm_fast.from_pretrained(tmp_path / "full/checkpoints/step_150").state_dict()
+    resumed = lcm_fast.from_pretrained(tmp_path / "killed/checkpoints/step_150").state_dict()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_bad_configuration(tmp_path):
+    data = _dataset(tmp_path / "train.parquet", n_docs=2)
+    with pytest.raises(ValueError, match="unknown variant 'one_tower'"):
+        Trainer(_model("two_tower"), TrainConfig(variant="one_tower"), data)
+    with pytest.raises(TypeError, match="variant 'base' trains a BaseLCM"):
+        Trainer(_model("two_tower"), TrainConfig(variant="base"), data)
+
+
+def test_cli_train_and_resume(tmp_path):
+    """`lcm-fast train` with a YAML config; a second call with --resume continues to more steps."""
+    _dataset(tmp_path / "train.parquet", n_docs=4)
+    (tmp_path / "cfg.yaml").write_text(
+        "model:\n  sonar_embed_dim: 24\n  model_dim: 16\n  max_seq_len: 32\n"
+        "  context_encoder: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32}\n"
+        "  denoiser: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32, timestep_embed_dim: 16}\n"
+        "train: {warmup_steps: 1, save_every: 2, log_every: 1}\n"
+        "data: {max_concepts: 64, max_sentences: 16}\n"
+    )
+    cli = [sys.executable, "-m", "lcm_fast.cli", "train", "--variant", "two_tower", "--data",
+           str(tmp_path / "train.parquet"), "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
+    subprocess.run(cli + ["--steps", "3"], check=True, capture_output=True)
+    assert Trainer.latest_checkpoint(tmp_path / "run").name == "step_3"
+    subprocess.run(cli + ["--steps", "5", "--resume"], check=True, capture_output=True)
+    assert Trainer.latest_checkpoint(tmp_path / "run").name == "step_5"
+    assert [json.loads(l)["step"] for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    model = lcm_fast.from_pretrained(tmp_path / "run/checkpoints/step_5")
+    assert model.config.model_dim == 16
+    help_text = subprocess.run([sys.executable, "-m", "lcm_fast.cli", "train", "--help"], check=True,
+                               capture_output=True, text=True).stdout
+    assert "--variant" in help_text and "lr=0.0004" in help_text
