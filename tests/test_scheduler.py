@@ -79,3 +79,19 @@ def test_timestep_counts_property(T, frac, spacing):
         stride = T // S
         assert len(official) == -(-T // stride)
         assert all(a - b == stride for a, b in zip(official, official[1:]))
+
+
+def test_named_paper_schedules():
+    from lcm_fast.diffusion import NOISE_SCHEDULES, named_schedule
+
+    snr_mid = {}
+    for name in NOISE_SCHEDULES:
+        sched = DDIMScheduler(named_schedule(name))
+        a = sched.alphas_cumprod
+        assert len(a) == 100 and a[-1] == 0 and bool((a[1:] <= a[:-1]).all()), name
+        snr_mid[name] = float(a[50] / (1 - a[50]))
+    # quadratic-2 puts more weight on low log-SNR than quadratic-1; sigmoid gamma shifts it left
+    assert snr_mid["quadratic-2"] < snr_mid["quadratic-1"]
+    assert snr_mid["sigmoid(1.5,-2)"] < snr_mid["sigmoid(1.5,-1)"]
+    with pytest.raises(KeyError, match="unknown noise schedule 'linear-3'"):
+        named_schedule("linear-3")

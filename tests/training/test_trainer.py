@@ -44,7 +44,8 @@ def _model(variant: str, seed: int = 0, dropout: float = 0.1):
 
 
 def _losses(out_dir):
-    return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
 
 
 @pytest.mark.parametrize("variant,factor", [("base", 5.0), ("two_tower", 2.0)])
@@ -158,3 +159,17 @@ def test_cli_train_and_resume(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "lcm_fast.cli", "train", "--help"], check=True,
                                capture_output=True, text=True).stdout
     assert "--variant" in help_text and "lr=0.0004" in help_text
+
+
+def test_validation_metrics_are_logged(tmp_path):
+    data = _dataset(tmp_path / "train.parquet", n_docs=6)
+    valid = _dataset(tmp_path / "valid.parquet", n_docs=4, seed=1)
+    cfg = TrainConfig(variant="two_tower", steps=4, lr=1e-3, warmup_steps=1, save_every=100, log_every=1,
+                      validate_every=2, valid_batches=2, valid_diffusion_steps=3, out_dir=str(tmp_path / "run"))
+    Trainer(_model("two_tower"), cfg, data, valid).train()
+    lines = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    scored = [l for l in lines if l.get("split") == "valid"]
+    assert [l["step"] for l in scored] == [2, 4]
+    assert all(l["l2"] > 0 and 0 <= l["ca"] <= 1 and l["par"] > 0 for l in scored)
+    with pytest.raises(ValueError, match="no validation data"):
+        Trainer(_model("two_tower"), TrainConfig(validate_every=2), data)

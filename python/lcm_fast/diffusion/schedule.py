@@ -81,6 +81,26 @@ def _checked(prediction_type: str) -> str:
     return prediction_type
 
 
+#: the paper's named noise schedules (section 2.3.2, Figure 5, Table 5), all with T = 100 and the
+#: zero-terminal-SNR rescale; sigmoid(delta, gamma) is ``sigmoid_schedule_alpha/beta``.
+NOISE_SCHEDULES: dict[str, dict] = {
+    "cosine": dict(beta_schedule="squaredcos_cap_v2"),
+    "quadratic-1": dict(beta_schedule="scaled_linear", beta_start=0.001, beta_end=0.0012),
+    "quadratic-2": dict(beta_schedule="scaled_linear", beta_start=0.02, beta_end=0.022),
+    "sigmoid(1.5,-1)": dict(beta_schedule="sigmoid", sigmoid_schedule_alpha=1.5, sigmoid_schedule_beta=-1.0),
+    "sigmoid(1.5,-2)": dict(beta_schedule="sigmoid", sigmoid_schedule_alpha=1.5, sigmoid_schedule_beta=-2.0),
+    "sigmoid(0.8,-1)": dict(beta_schedule="sigmoid", sigmoid_schedule_alpha=0.8, sigmoid_schedule_beta=-1.0),
+    "sigmoid(3.5,0)": dict(beta_schedule="sigmoid", sigmoid_schedule_alpha=3.5, sigmoid_schedule_beta=0.0),
+}
+
+
+def named_schedule(name: str) -> SchedulerConfig:
+    """The SchedulerConfig of one of the paper's schedules (:data:`NOISE_SCHEDULES`)."""
+    if name not in NOISE_SCHEDULES:
+        raise KeyError(f"unknown noise schedule '{name}'; the paper's are {sorted(NOISE_SCHEDULES)}")
+    return SchedulerConfig(num_diffusion_train_steps=100, rescale_betas_zero_snr=True, **NOISE_SCHEDULES[name])
+
+
 class SchedulerOutput(NamedTuple):
     prev_sample: Tensor  # x_{t_prev}, [..., D]
     pred_original_sample: Tensor  # x0, [..., D]

@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..evaluation import prediction_metrics, teacher_forced_predictions
 from ..io.native import from_pretrained, save_pretrained
 from ..models import BaseLCM, TwoTowerLCM
 from .data import Batch, DataConfig, batches
@@ -49,6 +50,11 @@ class TrainConfig:
     loss_weighting: str = "none"
     save_every: int = 100
     log_every: int = 10
+    validate_every: int = 0
+    """Every N steps, score held-out documents (l2, CA, PAR; needs ``valid`` data); 0: never."""
+    valid_batches: int = 4
+    valid_diffusion_steps: int = 10
+    """Two-Tower validation samples with this many DDIM steps (and the paper's guidance settings)."""
     seed: int = 2
     out_dir: str = "lcm_run"
 
@@ -70,13 +76,16 @@ class Trainer:
         data: the parquet data stream; epochs repeat it with new shuffles.
     """
 
-    def __init__(self, model: BaseLCM | TwoTowerLCM, config: TrainConfig, data: DataConfig) -> None:
+    def __init__(self, model: BaseLCM | TwoTowerLCM, config: TrainConfig, data: DataConfig,
+                 valid: Optional[DataConfig] = None) -> None:
         if config.variant not in LOSSES:
             raise ValueError(f"unknown variant '{config.variant}'; expected one of {sorted(LOSSES)}")
         expected = BaseLCM if config.variant == "base" else TwoTowerLCM
         if not isinstance(model, expected):
             raise TypeError(f"variant '{config.variant}' trains a {expected.__name__}, got {type(model).__name__}")
-        self.model, self.config, self.data = model, config, data
+        if config.validate_every and valid is None:
+            raise ValueError("validate_every is set but no validation data was given (valid=DataConfig(...))")
+        self.model, self.config, self.data, self.valid = model, config, data, valid
         self.out = Path(config.out_dir)
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
@@ -156,6 +165,29 @@ class Trainer:
             keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
             path.write_text("".join(line + "\n" for line in keep))
 
+    # ---- validation -----------------------------------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        """l2, CA and PAR of teacher-forced predictions on up to ``valid_batches`` held-out batches
+        (scored positions: n >= 1, after the prompt)."""
+        totals: dict[str, float] = {}
+        count = 0
+        for index, batch in enumerate(batches(self.valid, 0)):
+            if index == self.config.valid_batches:
+                break
+            pred = teacher_forced_predictions(self.model, batch.embeddings, batch.seq_lens,
+                                              steps=self.config.valid_diffusion_steps, seed=index).cpu()
+            pos = torch.arange(batch.embeddings.shape[1])[None, :]
+            valid = pos < batch.seq_lens[:, None]
+            mask = valid & (pos >= torch.clamp(batch.prompt_lens[:, None], min=1))
+            n = int(mask.sum())
+            if n == 0:
+                continue
+            for name, value in prediction_metrics(pred, batch.embeddings, mask, valid).items():
+                totals[name] = totals.get(name, 0.0) + value * n
+            count += n
+        return {name: value / count for name, value in totals.items()}
+
     # ---- the loop -----------------------------------------------------------------------------------
 
     def train(self, *, resume: bool = False, progress: Optional[bool] = None) -> BaseLCM | TwoTowerLCM:
@@ -193,6 +225,9 @@ class Trainer:
                     record = dict(step=self.step, loss=total, lr=self.schedule.get_last_lr()[0],
                                   grad_norm=float(grad_norm), concepts_per_s=rate)
                     metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                if cfg.validate_every and self.step % cfg.validate_every == 0:
+                    metrics.write(json.dumps(dict(step=self.step, split="valid", **self.validate())) + "\n")
                     metrics.flush()
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()

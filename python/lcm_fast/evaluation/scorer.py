@@ -1,0 +1,74 @@
+"""Teacher-forced next-concept predictions for every position of documents at once.
+
+Base-LCM: one forward pass. Two-Tower: one DDIM chain over all positions in parallel, where position
+n is denoised from the clean context before it (the training-time cross-attention mask), with the same
+classifier-free guidance and fused step as generation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..models import BaseLCM, TwoTowerLCM
+from ..ops import guided_ddim_step_, sampler_params
+
+
+@torch.no_grad()
+def teacher_forced_predictions(
+    model: BaseLCM | TwoTowerLCM,
+    embeddings: Tensor,
+    seq_lens: Tensor,
+    *,
+    steps: int = 40,
+    guidance_scale: float = 3.0,
+    guidance_rescale: float = 0.7,
+    initial_noise_scale: float = 0.6,
+    seed: int = 0,
+) -> Tensor:
+    """embeddings: [B, L, D] raw (SONAR space), right-padded; seq_lens: [B].
+
+    Returns predictions [B, L, D] in SONAR space: ``out[:, n]`` predicts ``embeddings[:, n]`` from
+    ``embeddings[:, :n]`` (n >= 1; Two-Tower also predicts n = 0 from the zero vector alone). The
+    sampling defaults are the paper's (Two-Tower only).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x, seq_lens = embeddings.to(device), seq_lens.to(device)
+    norm = model.normalizer
+    xn = norm.normalize(x) if norm is not None else x
+    if isinstance(model, BaseLCM):
+        pred = model(xn, seq_lens)
+        out = torch.zeros_like(pred)
+        out[:, 1:] = pred[:, :-1]
+    else:
+        out = _two_tower(model, xn, seq_lens, steps, guidance_scale, guidance_rescale, initial_noise_scale, seed)
+    model.train(was_training)
+    return norm.denormalize(out) if norm is not None else out
+
+
+def _two_tower(model: TwoTowerLCM, xn: Tensor, seq_lens: Tensor, steps: int, guidance_scale: float,
+               guidance_rescale: float, initial_noise_scale: float, seed: int) -> Tensor:
+    B, L, D = xn.shape
+    device, dtype = xn.device, next(model.parameters()).dtype
+    sched = model.noise_scheduler.with_options()
+    sched.set_timesteps(steps)
+    cfg = guidance_scale != 1.0
+    table = sched.coefficient_table(guided=cfg).to(device)
+    params = sampler_params(guidance_scale, guidance_rescale, None, 100.0, device=device)
+    context = model.encode(xn, seq_lens)
+    generator = torch.Generator().manual_seed(seed)
+    latents = (torch.randn(B * L, D, generator=generator) * initial_noise_scale).to(device)
+    x0 = torch.empty_like(latents)
+    unconditional = torch.ones(L, dtype=torch.bool, device=device)
+    for i, t in enumerate(sched.timesteps.tolist()):
+        timesteps = torch.full((B, L), t, device=device)
+        inputs = latents.view(B, L, D).to(dtype)
+        out = model.denoiser(inputs, timesteps, context, seq_lens, inference=False).flatten(0, 1)
+        if cfg and t != sched.num_train_steps - 1:
+            uncond = model.denoiser(inputs, timesteps, context, seq_lens, inference=False,
+                                    cfg_dropout_rows=unconditional).flatten(0, 1)
+            out = torch.cat((out, uncond))
+        guided_ddim_step_(latents, x0, out.float().contiguous(), table[i], params, None, sched.config.prediction_type)
+    return x0.view(B, L, D).to(dtype)
