@@ -6,7 +6,6 @@ import math
 
 import torch
 
-import lcm_fast
 from lcm_fast.evaluation import contrastive_accuracy, l2_distance, paraphrasing, teacher_forced_predictions
 
 from .conftest import random_model, tiny_config

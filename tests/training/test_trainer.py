@@ -100,7 +100,6 @@ def test_resume_is_exact(tmp_path, variant, accumulation):
 
 def test_resume_after_kill_signal(tmp_path):
     """A training process killed at an arbitrary moment resumes to the uninterrupted result."""
-    data = _dataset(tmp_path / "train.parquet", n_docs=6)
     script = f"""
 import sys, torch
 sys.path.insert(0, {os.getcwd()!r})
