@@ -78,3 +78,31 @@ def test_float32_variable_lists_are_accepted(tmp_path):
     pq.write_table(pa.table({"embeddings": pa.array([vecs.tolist()], type=pa.list_(pa.list_(pa.float32())))}), path)
     (_, doc), = read_documents(path, 8)
     torch.testing.assert_close(doc.embeddings, torch.from_numpy(vecs))
+
+
+def test_sample_and_fit_normalizer(tmp_path):
+    from lcm_fast.nn.normalizer import SonarNormalizer
+    from lcm_fast.training.data import sample_embeddings
+
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(20, 8, generator=g) * 2 + 1 for _ in range(50)]  # 1000 sentences
+    b = [torch.randn(10, 8, generator=g) - 5 for _ in range(50)]  # 500 sentences
+    write_documents(tmp_path / "a.parquet", a)
+    write_documents(tmp_path / "b.parquet", b)
+    sample = sample_embeddings([(str(tmp_path / "a.parquet"), 3.0), (str(tmp_path / "b.parquet"), 1.0)], 8, 400)
+    assert sample.shape == (400, 8)
+    from_b = (sample.mean(1) < -2.5).sum().item()
+    assert 80 <= from_b <= 120  # a quarter of the sample comes from b
+    assert torch.equal(sample, sample_embeddings([(str(tmp_path / "a.parquet"), 3.0),
+                                                  (str(tmp_path / "b.parquet"), 1.0)], 8, 400))
+    only_a = sample_embeddings([(str(tmp_path / "a.parquet"), 1.0)], 8, 800)
+    norm = SonarNormalizer.fit(only_a)
+    z = norm.normalize(torch.cat(a))
+    assert z.median(0).values.abs().max() < 0.15 and (z.std(0) - 1).abs().max() < 0.15  # robust ~ unit Gaussian
+    norm.save(tmp_path / "norm.pt")
+    import lcm_fast
+
+    again = lcm_fast.load_normalizer(tmp_path / "norm.pt")
+    assert torch.equal(again.center, norm.center) and torch.equal(again.scale, norm.scale)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        SonarNormalizer.fit(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))

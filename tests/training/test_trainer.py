@@ -172,3 +172,23 @@ def test_validation_metrics_are_logged(tmp_path):
     assert all(l["l2"] > 0 and 0 <= l["ca"] <= 1 and l["par"] > 0 for l in scored)
     with pytest.raises(ValueError, match="no validation data"):
         Trainer(_model("two_tower"), TrainConfig(validate_every=2), data)
+
+
+def test_cli_fit_normalizer_then_train(tmp_path):
+    _dataset(tmp_path / "a.parquet", n_docs=8)
+    _dataset(tmp_path / "b.parquet", n_docs=4, seed=3)
+    subprocess.run([sys.executable, "-m", "lcm_fast.cli", "fit-normalizer", "--data", f"{tmp_path / 'a.parquet'}:2",
+                    str(tmp_path / "b.parquet"), "--dim", str(DIM), "--sample", "100", "--out",
+                    str(tmp_path / "norm.pt")], check=True, capture_output=True)
+    norm = lcm_fast.load_normalizer(tmp_path / "norm.pt")
+    assert norm.dim == DIM and bool((norm.scale > 0).all())
+    (tmp_path / "cfg.yaml").write_text(
+        "model: {sonar_embed_dim: 24, model_dim: 16, max_seq_len: 32, sonar_normalizer_name: fitted,\n"
+        "        lcm: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32}}\n"
+        "train: {warmup_steps: 1, save_every: 2}\ndata: {max_concepts: 64, max_sentences: 16}\n"
+    )
+    subprocess.run([sys.executable, "-m", "lcm_fast.cli", "train", "--variant", "base", "--data", str(tmp_path / "a.parquet"),
+                    "--config", str(tmp_path / "cfg.yaml"), "--normalizer", str(tmp_path / "norm.pt"), "--steps", "2",
+                    "--out", str(tmp_path / "run")], check=True, capture_output=True)
+    model = lcm_fast.from_pretrained(tmp_path / "run/checkpoints/step_2")
+    assert torch.equal(model.normalizer.center, norm.center)  # buffers are not trained

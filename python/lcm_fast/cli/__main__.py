@@ -1,4 +1,4 @@
-"""``lcm-fast {info, train}``: defaults come from the config dataclasses, never redefined here."""
+"""``lcm-fast {info, train, fit-normalizer}``: defaults come from the config dataclasses."""
 
 from __future__ import annotations
 
@@ -28,8 +28,30 @@ def _train(args: argparse.Namespace) -> None:
         model = lcm_fast.from_pretrained(args.init)
     else:
         model = lcm_fast.build_model(model_cfg)
+    if args.normalizer:
+        if model.normalizer is None:
+            raise SystemExit(f"--normalizer given but the {arch} model has none (set sonar_normalizer_name)")
+        model.normalizer.load_state_dict(lcm_fast.load_normalizer(args.normalizer).state_dict())
     Trainer(model, train_cfg, data_cfg).train(resume=args.resume)
     print(f"checkpoints in {Path(train_cfg.out_dir) / 'checkpoints'}")
+
+
+def _weighted(item: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:WEIGHT`` -> (file, weight)."""
+    file, sep, weight = item.rpartition(":")
+    try:
+        return (file, float(weight)) if sep else (item, 1.0)
+    except ValueError:  # a ':' that is part of the path
+        return item, 1.0
+
+
+def _fit_normalizer(args: argparse.Namespace) -> None:
+    from lcm_fast.nn.normalizer import SonarNormalizer
+    from lcm_fast.training.data import sample_embeddings
+
+    sample = sample_embeddings([_weighted(item) for item in args.data], args.dim, args.sample, seed=args.seed)
+    SonarNormalizer.fit(sample, args.method).save(args.out)
+    print(f"fitted on {sample.shape[0]} sentence embeddings ({args.method}) -> {args.out}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -53,11 +75,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train.add_argument("--out", default="lcm_run", help="output directory (checkpoints/, metrics.jsonl)")
     train.add_argument("--steps", type=int, help="optimizer steps (overrides the config)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--normalizer", help="normalizer statistics (.pt from fit-normalizer or an official one)")
+    fit = sub.add_parser("fit-normalizer", help="fit the SONAR normalizer on a weighted mix of parquet files")
+    fit.add_argument("--data", nargs="+", required=True, help="parquet files, each optionally FILE:WEIGHT (default 1)")
+    fit.add_argument("--dim", type=int, default=1024, help="embedding dim")
+    fit.add_argument("--sample", type=int, default=1_000_000, help="sentence embeddings to sample in total")
+    fit.add_argument("--method", choices=["gaussian_robust", "robust", "standard"], default="gaussian_robust")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--out", required=True, help="output .pt (official normalizer format)")
     args = parser.parse_args(argv)
     if args.command == "info":
         from lcm_fast.info import main as info
 
         info()
+    elif args.command == "fit-normalizer":
+        _fit_normalizer(args)
     else:
         _train(args)
 

@@ -6,6 +6,8 @@ Optional per-dimension clipping (buffers ``clip_min``/``clip_max``) and an FFT t
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -51,6 +53,36 @@ class SonarNormalizer(nn.Module):
         if config.dim != dim:
             raise ValueError(f"normalizer dim {config.dim} does not match sonar_embed_dim {dim}")
         return cls(dim, clip=config.clip_proba is not None, with_fft=config.with_fft)
+
+    @classmethod
+    def fit(cls, x: Tensor, method: str = "gaussian_robust") -> "SonarNormalizer":
+        """Statistics from sample embeddings x: [N, dim] (fp32 maths).
+
+        ``standard``: mean / std; ``robust``: median / interquartile range; ``gaussian_robust`` (the
+        official default): median / IQR rescaled to unit variance for Gaussian data (IQR / 1.349).
+        """
+        if x.dim() != 2 or x.shape[0] < 2:
+            raise ValueError(f"fit needs sample embeddings [N >= 2, dim], got {list(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("fit: the sample contains NaN or inf")
+        x = x.float()
+        if method == "standard":
+            center, scale = x.mean(0), x.std(0)
+        elif method in ("robust", "gaussian_robust"):
+            q1, median, q3 = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75]), dim=0)
+            center, scale = median, q3 - q1
+            if method == "gaussian_robust":
+                scale = scale / (2 * math.sqrt(2) * torch.erfinv(torch.tensor(0.5)))  # Phi^-1(.75) - Phi^-1(.25)
+        else:
+            raise ValueError(f"unknown normalization method '{method}'; expected standard, robust or gaussian_robust")
+        norm = cls(x.shape[1])
+        norm.center.copy_(center)
+        norm.scale.copy_(torch.where(scale > 0, scale, torch.ones_like(scale)))  # constant dims: no scaling
+        return norm
+
+    def save(self, path: str | Path) -> None:
+        """Writes the official standalone format, ``{"model": {"center", "scale"[, "clip_min", "clip_max"]}}``."""
+        torch.save({"model": {k: v.detach().cpu() for k, v in self.state_dict().items()}}, path)
 
     def normalize(self, x: Tensor) -> Tensor:  # [..., dim] SONAR space -> normalized space
         if self.with_fft:

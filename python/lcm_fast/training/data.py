@@ -114,6 +114,32 @@ def read_documents(path: str | Path, dim: int) -> Iterator[tuple[int, Document]]
         first_row += table.num_rows
 
 
+def sample_embeddings(mix: Sequence[tuple[str, float]], dim: int, size: int, seed: int = 0) -> Tensor:
+    """[<= size, dim] sentence embeddings sampled from a weighted mix of parquet files: each file
+    contributes in proportion to its weight, uniformly over its sentences (reservoir sampling)."""
+    total = sum(weight for _, weight in mix)
+    if total <= 0 or any(weight < 0 for _, weight in mix):
+        raise ValueError("the dataset mix needs non-negative weights with a positive sum")
+    rng = torch.Generator().manual_seed(seed)
+    parts = []
+    for file, weight in mix:
+        want = round(size * weight / total)
+        reservoir, filled, seen = torch.empty(want, dim), 0, 0
+        for _, doc in read_documents(file, dim):
+            emb = doc.embeddings
+            take = min(want - filled, emb.shape[0])
+            reservoir[filled : filled + take] = emb[:take]
+            filled += take
+            # algorithm R for the rest: sentence number k (1-based) replaces slot j < want, j ~ U[0, k)
+            k = seen + take + 1 + torch.arange(emb.shape[0] - take)
+            slots = (torch.rand(len(k), generator=rng) * k).long()
+            for i in (slots < want).nonzero().flatten().tolist():
+                reservoir[slots[i]] = emb[take + i]
+            seen += emb.shape[0]
+        parts.append(reservoir[:filled])
+    return torch.cat(parts)
+
+
 def write_documents(path: str | Path, docs: Sequence[Tensor], *, prompt_lens: Optional[Sequence[int]] = None,
                     row_group_size: int = 1024) -> None:
     """Writes documents ([L_i, D] tensors) as fp16 vectors in the layout :func:`read_documents` reads."""
