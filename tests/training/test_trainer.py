@@ -192,3 +192,34 @@ def test_cli_fit_normalizer_then_train(tmp_path):
                     "--out", str(tmp_path / "run")], check=True, capture_output=True)
     model = lcm_fast.from_pretrained(tmp_path / "run/checkpoints/step_2")
     assert torch.equal(model.normalizer.center, norm.center)  # buffers are not trained
+
+
+def test_torchrun_ddp_matches_single_process(tmp_path):
+    """2 CPU processes (gloo) training the same global batches as one process with 2 accumulated
+    micro-batches per step end with the same weights."""
+    _dataset(tmp_path / "train.parquet", n_docs=12)
+    script = tmp_path / "ddp_train.py"
+    script.write_text(f"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {os.getcwd()!r})
+from tests.training.test_trainer import _model, DIM
+from lcm_fast.training import DataConfig, TrainConfig, Trainer
+distributed = sys.argv[1] == "ddp"
+if distributed:
+    dist.init_process_group("gloo")
+data = DataConfig(files=[{str(tmp_path / 'train.parquet')!r}], dim=DIM, max_sentences=16, max_concepts=24, shuffle_buffer=4)
+cfg = TrainConfig(variant="two_tower", steps=5, lr=1e-3, warmup_steps=1, save_every=5, log_every=1,
+                  grad_accumulation=1 if distributed else 2, out_dir=sys.argv[2])
+Trainer(_model("two_tower", dropout=0.0), cfg, data).train(progress=False)
+if distributed:
+    dist.destroy_process_group()
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                    "ddp", str(tmp_path / "ddp")], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, str(script), "single", str(tmp_path / "single")], check=True, env=env)
+    ddp = lcm_fast.from_pretrained(tmp_path / "ddp/checkpoints/step_5").state_dict()
+    single = lcm_fast.from_pretrained(tmp_path / "single/checkpoints/step_5").state_dict()
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-5, msg=k)
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"), rel=1e-5)

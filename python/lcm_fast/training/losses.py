@@ -1,7 +1,8 @@
 """Training objectives of the LCM variants (paper section 2; official criteria: reference-lcm-spec.md 7.1).
 
-Every loss is the squared L2 error summed over the embedding channels (in normalized space), averaged
-over target positions. Targets are the valid positions at or after a document's prompt (instruction
+Every loss is the squared L2 error summed over the embedding channels (in normalized space), summed
+over target positions (the trainer normalises by the number of targets of the step, across
+gradient accumulation and data-parallel ranks, as the official trainer does). Targets are the valid positions at or after a document's prompt (instruction
 fine-tuning puts no loss on the prompt).
 """
 
@@ -30,17 +31,17 @@ def _targets(batch: Batch, first: int, device: torch.device) -> Tensor:
     return (pos < lens) & (pos >= torch.clamp(prompt, min=first))
 
 
-def base_lcm_loss(model: BaseLCM, batch: Batch, generator: torch.Generator, **_) -> tuple[Tensor, int]:
+def base_lcm_loss(model: BaseLCM, batch: Batch, generator: torch.Generator, *, forward=None, **_) -> tuple[Tensor, int]:
     """Next-concept MSE (paper eqs. 5-6): position i predicts position i + 1."""
     x = _normalized(model, batch)
-    pred = model(x, batch.seq_lens.to(x.device))
+    pred = (forward or model)(x, batch.seq_lens.to(x.device))
     mask = _targets(batch, 1, x.device)[:, 1:]
     err = (pred[:, :-1].float() - x[:, 1:].float()).pow(2).sum(-1)
-    return (err * mask).sum() / mask.sum(), int(mask.sum())
+    return (err * mask).sum(), int(mask.sum())
 
 
 def two_tower_loss(model: TwoTowerLCM, batch: Batch, generator: torch.Generator, *, cfg_dropout: float = 0.15,
-                   weighting: str = "none", **_) -> tuple[Tensor, int]:
+                   weighting: str = "none", forward=None, **_) -> tuple[Tensor, int]:
     """Diffusion objective (paper section 2.3): every position is noised to a uniform timestep and
     denoised from the clean context before it; the target follows the scheduler's prediction type.
 
@@ -60,7 +61,7 @@ def two_tower_loss(model: TwoTowerLCM, batch: Batch, generator: torch.Generator,
         drop = torch.zeros(L, dtype=torch.bool)
         drop[1 + torch.randperm(L - 1, generator=generator)[:n_drop]] = True
         drop = drop.to(x0.device)
-    pred = model(x0, noisy, t, batch.seq_lens.to(x0.device), cfg_dropout_rows=drop).float()
+    pred = (forward or model)(x0, noisy, t, batch.seq_lens.to(x0.device), cfg_dropout_rows=drop).float()
     target = {"sample": x0, "epsilon": eps, "v_prediction": None}[sched.config.prediction_type]
     if target is None:
         target = sched.get_velocity(x0.flatten(0, 1), eps.flatten(0, 1), t.flatten()).view_as(x0)
@@ -71,8 +72,10 @@ def two_tower_loss(model: TwoTowerLCM, batch: Batch, generator: torch.Generator,
         err = err * gamma * mask.sum() / gamma.sum().clamp_min(1e-12)
     elif weighting != "none":
         raise ValueError(f"unknown loss weighting '{weighting}'; expected none or clamp_snr")
-    return (err * mask).sum() / mask.sum(), int(mask.sum())
+    return (err * mask).sum(), int(mask.sum())
 
 
-#: variant name -> loss(model, batch, generator, **options) -> (loss, number of target concepts)
+#: variant name -> loss(model, batch, generator, forward=None, **options) -> (summed loss, number of
+#: target concepts); the trainer divides by the targets of the whole (global, accumulated) step.
+#: ``forward`` is the callable to run the model with (a DistributedDataParallel wrapper), default model.
 LOSSES: dict[str, Callable[..., tuple[Tensor, int]]] = {"base": base_lcm_loss, "two_tower": two_tower_loss}

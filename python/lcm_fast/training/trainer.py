@@ -5,10 +5,15 @@ AdamW, linear warmup then cosine decay, gradient clipping and accumulation. Chec
 optimizer, schedule, RNG states and data position), written into a temporary directory and renamed into
 place, so a kill at any moment leaves only complete checkpoints. ``resume=True`` continues from the latest
 one exactly: the same weights at step n as an uninterrupted run. Metrics go to ``<out_dir>/metrics.jsonl``.
+
+Under ``torchrun`` (an initialised process group) the model is wrapped in DistributedDataParallel;
+every rank replays the same batch stream and trains its share of each step's batches, and rank 0 logs
+and checkpoints. The result equals a single process training the same global batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +25,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..evaluation import prediction_metrics, teacher_forced_predictions
@@ -91,22 +98,28 @@ class Trainer:
             model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
         )
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
-        self.generator = torch.Generator().manual_seed(config.seed)  # timesteps, noise, CFG rows
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        # data parallel: DDP averages gradients; the losses are scaled so that the result is the mean
+        # over every target of the global step, whatever the split across ranks
+        self.forward = DistributedDataParallel(model) if self.world > 1 else model
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
 
     # ---- data ---------------------------------------------------------------------------------------
 
-    def _stream(self) -> Iterator[Batch]:
-        """Batches from the current data position on, epoch after epoch."""
+    def _stream(self) -> Iterator[tuple[Batch, torch.Generator]]:
+        """(batch, its noise generator) from the current data position on, epoch after epoch. Each
+        batch's randomness (timesteps, noise, CFG rows) is seeded by its position in the stream, so it
+        does not depend on resumption or on which rank trains it."""
         while True:
             stream = batches(self.data, self.epoch)
             for index, batch in enumerate(stream):
                 if index < self.batch_in_epoch:
                     continue  # resuming: replay the deterministic stream up to the saved position
                 self.batch_in_epoch = index + 1
-                yield batch
+                seed = hash((self.config.seed, self.epoch, index)) % 2**63
+                yield batch, torch.Generator().manual_seed(seed)
             if self.batch_in_epoch == 0:
                 raise ValueError("the training data is empty")
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -120,7 +133,6 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
             "config": asdict(self.config),
@@ -152,7 +164,6 @@ class Trainer:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
-        self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -200,19 +211,33 @@ class Trainer:
         self.model.train()
         stream = self._stream()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.variant}", unit="step",
-                   disable=not progress if progress is not None else None)
+                   disable=self.rank != 0 or (not progress if progress is not None else None))
         with (self.out / "metrics.jsonl").open("a") as metrics:
             while self.step < cfg.steps:
-                start, concepts, total = time.perf_counter(), 0, 0.0
-                for _ in range(cfg.grad_accumulation):
-                    batch = next(stream)
-                    loss, _ = loss_fn(self.model, batch, self.generator, cfg_dropout=cfg.cfg_dropout,
-                                      weighting=cfg.loss_weighting)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step} (epoch {self.epoch})")
-                    (loss / cfg.grad_accumulation).backward()
-                    total += loss.item() / cfg.grad_accumulation
-                    concepts += batch.num_concepts
+                start = time.perf_counter()
+                # every rank reads the same stream; rank r trains batches r, r + W, ... of the step
+                step_batches = [next(stream) for _ in range(cfg.grad_accumulation * self.world)]
+                mine = step_batches[self.rank :: self.world]
+                local = torch.zeros(2, dtype=torch.float64)  # [targets, summed loss]
+                for i, (batch, generator) in enumerate(mine):
+                    sync = self.world == 1 or i == len(mine) - 1  # DDP all-reduces on the last backward only
+                    with contextlib.nullcontext() if sync else self.forward.no_sync():
+                        loss, n = loss_fn(self.model, batch, generator, forward=self.forward,
+                                          cfg_dropout=cfg.cfg_dropout, weighting=cfg.loss_weighting)
+                        loss.backward()
+                    local += torch.tensor([n, loss.item()], dtype=torch.float64)
+                if self.world > 1:
+                    dist.all_reduce(local)
+                targets, total = local[0].item(), local[1].item() / max(1.0, local[0].item())
+                if targets == 0:
+                    raise ValueError(f"step {self.step}: no target sentences in its batches (documents of one sentence?)")
+                if not math.isfinite(total):
+                    raise FloatingPointError(f"non-finite loss at step {self.step} (epoch {self.epoch})")
+                # gradients of summed losses (averaged over ranks by DDP) -> mean over the step's targets
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(self.world / targets)
+                concepts = sum(b.num_concepts for b, _ in step_batches)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -220,6 +245,8 @@ class Trainer:
                 self.step += 1
                 rate = concepts / (time.perf_counter() - start)
                 bar.update(1)
+                if self.rank != 0:  # rank 0 logs, validates and checkpoints for everyone
+                    continue
                 bar.set_postfix(loss=f"{total:.4f}", concepts_per_s=f"{rate:.0f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     record = dict(step=self.step, loss=total, lr=self.schedule.get_last_lr()[0],
