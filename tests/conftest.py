@@ -24,6 +24,8 @@ def tiny_config(family: str, **overrides) -> BaseLCMConfig | TwoTowerConfig:
     base = dict(sonar_embed_dim=24, model_dim=16, max_seq_len=32, sonar_normalizer_name="n")
     if family == "base_lcm":
         mapping = dict(base, lcm=stack)
+    elif family == "one_tower_diffusion_lcm":
+        mapping = dict(base, timestep_embed_dim=8, lcm=stack)
     else:
         mapping = dict(base, context_encoder=stack, denoiser=dict(stack, timestep_embed_dim=16),
                        noise_scheduler=dict(num_diffusion_train_steps=100))

@@ -24,7 +24,7 @@ def test_preset_parameter_count(name):
 
 
 def test_presets_are_fresh_and_named():
-    assert set(lcm_fast.ARCHS) == set(OFFICIAL_COUNTS)
+    assert set(OFFICIAL_COUNTS) < set(lcm_fast.ARCHS)  # plus lcm_fast's One-Tower presets
     a, b = lcm_fast.get_arch("two_tower_diffusion_lcm_1_6B"), lcm_fast.get_arch("two_tower_diffusion_lcm_1_6B")
     a.model_dim = 1
     assert b.model_dim == 2048
@@ -39,3 +39,9 @@ def test_state_dict_keys_of_1_6b():
     assert len(model.state_dict()) == 445 - 2 * 2 * 13
     base = lcm_fast.build_model(lcm_fast.get_arch("base_lcm_1_6B"), device="meta")
     assert len(base.state_dict()) == 519
+
+
+def test_one_tower_preset_is_1_6b():
+    """The paper's One-Tower ablation model (section 2.4) has ~1.6B parameters."""
+    model = lcm_fast.build_model(lcm_fast.get_arch("one_tower_diffusion_lcm_1_6B"), device="meta")
+    assert 1.55e9 < sum(p.numel() for p in model.parameters()) < 1.7e9

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from .config import (
     BaseLCMConfig,
+    OneTowerConfig,
     DenoiserConfig,
     ModelConfig,
     SchedulerConfig,
@@ -69,13 +70,29 @@ def two_tower_7B() -> TwoTowerConfig:
     return _two_tower_large(4096, 32, 16384, 14)
 
 
-#: preset name -> config factory; the names are the official arch names.
+def toy_one_tower() -> OneTowerConfig:
+    return OneTowerConfig(lcm=TransformerConfig(num_layers=2, num_attn_heads=8, ffn_inner_dim=4096))
+
+
+def one_tower_1_6B() -> OneTowerConfig:
+    """Paper section 2.4: 32 blocks, 32 heads, FFN 8192, d_model 2048, learned positions, T = 100."""
+    return OneTowerConfig(
+        max_seq_len=4096,
+        model_dim=2048,
+        lcm=TransformerConfig(num_layers=32, num_attn_heads=32, ffn_inner_dim=8192, pos_embedding_style="learned",
+                              layer_normalization_style="rms", final_dropout_p=0.0, mha_output_proj_bias=True),
+    )
+
+
+#: preset name -> config factory; the official arch names (and ours for One-Tower).
 ARCHS: dict[str, Callable[[], ModelConfig]] = {
     "toy_base_lcm": toy_base_lcm,
     "base_lcm_1_6B": base_lcm_1_6B,
     "toy_two_tower_diffusion_lcm": toy_two_tower,
     "two_tower_diffusion_lcm_1_6B": two_tower_1_6B,
     "two_tower_diffusion_lcm_7B": two_tower_7B,
+    "toy_one_tower_diffusion_lcm": toy_one_tower,
+    "one_tower_diffusion_lcm_1_6B": one_tower_1_6B,
 }
 
 

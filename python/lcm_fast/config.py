@@ -157,10 +157,34 @@ class TwoTowerConfig:
     trained_with_cf_guidance: bool = False
 
 
-ModelConfig = Union[BaseLCMConfig, TwoTowerConfig]
+@dataclass
+class OneTowerConfig:
+    """One-Tower diffusion LCM (paper section 2.3.3; not in the official code): one causal transformer
+    over clean and noisy sentence embeddings, each input concatenated with its timestep embedding."""
 
-#: official ``model_family`` (and ``model_type``) name -> config class
-FAMILIES: dict[str, type] = {"base_lcm": BaseLCMConfig, "two_tower_diffusion_lcm": TwoTowerConfig}
+    model_type: str = "one_tower_diffusion_lcm"
+    sonar_embed_dim: int = 1024
+    sonar_normalizer_name: Optional[str] = "sonar_normalizer"
+    max_seq_len: int = 2048
+    model_dim: int = 1024
+    timestep_embed_dim: int = 256
+    """Width of the timestep embedding concatenated to every input embedding."""
+    frontend: LCMFrontendConfig = field(default_factory=LCMFrontendConfig)
+    lcm: TransformerConfig = field(default_factory=TransformerConfig)
+    """Positions: ``learned`` (the paper's), ``sine`` or ``none`` (both tokens of sentence n get position n)."""
+    postnet: ProjectionConfig = field(default_factory=ProjectionConfig)
+    noise_scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(num_diffusion_train_steps=100))
+    trained_with_cf_guidance: bool = True
+
+
+ModelConfig = Union[BaseLCMConfig, TwoTowerConfig, OneTowerConfig]
+
+#: official ``model_family`` (and ``model_type``) name -> config class (``one_tower_diffusion_lcm`` is ours)
+FAMILIES: dict[str, type] = {
+    "base_lcm": BaseLCMConfig,
+    "two_tower_diffusion_lcm": TwoTowerConfig,
+    "one_tower_diffusion_lcm": OneTowerConfig,
+}
 
 T = TypeVar("T")
 

@@ -40,6 +40,8 @@ def _model(variant: str, seed: int = 0, dropout: float = 0.1):
     torch.manual_seed(seed)
     if variant == "base":
         return lcm_fast.build_model(tiny_config("base_lcm", lcm={"dropout_p": dropout}))
+    if variant == "one_tower":
+        return lcm_fast.build_model(tiny_config("one_tower_diffusion_lcm", lcm={"dropout_p": dropout}))
     return lcm_fast.build_model(tiny_config("two_tower_diffusion_lcm", context_encoder={"dropout_p": dropout}))
 
 
@@ -48,7 +50,7 @@ def _losses(out_dir):
     return [line["loss"] for line in lines if "loss" in line]
 
 
-@pytest.mark.parametrize("variant,factor", [("base", 5.0), ("two_tower", 2.0)])
+@pytest.mark.parametrize("variant,factor", [("base", 5.0), ("two_tower", 2.0), ("one_tower", 1.5)])
 def test_variant_learns(tmp_path, variant, factor):
     data = _dataset(tmp_path / "train.parquet")
     cfg = TrainConfig(variant=variant, steps=STEPS, lr=3e-3, warmup_steps=10, weight_decay=0.0, log_every=1,
@@ -72,7 +74,7 @@ class _Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("variant", ["base", "two_tower"])
+@pytest.mark.parametrize("variant", ["base", "two_tower", "one_tower"])
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_resume_is_exact(tmp_path, variant, accumulation):
     data = _dataset(tmp_path / "train.parquet", n_docs=6)
@@ -130,7 +132,9 @@ Trainer(_model("two_tower"), cfg, data).train(resume=True, progress=False)
 
 def test_bad_configuration(tmp_path):
     data = _dataset(tmp_path / "train.parquet", n_docs=2)
-    with pytest.raises(ValueError, match="unknown variant 'one_tower'"):
+    with pytest.raises(ValueError, match="unknown variant 'quant'"):
+        Trainer(_model("two_tower"), TrainConfig(variant="quant"), data)
+    with pytest.raises(TypeError, match="variant 'one_tower' trains a OneTowerLCM"):
         Trainer(_model("two_tower"), TrainConfig(variant="one_tower"), data)
     with pytest.raises(TypeError, match="variant 'base' trains a BaseLCM"):
         Trainer(_model("two_tower"), TrainConfig(variant="base"), data)

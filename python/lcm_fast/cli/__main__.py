@@ -17,7 +17,8 @@ def _train(args: argparse.Namespace) -> None:
     from lcm_fast.training import DataConfig, TrainConfig, Trainer
 
     overrides = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    arch = args.arch or ("toy_base_lcm" if args.variant == "base" else "toy_two_tower_diffusion_lcm")
+    arch = args.arch or {"base": "toy_base_lcm", "two_tower": "toy_two_tower_diffusion_lcm",
+                         "one_tower": "toy_one_tower_diffusion_lcm"}[args.variant]
     model_cfg = lcm_fast.get_arch(arch)
     model_cfg = merge_into(model_cfg, overrides.get("model", {}))
     train_cfg = merge_into(TrainConfig(variant=args.variant, out_dir=args.out), overrides.get("train", {}))

@@ -1,8 +1,8 @@
 """Teacher-forced next-concept predictions for every position of documents at once.
 
-Base-LCM: one forward pass. Two-Tower: one DDIM chain over all positions in parallel, where position
-n is denoised from the clean context before it (the training-time cross-attention mask), with the same
-classifier-free guidance and fused step as generation.
+Base-LCM: one forward pass. Diffusion models: one DDIM chain over all positions in parallel, where
+position n is denoised from the clean context before it (the training-time attention masks), with the
+same classifier-free guidance and fused step as generation.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..models import BaseLCM, TwoTowerLCM
+from ..models import BaseLCM, OneTowerLCM, TwoTowerLCM
 from ..ops import guided_ddim_step_, sampler_params
 
 
 @torch.no_grad()
 def teacher_forced_predictions(
-    model: BaseLCM | TwoTowerLCM,
+    model: BaseLCM | TwoTowerLCM | OneTowerLCM,
     embeddings: Tensor,
     seq_lens: Tensor,
     *,
@@ -43,21 +43,32 @@ def teacher_forced_predictions(
         out = torch.zeros_like(pred)
         out[:, 1:] = pred[:, :-1]
     else:
-        out = _two_tower(model, xn, seq_lens, steps, guidance_scale, guidance_rescale, initial_noise_scale, seed)
+        if isinstance(model, TwoTowerLCM):
+            context = model.encode(xn, seq_lens)
+
+            def denoise(latents, t, drop):
+                return model.denoiser(latents, t, context, seq_lens, inference=False, cfg_dropout_rows=drop)
+        else:  # One-Tower: the training-time call already predicts every position from its prefix
+
+            def denoise(latents, t, drop):
+                return model(xn, latents, t, seq_lens, cfg_dropout_rows=drop)
+
+        out = _parallel_ddim(model, denoise, xn.shape, steps, guidance_scale, guidance_rescale, initial_noise_scale, seed)
     model.train(was_training)
     return norm.denormalize(out) if norm is not None else out
 
 
-def _two_tower(model: TwoTowerLCM, xn: Tensor, seq_lens: Tensor, steps: int, guidance_scale: float,
-               guidance_rescale: float, initial_noise_scale: float, seed: int) -> Tensor:
-    B, L, D = xn.shape
-    device, dtype = xn.device, next(model.parameters()).dtype
+def _parallel_ddim(model: TwoTowerLCM | OneTowerLCM, denoise, shape: torch.Size, steps: int, guidance_scale: float,
+                   guidance_rescale: float, initial_noise_scale: float, seed: int) -> Tensor:
+    """DDIM over all positions at once; denoise(latents [B, L, D], timesteps [B, L], uncond rows or None)."""
+    B, L, D = shape
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
     sched = model.noise_scheduler.with_options()
     sched.set_timesteps(steps)
     cfg = guidance_scale != 1.0
     table = sched.coefficient_table(guided=cfg).to(device)
     params = sampler_params(guidance_scale, guidance_rescale, None, 100.0, device=device)
-    context = model.encode(xn, seq_lens)
     generator = torch.Generator().manual_seed(seed)
     latents = (torch.randn(B * L, D, generator=generator) * initial_noise_scale).to(device)
     x0 = torch.empty_like(latents)
@@ -65,10 +76,9 @@ def _two_tower(model: TwoTowerLCM, xn: Tensor, seq_lens: Tensor, steps: int, gui
     for i, t in enumerate(sched.timesteps.tolist()):
         timesteps = torch.full((B, L), t, device=device)
         inputs = latents.view(B, L, D).to(dtype)
-        out = model.denoiser(inputs, timesteps, context, seq_lens, inference=False).flatten(0, 1)
+        out = denoise(inputs, timesteps, None).flatten(0, 1)
         if cfg and t != sched.num_train_steps - 1:
-            uncond = model.denoiser(inputs, timesteps, context, seq_lens, inference=False,
-                                    cfg_dropout_rows=unconditional).flatten(0, 1)
+            uncond = denoise(inputs, timesteps, unconditional).flatten(0, 1)
             out = torch.cat((out, uncond))
         guided_ddim_step_(latents, x0, out.float().contiguous(), table[i], params, None, sched.config.prediction_type)
     return x0.view(B, L, D).to(dtype)

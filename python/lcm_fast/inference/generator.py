@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..config import merge_into
 from ..diffusion import SchedulerOutput, classifier_free_guidance
-from ..models import BaseLCM, TwoTowerLCM
+from ..models import BaseLCM, OneTowerLCM, TwoTowerLCM
 from ..ops import guided_ddim_step_, sampler_params
 from .fast import FastDenoiser
 from .noise import NoiseSource, TorchNoise
@@ -311,20 +311,46 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
         self.fast.reorder(index)
 
 
+class _OneTowerStepper(_TwoTowerStepper):
+    """One-Tower: the clean sentences so far are a KV cache; every DDIM step runs only the noisy token
+    of the next sentence, attending to the cache (conditional) or to itself (unconditional). The
+    same sampling options and DDIM chain as Two-Tower; teacher-forced rows are not denoised."""
+
+    def __init__(self, model: OneTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource) -> None:
+        super().__init__(model, options, True, capacity, noise)  # type: ignore[arg-type]
+
+    def prefill(self, prefix: Tensor) -> None:
+        if prefix.shape[1] > 0:
+            self.model.encode(self.model.normalizer.normalize(prefix), cache=self.cache)
+
+    def _extend_context(self, seqs: Tensor, step: int) -> None:
+        self.model.encode(self.model.normalizer.normalize(seqs[:, step - 1 : step]), cache=self.cache)
+
+    def _rows(self, forced: Tensor) -> Optional[Tensor]:
+        return None if not forced.any() else (~forced).nonzero().flatten()
+
+    def _denoise(self, latents: Tensor, i: int, t: int, rows: Optional[Tensor]) -> Tensor:
+        cache = self.cache if rows is None else [c.select(rows) for c in self.cache]
+        cond = self.model.denoise_step(latents, t, cache)
+        if not self.cfg or t == self.scheduler.num_train_steps - 1:  # the first CFG step is conditional only
+            return cond
+        return torch.cat((cond, self.model.denoise_step(latents, t, cache, conditional=False)))
+
+
 class Generator:
     """Generates continuations of batches of right-padded concept sequences.
 
     Args:
-        model: a :class:`BaseLCM` or :class:`TwoTowerLCM` (put in eval mode).
+        model: a :class:`BaseLCM`, :class:`TwoTowerLCM` or :class:`OneTowerLCM` (put in eval mode).
         options: :class:`GenerationOptions` (official defaults when None).
         eos_vec: [sonar_dim] end-of-text embedding for ``eos_threshold`` stopping.
         engine: ``"fast"`` (default) or ``"reference"`` (see the module docstring).
     """
 
-    def __init__(self, model: BaseLCM | TwoTowerLCM, options: Optional[GenerationOptions] = None,
+    def __init__(self, model: BaseLCM | TwoTowerLCM | OneTowerLCM, options: Optional[GenerationOptions] = None,
                  eos_vec: Optional[Tensor] = None, engine: str = "fast") -> None:
-        if not isinstance(model, (BaseLCM, TwoTowerLCM)):
-            raise TypeError(f"expected a BaseLCM or TwoTowerLCM, got {type(model).__name__}")
+        if not isinstance(model, (BaseLCM, TwoTowerLCM, OneTowerLCM)):
+            raise TypeError(f"expected a BaseLCM, TwoTowerLCM or OneTowerLCM, got {type(model).__name__}")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine '{engine}'; expected one of {ENGINES}")
         self.engine = engine
@@ -387,7 +413,9 @@ class Generator:
         rows = torch.arange(B, device=device)  # original index of each active row
         results: list[Optional[Tensor]] = [None] * B
 
-        if isinstance(model, TwoTowerLCM) and self.engine == "fast" and not disable_cache:
+        if isinstance(model, OneTowerLCM):  # always cached: its context cache is the model's state
+            stepper = _OneTowerStepper(model, opt, total, noise)
+        elif isinstance(model, TwoTowerLCM) and self.engine == "fast" and not disable_cache:
             stepper = _FastTwoTowerStepper(model, opt, total, noise)
         elif isinstance(model, TwoTowerLCM):
             stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise)

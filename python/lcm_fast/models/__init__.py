@@ -1,7 +1,8 @@
-"""LCM families: Base-LCM (MSE) and the Two-Tower diffusion LCM."""
+"""LCM families: Base-LCM (MSE), the Two-Tower and the One-Tower diffusion LCMs."""
 
 from .base_lcm import BaseLCM
 from .factory import build_model
+from .one_tower import OneTowerLCM
 from .two_tower import TwoTowerLCM
 
-__all__ = ["BaseLCM", "TwoTowerLCM", "build_model"]
+__all__ = ["BaseLCM", "OneTowerLCM", "TwoTowerLCM", "build_model"]

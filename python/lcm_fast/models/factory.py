@@ -6,8 +6,9 @@ from typing import Optional
 
 import torch
 
-from ..config import BaseLCMConfig, ModelConfig, NormalizerConfig, TwoTowerConfig
+from ..config import BaseLCMConfig, ModelConfig, NormalizerConfig, OneTowerConfig, TwoTowerConfig
 from .base_lcm import BaseLCM
+from .one_tower import OneTowerLCM
 from .two_tower import TwoTowerLCM
 
 
@@ -17,7 +18,7 @@ def build_model(
     normalizer: Optional[NormalizerConfig] = None,
     device: Optional[torch.device | str] = None,
     dtype: Optional[torch.dtype] = None,
-) -> BaseLCM | TwoTowerLCM:
+) -> BaseLCM | TwoTowerLCM | OneTowerLCM:
     """Builds the model for ``config`` (weights uninitialised; use ``device="meta"`` to only inspect).
 
     ``normalizer`` selects clipping/FFT for the SONAR normalizer (its statistics come from weights).
@@ -27,6 +28,8 @@ def build_model(
             model = TwoTowerLCM(config, normalizer)
         elif isinstance(config, BaseLCMConfig):
             model = BaseLCM(config, normalizer)
+        elif isinstance(config, OneTowerConfig):
+            model = OneTowerLCM(config, normalizer)
         else:
             raise TypeError(f"not a model config: {type(config).__name__}")
     return model.to(dtype) if dtype is not None else model

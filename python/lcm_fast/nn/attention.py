@@ -38,6 +38,20 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def extended(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Cached keys/values followed by k, v ([B, H, S, head_dim]) without storing the new ones."""
+        if self.k is None:
+            return k, v
+        return torch.cat((self.k[:, :, : self.length], k), 2), torch.cat((self.v[:, :, : self.length], v), 2)
+
+    def select(self, index: Tensor) -> "KVCache":
+        """A new cache holding rows ``index`` ([n]) of this one (for a subset of the batch)."""
+        out = KVCache(self.capacity)
+        out.length = self.length
+        if self.k is not None:
+            out.k, out.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        return out
+
     def reorder(self, index: Tensor) -> None:  # index: [B_new] rows to keep, in order
         if self.k is not None:
             self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
@@ -118,17 +132,19 @@ class MultiheadAttention(nn.Module):
         *,
         mask: Optional[Tensor] = None,
         cache: Optional[KVCache] = None,
+        store: bool = True,
     ) -> Tensor:
         """x: [B, S_q, dim]; keys: [B, S_k, dim] (cross-attention) or None (self-attention).
 
         mask: bool, True = may attend, broadcastable to [B, H, S_q, S_total_k].
-        cache: self-attention only; new keys are appended and attention runs over all cached keys.
+        cache: self-attention only; attention runs over all cached keys and the new ones, which are
+            appended to the cache unless ``store`` is False (a query that must not stay in the context).
         """
         start = cache.length if cache is not None and keys is None else 0
         q = self.project_q(x, start)
         k, v = self.project_kv(x if keys is None else keys, start)
         if cache is not None:
-            k, v = cache.append(k, v)
+            k, v = cache.append(k, v) if store else cache.extended(k, v)
         return self.attend(q, k, v, mask)
 
 

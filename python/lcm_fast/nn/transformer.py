@@ -65,9 +65,9 @@ class DecoderLayer(nn.Module):
         scale = config.scale_residual
         self.residual_scale = nn.Parameter(torch.full((dim,), float(scale))) if scale is not None else None
 
-    def forward(self, x: Tensor, mask: Optional[Tensor], cache: Optional[KVCache]) -> Tensor:  # [B, S, dim]
-        post = self.order == "post"
-        h = self.self_attn(x if post else self.self_attn_layer_norm(x), mask=mask, cache=cache)
+    def forward(self, x: Tensor, mask: Optional[Tensor], cache: Optional[KVCache], store: bool = True) -> Tensor:
+        post = self.order == "post"  # x: [B, S, dim]
+        h = self.self_attn(x if post else self.self_attn_layer_norm(x), mask=mask, cache=cache, store=store)
         if self.self_attn_norm is not None:
             h = self.self_attn_norm(h)
         x = self.dropout(h) + x
@@ -100,20 +100,26 @@ class Decoder(nn.Module):
         x: Tensor,
         seq_lens: Optional[Tensor] = None,
         cache: Optional[list[KVCache]] = None,
+        *,
+        mask: Optional[Tensor] = None,
+        store: bool = True,
     ) -> Tensor:
         """x: [B, S, dim]; seq_lens: [B] valid lengths (right padding) or None.
 
-        With ``cache`` the S new positions follow the cached ones (incremental decoding, no padding).
+        With ``cache`` the S new positions follow the cached ones (incremental decoding, no padding);
+        ``store=False`` attends over the cache without adding the new positions to it. ``mask``
+        ([S, S_total] or [B, 1, S, S_total] bool, True = may attend) replaces the causal mask.
         """
         if cache is not None and seq_lens is not None:
             raise ValueError("incremental decoding does not take padding (seq_lens must be None)")
         past = cache[0].length if cache is not None else 0
-        mask = causal_mask(x.shape[1], past + x.shape[1], x.device)
+        if mask is None:
+            mask = causal_mask(x.shape[1], past + x.shape[1], x.device)
         if seq_lens is not None:
             pad = key_padding_mask(seq_lens, x.shape[1])
             mask = pad if mask is None else pad & mask
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, cache[i] if cache is not None else None)
+            x = layer(x, mask, cache[i] if cache is not None else None, store)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return self.dropout(x)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..models import BaseLCM, TwoTowerLCM
+from ..models import BaseLCM, OneTowerLCM, TwoTowerLCM
 from .data import Batch
 
 
@@ -40,7 +40,7 @@ def base_lcm_loss(model: BaseLCM, batch: Batch, generator: torch.Generator, *, f
     return (err * mask).sum(), int(mask.sum())
 
 
-def two_tower_loss(model: TwoTowerLCM, batch: Batch, generator: torch.Generator, *, cfg_dropout: float = 0.15,
+def diffusion_loss(model: TwoTowerLCM | OneTowerLCM, batch: Batch, generator: torch.Generator, *, cfg_dropout: float = 0.15,
                    weighting: str = "none", forward=None, **_) -> tuple[Tensor, int]:
     """Diffusion objective (paper section 2.3): every position is noised to a uniform timestep and
     denoised from the clean context before it; the target follows the scheduler's prediction type.
@@ -78,4 +78,6 @@ def two_tower_loss(model: TwoTowerLCM, batch: Batch, generator: torch.Generator,
 #: variant name -> loss(model, batch, generator, forward=None, **options) -> (summed loss, number of
 #: target concepts); the trainer divides by the targets of the whole (global, accumulated) step.
 #: ``forward`` is the callable to run the model with (a DistributedDataParallel wrapper), default model.
-LOSSES: dict[str, Callable[..., tuple[Tensor, int]]] = {"base": base_lcm_loss, "two_tower": two_tower_loss}
+LOSSES: dict[str, Callable[..., tuple[Tensor, int]]] = {
+    "base": base_lcm_loss, "two_tower": diffusion_loss, "one_tower": diffusion_loss,
+}

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..evaluation import prediction_metrics, teacher_forced_predictions
 from ..io.native import from_pretrained, save_pretrained
-from ..models import BaseLCM, TwoTowerLCM
+from ..models import BaseLCM, OneTowerLCM, TwoTowerLCM
 from .data import Batch, DataConfig, batches
 from .losses import LOSSES
 
@@ -41,7 +41,7 @@ class TrainConfig:
     """Defaults follow the official pre-training recipes (reference-lcm-spec.md section 7.2)."""
 
     variant: str = "two_tower"
-    """base (Base-LCM, MSE) | two_tower (Two-Tower diffusion)"""
+    """base (Base-LCM, MSE) | two_tower | one_tower (diffusion)"""
     steps: int = 1000
     lr: float = 4e-4
     warmup_steps: int = 100
@@ -87,7 +87,7 @@ class Trainer:
                  valid: Optional[DataConfig] = None) -> None:
         if config.variant not in LOSSES:
             raise ValueError(f"unknown variant '{config.variant}'; expected one of {sorted(LOSSES)}")
-        expected = BaseLCM if config.variant == "base" else TwoTowerLCM
+        expected = {"base": BaseLCM, "two_tower": TwoTowerLCM, "one_tower": OneTowerLCM}[config.variant]
         if not isinstance(model, expected):
             raise TypeError(f"variant '{config.variant}' trains a {expected.__name__}, got {type(model).__name__}")
         if config.validate_every and valid is None:
