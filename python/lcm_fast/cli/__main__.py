@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -12,6 +13,9 @@ import yaml
 
 
 def _train(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
     import lcm_fast
     from lcm_fast.config import merge_into
     from lcm_fast.training import DataConfig, TrainConfig, Trainer
@@ -33,7 +37,12 @@ def _train(args: argparse.Namespace) -> None:
         if model.normalizer is None:
             raise SystemExit(f"--normalizer given but the {arch} model has none (set sonar_normalizer_name)")
         model.normalizer.load_state_dict(lcm_fast.load_normalizer(args.normalizer).state_dict())
-    Trainer(model, train_cfg, data_cfg).train(resume=args.resume)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # launched by torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    Trainer(model.to(device), train_cfg, data_cfg).train(resume=args.resume)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     print(f"checkpoints in {Path(train_cfg.out_dir) / 'checkpoints'}")
 
 
@@ -77,6 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train.add_argument("--steps", type=int, help="optimizer steps (overrides the config)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--normalizer", help="normalizer statistics (.pt from fit-normalizer or an official one)")
+    train.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu")
     fit = sub.add_parser("fit-normalizer", help="fit the SONAR normalizer on a weighted mix of parquet files")
     fit.add_argument("--data", nargs="+", required=True, help="parquet files, each optionally FILE:WEIGHT (default 1)")
     fit.add_argument("--dim", type=int, default=1024, help="embedding dim")
