@@ -227,3 +227,18 @@ if distributed:
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-5, msg=k)
     assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"), rel=1e-5)
+
+
+def test_cli_under_torchrun(tmp_path):
+    _dataset(tmp_path / "train.parquet", n_docs=6)
+    (tmp_path / "cfg.yaml").write_text(
+        "model: {sonar_embed_dim: 24, model_dim: 16, max_seq_len: 32, sonar_normalizer_name: n,\n"
+        "        lcm: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32}}\n"
+        "train: {warmup_steps: 1, save_every: 2, log_every: 1}\ndata: {max_concepts: 48, max_sentences: 16}\n"
+    )
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                    "lcm_fast.cli", "train", "--variant", "base", "--data", str(tmp_path / "train.parquet"),
+                    "--config", str(tmp_path / "cfg.yaml"), "--steps", "2", "--device", "cpu", "--out",
+                    str(tmp_path / "run")], check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert Trainer.latest_checkpoint(tmp_path / "run").name == "step_2"
+    assert len((tmp_path / "run/metrics.jsonl").read_text().splitlines()) == 2  # rank 0 logs alone
