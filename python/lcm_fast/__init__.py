@@ -14,11 +14,11 @@ __version__ = "0.1.0"
 
 from . import _ext
 from .archs import ARCHS, get_arch
-from .config import BaseLCMConfig, NormalizerConfig, SchedulerConfig, TwoTowerConfig
+from .config import BaseLCMConfig, NormalizerConfig, OneTowerConfig, SchedulerConfig, TwoTowerConfig
 from .diffusion import DDIMScheduler
 from .inference import GenerationOptions, GenerationOutput, Generator, ReplayNoise, TorchNoise, generate
 from .io import CheckpointError, from_pretrained, load_normalizer, load_official, save_pretrained
-from .models import BaseLCM, TwoTowerLCM, build_model
+from .models import BaseLCM, OneTowerLCM, TwoTowerLCM, build_model
 from .ops import set_backend
 
 EXT_AVAILABLE = _ext.EXT_AVAILABLE
@@ -34,6 +34,8 @@ __all__ = [
     "GenerationOutput",
     "Generator",
     "NormalizerConfig",
+    "OneTowerConfig",
+    "OneTowerLCM",
     "ReplayNoise",
     "SchedulerConfig",
     "TorchNoise",
