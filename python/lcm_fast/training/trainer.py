@@ -53,7 +53,7 @@ class TrainConfig:
     max_grad_norm: float = 25.0
     grad_accumulation: int = 1
     cfg_dropout: float = 0.15
-    """Two-Tower: fraction of positions trained without context (classifier-free guidance)."""
+    """Diffusion variants: fraction of positions trained without context (classifier-free guidance)."""
     loss_weighting: str = "none"
     save_every: int = 100
     log_every: int = 10
@@ -118,7 +118,7 @@ class Trainer:
                 if index < self.batch_in_epoch:
                     continue  # resuming: replay the deterministic stream up to the saved position
                 self.batch_in_epoch = index + 1
-                seed = hash((self.config.seed, self.epoch, index)) % 2**63
+                seed = (self.config.seed * 1_000_003**2 + self.epoch * 1_000_003 + index) % 2**63
                 yield batch, torch.Generator().manual_seed(seed)
             if self.batch_in_epoch == 0:
                 raise ValueError("the training data is empty")
