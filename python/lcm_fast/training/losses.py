@@ -9,13 +9,14 @@ fine-tuning puts no loss on the prompt).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from ..models import BaseLCM, OneTowerLCM, TwoTowerLCM
 from .data import Batch
+from .fragility import FragilityMLP
 
 
 def _normalized(model, batch: Batch) -> Tensor:
@@ -41,13 +42,16 @@ def base_lcm_loss(model: BaseLCM, batch: Batch, generator: torch.Generator, *, f
 
 
 def diffusion_loss(model: TwoTowerLCM | OneTowerLCM, batch: Batch, generator: torch.Generator, *, cfg_dropout: float = 0.15,
-                   weighting: str = "none", forward=None, **_) -> tuple[Tensor, int]:
+                   weighting: str = "none", forward=None, fragility: Optional[FragilityMLP] = None,
+                   fragility_ab: tuple[float, float] = (-4.0, 3.5), **_) -> tuple[Tensor, int]:
     """Diffusion objective (paper section 2.3): every position is noised to a uniform timestep and
     denoised from the clean context before it; the target follows the scheduler's prediction type.
 
     cfg_dropout: fraction p of rows trained unconditionally (only the zero vector visible), chosen as
         the official criterion does: floor((L - 1) p) rows among positions 1..L-1, per batch.
-    weighting: ``none`` or ``clamp_snr`` (paper eq. 17: min(SNR(t), 5), renormalised over targets).
+    weighting: ``none``, ``clamp_snr`` (paper eq. 17: min(SNR(t), 5), renormalised over targets) or
+        ``fragility`` (eq. 25: sigmoid(a F(x0) + b) per target sentence, F = ``fragility`` applied to the
+        normalized clean embedding, (a, b) = ``fragility_ab``).
     """
     x0 = _normalized(model, batch)
     B, L, _ = x0.shape
@@ -70,8 +74,12 @@ def diffusion_loss(model: TwoTowerLCM | OneTowerLCM, batch: Batch, generator: to
     if weighting == "clamp_snr":
         gamma = torch.clamp(sched.get_snrs().to(x0.device)[t], max=5.0) * mask
         err = err * gamma * mask.sum() / gamma.sum().clamp_min(1e-12)
+    elif weighting == "fragility":
+        if fragility is None:
+            raise ValueError("fragility weighting needs a fitted FragilityMLP (TrainConfig.fragility_model)")
+        err = err * fragility.to(x0.device).weights(x0.float(), *fragility_ab)
     elif weighting != "none":
-        raise ValueError(f"unknown loss weighting '{weighting}'; expected none or clamp_snr")
+        raise ValueError(f"unknown loss weighting '{weighting}'; expected none, clamp_snr or fragility")
     return (err * mask).sum(), int(mask.sum())
 
 

@@ -33,6 +33,7 @@ from ..evaluation import prediction_metrics, teacher_forced_predictions
 from ..io.native import from_pretrained, save_pretrained
 from ..models import BaseLCM, OneTowerLCM, TwoTowerLCM
 from .data import Batch, DataConfig, batches
+from .fragility import FragilityMLP
 from .losses import LOSSES
 
 
@@ -55,6 +56,10 @@ class TrainConfig:
     cfg_dropout: float = 0.15
     """Diffusion variants: fraction of positions trained without context (classifier-free guidance)."""
     loss_weighting: str = "none"
+    """none | clamp_snr | fragility (paper eqs. 17 and 25)"""
+    fragility_model: Optional[str] = None
+    """Path of a FragilityMLP state dict (``torch.save(mlp.state_dict())``) for fragility weighting."""
+    fragility_ab: tuple[float, float] = (-4.0, 3.5)
     save_every: int = 100
     log_every: int = 10
     validate_every: int = 0
@@ -93,6 +98,11 @@ class Trainer:
         if config.validate_every and valid is None:
             raise ValueError("validate_every is set but no validation data was given (valid=DataConfig(...))")
         self.model, self.config, self.data, self.valid = model, config, data, valid
+        self.fragility = None
+        if config.fragility_model:
+            state = torch.load(config.fragility_model, map_location="cpu", weights_only=True)
+            self.fragility = FragilityMLP(state["net.0.weight"].shape[1], state["net.0.weight"].shape[0])
+            self.fragility.load_state_dict(state)
         self.out = Path(config.out_dir)
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
@@ -223,7 +233,8 @@ class Trainer:
                     sync = self.world == 1 or i == len(mine) - 1  # DDP all-reduces on the last backward only
                     with contextlib.nullcontext() if sync else self.forward.no_sync():
                         loss, n = loss_fn(self.model, batch, generator, forward=self.forward,
-                                          cfg_dropout=cfg.cfg_dropout, weighting=cfg.loss_weighting)
+                                          cfg_dropout=cfg.cfg_dropout, weighting=cfg.loss_weighting,
+                                          fragility=self.fragility, fragility_ab=cfg.fragility_ab)
                         loss.backward()
                     local += torch.tensor([n, loss.item()], dtype=torch.float64)
                 if self.world > 1:
