@@ -46,6 +46,14 @@ def _model(variant: str, seed: int = 0, dropout: float = 0.1):
     return lcm_fast.build_model(tiny_config("two_tower_diffusion_lcm", context_encoder={"dropout_p": dropout}))
 
 
+def _cli_config(path, model: str) -> str:
+    """A YAML --config for the CLI tests: tiny ``model`` fields, quick schedule, small batches."""
+    path.write_text(f"model: {{sonar_embed_dim: {DIM}, model_dim: 16, max_seq_len: 32, {model}}}\n"
+                    "train: {warmup_steps: 1, save_every: 2, log_every: 1}\n"
+                    "data: {max_concepts: 48, max_sentences: 16}\n")
+    return str(path)
+
+
 def _losses(out_dir):
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return [line["loss"] for line in lines if "loss" in line]
@@ -152,15 +160,10 @@ def test_bad_configuration(tmp_path):
 def test_cli_train_and_resume(tmp_path):
     """`lcm-fast train` with a YAML config; a second call with --resume continues to more steps."""
     _dataset(tmp_path / "train.parquet", n_docs=4)
-    (tmp_path / "cfg.yaml").write_text(
-        "model:\n  sonar_embed_dim: 24\n  model_dim: 16\n  max_seq_len: 32\n"
-        "  context_encoder: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32}\n"
-        "  denoiser: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32, timestep_embed_dim: 16}\n"
-        "train: {warmup_steps: 1, save_every: 2, log_every: 1}\n"
-        "data: {max_concepts: 64, max_sentences: 16}\n"
-    )
+    config = _cli_config(tmp_path / "cfg.yaml", "context_encoder: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32}, "
+                         "denoiser: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32, timestep_embed_dim: 16}")
     cli = [sys.executable, "-m", "lcm_fast.cli", "train", "--variant", "two_tower", "--data",
-           str(tmp_path / "train.parquet"), "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
+           str(tmp_path / "train.parquet"), "--config", config, "--out", str(tmp_path / "run")]
     subprocess.run(cli + ["--steps", "3"], check=True, capture_output=True)
     assert Trainer.latest_checkpoint(tmp_path / "run").name == "step_3"
     subprocess.run(cli + ["--steps", "5", "--resume"], check=True, capture_output=True)
@@ -195,13 +198,10 @@ def test_cli_fit_normalizer_then_train(tmp_path):
                     str(tmp_path / "norm.pt")], check=True, capture_output=True)
     norm = lcm_fast.load_normalizer(tmp_path / "norm.pt")
     assert norm.dim == DIM and bool((norm.scale > 0).all())
-    (tmp_path / "cfg.yaml").write_text(
-        "model: {sonar_embed_dim: 24, model_dim: 16, max_seq_len: 32, sonar_normalizer_name: fitted,\n"
-        "        lcm: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32}}\n"
-        "train: {warmup_steps: 1, save_every: 2}\ndata: {max_concepts: 64, max_sentences: 16}\n"
-    )
+    config = _cli_config(tmp_path / "cfg.yaml", "sonar_normalizer_name: fitted, "
+                         "lcm: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32}")
     subprocess.run([sys.executable, "-m", "lcm_fast.cli", "train", "--variant", "base", "--data", str(tmp_path / "a.parquet"),
-                    "--config", str(tmp_path / "cfg.yaml"), "--normalizer", str(tmp_path / "norm.pt"), "--steps", "2",
+                    "--config", config, "--normalizer", str(tmp_path / "norm.pt"), "--steps", "2",
                     "--out", str(tmp_path / "run")], check=True, capture_output=True)
     model = lcm_fast.from_pretrained(tmp_path / "run/checkpoints/step_2")
     assert torch.equal(model.normalizer.center, norm.center)  # buffers are not trained
@@ -240,14 +240,11 @@ if distributed:
 
 def test_cli_under_torchrun(tmp_path):
     _dataset(tmp_path / "train.parquet", n_docs=6)
-    (tmp_path / "cfg.yaml").write_text(
-        "model: {sonar_embed_dim: 24, model_dim: 16, max_seq_len: 32, sonar_normalizer_name: n,\n"
-        "        lcm: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32}}\n"
-        "train: {warmup_steps: 1, save_every: 2, log_every: 1}\ndata: {max_concepts: 48, max_sentences: 16}\n"
-    )
+    config = _cli_config(tmp_path / "cfg.yaml", "sonar_normalizer_name: n, "
+                         "lcm: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32}")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                     "lcm_fast.cli", "train", "--variant", "base", "--data", str(tmp_path / "train.parquet"),
-                    "--config", str(tmp_path / "cfg.yaml"), "--steps", "2", "--device", "cpu", "--out",
+                    "--config", config, "--steps", "2", "--device", "cpu", "--out",
                     str(tmp_path / "run")], check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert Trainer.latest_checkpoint(tmp_path / "run").name == "step_2"
     assert len((tmp_path / "run/metrics.jsonl").read_text().splitlines()) == 2  # rank 0 logs alone

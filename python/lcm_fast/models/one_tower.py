@@ -10,7 +10,6 @@ equivalent). Classifier-free guidance: dropped rows see only themselves (paper: 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -20,16 +19,16 @@ from ..config import NormalizerConfig, OneTowerConfig
 from ..diffusion.schedule import DDIMScheduler
 from ..nn.attention import KVCache
 from ..nn.normalizer import SonarNormalizer
-from ..nn.position import make_frontend_positions
 from ..nn.projection import Projection
 from ..nn.timestep import TimestepEmbedder
 from ..nn.transformer import Decoder
+from .frontend import Frontend
 from .pretrained import SavePretrainedMixin
 
 
 class OneTowerLCM(SavePretrainedMixin, nn.Module):
-    """Keys: ``sonar_normalizer``, ``embed_time``, ``frontend.pre_linear`` ((sonar + timestep dims) ->
-    model dim), ``frontend.pos_encoder``, ``lcm`` (the causal stack), ``postnet``."""
+    """Keys: ``sonar_normalizer``, ``embed_time``, ``frontend`` (``pre_linear``: sonar + timestep dims ->
+    model dim, ``pos_encoder``), ``lcm`` (the causal stack), ``postnet``."""
 
     def __init__(self, config: OneTowerConfig, normalizer: Optional[NormalizerConfig] = None) -> None:
         super().__init__()
@@ -39,13 +38,10 @@ class OneTowerLCM(SavePretrainedMixin, nn.Module):
         self.sonar_dim = config.sonar_embed_dim
         self.sonar_normalizer = SonarNormalizer.from_config(config.sonar_embed_dim, normalizer)
         self.embed_time = TimestepEmbedder(config.timestep_embed_dim)
-        self.frontend = nn.Module()
-        self.frontend.pre_linear = nn.Linear(config.sonar_embed_dim + config.timestep_embed_dim, config.model_dim,
-                                             bias=config.frontend.pre_linear_bias)
-        self.frontend.pos_encoder = make_frontend_positions(config.lcm.pos_embedding_style, config.model_dim,
-                                                            config.max_seq_len)
-        self.embed_scale = math.sqrt(config.model_dim) if config.frontend.scale_embeddings else 1.0
-        self.frontend_dropout = nn.Dropout(config.frontend.dropout_p)
+        # the Base-LCM frontend over [embedding | timestep embedding] (the official LCMFrontend's unused
+        # ``timestep_embed_dim`` input); ``scale_embeddings`` scales the concatenated input
+        self.frontend = Frontend(config.sonar_embed_dim + config.timestep_embed_dim, config.model_dim,
+                                 config.max_seq_len, config.lcm.pos_embedding_style, config.frontend)
         self.lcm = Decoder(config.model_dim, config.max_seq_len, config.lcm)
         self.postnet = Projection(config.model_dim, config.sonar_embed_dim, config.postnet)
         self.noise_scheduler = DDIMScheduler(config.noise_scheduler)
@@ -59,10 +55,7 @@ class OneTowerLCM(SavePretrainedMixin, nn.Module):
 
     def _embed(self, x: Tensor, t: Tensor, start: int) -> Tensor:
         """x: [B, S, sonar_dim] normalized; t: [B, S] timesteps; sentences start.. -> [B, S, model_dim]."""
-        h = self.frontend.pre_linear(torch.cat((x * self.embed_scale, self.embed_time(t).to(x.dtype)), dim=-1))
-        if self.frontend.pos_encoder is not None:
-            h = self.frontend.pos_encoder(h, start)
-        return self.frontend_dropout(h)
+        return self.frontend(torch.cat((x, self.embed_time(t).to(x.dtype)), dim=-1), start)
 
     def forward(
         self, clean: Tensor, noisy: Tensor, timesteps: Tensor, seq_lens: Optional[Tensor] = None,
