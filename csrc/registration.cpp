@@ -26,4 +26,12 @@ TORCH_LIBRARY(lcm_fast, m) {
   // constants (see csrc/sampler/guided_ddim.h); noise [B, D] is the eta noise (None when eta = 0).
   m.def("guided_ddim_step_(Tensor(a!) latents, Tensor(b!) pred_x0, Tensor model_out, Tensor coef, Tensor params, "
         "Tensor? noise, int prediction_type) -> ()");
+
+  // Greedy residual vector quantization (beam 1): codes [N, M] int32 of x [N, d] fp32 against codebooks
+  // [M, K, d] fp32 with their squared norms [M, K]; ties go to the lowest index. The [N, K] distance
+  // matrix is never materialised (csrc/rvq/rvq.h).
+  m.def("rvq_encode(Tensor x, Tensor codebooks, Tensor codebook_sq_norms) -> Tensor");
+  // Coarse-to-fine reconstruction: [N, d] fp32 sum of C[j, codes[:, j]] over the first k codebooks,
+  // accumulated in codebook order. codes [N, >=k] int16/int32/int64.
+  m.def("rvq_decode(Tensor codes, Tensor codebooks, int k) -> Tensor");
 }

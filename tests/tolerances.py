@@ -20,3 +20,9 @@ GUIDED_DDIM_ATOL = {"torch.bfloat16": 1.6e-2, "torch.float16": 2e-3}
 # output ulp at magnitude ~8 (bf16 2^-4, fp16 2^-7): the reference rounds after every op, the kernel once.
 ADALN_FP32 = 1e-5
 ADALN_ATOL = {"torch.bfloat16": 6.3e-2, "torch.float16": 7.9e-3}
+
+# RVQ codes: exact except at ties. Two fp32 implementations (different summation orders, with or
+# without |r|^2) may pick different centroids only when their distances agree to fp32 rounding:
+# relative gap ~ d * 2^-24 ~ 6e-5 of |r|^2 at d = 1024 in the worst case, 1e-7 observed
+# (../shared/notes/faiss-rvq.md section 3). Checked in float64 at the first differing step.
+RVQ_TIE_GAP = 1e-5

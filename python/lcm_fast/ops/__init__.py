@@ -9,6 +9,7 @@ from .adaln import (
     adaln_norm_modulate_ref,
 )
 from .guided_ddim import guided_ddim_step_, guided_ddim_step_ref, sampler_params
+from .rvq import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
 
 __all__ = [
     "OPS",
@@ -16,4 +17,12 @@ __all__ = [
     "adaln_gated_residual_norm_modulate_ref",
     "adaln_norm_modulate",
     "adaln_norm_modulate_ref",
-    "guided_ddim_step_", "guided_ddim_step_ref", "sampler_params", "set_backend"]
+    "guided_ddim_step_",
+    "guided_ddim_step_ref",
+    "rvq_decode",
+    "rvq_decode_ref",
+    "rvq_encode",
+    "rvq_encode_ref",
+    "sampler_params",
+    "set_backend",
+]

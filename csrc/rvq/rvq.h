@@ -1,0 +1,25 @@
+// Residual vector quantization (paper section 2.3.5): greedy encoding against M codebooks of K
+// centroids each, and coarse-to-fine decoding. Shared by the CPU and CUDA code; torch-free.
+//
+// Notation: x [N, d] the vectors, C [M, K, d] the codebooks, |C|^2 [M, K] their squared norms, r the
+// running residual (r = x, then r -= C[m, code_m] after step m), codes [N, M].
+//
+// Step m picks argmin_k |r - C[m, k]|^2 = argmin_k (|C[m, k]|^2 - 2 r.C[m, k]): |r|^2 is the same for
+// every k and is left out. Ties go to the lowest k (torch.argmin's rule).
+#pragma once
+
+#include <cstdint>
+
+namespace lcm_fast {
+
+enum class CodeType : int { kInt16 = 0, kInt32 = 1, kInt64 = 2 };
+
+// CUDA launchers (rvq_cuda.cu), on `stream` (a cudaStream_t). All pointers are device pointers to
+// contiguous fp32 / index arrays. `residual` [N, d] holds x on entry and the final residual on exit.
+void launch_rvq_encode(float* residual, const float* codebooks, const float* sq_norms, int32_t* codes, int64_t n,
+                       int64_t m, int64_t k, int64_t d, void* stream);
+// out [N, d] = sum over j < prefix of C[j, codes[i, j]], accumulated in codebook order (faiss's order).
+void launch_rvq_decode(const void* codes, CodeType code_type, const float* codebooks, float* out, int64_t n,
+                       int64_t m, int64_t k, int64_t d, int64_t prefix, void* stream);
+
+}  // namespace lcm_fast

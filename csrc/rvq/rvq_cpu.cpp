@@ -1,0 +1,198 @@
+// CPU implementation of the RVQ ops.
+//
+// rvq_encode fuses the distance GEMM with the argmin: per codebook, a register tile of 4 residual
+// rows x 3 centroids accumulates 12 dot products over d (AVX2 FMA via at::vec; 7 loads per 12 FMAs,
+// so the loop is FMA-bound), and each finished tile updates the rows' running minimum at once, so
+// the [N, K] distance matrix never exists. Rows are cache-blocked (kRowBlock rows of the residual
+// stay in L2 while centroid blocks stream through), and when there are fewer row blocks than
+// threads the K axis is split too (small batches: one vector per call in LCM inference), with the
+// per-split minima merged in split order so ties still go to the lowest index.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <vector>
+
+#include "rvq/rvq_checks.h"
+
+namespace lcm_fast {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+constexpr int kTileRows = 4;
+constexpr int kTileCents = 3;
+constexpr int64_t kRowBlock = 64;       // residual rows kept hot in L2 (256 KB at d = 1024)
+constexpr int64_t kCentBlock = 64;      // centroids streamed per pass over the row block
+constexpr int64_t kMinSplitCents = 256; // fewer centroids per task than this is not worth a split
+
+inline float hsum(Vec v) { return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v); }
+
+// dot[r * C + c] = x_r . cent_c for R rows (stride ldx) and C consecutive centroids (stride d).
+template <int R, int C>
+void dot_tile(const float* x, int64_t ldx, const float* cent, int64_t d, float* dot) {
+  Vec acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Vec(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= d; i += Vec::size()) {
+    Vec cv[C];
+    for (int c = 0; c < C; ++c) cv[c] = Vec::loadu(cent + c * d + i);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv = Vec::loadu(x + r * ldx + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, cv[c], acc[r][c]);
+    }
+  }
+  if (i < d) {  // zero-filled tail: 0 * 0 adds nothing
+    const int64_t n = d - i;
+    Vec cv[C];
+    for (int c = 0; c < C; ++c) cv[c] = Vec::loadu(cent + c * d + i, n);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv = Vec::loadu(x + r * ldx + i, n);
+      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, cv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) dot[r * C + c] = hsum(acc[r][c]);
+}
+
+using DotTile = void (*)(const float*, int64_t, const float*, int64_t, float*);
+
+template <int R>
+constexpr DotTile tile_for(int c) {
+  return c == 1 ? &dot_tile<R, 1> : c == 2 ? &dot_tile<R, 2> : &dot_tile<R, 3>;
+}
+
+// The running argmin of rows [r0, r1) over centroids [k0, k1) of one codebook (C [K, d], sq [K]);
+// best / best_idx are indexed by row.
+void argmin_block(const float* res, int64_t d, int64_t r0, int64_t r1, const float* cb, const float* sq, int64_t k0,
+                  int64_t k1, float* best, int32_t* best_idx) {
+  static constexpr DotTile kTiles[kTileRows][kTileCents] = {
+      {tile_for<1>(1), tile_for<1>(2), tile_for<1>(3)},
+      {tile_for<2>(1), tile_for<2>(2), tile_for<2>(3)},
+      {tile_for<3>(1), tile_for<3>(2), tile_for<3>(3)},
+      {tile_for<4>(1), tile_for<4>(2), tile_for<4>(3)},
+  };
+  float dot[kTileRows * kTileCents];
+  for (int64_t kb = k0; kb < k1; kb += kCentBlock) {
+    const int64_t kb_end = std::min(k1, kb + kCentBlock);
+    for (int64_t r = r0; r < r1; r += kTileRows) {
+      const int rows = int(std::min<int64_t>(kTileRows, r1 - r));
+      for (int64_t k = kb; k < kb_end; k += kTileCents) {
+        const int cents = int(std::min<int64_t>(kTileCents, kb_end - k));
+        kTiles[rows - 1][cents - 1](res + r * d, d, cb + k * d, d, dot);
+        for (int i = 0; i < rows; ++i)
+          for (int c = 0; c < cents; ++c) {
+            const float dist = sq[k + c] - 2.f * dot[i * cents + c];
+            if (dist < best[r + i]) {  // strict: the lowest index wins ties
+              best[r + i] = dist;
+              best_idx[r + i] = int32_t(k + c);
+            }
+          }
+      }
+    }
+  }
+}
+
+at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& sq_norms) {
+  check_rvq_encode_args(x, codebooks, sq_norms);
+  const int64_t N = x.size(0), M = codebooks.size(0), K = codebooks.size(1), d = codebooks.size(2);
+  at::Tensor codes = at::empty({N, M}, x.options().dtype(at::kInt));
+  if (N == 0) return codes;
+  at::Tensor residual = x.contiguous().clone();
+  float* res = residual.data_ptr<float>();
+  const float* cbs = codebooks.const_data_ptr<float>();
+  const float* sqs = sq_norms.const_data_ptr<float>();
+  int32_t* out = codes.data_ptr<int32_t>();
+
+  const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits =
+      std::max<int64_t>(1, std::min((threads + row_blocks - 1) / row_blocks, K / kMinSplitCents));
+  const int64_t split_len = (K + splits - 1) / splits;
+  std::vector<float> best(splits * N);
+  std::vector<int32_t> best_idx(splits * N);
+
+  for (int64_t m = 0; m < M; ++m) {
+    const float* cb = cbs + m * K * d;
+    const float* sq = sqs + m * K;
+    std::fill(best.begin(), best.end(), std::numeric_limits<float>::infinity());
+    std::fill(best_idx.begin(), best_idx.end(), 0);  // a NaN row keeps index 0 (inputs are checked in Python)
+    at::parallel_for(0, row_blocks * splits, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t rb = task / splits, s = task % splits;
+        const int64_t k0 = s * split_len, k1 = std::min(K, k0 + split_len);
+        if (k0 >= k1) continue;
+        argmin_block(res, d, rb * kRowBlock, std::min(N, (rb + 1) * kRowBlock), cb, sq, k0, k1,
+                     best.data() + s * N, best_idx.data() + s * N);
+      }
+    });
+    // merge the splits in order (ties to the lower index), emit the code, r -= C[m, code]
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        float b = best[n];
+        int32_t idx = best_idx[n];
+        for (int64_t s = 1; s < splits; ++s)
+          if (best[s * N + n] < b) {
+            b = best[s * N + n];
+            idx = best_idx[s * N + n];
+          }
+        out[n * M + m] = idx;
+        float* r = res + n * d;
+        at::vec::map2([](Vec a, Vec c) { return a - c; }, r, r, cb + int64_t(idx) * d, d);
+      }
+    });
+  }
+  return codes;
+}
+
+template <typename Code>
+void rvq_decode_impl(const Code* codes, const float* cbs, float* out, int64_t N, int64_t M, int64_t K, int64_t d,
+                     int64_t prefix) {
+  std::atomic<bool> out_of_range{false};
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / d), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      float* o = out + n * d;
+      for (int64_t j = 0; j < prefix; ++j) {
+        const int64_t c = int64_t(codes[n * M + j]);
+        if (c < 0 || c >= K) {
+          out_of_range = true;
+          return;
+        }
+        const float* row = cbs + (j * K + c) * d;
+        if (j == 0) std::copy(row, row + d, o);
+        else at::vec::map2([](Vec a, Vec b) { return a + b; }, o, o, row, d);
+      }
+    }
+  });
+  TORCH_CHECK(!out_of_range, "rvq_decode: a code is outside [0, K=", K, ")");
+}
+
+at::Tensor rvq_decode_cpu(const at::Tensor& codes, const at::Tensor& codebooks, int64_t prefix) {
+  const CodeType type = check_rvq_decode_args(codes, codebooks, prefix);
+  const int64_t N = codes.size(0), M = codes.size(1), K = codebooks.size(1), d = codebooks.size(2);
+  at::Tensor out = at::empty({N, d}, codebooks.options());
+  const float* cbs = codebooks.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  switch (type) {
+    case CodeType::kInt16: rvq_decode_impl(codes.const_data_ptr<int16_t>(), cbs, o, N, M, K, d, prefix); break;
+    case CodeType::kInt32: rvq_decode_impl(codes.const_data_ptr<int32_t>(), cbs, o, N, M, K, d, prefix); break;
+    case CodeType::kInt64: rvq_decode_impl(codes.const_data_ptr<int64_t>(), cbs, o, N, M, K, d, prefix); break;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lcm_fast, CPU, m) {
+  m.impl("rvq_encode", &rvq_encode_cpu);
+  m.impl("rvq_decode", &rvq_decode_cpu);
+}
+
+}  // namespace lcm_fast

@@ -1,0 +1,124 @@
+"""``rvq_encode`` / ``rvq_decode``: residual vector quantization (paper section 2.3.5).
+
+Encoding is greedy (beam 1, the paper's setting): step m picks the centroid of codebook m nearest to
+the running residual and subtracts it. The kernels fuse the distance GEMM with the argmin, so the
+``[N, K]`` distance matrix is never written; a beam > 1 runs the reference beam search (faiss's
+``beam_search_encode_step``). Decoding sums the chosen centroids of the first ``k`` codebooks in
+codebook order (the coarse-to-fine prefix), which reproduces faiss's decode bit for bit.
+Layouts: ``csrc/rvq/rvq.h``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from ._dispatch import OpSpec, register
+
+# rows per chunk of the reference's [chunk, K] distance matrix (64 MB at K = 8192 in fp32)
+_REF_CHUNK = 2048
+
+
+def _distances(r: Tensor, cb: Tensor, sq: Tensor) -> Tensor:
+    """|C|^2 - 2 r.C for r [n, d], cb [K, d], sq [K] -> [n, K]; |r|^2 is constant per row and left out."""
+    return torch.addmm(sq, r, cb.T, beta=1.0, alpha=-2.0)
+
+
+def rvq_encode_ref(x: Tensor, codebooks: Tensor, codebook_sq_norms: Tensor, beam: int = 1) -> Tensor:
+    """Plain-PyTorch twin (the specification). x: [N, d]; codebooks: [M, K, d]; codebook_sq_norms: [M, K].
+    Returns codes [N, M] int32 (the beam's best path for beam > 1). Computed in the codebooks' dtype
+    (fp64 codebooks make it the high-precision oracle of the tests)."""
+    N, d = x.shape
+    M, K, _ = codebooks.shape
+    codes = torch.empty(N, M, dtype=torch.int32, device=x.device)
+    for start in range(0, N, _REF_CHUNK):
+        chunk = x[start:start + _REF_CHUNK].to(codebooks.dtype)
+        codes[start:start + _REF_CHUNK] = (_greedy if beam == 1 else _beam_search)(chunk, codebooks,
+                                                                                   codebook_sq_norms, beam)
+    return codes
+
+
+def _greedy(x: Tensor, codebooks: Tensor, sq: Tensor, beam: int) -> Tensor:
+    r = x.clone()
+    out = []
+    for m in range(codebooks.shape[0]):
+        idx = _distances(r, codebooks[m], sq[m]).argmin(1)
+        r -= codebooks[m][idx]
+        out.append(idx)
+    return torch.stack(out, 1).to(torch.int32)
+
+
+def _beam_search(x: Tensor, codebooks: Tensor, sq: Tensor, beam: int) -> Tensor:
+    """Keeps the ``beam`` best partial codes per vector by total squared error (faiss's beam search)."""
+    n, d = x.shape
+    M, K, _ = codebooks.shape
+    r = x[:, None, :]                                    # [n, b, d] residual of each beam entry
+    err = (x * x).sum(-1, keepdim=True)                  # [n, b] its squared norm
+    codes = torch.zeros(n, 1, 0, dtype=torch.long, device=x.device)
+    for m in range(M):
+        b = r.shape[1]
+        dist = err[..., None] + _distances(r.reshape(-1, d), codebooks[m], sq[m]).view(n, b, K)
+        err, flat = dist.view(n, b * K).topk(min(beam, b * K), dim=1, largest=False, sorted=True)
+        parent, idx = flat // K, flat % K
+        r = r.gather(1, parent[..., None].expand(-1, -1, d)) - codebooks[m][idx]
+        codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, m)), idx[..., None]], 2)
+    return codes[:, 0].to(torch.int32)
+
+
+def rvq_decode_ref(codes: Tensor, codebooks: Tensor, k: Optional[int] = None) -> Tensor:
+    """Plain-PyTorch twin. codes: [N, >=k] integer; codebooks: [M, K, d] -> [N, d], the sum of
+    ``codebooks[j, codes[:, j]]`` for j < k (default M), accumulated in codebook order."""
+    k = codebooks.shape[0] if k is None else k
+    codes = codes.long()
+    out = codebooks[0][codes[:, 0]].clone()
+    for j in range(1, k):
+        out += codebooks[j][codes[:, j]]
+    return out
+
+
+def sq_norms(codebooks: Tensor) -> Tensor:
+    """[M, K] squared norms of the centroids of codebooks [M, K, d]."""
+    return (codebooks * codebooks).sum(-1)
+
+
+def _encode_reasons(device_type: str, dtype, *, beam: int = 1, **_) -> list[str]:
+    return [f"beam={beam} (the kernel is greedy, beam 1)"] if beam != 1 else []
+
+
+ENCODE_SPEC = register(OpSpec("rvq_encode", dtypes=(torch.float32,), extra=_encode_reasons))
+DECODE_SPEC = register(OpSpec("rvq_decode", dtypes=(torch.float32,)))
+
+if _ext.EXT_AVAILABLE:
+
+    @torch.library.register_fake("lcm_fast::rvq_encode")
+    def _rvq_encode_fake(x, codebooks, codebook_sq_norms):
+        torch._check(x.shape[1] == codebooks.shape[2])
+        return x.new_empty((x.shape[0], codebooks.shape[0]), dtype=torch.int32)
+
+    @torch.library.register_fake("lcm_fast::rvq_decode")
+    def _rvq_decode_fake(codes, codebooks, k):
+        return codebooks.new_empty((codes.shape[0], codebooks.shape[2]))
+
+
+def rvq_encode(x: Tensor, codebooks: Tensor, codebook_sq_norms: Optional[Tensor] = None, beam: int = 1, *,
+               backend: Optional[str] = None) -> Tensor:
+    """Codes [N, M] int32 of x [N, d] (any float dtype; encoded in fp32) against codebooks [M, K, d]
+    fp32; codebook_sq_norms [M, K] (computed when None: pass them when encoding repeatedly)."""
+    if codebook_sq_norms is None:
+        codebook_sq_norms = sq_norms(codebooks)
+    x = x.float()
+    if ENCODE_SPEC.choose(x.device.type, codebooks.dtype, backend, beam=beam) == "ref":
+        return rvq_encode_ref(x, codebooks, codebook_sq_norms, beam)
+    return torch.ops.lcm_fast.rvq_encode(x.contiguous(), codebooks.contiguous(), codebook_sq_norms.contiguous())
+
+
+def rvq_decode(codes: Tensor, codebooks: Tensor, k: Optional[int] = None, *, backend: Optional[str] = None) -> Tensor:
+    """Reconstruction [N, d] fp32 from codes [N, >=k] (int16/int32/int64) and codebooks [M, K, d]
+    fp32, using the first k codebooks (default all M): the paper's coarse-to-fine prefix."""
+    k = codebooks.shape[0] if k is None else int(k)
+    if DECODE_SPEC.choose(codes.device.type, codebooks.dtype, backend) == "ref":
+        return rvq_decode_ref(codes, codebooks, k)
+    return torch.ops.lcm_fast.rvq_decode(codes.contiguous(), codebooks.contiguous(), k)

@@ -1,0 +1,96 @@
+"""lcm_fast.quant: codebook training (torch and faiss backends), streaming, files, faiss interop, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lcm_fast.quant import ResidualQuantizer, kmeans, train_residual_kmeans
+
+from .ops.test_rvq import clustered
+
+
+@pytest.fixture(scope="module")
+def data() -> torch.Tensor:
+    return clustered(6000, 48, seed=7)
+
+
+@pytest.mark.parametrize("backend,init", [("torch", "random"), ("torch", "kmeans++"), ("faiss", "random")])
+def test_training_reduces_error_per_prefix(data, backend, init):
+    rq = ResidualQuantizer(48, 4, 32).train(data, backend=backend, init=init, progress=False)
+    err = rq.prefix_errors(data)
+    assert list(err) == [1, 2, 4]
+    assert err[1] < 0.5 and err[4] < err[2] < err[1], err  # coarse-to-fine: every prefix helps
+
+
+def test_torch_and_faiss_codebooks_are_comparable(data):
+    """Either backend's codebooks: the torch trainer's error is within 15 % of faiss IRVQ's."""
+    errs = {b: ResidualQuantizer(48, 4, 32).train(data, backend=b, progress=False).prefix_errors(data)[4]
+            for b in ("torch", "faiss")}
+    assert errs["torch"] < 1.15 * errs["faiss"], errs
+
+
+def test_streaming_from_memmap_equals_in_memory(data, tmp_path):
+    """Data larger than memory: a memmap read in small chunks gives the same codebooks and codes."""
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=tuple(data.shape))
+    mm[:] = data.numpy()
+    mm.flush()
+    ref_cb, ref_codes = train_residual_kmeans(data, 3, 16, progress=False)
+    cb, codes = train_residual_kmeans(np.load(tmp_path / "x.npy", mmap_mode="r"), 3, 16, chunk_size=500, progress=False)
+    assert torch.equal(cb, ref_cb) and torch.equal(codes, ref_codes)
+    rq = ResidualQuantizer.from_codebooks(cb)
+    assert torch.equal(rq.encode(data), codes)  # training codes are the greedy codes of the final codebooks
+
+
+def test_training_does_not_modify_the_data(data):
+    before = data.clone()
+    train_residual_kmeans(data, 2, 16, progress=False)
+    assert torch.equal(data, before)
+
+
+def test_kmeans_refills_empty_clusters():
+    """10 distinct points, 16 clusters: empty clusters are split off large ones, never left NaN."""
+    x = torch.randn(10, 8).repeat(50, 1)
+    c = kmeans(x, 16, n_iter=5)
+    assert torch.isfinite(c).all() and c.shape == (16, 8)
+    assert torch.unique(c, dim=0).shape[0] == 16
+
+
+def test_save_load_and_faiss_roundtrip(data, tmp_path):
+    rq = ResidualQuantizer(48, 2, 16).train(data, progress=False)
+    path = rq.save(tmp_path / "rq.safetensors")
+    back = ResidualQuantizer.load(path)
+    assert torch.equal(back.codebooks, rq.codebooks) and (back.d, back.n_codebooks, back.codebook_size) == (48, 2, 16)
+    via_faiss = ResidualQuantizer.from_faiss(rq.to_faiss())
+    assert torch.equal(via_faiss.codebooks, rq.codebooks)
+
+
+def test_errors(data, tmp_path):
+    rq = ResidualQuantizer(48, 2, 16)
+    with pytest.raises(RuntimeError, match="not trained"):
+        rq.encode(data)
+    with pytest.raises(ValueError, match=r"shape \[N, 48\]"):
+        rq.train(data[:, :10], progress=False)
+    with pytest.raises(ValueError, match="unknown RVQ training backend"):
+        rq.train(data, backend="sklearn")
+    with pytest.raises(ValueError, match="K = 2\\^nbits"):
+        ResidualQuantizer(48, 2, 12).train(data, backend="faiss")
+    rq.train(data, progress=False)
+    bad = data[:4].clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/Inf .*rows \[2\]"):
+        rq.encode(bad)
+    with pytest.raises(ValueError, match=r"\[N, 48\]"):
+        rq.encode(data[:, :47])
+    with pytest.raises(ValueError, match=r"lie in \[0, 16\)"):
+        rq.decode(torch.full((3, 2), 16))
+    with pytest.raises(ValueError, match="1 <= k <= 2"):
+        rq.decode(torch.zeros(3, 2, dtype=torch.long), k=3)
+    with pytest.raises(ValueError, match="at least k=16"):
+        kmeans(torch.randn(5, 4), 16)
+    (tmp_path / "plain.safetensors").write_bytes(b"\x00" * 8)
+    with pytest.raises(Exception):
+        ResidualQuantizer.load(tmp_path / "plain.safetensors")
+    with pytest.raises(FileNotFoundError):
+        ResidualQuantizer.load(tmp_path / "missing.safetensors")
