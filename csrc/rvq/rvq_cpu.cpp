@@ -28,7 +28,7 @@ using Vec = at::vec::Vectorized<float>;
 
 constexpr int kTileRows = 4;
 constexpr int kTileCents = 3;
-constexpr int64_t kRowBlock = 64;       // residual rows kept hot in L2 (256 KB at d = 1024)
+constexpr int64_t kRowBlock = 64;       // at most this many residual rows kept hot in L2 (256 KB at d = 1024)
 constexpr int64_t kCentBlock = 64;      // centroids streamed per pass over the row block
 constexpr int64_t kMinSplitCents = 256; // fewer centroids per task than this is not worth a split
 
@@ -111,8 +111,11 @@ at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, cons
   const float* sqs = sq_norms.const_data_ptr<float>();
   int32_t* out = codes.data_ptr<int32_t>();
 
-  const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
+  // small batches: smaller row blocks first (one per thread), then split K for what is left
   const int64_t threads = at::get_num_threads();
+  const int64_t per_thread = (N + threads - 1) / threads;
+  const int64_t row_block = std::clamp<int64_t>((per_thread + kTileRows - 1) / kTileRows * kTileRows, kTileRows, kRowBlock);
+  const int64_t row_blocks = (N + row_block - 1) / row_block;
   const int64_t splits =
       std::max<int64_t>(1, std::min((threads + row_blocks - 1) / row_blocks, K / kMinSplitCents));
   const int64_t split_len = (K + splits - 1) / splits;
@@ -129,7 +132,7 @@ at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, cons
         const int64_t rb = task / splits, s = task % splits;
         const int64_t k0 = s * split_len, k1 = std::min(K, k0 + split_len);
         if (k0 >= k1) continue;
-        argmin_block(res, d, rb * kRowBlock, std::min(N, (rb + 1) * kRowBlock), cb, sq, k0, k1,
+        argmin_block(res, d, rb * row_block, std::min(N, (rb + 1) * row_block), cb, sq, k0, k1,
                      best.data() + s * N, best_idx.data() + s * N);
       }
     });

@@ -9,6 +9,7 @@ from .config import (
     OneTowerConfig,
     DenoiserConfig,
     ModelConfig,
+    QuantLCMConfig,
     SchedulerConfig,
     TransformerConfig,
     TwoTowerConfig,
@@ -84,6 +85,18 @@ def one_tower_1_6B() -> OneTowerConfig:
     )
 
 
+def toy_quant_lcm() -> QuantLCMConfig:
+    """The toy One-Tower stack over 8 x 256 RVQ codebooks."""
+    return QuantLCMConfig(n_codebooks=8, codebook_size=256, lcm=TransformerConfig(num_layers=2, num_attn_heads=8,
+                                                                                  ffn_inner_dim=4096))
+
+
+def quant_lcm_1_6B() -> QuantLCMConfig:
+    """Paper section 2.4: the One-Tower 1.6B stack over 64 x 8192 codebooks (Quant-LCM-D by default)."""
+    one = one_tower_1_6B()
+    return QuantLCMConfig(max_seq_len=one.max_seq_len, model_dim=one.model_dim, lcm=one.lcm)
+
+
 #: preset name -> config factory; the official arch names (and ours for One-Tower).
 ARCHS: dict[str, Callable[[], ModelConfig]] = {
     "toy_base_lcm": toy_base_lcm,
@@ -93,6 +106,8 @@ ARCHS: dict[str, Callable[[], ModelConfig]] = {
     "two_tower_diffusion_lcm_7B": two_tower_7B,
     "toy_one_tower_diffusion_lcm": toy_one_tower,
     "one_tower_diffusion_lcm_1_6B": one_tower_1_6B,
+    "toy_quant_lcm": toy_quant_lcm,
+    "quant_lcm_1_6B": quant_lcm_1_6B,
 }
 
 

@@ -177,13 +177,38 @@ class OneTowerConfig:
     trained_with_cf_guidance: bool = True
 
 
-ModelConfig = Union[BaseLCMConfig, TwoTowerConfig, OneTowerConfig]
+@dataclass
+class QuantLCMConfig:
+    """Quant-LCM (paper section 2.3.5; not in the official code): the One-Tower backbone over residual
+    vector quantized embeddings. The noisy input becomes the intermediate quantized representation (the
+    sum of the first k-1 codebooks' centroids) and the timestep embedding a codebook-index embedding."""
+
+    model_type: str = "quant_lcm"
+    target: Literal["discrete", "continuous"] = "discrete"
+    """``discrete``: Quant-LCM-D, softmax over the K units of codebook k (cross-entropy);
+    ``continuous``: Quant-LCM-C, the continuous target embedding (MSE)."""
+    n_codebooks: int = 64
+    codebook_size: int = 8192
+    sonar_embed_dim: int = 1024
+    sonar_normalizer_name: Optional[str] = "sonar_normalizer"
+    max_seq_len: int = 2048
+    model_dim: int = 1024
+    codebook_embed_dim: int = 256
+    """Width of the codebook-index embedding concatenated to every input embedding."""
+    frontend: LCMFrontendConfig = field(default_factory=LCMFrontendConfig)
+    lcm: TransformerConfig = field(default_factory=TransformerConfig)
+    postnet: ProjectionConfig = field(default_factory=ProjectionConfig)
+    trained_with_cf_guidance: bool = True
+
+
+ModelConfig = Union[BaseLCMConfig, TwoTowerConfig, OneTowerConfig, QuantLCMConfig]
 
 #: official ``model_family`` (and ``model_type``) name -> config class (``one_tower_diffusion_lcm`` is ours)
 FAMILIES: dict[str, type] = {
     "base_lcm": BaseLCMConfig,
     "two_tower_diffusion_lcm": TwoTowerConfig,
     "one_tower_diffusion_lcm": OneTowerConfig,
+    "quant_lcm": QuantLCMConfig,
 }
 
 T = TypeVar("T")

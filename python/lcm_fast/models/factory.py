@@ -6,9 +6,10 @@ from typing import Optional
 
 import torch
 
-from ..config import BaseLCMConfig, ModelConfig, NormalizerConfig, OneTowerConfig, TwoTowerConfig
+from ..config import BaseLCMConfig, ModelConfig, NormalizerConfig, OneTowerConfig, QuantLCMConfig, TwoTowerConfig
 from .base_lcm import BaseLCM
 from .one_tower import OneTowerLCM
+from .quant_lcm import QuantLCM
 from .two_tower import TwoTowerLCM
 
 
@@ -18,7 +19,7 @@ def build_model(
     normalizer: Optional[NormalizerConfig] = None,
     device: Optional[torch.device | str] = None,
     dtype: Optional[torch.dtype] = None,
-) -> BaseLCM | TwoTowerLCM | OneTowerLCM:
+) -> BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM:
     """Builds the model for ``config`` (weights uninitialised; use ``device="meta"`` to only inspect).
 
     ``normalizer`` selects clipping/FFT for the SONAR normalizer (its statistics come from weights).
@@ -30,6 +31,8 @@ def build_model(
             model = BaseLCM(config, normalizer)
         elif isinstance(config, OneTowerConfig):
             model = OneTowerLCM(config, normalizer)
+        elif isinstance(config, QuantLCMConfig):
+            model = QuantLCM(config, normalizer)
         else:
             raise TypeError(f"not a model config: {type(config).__name__}")
     return model.to(dtype) if dtype is not None else model

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..config import NormalizerConfig, OneTowerConfig
+from ..config import NormalizerConfig, OneTowerConfig, QuantLCMConfig
 from ..diffusion.schedule import DDIMScheduler
 from ..nn.attention import KVCache
 from ..nn.normalizer import SonarNormalizer
@@ -26,25 +26,31 @@ from .frontend import Frontend
 from .pretrained import SavePretrainedMixin
 
 
-class OneTowerLCM(SavePretrainedMixin, nn.Module):
-    """Keys: ``sonar_normalizer``, ``embed_time``, ``frontend`` (``pre_linear``: sonar + timestep dims ->
-    model dim, ``pos_encoder``), ``lcm`` (the causal stack), ``postnet``."""
+class OneTowerBackbone(SavePretrainedMixin, nn.Module):
+    """The One-Tower stack shared by the One-Tower diffusion LCM and Quant-LCM. Every input embedding is
+    concatenated with a *condition* embedding (the diffusion timestep, or the codebook index), whose
+    module the subclass provides as :meth:`condition`; clean context tokens carry ``clean_index``."""
 
-    def __init__(self, config: OneTowerConfig, normalizer: Optional[NormalizerConfig] = None) -> None:
+    clean_index = 0
+
+    def __init__(self, config: OneTowerConfig | QuantLCMConfig, normalizer: Optional[NormalizerConfig], cond_dim: int,
+                 out_dim: int) -> None:
         super().__init__()
         if config.lcm.pos_embedding_style == "rope":
             raise ValueError("One-Tower uses frontend positions (learned, sine or none), not RoPE")
         self.config = config
         self.sonar_dim = config.sonar_embed_dim
         self.sonar_normalizer = SonarNormalizer.from_config(config.sonar_embed_dim, normalizer)
-        self.embed_time = TimestepEmbedder(config.timestep_embed_dim)
-        # the Base-LCM frontend over [embedding | timestep embedding] (the official LCMFrontend's unused
+        # the Base-LCM frontend over [embedding | condition embedding] (the official LCMFrontend's unused
         # ``timestep_embed_dim`` input); ``scale_embeddings`` scales the concatenated input
-        self.frontend = Frontend(config.sonar_embed_dim + config.timestep_embed_dim, config.model_dim,
-                                 config.max_seq_len, config.lcm.pos_embedding_style, config.frontend)
+        self.frontend = Frontend(config.sonar_embed_dim + cond_dim, config.model_dim, config.max_seq_len,
+                                 config.lcm.pos_embedding_style, config.frontend)
         self.lcm = Decoder(config.model_dim, config.max_seq_len, config.lcm)
-        self.postnet = Projection(config.model_dim, config.sonar_embed_dim, config.postnet)
-        self.noise_scheduler = DDIMScheduler(config.noise_scheduler)
+        self.postnet = Projection(config.model_dim, out_dim, config.postnet)
+
+    def condition(self, t: Tensor) -> Tensor:
+        """[B, S] integer condition -> [B, S, cond_dim]."""
+        raise NotImplementedError
 
     @property
     def normalizer(self) -> SonarNormalizer:
@@ -54,8 +60,8 @@ class OneTowerLCM(SavePretrainedMixin, nn.Module):
         return self.lcm.new_cache(capacity)
 
     def _embed(self, x: Tensor, t: Tensor, start: int) -> Tensor:
-        """x: [B, S, sonar_dim] normalized; t: [B, S] timesteps; sentences start.. -> [B, S, model_dim]."""
-        return self.frontend(torch.cat((x, self.embed_time(t).to(x.dtype)), dim=-1), start)
+        """x: [B, S, sonar_dim] normalized; t: [B, S] conditions; sentences start.. -> [B, S, model_dim]."""
+        return self.frontend(torch.cat((x, self.condition(t).to(x.dtype)), dim=-1), start)
 
     def forward(
         self, clean: Tensor, noisy: Tensor, timesteps: Tensor, seq_lens: Optional[Tensor] = None,
@@ -67,7 +73,8 @@ class OneTowerLCM(SavePretrainedMixin, nn.Module):
         B, N, _ = clean.shape
         device = clean.device
         positions = torch.arange(N, device=device)
-        h = torch.cat((self._embed(clean, torch.zeros_like(timesteps), 0), self._embed(noisy, timesteps, 0)), dim=1)
+        h = torch.cat((self._embed(clean, torch.full_like(timesteps, self.clean_index), 0),
+                       self._embed(noisy, timesteps, 0)), dim=1)
         i, j = positions[:, None], positions[None, :]
         eye = torch.eye(N, dtype=torch.bool, device=device)
         clean_rows = torch.cat((j <= i, torch.zeros(N, N, dtype=torch.bool, device=device)), dim=1)
@@ -86,7 +93,7 @@ class OneTowerLCM(SavePretrainedMixin, nn.Module):
     def encode(self, x: Tensor, seq_lens: Optional[Tensor] = None, cache: Optional[list[KVCache]] = None) -> Tensor:
         """Adds clean sentences [B, S, sonar_dim] (normalized) to the context cache (positions follow the
         cached ones). Returns their hidden states [B, S, model_dim]."""
-        t = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+        t = torch.full(x.shape[:2], self.clean_index, dtype=torch.long, device=x.device)
         return self.lcm(self._embed(x, t, cache[0].length if cache else 0), seq_lens, cache)
 
     def denoise_step(self, latents: Tensor, t: int, cache: Optional[list[KVCache]], conditional: bool = True) -> Tensor:
@@ -101,3 +108,16 @@ class OneTowerLCM(SavePretrainedMixin, nn.Module):
         else:
             out = self.lcm(h)
         return self.postnet(out)
+
+
+class OneTowerLCM(OneTowerBackbone):
+    """Keys: ``sonar_normalizer``, ``frontend`` (``pre_linear``: sonar + timestep dims -> model dim,
+    ``pos_encoder``), ``lcm`` (the causal stack), ``postnet``, ``embed_time``."""
+
+    def __init__(self, config: OneTowerConfig, normalizer: Optional[NormalizerConfig] = None) -> None:
+        super().__init__(config, normalizer, config.timestep_embed_dim, config.sonar_embed_dim)
+        self.embed_time = TimestepEmbedder(config.timestep_embed_dim)
+        self.noise_scheduler = DDIMScheduler(config.noise_scheduler)
+
+    def condition(self, t: Tensor) -> Tensor:
+        return self.embed_time(t)

@@ -73,6 +73,9 @@ def rvq_decode_ref(codes: Tensor, codebooks: Tensor, k: Optional[int] = None) ->
     ``codebooks[j, codes[:, j]]`` for j < k (default M), accumulated in codebook order."""
     k = codebooks.shape[0] if k is None else k
     codes = codes.long()
+    K = codebooks.shape[1]
+    if codes.numel() and (int(codes[:, :k].min()) < 0 or int(codes[:, :k].max()) >= K):
+        raise ValueError(f"rvq_decode: a code is outside [0, K={K})")
     out = codebooks[0][codes[:, 0]].clone()
     for j in range(1, k):
         out += codebooks[j][codes[:, j]]

@@ -1,0 +1,109 @@
+"""RVQ encode/decode: lcm_fast's fused kernels vs faiss ``ResidualQuantizer`` on the same codebooks.
+
+Run: ``python -m pytest bench/bench_rvq.py -q --benchmark-json=rvq.json``.
+
+Protocol (../shared/notes/faiss-rvq.md section 6): same codebooks (random: speed does not depend on
+their values), same held-out fp32 data, one process, equal thread counts, the two implementations
+alternated A/B/A/B after a warm-up, median of ``REPEATS``. Each benchmark records in ``extra_info``
+both medians, vectors/s, achieved GFLOP/s (2 M K d per encoded vector), the ratio lcm_fast / faiss
+measured in that window, and the fraction of vectors whose codes agree.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from lcm_fast.quant import ResidualQuantizer
+
+D = 1024
+SHAPES = [(8, 256), (16, 1024), (32, 4096), (64, 8192)]
+REPEATS = 5
+# faiss's batch size ignores the [n, K] distance buffer (21 GB at K = 8192): call it in chunks
+FAISS_CHUNK = 16384
+
+
+def _large_batch(M: int, K: int) -> int:
+    """Vectors per call for the throughput case: about 16 GFLOP of distance GEMM, at least 256."""
+    return int(min(65536, max(256, 16e9 // (2 * M * K * D))))
+
+
+@functools.lru_cache(maxsize=1)  # 2 GB of fp32 at 64 x 8192: build each shape once
+def _quantizers(M: int, K: int):
+    g = torch.Generator().manual_seed(M * K)
+    rq = ResidualQuantizer.from_codebooks(torch.randn(M, K, D, generator=g) / D**0.5)
+    return rq, rq.to_faiss()
+
+
+def _data(n: int) -> torch.Tensor:
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(n)) / D**0.5
+
+
+def _alternate(benchmark, ours, theirs) -> tuple[float, float]:
+    """Median seconds of (ours, theirs), interleaved; one call each when benchmarks are disabled."""
+    repeats = 1 if benchmark.disabled else REPEATS
+    ours(), theirs()  # warm-up
+    t_ours, t_theirs = [], []
+    for _ in range(repeats):
+        for fn, times in ((ours, t_ours), (theirs, t_theirs)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(t_ours), statistics.median(t_theirs)
+
+
+def _faiss_encode(frq, x: np.ndarray, M: int, nbits: int) -> np.ndarray:
+    return np.concatenate([faiss.unpack_bitstrings(frq.compute_codes(x[i:i + FAISS_CHUNK]), M, nbits)
+                           for i in range(0, len(x), FAISS_CHUNK)])
+
+
+@pytest.fixture(autouse=True)
+def equal_threads():
+    faiss.omp_set_num_threads(torch.get_num_threads())
+
+
+@pytest.mark.parametrize("batch", ["1", "64", "large"])
+@pytest.mark.parametrize("M,K", SHAPES)
+def test_encode_vs_faiss(benchmark, M, K, batch):
+    # the smoke run (--benchmark-disable, as in CI) keeps the throughput case small
+    n = (64 if benchmark.disabled else _large_batch(M, K)) if batch == "large" else int(batch)
+    rq, frq = _quantizers(M, K)
+    x = _data(n)
+    xn, nbits = x.numpy(), K.bit_length() - 1
+    ours = lambda: rq.encode(x)
+    theirs = lambda: _faiss_encode(frq, xn, M, nbits)
+    t_ours, t_faiss = _alternate(benchmark, ours, theirs)
+    match = float((ours().numpy() == theirs()).all(1).mean())
+    benchmark.group = f"rvq_encode/d{D}/{M}x{K}/n{n}"
+    benchmark.pedantic(ours, rounds=1 if benchmark.disabled else REPEATS, iterations=1)
+    flop = 2 * M * K * D * n
+    benchmark.extra_info.update(
+        op="rvq_encode", M=M, K=K, d=D, n=n, threads=torch.get_num_threads(), faiss=faiss.__version__,
+        ours_s=t_ours, faiss_s=t_faiss, ours_vps=n / t_ours, faiss_vps=n / t_faiss,
+        ours_gflops=flop / t_ours / 1e9, faiss_gflops=flop / t_faiss / 1e9, ratio=t_faiss / t_ours,
+        vector_match=match)
+
+
+@pytest.mark.parametrize("batch", ["1", "64", "4096"])
+@pytest.mark.parametrize("M,K", SHAPES)
+def test_decode_vs_faiss(benchmark, M, K, batch):
+    n = int(batch)
+    rq, frq = _quantizers(M, K)
+    codes = torch.randint(K, (n, M), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    packed = faiss.pack_bitstrings(codes.numpy(), K.bit_length() - 1)
+    ours = lambda: rq.decode(codes)
+    theirs = lambda: frq.decode(packed)
+    t_ours, t_faiss = _alternate(benchmark, ours, theirs)
+    assert np.array_equal(ours().numpy(), theirs())  # same codes, same sums, same order
+    benchmark.group = f"rvq_decode/d{D}/{M}x{K}/n{n}"
+    benchmark.pedantic(ours, rounds=1 if benchmark.disabled else REPEATS, iterations=1)
+    benchmark.extra_info.update(
+        op="rvq_decode", M=M, K=K, d=D, n=n, threads=torch.get_num_threads(), ours_s=t_ours, faiss_s=t_faiss,
+        ours_vps=n / t_ours, faiss_vps=n / t_faiss, ratio=t_faiss / t_ours,
+        ours_gbps=n * M * D * 4 / t_ours / 1e9)

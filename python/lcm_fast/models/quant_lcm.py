@@ -1,0 +1,65 @@
+"""Quant-LCM (paper section 2.3.5): coarse-to-fine generation over residual-quantized embeddings.
+
+The One-Tower backbone, where the noisy input of the next sentence is its *intermediate quantized
+representation* ``q_{k-1} = sum_{j<k-1} C[j, code_j]`` (zero for k = 1) and the timestep embedding is
+a codebook-index embedding (index k-1: "predict codebook k"; index M marks clean context tokens).
+Quant-LCM-D outputs logits over the K units of codebook k; Quant-LCM-C outputs the continuous target
+embedding, whose residual ``r = prediction - q_{k-1}`` picks (or samples, eq. 23) the next centroid.
+The codebooks ``[M, K, d]`` (raw SONAR space) are a buffer of the model, saved with its weights.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import NormalizerConfig, QuantLCMConfig
+from ..ops.rvq import rvq_encode, sq_norms
+from .one_tower import OneTowerBackbone
+
+
+class QuantLCM(OneTowerBackbone):
+    """Keys: ``sonar_normalizer``, ``frontend``, ``lcm``, ``postnet`` (to K logits for ``discrete``, to
+    sonar_dim for ``continuous``), ``embed_codebook`` [M + 1, codebook_embed_dim], ``rvq_codebooks``."""
+
+    def __init__(self, config: QuantLCMConfig, normalizer: Optional[NormalizerConfig] = None) -> None:
+        if config.target not in ("discrete", "continuous"):
+            raise ValueError(f"Quant-LCM target must be 'discrete' or 'continuous', got {config.target!r}")
+        out_dim = config.codebook_size if config.target == "discrete" else config.sonar_embed_dim
+        super().__init__(config, normalizer, config.codebook_embed_dim, out_dim)
+        self.embed_codebook = nn.Embedding(config.n_codebooks + 1, config.codebook_embed_dim)
+        self.register_buffer("rvq_codebooks",
+                             torch.zeros(config.n_codebooks, config.codebook_size, config.sonar_embed_dim))
+        self.clean_index = config.n_codebooks
+
+    @property
+    def discrete(self) -> bool:
+        return self.config.target == "discrete"
+
+    def condition(self, t: Tensor) -> Tensor:
+        return self.embed_codebook(t)
+
+    def set_codebooks(self, codebooks: Tensor) -> "QuantLCM":
+        """Installs RVQ codebooks [M, K, sonar_dim] (e.g. ``ResidualQuantizer.codebooks``)."""
+        expected = tuple(self.rvq_codebooks.shape)
+        if tuple(codebooks.shape) != expected:
+            raise ValueError(f"codebooks of shape {tuple(codebooks.shape)} do not fit this Quant-LCM "
+                             f"(n_codebooks, codebook_size, sonar_embed_dim) = {expected}")
+        self.rvq_codebooks.copy_(codebooks)
+        return self
+
+    def quantize(self, x: Tensor) -> Tensor:
+        """Codes [..., M] int64 of raw embeddings x [..., sonar_dim] (greedy RVQ, fused kernel)."""
+        cb = self.rvq_codebooks.float()
+        codes = rvq_encode(x.reshape(-1, x.shape[-1]).float(), cb, sq_norms(cb))
+        return codes.long().view(*x.shape[:-1], -1)
+
+    def intermediate(self, codes: Tensor, k: Tensor) -> Tensor:
+        """Raw intermediate representations [..., sonar_dim]: the sum of C[j, codes[..., j]] over
+        j < k (k: [...] integers in [0, M]; k = 0 gives zeros). codes: [..., M]."""
+        out = torch.zeros(*codes.shape[:-1], self.sonar_dim, device=codes.device, dtype=self.rvq_codebooks.dtype)
+        for j in range(self.config.n_codebooks):
+            out += self.rvq_codebooks[j][codes[..., j]] * (k > j)[..., None]
+        return out
