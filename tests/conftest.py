@@ -26,6 +26,8 @@ def tiny_config(family: str, **overrides) -> BaseLCMConfig | TwoTowerConfig:
         mapping = dict(base, lcm=stack)
     elif family == "one_tower_diffusion_lcm":
         mapping = dict(base, timestep_embed_dim=8, lcm=stack)
+    elif family == "quant_lcm":
+        mapping = dict(base, codebook_embed_dim=8, n_codebooks=4, codebook_size=16, lcm=stack)
     else:
         mapping = dict(base, context_encoder=stack, denoiser=dict(stack, timestep_embed_dim=16),
                        noise_scheduler=dict(num_diffusion_train_steps=100))

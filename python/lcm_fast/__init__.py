@@ -14,11 +14,11 @@ __version__ = "0.1.0"
 
 from . import _ext
 from .archs import ARCHS, get_arch
-from .config import BaseLCMConfig, NormalizerConfig, OneTowerConfig, SchedulerConfig, TwoTowerConfig
+from .config import BaseLCMConfig, NormalizerConfig, OneTowerConfig, QuantLCMConfig, SchedulerConfig, TwoTowerConfig
 from .diffusion import DDIMScheduler
 from .inference import GenerationOptions, GenerationOutput, Generator, ReplayNoise, TorchNoise, generate
 from .io import CheckpointError, from_pretrained, load_normalizer, load_official, save_pretrained
-from .models import BaseLCM, OneTowerLCM, TwoTowerLCM, build_model
+from .models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM, build_model
 from .ops import set_backend
 
 EXT_AVAILABLE = _ext.EXT_AVAILABLE
@@ -36,6 +36,8 @@ __all__ = [
     "NormalizerConfig",
     "OneTowerConfig",
     "OneTowerLCM",
+    "QuantLCM",
+    "QuantLCMConfig",
     "ReplayNoise",
     "SchedulerConfig",
     "TorchNoise",

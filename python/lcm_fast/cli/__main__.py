@@ -1,4 +1,4 @@
-"""``lcm-fast {info, train, fit-normalizer}``: defaults come from the config dataclasses."""
+"""``lcm-fast {info, train, fit-normalizer, fit-rvq}``: defaults come from the config dataclasses."""
 
 from __future__ import annotations
 
@@ -22,8 +22,22 @@ def _train(args: argparse.Namespace) -> None:
 
     overrides = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     arch = args.arch or {"base": "toy_base_lcm", "two_tower": "toy_two_tower_diffusion_lcm",
-                         "one_tower": "toy_one_tower_diffusion_lcm"}[args.variant]
+                         "one_tower": "toy_one_tower_diffusion_lcm", "quant_d": "toy_quant_lcm",
+                         "quant_c": "toy_quant_lcm"}[args.variant]
     model_cfg = lcm_fast.get_arch(arch)
+    rq = None
+    if args.variant in ("quant_d", "quant_c"):
+        if not args.rvq and not args.init:
+            raise SystemExit(f"--variant {args.variant} needs --rvq CODEBOOKS (from lcm-fast fit-rvq)")
+        if args.rvq:  # the codebooks fix the quantizer shape and the embedding dim
+            from lcm_fast.quant import ResidualQuantizer
+
+            rq = ResidualQuantizer.load(args.rvq)
+            model_cfg = merge_into(model_cfg, dict(
+                target="discrete" if args.variant == "quant_d" else "continuous", n_codebooks=rq.n_codebooks,
+                codebook_size=rq.codebook_size, sonar_embed_dim=rq.d))
+    elif args.rvq:
+        raise SystemExit("--rvq is only for --variant quant_d or quant_c")
     model_cfg = merge_into(model_cfg, overrides.get("model", {}))
     train_cfg = merge_into(TrainConfig(variant=args.variant, out_dir=args.out), overrides.get("train", {}))
     if args.steps is not None:
@@ -37,6 +51,8 @@ def _train(args: argparse.Namespace) -> None:
         if model.normalizer is None:
             raise SystemExit(f"--normalizer given but the {arch} model has none (set sonar_normalizer_name)")
         model.normalizer.load_state_dict(lcm_fast.load_normalizer(args.normalizer).state_dict())
+    if rq is not None:
+        model.set_codebooks(rq.codebooks)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # launched by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
@@ -64,6 +80,28 @@ def _fit_normalizer(args: argparse.Namespace) -> None:
     print(f"fitted on {sample.shape[0]} sentence embeddings ({args.method}) -> {args.out}")
 
 
+def _fit_rvq(args: argparse.Namespace) -> None:
+    from lcm_fast.quant import ResidualQuantizer
+    from lcm_fast.training.data import sample_embeddings
+
+    x = sample_embeddings([_weighted(item) for item in args.data], args.dim, args.sample, seed=args.seed)
+    held_out = max(1, min(len(x) // 10, 10_000))  # the summary is measured on vectors not trained on
+    train, test = x[held_out:], x[:held_out]
+    if len(train) < args.size:
+        raise SystemExit(f"{len(train)} training vectors for codebooks of {args.size} units: give more data "
+                         f"(--sample) or a smaller --size")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() and args.backend == "torch" else None)
+    rq = ResidualQuantizer(args.dim, args.codebooks, args.size)
+    rq.train(train, backend=args.backend, device=device, n_iter=args.iters, init=args.init, seed=args.seed)
+    rq.save(args.out)
+    print(f"{args.codebooks} x {args.size} codebooks ({args.backend}) trained on {len(train)} vectors -> {args.out}")
+    print(f"relative squared error on {held_out} held-out vectors, per prefix of k codebooks:")
+    for k, err in rq.prefix_errors(test.to(rq.device)).items():
+        print(f"  k={k:<4d} {err:.4f}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from lcm_fast.archs import ARCHS
     from lcm_fast.training import LOSSES, TrainConfig
@@ -87,6 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--normalizer", help="normalizer statistics (.pt from fit-normalizer or an official one)")
     train.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu")
+    train.add_argument("--rvq", help="Quant-LCM: RVQ codebooks (.safetensors from fit-rvq); sets the quantizer shape")
     fit = sub.add_parser("fit-normalizer", help="fit the SONAR normalizer on a weighted mix of parquet files")
     fit.add_argument("--data", nargs="+", required=True, help="parquet files, each optionally FILE:WEIGHT (default 1)")
     fit.add_argument("--dim", type=int, default=1024, help="embedding dim")
@@ -94,6 +133,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     fit.add_argument("--method", choices=["gaussian_robust", "robust", "standard"], default="gaussian_robust")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--out", required=True, help="output .pt (official normalizer format)")
+    rvq = sub.add_parser("fit-rvq", help="train residual vector quantization codebooks on parquet embeddings")
+    rvq.add_argument("--data", nargs="+", required=True, help="parquet files, each optionally FILE:WEIGHT (default 1)")
+    rvq.add_argument("--dim", type=int, default=1024, help="embedding dim")
+    rvq.add_argument("--codebooks", type=int, default=64, help="number of codebooks M (paper: 64)")
+    rvq.add_argument("--size", type=int, default=8192, help="units per codebook K (paper: 8192)")
+    rvq.add_argument("--backend", choices=["torch", "faiss"], default="torch",
+                     help="torch: residual k-means on --device; faiss: IRVQ (progressive dims), beam 1")
+    rvq.add_argument("--device", help="torch backend: cpu or cuda (default: cuda when available)")
+    rvq.add_argument("--sample", type=int, default=1_000_000, help="embeddings to sample in total (10%% held out)")
+    rvq.add_argument("--iters", type=int, default=10, help="k-means iterations per codebook")
+    rvq.add_argument("--init", choices=["random", "kmeans++"], default="random", help="torch backend: k-means init")
+    rvq.add_argument("--seed", type=int, default=1234)
+    rvq.add_argument("--out", required=True, help="output .safetensors")
     args = parser.parse_args(argv)
     if args.command == "info":
         from lcm_fast.info import main as info
@@ -101,6 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         info()
     elif args.command == "fit-normalizer":
         _fit_normalizer(args)
+    elif args.command == "fit-rvq":
+        _fit_rvq(args)
     else:
         _train(args)
 

@@ -2,7 +2,8 @@
 
 Base-LCM: one forward pass. Diffusion models: one DDIM chain over all positions in parallel, where
 position n is denoised from the clean context before it (the training-time attention masks), with the
-same classifier-free guidance and fused step as generation.
+same classifier-free guidance and fused step as generation. Quant-LCM: the M coarse-to-fine passes
+over all positions in parallel, greedy units.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..models import BaseLCM, OneTowerLCM, TwoTowerLCM
+from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 from ..ops import guided_ddim_step_, sampler_params
 
 
 @torch.no_grad()
 def teacher_forced_predictions(
-    model: BaseLCM | TwoTowerLCM | OneTowerLCM,
+    model: BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM,
     embeddings: Tensor,
     seq_lens: Tensor,
     *,
@@ -38,6 +39,10 @@ def teacher_forced_predictions(
     x, seq_lens = embeddings.to(device), seq_lens.to(device)
     norm = model.normalizer
     xn = norm.normalize(x) if norm is not None else x
+    if isinstance(model, QuantLCM):
+        out = _parallel_quant(model, xn, seq_lens, guidance_scale)
+        model.train(was_training)
+        return out
     if isinstance(model, BaseLCM):
         pred = model(xn, seq_lens)
         out = torch.zeros_like(pred)
@@ -82,3 +87,21 @@ def _parallel_ddim(model: TwoTowerLCM | OneTowerLCM, denoise, shape: torch.Size,
             out = torch.cat((out, uncond))
         guided_ddim_step_(latents, x0, out.float().contiguous(), table[i], params, None, sched.config.prediction_type)
     return x0.view(B, L, D).to(dtype)
+
+
+def _parallel_quant(model: QuantLCM, xn: Tensor, seq_lens: Tensor, guidance_scale: float) -> Tensor:
+    """Greedy coarse-to-fine decoding of every position at once -> raw predictions [B, L, D]."""
+    B, L, D = xn.shape
+    norm = model.normalizer
+    inter = torch.zeros(B * L, D, device=xn.device, dtype=model.rvq_codebooks.dtype)
+    unconditional = torch.ones(L, dtype=torch.bool, device=xn.device)
+    for k in range(model.config.n_codebooks):
+        index = torch.full((B, L), k, device=xn.device)
+        inputs = inter.view(B, L, D).to(xn.dtype)
+        inputs = norm.normalize(inputs) if norm is not None else inputs
+        out = model(xn, inputs, index, seq_lens)
+        if guidance_scale != 1.0:
+            uncond = model(xn, inputs, index, seq_lens, cfg_dropout_rows=unconditional)
+            out = uncond + guidance_scale * (out - uncond)
+        inter += model.rvq_codebooks[k][model.unit_scores(out.flatten(0, 1), inter, k).argmax(-1)]
+    return inter.view(B, L, D).to(xn.dtype)

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from ..config import merge_into
 from ..diffusion import SchedulerOutput, classifier_free_guidance
-from ..models import BaseLCM, OneTowerLCM, TwoTowerLCM
+from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
+from ..models.quant_lcm import sample_units
 from ..ops import guided_ddim_step_, sampler_params
 from .fast import FastDenoiser
 from .noise import NoiseSource, TorchNoise
@@ -56,6 +57,11 @@ class GenerationOptions:
     """Noise seed (CPU generator, so outputs do not depend on the device). ``None``: torch's global RNG.
     Unlike the official code, ``0`` is a seed like any other."""
     lcm_temperature: float = 1.0
+    """Base-LCM latent noise scale; Quant-LCM unit sampling temperature (paper: 1 for -D, 0.005 for -C)."""
+    top_k: int = 1
+    """Quant-LCM: sample among the top_k units of each codebook (1: greedy, the paper's single-sentence setting)."""
+    top_p: float = 1.0
+    """Quant-LCM: nucleus sampling mass."""
     guidance_scale: float = 1.0
     """Classifier-free guidance weight w; 1.0 disables CFG."""
     guidance_rescale: float = 0.0
@@ -337,20 +343,73 @@ class _OneTowerStepper(_TwoTowerStepper):
         return torch.cat((cond, self.model.denoise_step(latents, t, cache, conditional=False)))
 
 
+class _QuantStepper:
+    """Quant-LCM: the One-Tower context cache, then for the next sentence M passes of one token each,
+    k = 1..M: the model sees the intermediate representation of the codebooks chosen so far and the
+    index k; its (CFG-guided) output scores the units of codebook k, one is picked (greedy or
+    sampled) and its centroid added. The sentence is the final sum of M centroids."""
+
+    def __init__(self, model: QuantLCM, options: GenerationOptions, capacity: int, noise: NoiseSource) -> None:
+        self.model, self.options, self.noise = model, options, noise
+        self.cache = model.new_cache(capacity)
+        self.cfg = options.guidance_scale != 1.0
+
+    def prefill(self, prefix: Tensor) -> None:
+        if prefix.shape[1] > 0:
+            self.model.encode(self._normalize(prefix), cache=self.cache)
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        return self.model.normalizer.normalize(x) if self.model.normalizer is not None else x
+
+    def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
+        m, opt = self.model, self.options
+        self.model.encode(self._normalize(seqs[:, step - 1 : step]), cache=self.cache)
+        B, D, device, dtype = seqs.shape[0], m.sonar_dim, seqs.device, seqs.dtype
+        rows = None if not forced.any() else (~forced).nonzero().flatten()
+        cache = self.cache if rows is None else [c.select(rows) for c in self.cache]
+        n = B if rows is None else rows.numel()
+        inter = torch.zeros(n, D, device=device, dtype=m.rvq_codebooks.dtype)
+        sampling = opt.top_k != 1 and opt.lcm_temperature != 0
+        for k in range(m.config.n_codebooks):
+            normals = (self.noise.randn((B, m.config.codebook_size), site="unit_sample", device=device)
+                       if sampling else None)
+            if n == 0:
+                continue
+            x = self._normalize(inter.to(dtype))[:, None]
+            out = m.denoise_step(x, k, cache)
+            if self.cfg:
+                uncond = m.denoise_step(x, k, cache, conditional=False)
+                out = uncond + opt.guidance_scale * (out - uncond)
+            scores = m.unit_scores(out[:, 0], inter, k)
+            pick = normals if normals is None or rows is None else normals.index_select(0, rows)
+            units = sample_units(scores, opt.lcm_temperature, opt.top_k, opt.top_p, pick)
+            inter += m.rvq_codebooks[k][units]
+        out = inter.to(dtype)
+        if rows is None:
+            return out
+        return torch.zeros(B, D, device=device, dtype=dtype).index_copy_(0, rows, out)
+
+    def reorder(self, index: Tensor) -> None:
+        for c in self.cache:
+            c.reorder(index)
+
+
 class Generator:
     """Generates continuations of batches of right-padded concept sequences.
 
     Args:
-        model: a :class:`BaseLCM`, :class:`TwoTowerLCM` or :class:`OneTowerLCM` (put in eval mode).
+        model: a :class:`BaseLCM`, :class:`TwoTowerLCM`, :class:`OneTowerLCM` or :class:`QuantLCM` (put in
+            eval mode).
         options: :class:`GenerationOptions` (official defaults when None).
         eos_vec: [sonar_dim] end-of-text embedding for ``eos_threshold`` stopping.
         engine: ``"fast"`` (default) or ``"reference"`` (see the module docstring).
     """
 
-    def __init__(self, model: BaseLCM | TwoTowerLCM | OneTowerLCM, options: Optional[GenerationOptions] = None,
-                 eos_vec: Optional[Tensor] = None, engine: str = "fast") -> None:
-        if not isinstance(model, (BaseLCM, TwoTowerLCM, OneTowerLCM)):
-            raise TypeError(f"expected a BaseLCM, TwoTowerLCM or OneTowerLCM, got {type(model).__name__}")
+    def __init__(self, model: BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM,
+                 options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None,
+                 engine: str = "fast") -> None:
+        if not isinstance(model, (BaseLCM, TwoTowerLCM, OneTowerLCM, QuantLCM)):
+            raise TypeError(f"expected a BaseLCM, TwoTowerLCM, OneTowerLCM or QuantLCM, got {type(model).__name__}")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine '{engine}'; expected one of {ENGINES}")
         self.engine = engine
@@ -413,7 +472,9 @@ class Generator:
         rows = torch.arange(B, device=device)  # original index of each active row
         results: list[Optional[Tensor]] = [None] * B
 
-        if isinstance(model, OneTowerLCM):  # always cached: its context cache is the model's state
+        if isinstance(model, QuantLCM):
+            stepper = _QuantStepper(model, opt, total, noise)
+        elif isinstance(model, OneTowerLCM):  # always cached: its context cache is the model's state
             stepper = _OneTowerStepper(model, opt, total, noise)
         elif isinstance(model, TwoTowerLCM) and self.engine == "fast" and not disable_cache:
             stepper = _FastTwoTowerStepper(model, opt, total, noise)

@@ -12,8 +12,9 @@ from typing import Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-#: where a draw comes from: the initial diffusion latents, the DDIM eta noise, Base-LCM sampling
-SITES = ("initial_latents", "ddim_variance", "latent_sample")
+#: where a draw comes from: the initial diffusion latents, the DDIM eta noise, Base-LCM sampling,
+#: Quant-LCM unit sampling
+SITES = ("initial_latents", "ddim_variance", "latent_sample", "unit_sample")
 
 
 class NoiseSource(Protocol):

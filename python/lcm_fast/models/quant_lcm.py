@@ -63,3 +63,37 @@ class QuantLCM(OneTowerBackbone):
         for j in range(self.config.n_codebooks):
             out += self.rvq_codebooks[j][codes[..., j]] * (k > j)[..., None]
         return out
+
+    def unit_scores(self, out: Tensor, inter: Tensor, k: int) -> Tensor:
+        """Scores [n, K] of the units of codebook k (0-based) from a (guided) model output [n, out_dim]
+        at the raw intermediate representation inter [n, sonar_dim]. Quant-LCM-D: its logits.
+        Quant-LCM-C: ``-|C[k, i] - r|`` with the predicted residual ``r = prediction - inter``, so that
+        softmax(scores / temperature) is eq. 23 with beta = 1 / temperature."""
+        if self.discrete:
+            return out.float()
+        pred = self.normalizer.denormalize(out) if self.normalizer is not None else out
+        r = pred.float() - inter.float()
+        return -torch.cdist(r, self.rvq_codebooks[k].float())
+
+
+def sample_units(scores: Tensor, temperature: float, top_k: int, top_p: float,
+                 normals: Optional[Tensor] = None) -> Tensor:
+    """Unit indices [n] from scores [n, K]: the argmax when ``top_k == 1`` or ``temperature == 0``,
+    else a draw from softmax(scores / temperature) restricted to the top_k units and to the top_p
+    probability mass. ``normals`` [n, K] standard normal (the generator's noise source) become the
+    Gumbel noise of the Gumbel-max draw, so every random number comes from one place."""
+    if top_k == 1 or temperature == 0:
+        return scores.argmax(-1)
+    if normals is None:
+        raise ValueError("sampling units needs standard-normal draws (normals [n, K])")
+    logits = scores / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        mass = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = (mass - sorted_logits.softmax(-1)) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    u = torch.special.ndtr(normals.to(logits)).clamp(1e-12, 1 - 1e-7)
+    return (logits - torch.log(-torch.log(u))).argmax(-1)

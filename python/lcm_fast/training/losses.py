@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..models import BaseLCM, OneTowerLCM, TwoTowerLCM
+from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 from .data import Batch
 from .fragility import FragilityMLP
 
@@ -41,6 +41,16 @@ def base_lcm_loss(model: BaseLCM, batch: Batch, generator: torch.Generator, *, f
     return (err * mask).sum(), int(mask.sum())
 
 
+def _cfg_dropout_rows(L: int, rate: float, generator: torch.Generator, device: torch.device) -> Optional[Tensor]:
+    """[L] bool rows trained without context: floor((L - 1) rate) of positions 1..L-1 (official rule)."""
+    n_drop = math.floor((L - 1) * rate)
+    if n_drop <= 0:
+        return None
+    drop = torch.zeros(L, dtype=torch.bool)
+    drop[1 + torch.randperm(L - 1, generator=generator)[:n_drop]] = True
+    return drop.to(device)
+
+
 def diffusion_loss(model: TwoTowerLCM | OneTowerLCM, batch: Batch, generator: torch.Generator, *, cfg_dropout: float = 0.15,
                    weighting: str = "none", forward=None, fragility: Optional[FragilityMLP] = None,
                    fragility_ab: tuple[float, float] = (-4.0, 3.5), **_) -> tuple[Tensor, int]:
@@ -59,12 +69,7 @@ def diffusion_loss(model: TwoTowerLCM | OneTowerLCM, batch: Batch, generator: to
     t = torch.randint(0, sched.num_train_steps, (B, L), generator=generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0)
     noisy = sched.add_noise(x0.flatten(0, 1), eps.flatten(0, 1), t.flatten()).view_as(x0)
-    drop = None
-    n_drop = math.floor((L - 1) * cfg_dropout)
-    if n_drop > 0:
-        drop = torch.zeros(L, dtype=torch.bool)
-        drop[1 + torch.randperm(L - 1, generator=generator)[:n_drop]] = True
-        drop = drop.to(x0.device)
+    drop = _cfg_dropout_rows(L, cfg_dropout, generator, x0.device)
     pred = (forward or model)(x0, noisy, t, batch.seq_lens.to(x0.device), cfg_dropout_rows=drop).float()
     target = {"sample": x0, "epsilon": eps, "v_prediction": None}[sched.config.prediction_type]
     if target is None:
@@ -83,9 +88,35 @@ def diffusion_loss(model: TwoTowerLCM | OneTowerLCM, batch: Batch, generator: to
     return (err * mask).sum(), int(mask.sum())
 
 
+def quant_loss(model: QuantLCM, batch: Batch, generator: torch.Generator, *, cfg_dropout: float = 0.15,
+               forward=None, **_) -> tuple[Tensor, int]:
+    """Quant-LCM objective (paper section 2.3.5): every position gets a codebook k uniform in 1..M, its
+    input is the intermediate representation of its first k-1 codes. Quant-LCM-D: cross-entropy of
+    unit k (summed over targets); Quant-LCM-C: squared L2 error to the continuous embedding
+    (normalized space). Context dropout for classifier-free guidance as in the diffusion loss."""
+    raw = batch.embeddings.to(model.rvq_codebooks.device)
+    B, L, _ = raw.shape
+    norm = model.normalizer
+    x = norm.normalize(raw) if norm is not None else raw
+    codes = model.quantize(raw)  # [B, L, M]
+    k = torch.randint(1, model.config.n_codebooks + 1, (B, L), generator=generator).to(raw.device)
+    inter = model.intermediate(codes, k - 1).to(x.dtype)
+    inter = norm.normalize(inter) if norm is not None else inter
+    drop = _cfg_dropout_rows(L, cfg_dropout, generator, raw.device)
+    out = (forward or model)(x, inter, k - 1, batch.seq_lens.to(raw.device), cfg_dropout_rows=drop).float()
+    mask = _targets(batch, 0, raw.device)
+    if model.discrete:
+        target = codes.gather(-1, (k - 1)[..., None])[..., 0]
+        err = torch.nn.functional.cross_entropy(out.flatten(0, 1), target.flatten(), reduction="none").view(B, L)
+    else:
+        err = (out - x.float()).pow(2).sum(-1)
+    return (err * mask).sum(), int(mask.sum())
+
+
 #: variant name -> loss(model, batch, generator, forward=None, **options) -> (summed loss, number of
 #: target concepts); the trainer divides by the targets of the whole (global, accumulated) step.
 #: ``forward`` is the callable to run the model with (a DistributedDataParallel wrapper), default model.
 LOSSES: dict[str, Callable[..., tuple[Tensor, int]]] = {
     "base": base_lcm_loss, "two_tower": diffusion_loss, "one_tower": diffusion_loss,
+    "quant_d": quant_loss, "quant_c": quant_loss,
 }

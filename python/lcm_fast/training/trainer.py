@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..evaluation import prediction_metrics, teacher_forced_predictions
 from ..io.native import from_pretrained, save_pretrained
-from ..models import BaseLCM, OneTowerLCM, TwoTowerLCM
+from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 from .data import Batch, DataConfig, batches
 from .fragility import FragilityMLP
 from .losses import LOSSES
@@ -42,7 +42,7 @@ class TrainConfig:
     """Defaults follow the official pre-training recipes (reference-lcm-spec.md section 7.2)."""
 
     variant: str = "two_tower"
-    """base (Base-LCM, MSE) | two_tower | one_tower (diffusion)"""
+    """base (Base-LCM, MSE) | two_tower | one_tower (diffusion) | quant_d | quant_c (Quant-LCM)"""
     steps: int = 1000
     lr: float = 4e-4
     warmup_steps: int = 100
@@ -92,9 +92,18 @@ class Trainer:
                  valid: Optional[DataConfig] = None) -> None:
         if config.variant not in LOSSES:
             raise ValueError(f"unknown variant '{config.variant}'; expected one of {sorted(LOSSES)}")
-        expected = {"base": BaseLCM, "two_tower": TwoTowerLCM, "one_tower": OneTowerLCM}[config.variant]
+        expected = {"base": BaseLCM, "two_tower": TwoTowerLCM, "one_tower": OneTowerLCM, "quant_d": QuantLCM,
+                    "quant_c": QuantLCM}[config.variant]
         if not isinstance(model, expected):
             raise TypeError(f"variant '{config.variant}' trains a {expected.__name__}, got {type(model).__name__}")
+        if isinstance(model, QuantLCM):
+            target = {"quant_d": "discrete", "quant_c": "continuous"}[config.variant]
+            if model.config.target != target:
+                raise ValueError(f"variant '{config.variant}' needs a Quant-LCM with target='{target}', "
+                                 f"got target='{model.config.target}'")
+            if not model.rvq_codebooks.any():
+                raise ValueError("the Quant-LCM has no RVQ codebooks: model.set_codebooks(ResidualQuantizer.load(path)"
+                                 ".codebooks) (CLI: --rvq PATH)")
         if config.validate_every and valid is None:
             raise ValueError("validate_every is set but no validation data was given (valid=DataConfig(...))")
         self.model, self.config, self.data, self.valid = model, config, data, valid
