@@ -1,0 +1,26 @@
+"""``FlopCounterMode`` that also sees attention on the CPU.
+
+torch (2.13) has FLOP formulas for the CUDA SDPA kernels but none for the CPU one,
+``aten._scaled_dot_product_flash_attention_for_cpu``, so CPU counts silently miss all attention.
+Importing this module registers the standard SDPA formula (2 matmuls, GQA-aware) for it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils import flop_counter
+
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+if _CPU_SDPA not in flop_counter.flop_registry and _CPU_SDPA.default not in flop_counter.flop_registry:
+
+    @flop_counter.register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn, *args, **kwargs) -> tuple[int, object]:
+    """(FLOPs counted while running ``fn(*args, **kwargs)``, its result)."""
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        result = fn(*args, **kwargs)
+    return counter.get_total_flops(), result
