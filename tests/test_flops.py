@@ -103,3 +103,15 @@ def test_crossover_and_scaling():
     assert ratio(8000, "official") > ratio(1000, "official")
     with pytest.raises(ValueError, match="unknown algorithm"):
         two_tower_flops(config, 3, 40, algorithm="cached")
+
+
+def test_cli_flops_plot(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lcm_fast.cli", "flops", "--plot", str(tmp_path / "f.png"), "--json",
+                          str(tmp_path / "f.json")], check=True, capture_output=True, text=True).stdout
+    assert "crossover sentence length" in out and (tmp_path / "f.png").stat().st_size > 10_000
+    data = json.loads((tmp_path / "f.json").read_text())
+    assert len(data["crossover"]["fast"]) == len(data["contexts"]) and set(data["lcm_flops"]) == {"official", "fast"}

@@ -1,4 +1,4 @@
-"""``lcm-fast {info, train, fit-normalizer, fit-rvq}``: defaults come from the config dataclasses."""
+"""``lcm-fast {info, train, fit-normalizer, fit-rvq, flops}``: defaults come from the config dataclasses."""
 
 from __future__ import annotations
 
@@ -102,6 +102,21 @@ def _fit_rvq(args: argparse.Namespace) -> None:
         print(f"  k={k:<4d} {err:.4f}")
 
 
+def _flops(args: argparse.Namespace) -> None:
+    from lcm_fast.flops.plot import figure13_data, plot_figure13
+
+    data = figure13_data(args.lcm, args.llm, steps=args.steps, cfg=not args.no_cfg)
+    print(f"crossover sentence length (tokens) from which SONAR + Two-Tower {args.lcm} ({args.steps} steps) "
+          f"needs fewer FLOPs than {args.llm}:")
+    print(f"  {'context':>8} {'official':>9} {'fast':>6}")
+    for context, official, fast in zip(data["contexts"], data["crossover"]["official"], data["crossover"]["fast"]):
+        print(f"  {context:>8} {official if official is not None else '>200':>9} {fast if fast is not None else '>200':>6}")
+    if args.plot:
+        print(f"figure -> {plot_figure13(data, args.plot, args.json)}")
+    elif args.json:
+        Path(args.json).write_text(__import__("json").dumps(data, indent=1) + "\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from lcm_fast.archs import ARCHS
     from lcm_fast.training import LOSSES, TrainConfig
@@ -146,6 +161,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     rvq.add_argument("--init", choices=["random", "kmeans++"], default="random", help="torch backend: k-means init")
     rvq.add_argument("--seed", type=int, default=1234)
     rvq.add_argument("--out", required=True, help="output .safetensors")
+    flops = sub.add_parser("flops", help="inference FLOPs of SONAR + Two-Tower LCM vs a token LLM (paper Figure 13)")
+    flops.add_argument("--lcm", choices=["1.6B", "7B"], default="1.6B")
+    flops.add_argument("--llm", default="llama2-7b", choices=["llama2-7b", "llama2-13b", "llama3-8b"])
+    flops.add_argument("--steps", type=int, default=40, help="executed diffusion steps per sentence (paper: 40)")
+    flops.add_argument("--no-cfg", action="store_true", help="without classifier-free guidance")
+    flops.add_argument("--plot", help="write the figure (PNG; needs matplotlib)")
+    flops.add_argument("--json", help="write the numbers behind it")
     args = parser.parse_args(argv)
     if args.command == "info":
         from lcm_fast.info import main as info
@@ -155,6 +177,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         _fit_normalizer(args)
     elif args.command == "fit-rvq":
         _fit_rvq(args)
+    elif args.command == "flops":
+        _flops(args)
     else:
         _train(args)
 

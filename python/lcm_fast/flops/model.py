@@ -107,6 +107,8 @@ def two_tower_flops(config: TwoTowerConfig, n_sentences: int, steps: int, *, cfg
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
     D, S, n = config.model_dim, config.sonar_embed_dim, n_sentences
+    if n == 0:  # nothing to predict: no generation call
+        return 0.0
     ce, den = config.context_encoder, config.denoiser
     # contextualizer: one new sentence per prediction (frontend + causal stack over the cache)
     ce_token = 2 * S * D + ce.num_layers * (2 * D * 3 * D + 2 * D * D + _ffn_flops(D, ce.ffn_inner_dim, ce.use_swiglu))
