@@ -1,4 +1,4 @@
-"""``lcm-fast {info, train, fit-normalizer, fit-rvq, flops}``: defaults come from the config dataclasses."""
+"""``lcm-fast {info, prepare, train, fit-normalizer, fit-rvq, flops}``: defaults come from the config dataclasses."""
 
 from __future__ import annotations
 
@@ -117,6 +117,23 @@ def _flops(args: argparse.Namespace) -> None:
         Path(args.json).write_text(__import__("json").dumps(data, indent=1) + "\n")
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    from lcm_fast.text import load_encoder
+    from lcm_fast.text.prepare import prepare
+    from lcm_fast.training.data import DataError
+
+    options = {"device": args.device} if args.device else {}
+    if args.sonar_weights:
+        options["weights_dir"] = args.sonar_weights
+    try:
+        manifest = prepare(args.input, args.output, load_encoder(args.encoder, **options), text_column=args.text_column,
+                           max_chars=args.max_chars, shard_docs=args.shard_docs, batch_size=args.batch_size)
+    except DataError as e:
+        raise SystemExit(f"lcm-fast prepare: {e}") from None
+    print(f"{manifest['documents']} documents in {len(manifest['shards'])} shards, "
+          f"{manifest['bank_sentences']} bank sentences -> {args.output}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from lcm_fast.archs import ARCHS
     from lcm_fast.training import LOSSES, TrainConfig
@@ -168,6 +185,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     flops.add_argument("--no-cfg", action="store_true", help="without classifier-free guidance")
     flops.add_argument("--plot", help="write the figure (PNG; needs matplotlib)")
     flops.add_argument("--json", help="write the numbers behind it")
+    prep = sub.add_parser("prepare", help="text files -> sentence-embedding parquet shards + a sentence bank")
+    prep.add_argument("--input", nargs="+", required=True, help=".txt (blank-line separated documents), .jsonl, .parquet")
+    prep.add_argument("--output", required=True, help="output directory (resumable: completed shards are kept)")
+    prep.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"])
+    prep.add_argument("--sonar-weights", help="directory with the SONAR text encoder weights (encoder sonar)")
+    prep.add_argument("--device", help="encoder device (default cpu)")
+    prep.add_argument("--text-column", default="text", help="text field of .jsonl / column of .parquet inputs")
+    prep.add_argument("--max-chars", type=int, default=200, help="sentence length cap (paper: 200)")
+    prep.add_argument("--shard-docs", type=int, default=1000, help="documents per shard")
+    prep.add_argument("--batch-size", type=int, default=64, help="sentences per encoder batch")
     args = parser.parse_args(argv)
     if args.command == "info":
         from lcm_fast.info import main as info
@@ -179,6 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         _fit_rvq(args)
     elif args.command == "flops":
         _flops(args)
+    elif args.command == "prepare":
+        _prepare(args)
     else:
         _train(args)
 

@@ -141,8 +141,9 @@ def sample_embeddings(mix: Sequence[tuple[str, float]], dim: int, size: int, see
 
 
 def write_documents(path: str | Path, docs: Sequence[Tensor], *, prompt_lens: Optional[Sequence[int]] = None,
-                    row_group_size: int = 1024) -> None:
-    """Writes documents ([L_i, D] tensors) as fp16 vectors in the layout :func:`read_documents` reads."""
+                    sentences: Optional[Sequence[Sequence[str]]] = None, row_group_size: int = 1024) -> None:
+    """Writes documents ([L_i, D] tensors) as fp16 vectors in the layout :func:`read_documents` reads,
+    with their ``sentences`` (texts, L_i per document) when given."""
     dim = docs[0].shape[1]
     values = pa.array(np.concatenate([d.to(torch.float16).numpy() for d in docs]).reshape(-1))
     vectors = pa.FixedSizeListArray.from_arrays(values, dim)
@@ -150,6 +151,10 @@ def write_documents(path: str | Path, docs: Sequence[Tensor], *, prompt_lens: Op
     columns = {EMBEDDINGS: pa.ListArray.from_arrays(offsets, vectors)}
     if prompt_lens is not None:
         columns[PROMPT_LEN] = pa.array(list(prompt_lens), type=pa.int32())
+    if sentences is not None:
+        if [len(s) for s in sentences] != [d.shape[0] for d in docs]:
+            raise ValueError("write_documents: sentences must have one text per embedding of each document")
+        columns["sentences"] = pa.array([list(s) for s in sentences], type=pa.list_(pa.string()))
     pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
 
 

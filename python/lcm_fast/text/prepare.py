@@ -1,0 +1,135 @@
+"""``lcm-fast prepare``: text files -> sentence-embedding parquet shards + a sentence bank (paper appendix A).
+
+Inputs: ``.txt`` (documents separated by blank lines), ``.jsonl`` (one JSON object per line, text in
+``text_column``) and ``.parquet`` (string column ``text_column``). Documents are segmented (capped at
+``max_chars``), encoded in batches and written ``shard_docs`` documents per shard in the trainer's schema
+(``embeddings``: fp16 vectors, ``sentences``: the texts). Shards are written atomically and the run is
+deterministic, so an interrupted run resumes by skipping the shards that exist. At the end the unique
+sentences and their embeddings become the retrieval decoder's bank (``DIR/bank``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from ..training.data import DataError, write_documents
+from .encoders import Encoder
+from .retrieval import RetrievalDecoder
+from .segment import segment
+
+MANIFEST = "prepare.json"
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def read_documents_text(path: str | Path, text_column: str = "text") -> Iterator[str]:
+    """The documents of one input file, in order (see the module docstring for the formats)."""
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported input type {path.suffix!r}; expected one of {SUFFIXES}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from e
+        if text_column not in table.column_names:
+            raise DataError(f"{path}: no column {text_column!r} (columns: {table.column_names}); pass --text-column")
+        yield from (str(t) if t is not None else "" for t in table.column(text_column).to_pylist())
+        return
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (a binary file?): {e}") from e
+    if path.suffix == ".txt":
+        yield from (doc.strip() for doc in content.replace("\r\n", "\n").split("\n\n") if doc.strip())
+        return
+    for line_no, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: invalid JSON ({e})") from e
+        if not isinstance(record, dict) or text_column not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path}:{line_no}: no field {text_column!r} (has {keys}); pass --text-column")
+        yield str(record[text_column])
+
+
+def _segmented(inputs: Sequence[str | Path], text_column: str, max_chars: int) -> Iterator[list[str]]:
+    for path in inputs:
+        count = 0
+        for index, doc in enumerate(read_documents_text(path, text_column)):
+            sentences = segment(doc, max_chars)
+            if not sentences:
+                raise DataError(f"{path}: document {index} has no sentences (empty text)")
+            count += 1
+            yield sentences
+        if count == 0:
+            raise DataError(f"{path}: no documents (empty file?)")
+
+
+def prepare(inputs: Sequence[str | Path], out_dir: str | Path, encoder: Encoder, *, text_column: str = "text",
+            max_chars: int = 200, shard_docs: int = 1000, batch_size: int = 64, progress: bool = True) -> dict:
+    """Runs the preparation (resuming if ``out_dir`` holds a run with the same options); returns the manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {"inputs": [str(Path(p)) for p in inputs], "encoder": encoder.name, "dim": encoder.dim,
+               "text_column": text_column, "max_chars": max_chars, "shard_docs": shard_docs}
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        previous = json.loads(manifest_path.read_text())
+        if previous.get("options") != options:
+            raise DataError(f"{out} holds a preparation with other options ({previous.get('options')}); "
+                            "use a new output directory")
+    manifest_path.write_text(json.dumps({"options": options, "complete": False}, indent=1) + "\n")
+
+    shards, docs, bar = [], [], tqdm(disable=not progress, desc="prepare", unit="doc")
+
+    def flush() -> None:
+        path = out / f"shard-{len(shards):05d}.parquet"
+        if not path.is_file():  # resuming: completed shards are kept (writes are atomic)
+            flat = [s for d in docs for s in d]
+            emb = encoder.encode(flat, batch_size=batch_size)
+            parts = torch.split(emb, [len(d) for d in docs])
+            tmp = path.with_suffix(".parquet.tmp")
+            write_documents(tmp, list(parts), sentences=docs)
+            os.replace(tmp, path)
+        shards.append(path.name)
+        bar.update(len(docs))
+        docs.clear()
+
+    for sentences in _segmented(inputs, text_column, max_chars):
+        docs.append(sentences)
+        if len(docs) == shard_docs:
+            flush()
+    if docs:
+        flush()
+    bar.close()
+    bank = _bank(out, shards, encoder.dim)
+    bank.save(out / "bank")
+    manifest = {"options": options, "complete": True, "shards": shards,
+                "documents": sum(pq.read_metadata(out / s).num_rows for s in shards), "bank_sentences": len(bank)}
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _bank(out: Path, shards: Sequence[str], dim: int) -> RetrievalDecoder:
+    """The unique sentences of all shards, in first-seen order, with their embeddings."""
+    seen: dict[str, np.ndarray] = {}
+    for name in shards:
+        table = pq.read_table(out / name, columns=["sentences", "embeddings"])
+        for sentences, vectors in zip(table.column("sentences").to_pylist(), table.column("embeddings").to_pylist()):
+            for s, v in zip(sentences, vectors):
+                seen.setdefault(s, np.asarray(v, dtype=np.float32))
+    return RetrievalDecoder(list(seen), torch.from_numpy(np.stack(list(seen.values())).reshape(-1, dim)))
