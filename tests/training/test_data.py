@@ -106,3 +106,8 @@ def test_sample_and_fit_normalizer(tmp_path):
     assert torch.equal(again.center, norm.center) and torch.equal(again.scale, norm.scale)
     with pytest.raises(ValueError, match="NaN or inf"):
         SonarNormalizer.fit(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    # a (near-)constant dim is left unscaled instead of being divided by its ~0 spread
+    x = torch.randn(100, 3, generator=g)
+    x[:, 1] = 0.3 + 1e-9 * torch.randn(100, generator=g)
+    fitted = SonarNormalizer.fit(x, "standard")
+    assert fitted.scale[1] == 1.0 and fitted.scale[0] != 1.0

@@ -1,4 +1,5 @@
-"""``lcm-fast {info, prepare, train, fit-normalizer, fit-rvq, flops}``: defaults come from the config dataclasses."""
+"""``lcm-fast {generate, info, prepare, train, fit-normalizer, fit-rvq, flops}``: defaults come from the config
+dataclasses."""
 
 from __future__ import annotations
 
@@ -134,6 +135,46 @@ def _prepare(args: argparse.Namespace) -> None:
           f"{manifest['bank_sentences']} bank sentences -> {args.output}")
 
 
+def _generate(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    import lcm_fast
+    from lcm_fast.text import RetrievalDecoder, SonarDecoder, load_encoder
+    from lcm_fast.text.pipeline import DEMO_DIR, continue_text
+
+    model_dir = Path(args.model) if args.model else DEMO_DIR
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"lcm-fast generate: {model_dir} is not a model directory (save_pretrained / lcm-fast train)")
+    model = lcm_fast.from_pretrained(model_dir, dtype=torch.float32, device=args.device)
+    options = {"device": args.device} if args.device else {}
+    if args.sonar_weights:
+        options["weights_dir"] = args.sonar_weights
+    encoder = load_encoder(args.encoder, **options)
+    if args.decoder == "sonar":
+        decoder = SonarDecoder(**options)
+    else:
+        bank = Path(args.decoder) if args.decoder else model_dir / "bank"
+        if not (bank / "bank.json").is_file():
+            raise SystemExit(f"lcm-fast generate: no sentence bank at {bank}: pass --decoder BANK_DIR "
+                             "(lcm-fast prepare writes one) or --decoder sonar")
+        decoder = RetrievalDecoder.load(bank)
+    generation = lcm_fast.GenerationOptions.recommended(inference_timesteps=args.steps, guidance_scale=args.guidance,
+                                                        seed=args.seed)
+    try:
+        result = continue_text(" ".join(args.text), model, encoder, decoder, n_sentences=args.sentences,
+                               options=generation)
+    except ValueError as e:
+        raise SystemExit(f"lcm-fast generate: {e}") from None
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return
+    for sentence in result["sentences"]:
+        score = "" if sentence["similarity"] is None else f"[{sentence['similarity']:.2f}] "
+        print(f"{score}{sentence['text']}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from lcm_fast.archs import ARCHS
     from lcm_fast.training import LOSSES, TrainConfig
@@ -195,6 +236,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     prep.add_argument("--max-chars", type=int, default=200, help="sentence length cap (paper: 200)")
     prep.add_argument("--shard-docs", type=int, default=1000, help="documents per shard")
     prep.add_argument("--batch-size", type=int, default=64, help="sentences per encoder batch")
+    gen = sub.add_parser("generate", help="continue a text with an LCM (default: the shipped demo model, offline)",
+                         description="Segments the text, encodes it, generates sentences with the fast engine and "
+                         "decodes them; each line shows the decoder's similarity to its bank sentence.")
+    gen.add_argument("text", nargs="+", help="the prompt text")
+    gen.add_argument("--model", help="model directory (default: the demo trained on the Jargon File excerpt)")
+    gen.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"])
+    gen.add_argument("--decoder", help="sentence bank directory (default: MODEL/bank), or 'sonar'")
+    gen.add_argument("--sonar-weights", help="directory with the SONAR weights (encoder/decoder sonar)")
+    gen.add_argument("--sentences", type=int, default=3, help="sentences to generate")
+    gen.add_argument("--steps", type=int, default=40, help="diffusion steps requested (paper: 40)")
+    gen.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (paper: 3)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", help="default cpu")
+    gen.add_argument("--json", action="store_true", help='print {"prompt": [...], "sentences": [{"text", "similarity"}]}')
     args = parser.parse_args(argv)
     if args.command == "info":
         from lcm_fast.info import main as info
@@ -208,6 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         _flops(args)
     elif args.command == "prepare":
         _prepare(args)
+    elif args.command == "generate":
+        _generate(args)
     else:
         _train(args)
 

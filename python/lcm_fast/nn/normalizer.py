@@ -77,7 +77,10 @@ class SonarNormalizer(nn.Module):
             raise ValueError(f"unknown normalization method '{method}'; expected standard, robust or gaussian_robust")
         norm = cls(x.shape[1])
         norm.center.copy_(center)
-        norm.scale.copy_(torch.where(scale > 0, scale, torch.ones_like(scale)))  # constant dims: no scaling
+        # (near-)constant dims are not scaled: dividing by a spread of ~1e-8 (a dim the encoder barely
+        # uses, as in all-MiniLM-L6-v2) would turn any deviation there into a huge normalized value
+        constant = scale <= 1e-4 * scale.median()
+        norm.scale.copy_(torch.where(constant, torch.ones_like(scale), scale))
         return norm
 
     def save(self, path: str | Path) -> None:
