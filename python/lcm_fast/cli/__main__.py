@@ -1,4 +1,4 @@
-"""``lcm-fast {generate, info, prepare, train, fit-normalizer, fit-rvq, flops}``: defaults come from the config
+"""``lcm-fast {generate, eval, info, prepare, train, fit-normalizer, fit-rvq, flops}``: defaults come from the config
 dataclasses."""
 
 from __future__ import annotations
@@ -175,6 +175,32 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"{score}{sentence['text']}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    import lcm_fast
+    from lcm_fast.text import RetrievalDecoder, load_encoder
+    from lcm_fast.text.evaluate import evaluate
+
+    model = lcm_fast.from_pretrained(args.model, dtype=torch.float32, device=args.device)
+    bank = Path(args.decoder) if args.decoder else Path(args.model) / "bank"
+    decoder = RetrievalDecoder.load(bank) if args.decoder != "none" and (bank / "bank.json").is_file() else None
+    encoder = load_encoder(args.encoder) if decoder is not None else None
+    options = lcm_fast.GenerationOptions.recommended(inference_timesteps=args.steps, seed=0)
+    result = evaluate(model, args.data, encoder=encoder, decoder=decoder, max_docs=args.max_docs,
+                      prompt_sentences=args.prompt_sentences, generate_sentences=args.generate_sentences,
+                      options=options)
+    for section, metrics in result.items():
+        if metrics:
+            print(f"{section}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if decoder is None:
+        print("(no sentence bank: round-trip l2 and generation metrics skipped; pass --decoder BANK_DIR)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from lcm_fast.archs import ARCHS
     from lcm_fast.training import LOSSES, TrainConfig
@@ -250,6 +276,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", help="default cpu")
     gen.add_argument("--json", action="store_true", help='print {"prompt": [...], "sentences": [{"text", "similarity"}]}')
+    ev = sub.add_parser("eval", help="pre-training metrics (l2, l2-r, CA, PAR) and generation metrics (ROUGE-L, "
+                        "OVL-3, REP-4, word ratio) on held-out parquet documents")
+    ev.add_argument("--model", required=True, help="model directory")
+    ev.add_argument("--data", nargs="+", required=True, help="parquet shards (lcm-fast prepare output for text metrics)")
+    ev.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"], help="for the round-trip l2")
+    ev.add_argument("--decoder", help="sentence bank directory (default: MODEL/bank when present), or 'none'")
+    ev.add_argument("--max-docs", type=int, default=64)
+    ev.add_argument("--prompt-sentences", type=int, default=3)
+    ev.add_argument("--generate-sentences", type=int, default=3)
+    ev.add_argument("--steps", type=int, default=40, help="diffusion steps requested for generation")
+    ev.add_argument("--device", help="default cpu")
+    ev.add_argument("--json", help="write the metrics as JSON")
     args = parser.parse_args(argv)
     if args.command == "info":
         from lcm_fast.info import main as info
@@ -265,6 +303,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         _prepare(args)
     elif args.command == "generate":
         _generate(args)
+    elif args.command == "eval":
+        _eval(args)
     else:
         _train(args)
 
