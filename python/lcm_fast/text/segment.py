@@ -84,7 +84,9 @@ def _cap(text: str, start: int, end: int, max_chars: int) -> list[tuple[int, int
     cut = None
     for separator in _SEPARATORS:
         points = [m.end() for m in separator.finditer(text, start, end)]
-        points = [p for p in points if start + min_piece <= p <= end - min_piece]
+        # both pieces, stripped, must keep at least min_piece characters
+        points = [p for p in points
+                  if len(text[start:p].rstrip()) >= min_piece and len(text[p:end].lstrip()) >= min_piece]
         if points:
             cut = min(points, key=lambda p: (abs(p - middle), p))
             break
