@@ -248,3 +248,55 @@ def test_cli_under_torchrun(tmp_path):
                     str(tmp_path / "run")], check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert Trainer.latest_checkpoint(tmp_path / "run").name == "step_2"
     assert len((tmp_path / "run/metrics.jsonl").read_text().splitlines()) == 2  # rank 0 logs alone
+
+
+def test_ema_tracks_weights_and_resumes_exactly(tmp_path):
+    data = _dataset(tmp_path / "train.parquet", n_docs=6)
+
+    def config(name, steps=8):
+        return TrainConfig(variant="base", steps=steps, lr=1e-3, warmup_steps=2, save_every=4, log_every=1,
+                           ema_decay=0.9, out_dir=str(tmp_path / name))
+
+    model = _model("base", dropout=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(model, config("one", steps=1), data)
+    trainer.train()
+    for e, p0, p1 in zip(trainer.ema, before, model.parameters()):
+        assert torch.allclose(e, 0.9 * p0 + 0.1 * p1.detach(), atol=1e-7)
+    full = Trainer(_model("base"), config("full"), data)
+    full.train()
+
+    class Stopping(Trainer):
+        def save(self):
+            path = super().save()
+            if self.step == 4:
+                raise _Interrupted
+            return path
+
+    with pytest.raises(_Interrupted):
+        Stopping(_model("base"), config("resumed"), data).train()
+    resumed = Trainer(_model("base", seed=9), config("resumed"), data)
+    resumed.train(resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(full.ema, resumed.ema))
+    exported = lcm_fast.from_pretrained(tmp_path / "resumed/checkpoints/step_8/ema")
+    assert all(torch.equal(a, b) for a, b in zip(exported.parameters(), resumed.ema))
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        Trainer(_model("base"), TrainConfig(variant="base", ema_decay=1.5), data)
+
+
+def test_cli_eot_sentence_from_the_encoder(tmp_path):
+    """--eot encodes the end-of-text sentence with the encoder and appends it to every document."""
+    g = torch.Generator().manual_seed(0)
+    write_documents(tmp_path / "d384.parquet", [torch.randn(4, 384, generator=g) for _ in range(4)])
+    (tmp_path / "cfg.yaml").write_text("model: {sonar_embed_dim: 384, model_dim: 16, max_seq_len: 32, "
+                                       "lcm: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32}}\n"
+                                       "train: {warmup_steps: 1, save_every: 1, log_every: 1}\n")
+    cli = [sys.executable, "-m", "lcm_fast.cli", "train", "--variant", "base", "--eot", "End of text.", "--steps", "1"]
+    ok = subprocess.run(cli + ["--data", str(tmp_path / "d384.parquet"), "--config", str(tmp_path / "cfg.yaml"),
+                               "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    _dataset(tmp_path / "d24.parquet", n_docs=2)
+    bad = subprocess.run(cli + ["--data", str(tmp_path / "d24.parquet"), "--config",
+                                _cli_config(tmp_path / "c24.yaml", "lcm: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32}"),
+                                "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "gives 384-d embeddings but the model works on 24-d" in bad.stderr

@@ -44,6 +44,14 @@ def _train(args: argparse.Namespace) -> None:
     if args.steps is not None:
         train_cfg.steps = args.steps
     data_cfg = merge_into(DataConfig(files=args.data, dim=model_cfg.sonar_embed_dim), overrides.get("data", {}))
+    if args.eot:  # the paper's end-of-text concept, appended to every document
+        from lcm_fast.text import load_encoder
+
+        eot = load_encoder(args.encoder).encode([args.eot])[0]
+        if eot.shape[0] != model_cfg.sonar_embed_dim:
+            raise SystemExit(f"--eot: the {args.encoder} encoder gives {eot.shape[0]}-d embeddings but the model "
+                             f"works on {model_cfg.sonar_embed_dim}-d ones")
+        data_cfg.eot = eot
     if args.init:
         model = lcm_fast.from_pretrained(args.init)
     else:
@@ -224,6 +232,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--normalizer", help="normalizer statistics (.pt from fit-normalizer or an official one)")
     train.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu")
+    train.add_argument("--eot", help='append this sentence\'s embedding to every document: "End of text." '
+                       '(pre-training), "End of response." (instruction fine-tuning); encoded with --encoder')
+    train.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"], help="encoder for --eot")
     train.add_argument("--rvq", help="Quant-LCM: RVQ codebooks (.safetensors from fit-rvq); sets the quantizer shape")
     fit = sub.add_parser("fit-normalizer", help="fit the SONAR normalizer on a weighted mix of parquet files")
     fit.add_argument("--data", nargs="+", required=True, help="parquet files, each optionally FILE:WEIGHT (default 1)")

@@ -14,6 +14,7 @@ and checkpoints. The result equals a single process training the same global bat
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -60,6 +61,9 @@ class TrainConfig:
     fragility_model: Optional[str] = None
     """Path of a FragilityMLP state dict (``torch.save(mlp.state_dict())``) for fragility weighting."""
     fragility_ab: tuple[float, float] = (-4.0, 3.5)
+    ema_decay: Optional[float] = None
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999); every checkpoint
+    then also holds it as a native model in ``ema/`` (``lcm_fast.from_pretrained(ckpt / "ema")``)."""
     save_every: int = 100
     log_every: int = 10
     validate_every: int = 0
@@ -124,6 +128,9 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
+        if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {config.ema_decay}")
+        self.ema = ([p.detach().clone() for p in model.parameters()] if config.ema_decay is not None else None)
 
     # ---- data ---------------------------------------------------------------------------------------
 
@@ -155,7 +162,18 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
             "config": asdict(self.config),
+            "ema": self.ema,
         }
+
+    def ema_model(self) -> BaseLCM | TwoTowerLCM:
+        """A copy of the model holding the EMA weights (``ema_decay`` must be set)."""
+        if self.ema is None:
+            raise ValueError("no EMA: set TrainConfig.ema_decay")
+        model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for p, e in zip(model.parameters(), self.ema):
+                p.copy_(e)
+        return model
 
     def save(self) -> Path:
         """Writes checkpoints/step_<step> atomically (temporary directory, then rename)."""
@@ -163,6 +181,8 @@ class Trainer:
         tmp = final.with_name(final.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(self.model, tmp)
+        if self.ema is not None:
+            save_pretrained(self.ema_model(), tmp / "ema")
         torch.save(self._state(), tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -185,6 +205,10 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ValueError(f"{checkpoint} was trained without EMA; resume with ema_decay=None")
+            self.ema = [e.to(p.device) for e, p in zip(state["ema"], self.model.parameters())]
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self._truncate_metrics()
 
@@ -260,6 +284,10 @@ class Trainer:
                 concepts = sum(b.num_concepts for b, _ in step_batches)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
+                if self.ema is not None:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()],
+                                             1.0 - cfg.ema_decay)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.schedule.step()
                 self.step += 1
