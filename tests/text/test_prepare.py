@@ -97,9 +97,12 @@ def test_text_to_parquet_to_train_to_generate_to_text(tmp_path, encoder, documen
     assert next(batches(data)).embeddings.shape[-1] == 384
     torch.manual_seed(0)
     model = lcm_fast.build_model(tiny_config("two_tower_diffusion_lcm", sonar_embed_dim=384))
-    cfg = TrainConfig(variant="two_tower", steps=4, warmup_steps=1, save_every=4, log_every=1,
+    cfg = TrainConfig(variant="two_tower", steps=4, warmup_steps=1, save_every=4, log_every=1, validate_every=4,
+                      valid_batches=1, valid_diffusion_steps=3, valid_bank=str(tmp_path / "data" / "bank"),
                       out_dir=str(tmp_path / "run"))
-    Trainer(model, cfg, data).train()
+    Trainer(model, cfg, data, valid=data).train()
+    valid = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()][-1]
+    assert valid["split"] == "valid" and valid["l2_r"] > 0  # round trip through the bank and the encoder
     model = lcm_fast.from_pretrained(tmp_path / "run/checkpoints/step_4")
     prompt = encoder.encode(segment(documents[0])[:2])
     out = lcm_fast.generate(model, prompt[None], max_gen_len=3,

@@ -186,6 +186,13 @@ def test_validation_metrics_are_logged(tmp_path):
     scored = [l for l in lines if l.get("split") == "valid"]
     assert [l["step"] for l in scored] == [2, 4]
     assert all(l["l2"] > 0 and 0 <= l["ca"] <= 1 and l["par"] > 0 for l in scored)
+    # with tensorboard installed (requirements-dev), the same metrics go to its event files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run/tensorboard"))
+    events.Reload()
+    assert {"train/loss", "valid/ca"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("valid/l2")] == [2, 4]
     with pytest.raises(ValueError, match="no validation data"):
         Trainer(_model("two_tower"), TrainConfig(validate_every=2), data)
 

@@ -68,6 +68,12 @@ class TrainConfig:
     log_every: int = 10
     validate_every: int = 0
     """Every N steps, score held-out documents (l2, CA, PAR; needs ``valid`` data); 0: never."""
+    valid_bank: Optional[str] = None
+    """Sentence bank directory (``lcm-fast prepare``): validation then also reports the round-trip
+    l2 ``|encode(decode(x_hat)) - x|`` (l2_r) with ``valid_encoder``."""
+    valid_encoder: str = "minilm"
+    tensorboard: bool = True
+    """Also write the metrics to ``out_dir/tensorboard`` when the tensorboard package is installed."""
     valid_batches: int = 4
     valid_diffusion_steps: int = 10
     """Two-Tower validation samples with this many DDIM steps (and the paper's guidance settings)."""
@@ -221,6 +227,15 @@ class Trainer:
 
     # ---- validation -----------------------------------------------------------------------------------
 
+    def _round_trip(self):
+        """(encoder, sentence bank) for l2_r, loaded once."""
+        if not hasattr(self, "_round_trip_parts"):
+            from ..text import RetrievalDecoder, load_encoder  # text depends on training.data, not the reverse
+
+            self._round_trip_parts = (load_encoder(self.config.valid_encoder),
+                                      RetrievalDecoder.load(self.config.valid_bank))
+        return self._round_trip_parts
+
     def validate(self) -> dict[str, float]:
         """l2, CA and PAR of teacher-forced predictions on up to ``valid_batches`` held-out batches
         (scored positions: n >= 1, after the prompt)."""
@@ -237,7 +252,12 @@ class Trainer:
             n = int(mask.sum())
             if n == 0:
                 continue
-            for name, value in prediction_metrics(pred, batch.embeddings, mask, valid).items():
+            metrics = prediction_metrics(pred, batch.embeddings, mask, valid)
+            if self.config.valid_bank:
+                encoder, bank = self._round_trip()
+                round_trip = encoder.encode(bank.decode(pred[mask].float()))
+                metrics["l2_r"] = (round_trip - batch.embeddings.float()[mask]).norm(dim=-1).mean().item()
+            for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value * n
             count += n
         return {name: value / count for name, value in totals.items()}
@@ -255,6 +275,7 @@ class Trainer:
         stream = self._stream()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.variant}", unit="step",
                    disable=self.rank != 0 or (not progress if progress is not None else None))
+        board = self._tensorboard()
         with (self.out / "metrics.jsonl").open("a") as metrics:
             while self.step < cfg.steps:
                 start = time.perf_counter()
@@ -301,10 +322,30 @@ class Trainer:
                                   grad_norm=float(grad_norm), concepts_per_s=rate)
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                    self._board(board, "train", record)
                 if cfg.validate_every and self.step % cfg.validate_every == 0:
-                    metrics.write(json.dumps(dict(step=self.step, split="valid", **self.validate())) + "\n")
+                    scores = self.validate()
+                    metrics.write(json.dumps(dict(step=self.step, split="valid", **scores)) + "\n")
                     metrics.flush()
+                    self._board(board, "valid", scores)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()
         bar.close()
+        if board is not None:
+            board.close()
         return self.model
+
+    def _tensorboard(self):
+        if not self.config.tensorboard or self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard not installed: metrics.jsonl only
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1 if self.step else None)
+
+    def _board(self, board, split: str, values: dict) -> None:
+        if board is not None:
+            for name, value in values.items():
+                if name != "step":
+                    board.add_scalar(f"{split}/{name}", value, self.step)
