@@ -76,19 +76,37 @@ def test_variant_learns(tmp_path, variant, factor):
                             options=lcm_fast.GenerationOptions(inference_timesteps=5, seed=0))
     assert out.lengths.tolist() == [5, 5]
     # teacher-forced continuations of the training documents beat chance (0.5) on contrastive accuracy
+    assert teacher_forced_ca(again, data, steps=10) > CA_THRESHOLD
+
+
+def teacher_forced_ca(model, data, **options) -> float:
+    """Contrastive accuracy of teacher-forced predictions on the first batch of ``data`` (positions >= 1)."""
     from lcm_fast.evaluation import contrastive_accuracy, teacher_forced_predictions
     from lcm_fast.training import batches
 
     batch = next(batches(data))
-    pred = teacher_forced_predictions(again, batch.embeddings, batch.seq_lens, steps=10)
+    pred = teacher_forced_predictions(model, batch.embeddings, batch.seq_lens, **options)
     valid = torch.arange(batch.embeddings.shape[1])[None, :] < batch.seq_lens[:, None]
     scored = valid.clone()
     scored[:, 0] = False
-    assert contrastive_accuracy(pred, batch.embeddings, scored, valid) > CA_THRESHOLD
+    return contrastive_accuracy(pred, batch.embeddings, scored, valid)
 
 
 class _Interrupted(Exception):
     pass
+
+
+def stopping_at(step: int) -> type[Trainer]:
+    """A Trainer that dies right after writing the checkpoint of ``step`` (a killed run)."""
+
+    class Stopping(Trainer):
+        def save(self):
+            path = super().save()
+            if self.step == step:
+                raise _Interrupted
+            return path
+
+    return Stopping
 
 
 @pytest.mark.parametrize("variant", ["base", "two_tower", "one_tower"])
@@ -102,15 +120,8 @@ def test_resume_is_exact(tmp_path, variant, accumulation):
 
     full = Trainer(_model(variant), config("full"), data).train()
 
-    class Stopping(Trainer):
-        def save(self):
-            path = super().save()
-            if self.step == 6:
-                raise _Interrupted
-            return path
-
     with pytest.raises(_Interrupted):
-        Stopping(_model(variant), config("resumed"), data).train()
+        stopping_at(6)(_model(variant), config("resumed"), data).train()
     resumed = Trainer(_model(variant, seed=123), config("resumed"), data).train(resume=True)
     ref, got = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(ref[k], got[k]) for k in ref)
@@ -273,15 +284,8 @@ def test_ema_tracks_weights_and_resumes_exactly(tmp_path):
     full = Trainer(_model("base"), config("full"), data)
     full.train()
 
-    class Stopping(Trainer):
-        def save(self):
-            path = super().save()
-            if self.step == 4:
-                raise _Interrupted
-            return path
-
     with pytest.raises(_Interrupted):
-        Stopping(_model("base"), config("resumed"), data).train()
+        stopping_at(4)(_model("base"), config("resumed"), data).train()
     resumed = Trainer(_model("base", seed=9), config("resumed"), data)
     resumed.train(resume=True)
     assert all(torch.equal(a, b) for a, b in zip(full.ema, resumed.ema))
