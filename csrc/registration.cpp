@@ -34,4 +34,8 @@ TORCH_LIBRARY(lcm_fast, m) {
   // Coarse-to-fine reconstruction: [N, d] fp32 sum of C[j, codes[:, j]] over the first k codebooks,
   // accumulated in codebook order. codes [N, >=k] int16/int32/int64.
   m.def("rvq_decode(Tensor codes, Tensor codebooks, int k) -> Tensor");
+
+  // y = x W^T + b for few rows: x [M, K], weight [N, K], bias [N] or None -> [M, N], one dtype
+  // (fp32, bf16 or fp16; fp32 accumulation). Streams W once; for decoding-sized M (csrc/linear/).
+  m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }

@@ -1,7 +1,7 @@
 // CPU implementation of the RVQ ops.
 //
 // rvq_encode fuses the distance GEMM with the argmin: per codebook, a register tile of 4 residual
-// rows x 3 centroids accumulates 12 dot products over d (AVX2 FMA via at::vec; 7 loads per 12 FMAs,
+// rows x 3 centroids accumulates 12 dot products over d (common/dot_tile.h; 7 loads per 12 FMAs,
 // so the loop is FMA-bound), and each finished tile updates the rows' running minimum at once, so
 // the [N, K] distance matrix never exists. Rows are cache-blocked (kRowBlock rows of the residual
 // stay in L2 while centroid blocks stream through), and when there are fewer row blocks than
@@ -9,8 +9,6 @@
 // per-split minima merged in split order so ties still go to the lowest index.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -19,12 +17,11 @@
 #include <limits>
 #include <vector>
 
+#include "common/dot_tile.h"
 #include "rvq/rvq_checks.h"
 
 namespace lcm_fast {
 namespace {
-
-using Vec = at::vec::Vectorized<float>;
 
 constexpr int kTileRows = 4;
 constexpr int kTileCents = 3;
@@ -32,53 +29,11 @@ constexpr int64_t kRowBlock = 64;       // at most this many residual rows kept 
 constexpr int64_t kCentBlock = 64;      // centroids streamed per pass over the row block
 constexpr int64_t kMinSplitCents = 256; // fewer centroids per task than this is not worth a split
 
-inline float hsum(Vec v) { return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v); }
-
-// dot[r * C + c] = x_r . cent_c for R rows (stride ldx) and C consecutive centroids (stride d).
-template <int R, int C>
-void dot_tile(const float* x, int64_t ldx, const float* cent, int64_t d, float* dot) {
-  Vec acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = Vec(0.f);
-  int64_t i = 0;
-  for (; i + Vec::size() <= d; i += Vec::size()) {
-    Vec cv[C];
-    for (int c = 0; c < C; ++c) cv[c] = Vec::loadu(cent + c * d + i);
-    for (int r = 0; r < R; ++r) {
-      const Vec xv = Vec::loadu(x + r * ldx + i);
-      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, cv[c], acc[r][c]);
-    }
-  }
-  if (i < d) {  // zero-filled tail: 0 * 0 adds nothing
-    const int64_t n = d - i;
-    Vec cv[C];
-    for (int c = 0; c < C; ++c) cv[c] = Vec::loadu(cent + c * d + i, n);
-    for (int r = 0; r < R; ++r) {
-      const Vec xv = Vec::loadu(x + r * ldx + i, n);
-      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, cv[c], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) dot[r * C + c] = hsum(acc[r][c]);
-}
-
-using DotTile = void (*)(const float*, int64_t, const float*, int64_t, float*);
-
-template <int R>
-constexpr DotTile tile_for(int c) {
-  return c == 1 ? &dot_tile<R, 1> : c == 2 ? &dot_tile<R, 2> : &dot_tile<R, 3>;
-}
-
 // The running argmin of rows [r0, r1) over centroids [k0, k1) of one codebook (C [K, d], sq [K]);
 // best / best_idx are indexed by row.
 void argmin_block(const float* res, int64_t d, int64_t r0, int64_t r1, const float* cb, const float* sq, int64_t k0,
                   int64_t k1, float* best, int32_t* best_idx) {
-  static constexpr DotTile kTiles[kTileRows][kTileCents] = {
-      {tile_for<1>(1), tile_for<1>(2), tile_for<1>(3)},
-      {tile_for<2>(1), tile_for<2>(2), tile_for<2>(3)},
-      {tile_for<3>(1), tile_for<3>(2), tile_for<3>(3)},
-      {tile_for<4>(1), tile_for<4>(2), tile_for<4>(3)},
-  };
+  constexpr auto& kTiles = DotTiles<kTileRows, kTileCents, float>::kTable;
   float dot[kTileRows * kTileCents];
   for (int64_t kb = k0; kb < k1; kb += kCentBlock) {
     const int64_t kb_end = std::min(k1, kb + kCentBlock);
@@ -86,7 +41,7 @@ void argmin_block(const float* res, int64_t d, int64_t r0, int64_t r1, const flo
       const int rows = int(std::min<int64_t>(kTileRows, r1 - r));
       for (int64_t k = kb; k < kb_end; k += kTileCents) {
         const int cents = int(std::min<int64_t>(kTileCents, kb_end - k));
-        kTiles[rows - 1][cents - 1](res + r * d, d, cb + k * d, d, dot);
+        kTiles[rows - 1][cents - 1](res + r * d, d, cb + k * d, d, d, dot);
         for (int i = 0; i < rows; ++i)
           for (int c = 0; c < cents; ++c) {
             const float dist = sq[k + c] - 2.f * dot[i * cents + c];

@@ -23,6 +23,7 @@ from torch import Tensor
 from ..models import TwoTowerLCM
 from ..nn.attention import KVCache
 from ..ops.adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate, norm_args
+from ..ops.linear import skinny_linear
 
 
 class FastDenoiser:
@@ -42,8 +43,9 @@ class FastDenoiser:
         with torch.no_grad():
             t = torch.tensor(timesteps, device=param.device)[:, None]  # [steps, 1]
             t_emb = den.embed_time(t)  # [steps, 1, D]
-            # [steps, layers, 9D]: (shift, scale, gate) of self-attention, cross-attention and FFN
-            self.modulations = torch.stack([layer.modulator.fc(F.silu(t_emb))[:, 0] for layer in den.layers], dim=1)
+            # [steps, layers, 9, D]: (shift, scale, gate) of self-attention, cross-attention and FFN
+            mods = torch.stack([layer.modulator.fc(F.silu(t_emb))[:, 0] for layer in den.layers], dim=1)
+            self.modulations = mods.unflatten(-1, (9, dim))
             zero = param.new_zeros(1, 1, dim)
             # the unconditional rows' cross-attention output: softmax over the zero key alone is 1
             self.uncond_cross = [layer.cross_attention(zero, zero)[0, 0] for layer in den.layers]  # [D] each
@@ -76,15 +78,18 @@ class FastDenoiser:
         ``rows``, all when None); the remaining R - num_cond rows are unconditional. -> [R, 1, sonar_dim].
         """
         den = self.denoiser
-        h = den.initial_proj(x)
+        # this step's modulations, materialised once per call as [layers, 9, R, 1, D] so that every
+        # fused AdaLN op gets contiguous [R, 1, D] operands without copying them itself
+        mods_all = self.modulations[step][:, :, None, None, :].expand(-1, -1, x.shape[0], 1, -1).contiguous()
+        h = den.initial_proj(x, skinny_linear)
         if den.pos_encoder is not None:
             h = den.pos_encoder(h)
         for layer, mods, cache, uncond, norms in zip(
-            den.layers, self.modulations[step], self.caches, self.uncond_cross, self.norms
+            den.layers, mods_all, self.caches, self.uncond_cross, self.norms
         ):
-            (sh_sa, sc_sa, g_sa), (sh_ca, sc_ca, g_ca), (sh_ff, sc_ff, g_ff) = (m.chunk(3) for m in mods.chunk(3))
+            sh_sa, sc_sa, g_sa, sh_ca, sc_ca, g_ca, sh_ff, sc_ff, g_ff = mods.unbind(0)
             (w_sa, b_sa, rms_sa, eps_sa), (w_ca, b_ca, rms_ca, eps_ca), (w_ff, b_ff, rms_ff, eps_ff) = norms
-            a = layer.self_attn(adaln_norm_modulate(h, sh_sa, sc_sa, w_sa, b_sa, rms=rms_sa, eps=eps_sa))
+            a = layer.self_attn(adaln_norm_modulate(h, sh_sa, sc_sa, w_sa, b_sa, rms=rms_sa, eps=eps_sa), skinny_linear)
             if layer.self_attn_norm is not None:
                 a = layer.self_attn_norm(a)
             h, y = adaln_gated_residual_norm_modulate(h, a, g_sa, sh_ca, sc_ca, w_ca, b_ca, rms=rms_ca, eps=eps_ca)
@@ -92,9 +97,9 @@ class FastDenoiser:
             if rows is not None:
                 k, v = k.index_select(0, rows), v.index_select(0, rows)
             ca = layer.cross_attention
-            c = ca.attend(ca.project_q(y[:num_cond]), k, v)
+            c = ca.attend(ca.project_q(y[:num_cond], linear=skinny_linear), k, v, linear=skinny_linear)
             if num_cond < h.shape[0]:
                 c = torch.cat((c, uncond.expand(h.shape[0] - num_cond, 1, -1)))
             h, y = adaln_gated_residual_norm_modulate(h, c, g_ca, sh_ff, sc_ff, w_ff, b_ff, rms=rms_ff, eps=eps_ff)
-            h = h + g_ff * layer.ffn(y)
-        return den.final_proj(den.layer_norm(h))
+            h = h + g_ff * layer.ffn(y, skinny_linear)
+        return den.final_proj(den.layer_norm(h), skinny_linear)

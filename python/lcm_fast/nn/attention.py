@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import TransformerConfig
+from .linear import LinearFn, apply_linear
 from .norm import make_norm
 from .position import RotaryEncoder
 
@@ -102,9 +103,9 @@ class MultiheadAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:  # [B, S, dim] -> [B, H, S, head_dim]
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-    def project_q(self, x: Tensor, start: int = 0) -> Tensor:
+    def project_q(self, x: Tensor, start: int = 0, linear: Optional[LinearFn] = None) -> Tensor:
         """x: [B, S, dim] -> queries [B, H, S, head_dim] at positions start.."""
-        q = self.q_proj(x)
+        q = apply_linear(self.q_proj, x, linear)
         if self.q_layer_norm is not None:
             q = self.q_layer_norm(q)
         q = self._heads(q)
@@ -118,12 +119,13 @@ class MultiheadAttention(nn.Module):
         k, v = self._heads(k), self._heads(self.v_proj(x))
         return (self.pos_encoder(k, start) if self.pos_encoder is not None else k), v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
+               linear: Optional[LinearFn] = None) -> Tensor:
         """q: [B, H, S_q, hd]; k, v: [B, H, S_k, hd] -> output projection of SDPA, [B, S_q, dim]."""
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
         )
-        return self.output_proj(out.transpose(1, 2).flatten(2))
+        return apply_linear(self.output_proj, out.transpose(1, 2).flatten(2), linear)
 
     def forward(
         self,
@@ -162,8 +164,8 @@ class ValueOutputAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim, bias=output_bias)
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, S, dim] -> [B, S, dim]
-        return self.output_proj(self.v_proj(x))
+    def forward(self, x: Tensor, linear: Optional[LinearFn] = None) -> Tensor:  # [B, S, dim] -> [B, S, dim]
+        return apply_linear(self.output_proj, apply_linear(self.v_proj, x, linear), linear)
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> Optional[Tensor]:

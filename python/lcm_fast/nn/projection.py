@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, nn
 
 from ..config import ProjectionConfig
 from .activation import make_activation
+from .linear import LinearFn, apply_linear
 
 
 class Projection(nn.Module):
@@ -14,6 +17,6 @@ class Projection(nn.Module):
         self.fc = nn.Linear(in_dim, out_dim, bias=config.linear_bias)
         self.activation_fn = make_activation(config.activation_name) if config.activation_name else None
 
-    def forward(self, x: Tensor) -> Tensor:  # [..., in_dim] -> [..., out_dim]
-        x = self.fc(x)
+    def forward(self, x: Tensor, linear: Optional[LinearFn] = None) -> Tensor:  # [..., in_dim] -> [..., out_dim]
+        x = apply_linear(self.fc, x, linear)
         return self.activation_fn(x) if self.activation_fn is not None else x

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..config import TransformerConfig
 from .activation import make_activation
 from .attention import KVCache, MultiheadAttention, causal_mask, key_padding_mask
+from .linear import LinearFn, apply_linear
 from .norm import make_norm
 from .position import RotaryEncoder
 
@@ -40,13 +41,14 @@ class FeedForward(nn.Module):
         self.inner_proj = nn.Linear(dim, inner)
         self.output_proj = nn.Linear(inner, dim)
 
-    def forward(self, x: Tensor) -> Tensor:  # [..., dim] -> [..., dim]
+    def forward(self, x: Tensor, linear: Optional[LinearFn] = None) -> Tensor:  # [..., dim] -> [..., dim]
         if self.swiglu:
-            return self.output_proj(self.inner_activation(self.gate_proj(x)) * self.inner_proj(x))
-        h = self.inner_activation(self.inner_proj(x))
-        if self.inner_layer_norm is not None:
-            h = self.inner_layer_norm(h)
-        return self.output_proj(h)
+            h = self.inner_activation(apply_linear(self.gate_proj, x, linear)) * apply_linear(self.inner_proj, x, linear)
+        else:
+            h = self.inner_activation(apply_linear(self.inner_proj, x, linear))
+            if self.inner_layer_norm is not None:
+                h = self.inner_layer_norm(h)
+        return apply_linear(self.output_proj, h, linear)
 
 
 class DecoderLayer(nn.Module):

@@ -9,6 +9,7 @@ from .adaln import (
     adaln_norm_modulate_ref,
 )
 from .guided_ddim import guided_ddim_step_, guided_ddim_step_ref, sampler_params
+from .linear import skinny_linear, skinny_linear_ref
 from .rvq import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
 
 __all__ = [
@@ -25,4 +26,6 @@ __all__ = [
     "rvq_encode_ref",
     "sampler_params",
     "set_backend",
+    "skinny_linear",
+    "skinny_linear_ref",
 ]

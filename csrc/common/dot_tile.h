@@ -1,0 +1,82 @@
+// Register tiles of dot products on the CPU (AVX2 FMA through at::vec): R rows of an fp32 operand
+// against C rows of a second operand of type W (fp32, or bf16/fp16 widened to fp32 on load), all
+// accumulated in fp32. Shared by the RVQ distance search and the skinny linear. Torch headers: never
+// include from a .cu file.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <array>
+#include <cstdint>
+#include <utility>
+
+namespace lcm_fast {
+
+using Vec = at::vec::Vectorized<float>;
+
+inline float hsum(Vec v) { return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v); }
+
+// Vec::size() elements at p as fp32.
+inline Vec load_f32(const float* p) { return Vec::loadu(p); }
+template <typename W>
+inline Vec load_f32(const W* p) {
+  Vec out;
+  at::vec::load_to_float(p, out);
+  return out;
+}
+
+// The first n < Vec::size() elements at p as fp32, zero-filled (0 * 0 adds nothing to a dot product).
+template <typename W>
+inline Vec load_f32(const W* p, int64_t n) {
+  float buf[Vec::size()] = {};
+  for (int64_t i = 0; i < n; ++i) buf[i] = float(p[i]);
+  return Vec::loadu(buf);
+}
+
+// dot[r * C + c] = x_r . w_c over d elements, for R rows of x (stride ldx) and C rows of w (stride ldw).
+template <int R, int C, typename W>
+void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t d, float* dot) {
+  Vec acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Vec(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= d; i += Vec::size()) {
+    Vec wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = load_f32(w + c * ldw + i);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv = Vec::loadu(x + r * ldx + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], acc[r][c]);
+    }
+  }
+  if (i < d) {
+    const int64_t n = d - i;
+    Vec wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = load_f32(w + c * ldw + i, n);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv = Vec::loadu(x + r * ldx + i, n);
+      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) dot[r * C + c] = hsum(acc[r][c]);
+}
+
+template <typename W>
+using DotTile = void (*)(const float*, int64_t, const W*, int64_t, int64_t, float*);
+
+// kTable[r - 1][c - 1] = dot_tile<r, c, W>, for tails smaller than the full tile.
+template <int R, int C, typename W>
+struct DotTiles {
+  template <int r, int... cs>
+  static constexpr std::array<DotTile<W>, C> row(std::integer_sequence<int, cs...>) {
+    return {&dot_tile<r, cs + 1, W>...};
+  }
+  template <int... rs>
+  static constexpr std::array<std::array<DotTile<W>, C>, R> table(std::integer_sequence<int, rs...>) {
+    return {row<rs + 1>(std::make_integer_sequence<int, C>())...};
+  }
+  static constexpr std::array<std::array<DotTile<W>, C>, R> kTable = table(std::make_integer_sequence<int, R>());
+};
+
+}  // namespace lcm_fast

@@ -1,0 +1,27 @@
+// Argument checks of skinny_linear, shared by the CPU and CUDA host code.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+namespace lcm_fast {
+
+inline void check_skinny_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "skinny_linear: x must be [M, K] and weight [N, K], got ", x.sizes(),
+              " and ", weight.sizes());
+  TORCH_CHECK(x.size(1) == weight.size(1), "skinny_linear: x has K=", x.size(1), " but weight has K=", weight.size(1));
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "skinny_linear: x is ", x.scalar_type(), " but weight is ",
+              weight.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "skinny_linear: dtype must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(x.device() == weight.device(), "skinny_linear: x on ", x.device(), " but weight on ", weight.device());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "skinny_linear: bias must be [N=",
+                weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
+                "skinny_linear: bias must match x in dtype and device");
+  }
+}
+
+}  // namespace lcm_fast

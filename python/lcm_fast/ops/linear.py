@@ -1,0 +1,47 @@
+"""``skinny_linear``: ``y = x W^T + b`` for the few rows of a decoding step.
+
+Diffusion decoding multiplies one or two rows per document (conditional and unconditional CFG halves)
+by every weight matrix of the denoiser at every step, so the cost is reading the weights once. The
+CPU kernel streams W exactly once in order (``csrc/linear/skinny_linear_cpu.cpp``); the BLAS path of
+``F.linear`` reaches a fraction of the memory bandwidth at these shapes (bench/RESULTS.md). Inputs with
+more than :data:`MAX_ROWS` rows are a real GEMM and go to ``F.linear``. On CUDA the op forwards to
+cuBLAS.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _ext
+from ._dispatch import OpSpec, register
+
+#: above this many rows a blocked GEMM (``F.linear``) beats streaming W per 2-row block
+MAX_ROWS = 32
+
+
+def skinny_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Plain-PyTorch twin: ``F.linear``. x: [..., K]; weight: [N, K]; bias: [N] or None -> [..., N]."""
+    return F.linear(x, weight, bias)
+
+
+SPEC = register(OpSpec("skinny_linear"))
+
+if _ext.EXT_AVAILABLE:
+
+    @torch.library.register_fake("lcm_fast::skinny_linear")
+    def _skinny_linear_fake(x, weight, bias):
+        torch._check(x.shape[1] == weight.shape[1])
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
+    """``F.linear`` for few rows: x [..., K] (fp32/bf16/fp16, the dtype of weight [N, K] and bias [N])
+    -> [..., N], accumulated in fp32. Not differentiable (inference)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > MAX_ROWS or SPEC.choose(x.device.type, x.dtype, backend) == "ref":
+        return skinny_linear_ref(x, weight, bias)
+    return torch.ops.lcm_fast.skinny_linear(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1)

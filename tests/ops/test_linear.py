@@ -1,0 +1,90 @@
+"""skinny_linear: the compiled kernel vs F.linear over shapes, dtypes and layouts; opcheck; errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lcm_fast.ops import skinny_linear, skinny_linear_ref
+from lcm_fast.ops.linear import MAX_ROWS, SPEC
+
+from ..tolerances import SKINNY_LINEAR_FP32
+
+pytestmark = pytest.mark.skipif(not SPEC.has_kernel("cpu"), reason="lcm_fast._C not built")
+
+
+def _inputs(M, K, N, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    return x, w, b
+
+
+def _check(x, w, b):
+    got = skinny_linear(x, w, b, backend="ext")
+    assert got.dtype == x.dtype and got.shape == (*x.shape[:-1], w.shape[0])
+    exact = skinny_linear_ref(x.double(), w.double(), None if b is None else b.double())
+    if x.dtype == torch.float32:
+        torch.testing.assert_close(got, skinny_linear_ref(x, w, b), **SKINNY_LINEAR_FP32)
+    else:  # 2x rule against the same-dtype reference, one output ulp of slack
+        ref_err = (skinny_linear_ref(x, w, b).double() - exact).abs().max()
+        ulp = exact.abs().max() * (2**-8 if x.dtype == torch.bfloat16 else 2**-11)
+        assert (got.double() - exact).abs().max() <= 2 * ref_err + ulp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("K,N", [(1, 1), (7, 5), (256, 256), (1023, 9), (1025, 770)])
+def test_matches_reference(M, K, N, dtype):
+    _check(*_inputs(M, K, N, dtype, bias=(K + M) % 2 == 0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(M=st.integers(1, MAX_ROWS // 2), K=st.integers(1, 300), N=st.integers(1, 70), bias=st.booleans(),
+       lead=st.sampled_from([(), (1,), (2, 1)]))  # leading dims, e.g. [B, 1, K]
+def test_hypothesis_shapes(M, K, N, bias, lead):
+    rows = M * (lead[0] if lead else 1)
+    x, w, b = _inputs(rows, K, N, torch.float32, bias)
+    _check(x.reshape(*lead, M, K), w, b)
+
+
+def test_strided_inputs():
+    x, w, b = _inputs(4, 64, 48, torch.float32)
+    _check(x[::2], w.T.contiguous().T, b)  # every other row; a column-major weight
+    _check(torch.randn(3, 128)[:, ::2], w, b)
+
+
+def test_many_rows_take_the_gemm():
+    x, w, b = _inputs(MAX_ROWS + 1, 32, 8, torch.float32)
+    torch.testing.assert_close(skinny_linear(x, w, b), skinny_linear_ref(x, w, b), rtol=0, atol=0)
+
+
+def test_empty():
+    x, w, b = _inputs(0, 16, 8, torch.float32)
+    assert torch.ops.lcm_fast.skinny_linear(x, w, b).shape == (0, 8)
+
+
+def test_opcheck():
+    for M, dtype, bias in ((2, torch.float32, True), (1, torch.bfloat16, False)):
+        x, w, b = _inputs(M, 40, 24, dtype, bias)
+        torch.library.opcheck(torch.ops.lcm_fast.skinny_linear, (x, w, b))
+
+
+def test_compile_traces_the_op():
+    x, w, b = _inputs(2, 64, 32, torch.float32)
+    fn = torch.compile(lambda x: skinny_linear(x, w, b), backend="eager", fullgraph=True)
+    torch.testing.assert_close(fn(x), skinny_linear_ref(x, w, b), **SKINNY_LINEAR_FP32)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.randn(2, 8), torch.randn(4, 9), None), "K=8 but weight has K=9"),
+    ((torch.randn(2, 8), torch.randn(4, 8).half(), None), "x is Float but weight is Half"),
+    ((torch.randn(2, 8), torch.randn(4, 8), torch.randn(5)), r"bias must be \[N=4\]"),
+    ((torch.randn(2, 8).double(), torch.randn(4, 8).double(), None), "dtype must be"),
+])
+def test_bad_input(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.lcm_fast.skinny_linear(*args)
