@@ -36,7 +36,7 @@ def _cases():
     for engine in ("reference", "fast"):
         for model_dim in (256, 512):
             for context in (10, 50, 200):
-                for batch in (1, 8):
+                for batch in (1, 8, 64):
                     heavy = engine == "reference" and context * batch * model_dim >= 200 * 8 * 256
                     yield pytest.param(engine, model_dim, context, batch, marks=[pytest.mark.slow] if heavy else [])
 

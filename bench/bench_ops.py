@@ -20,6 +20,8 @@ from lcm_fast.ops import (
     guided_ddim_step_,
     guided_ddim_step_ref,
     sampler_params,
+    skinny_linear,
+    skinny_linear_ref,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and all("cuda" in s.kernels for s in OPS.values()) else [])
@@ -105,3 +107,31 @@ def test_adaln_norm_modulate_backward(benchmark, device, backend, B, D):
 
     _measure(benchmark, run, op="adaln_norm_modulate+backward", backend=backend, device=device, B=B, D=D,
              dtype=x.dtype, moved_bytes=9 * x.nbytes)
+
+
+# (K, N) of the Two-Tower denoiser's projections at model dim 256 / 1024 (q/o/v, SwiGLU in, SwiGLU out)
+LINEAR_SHAPES = [(256, 256), (256, 768), (768, 256), (1024, 1024), (1024, 2816), (2816, 1024)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 16])
+@pytest.mark.parametrize("K,N", LINEAR_SHAPES)
+def test_skinny_linear(benchmark, device, backend, dtype, rows, K, N):
+    """Decoding conditions: one call runs x [rows, K] through a set of distinct weights [N, K] (+ bias)
+    totalling >= 64 MB, so every weight comes from memory as in a denoiser step, not from cache.
+    gbps = weight bytes per second (B = rows, D = K; extra_info N)."""
+    per = N * K * torch.tensor([], dtype=dtype).element_size()
+    weights = [(torch.randn(N, K, device=device).to(dtype), torch.randn(N, device=device).to(dtype))
+               for _ in range(max(1, (64 << 20) // per))]
+    x = torch.randn(rows, K, device=device).to(dtype)
+    fn = _backend_fn(skinny_linear_ref, skinny_linear, backend)
+
+    def run():
+        for w, b in weights:
+            fn(x, w, b)
+
+    _measure(benchmark, run, op="skinny_linear", backend=backend, device=device, B=rows, D=K, dtype=dtype,
+             moved_bytes=per * len(weights))
+    benchmark.extra_info["N"] = N

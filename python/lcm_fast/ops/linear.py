@@ -44,4 +44,6 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, b
     rows = x.numel() // max(x.shape[-1], 1)
     if rows > MAX_ROWS or SPEC.choose(x.device.type, x.dtype, backend) == "ref":
         return skinny_linear_ref(x, weight, bias)
+    if x.dim() == 2:  # the per-call cost matters at these sizes: no reshape round trip
+        return torch.ops.lcm_fast.skinny_linear(x, weight, bias)
     return torch.ops.lcm_fast.skinny_linear(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1)
