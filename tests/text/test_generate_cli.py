@@ -27,7 +27,7 @@ def test_demo_generates_text_offline():
     bank = RetrievalDecoder.load(DEMO_DIR / "bank")
     for sentence in out["sentences"]:
         assert sentence["text"] in bank.sentences and -1.0 <= sentence["similarity"] <= 1.0
-    plain = _run(PROMPT, "--sentences", "2")
+    plain = _run(PROMPT, "--sentences", "2", "--bank-index", "torch")  # another exact search
     assert plain.returncode == 0 and plain.stdout.splitlines() == [
         f"[{s['similarity']:.2f}] {s['text']}" for s in out["sentences"]]  # same seed, same sentences
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lcm_fast.cli.__main__ import BANK_INDEXES
 from lcm_fast.text import RetrievalDecoder, check_dims
+from lcm_fast.text.retrieval import INDEXES
 
 
 def _bank(n=500, d=32, seed=0):
@@ -13,7 +15,7 @@ def _bank(n=500, d=32, seed=0):
     return [f"sentence number {i}." for i in range(n)], torch.randn(n, d, generator=g)
 
 
-@pytest.mark.parametrize("index", ["auto", "flat", "hnsw", "torch"])
+@pytest.mark.parametrize("index", INDEXES)
 def test_round_trip_returns_the_exact_sentence(index):
     sentences, emb = _bank()
     dec = RetrievalDecoder(sentences, emb, index=index)
@@ -57,4 +59,20 @@ def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a sentence bank"):
         RetrievalDecoder.load(tmp_path)
     with pytest.raises(ValueError, match="unknown retrieval index"):
-        RetrievalDecoder(sentences, emb, index="ivf")
+        RetrievalDecoder(sentences, emb, index="ivfpq")
+
+
+def test_ivf_on_a_larger_bank():
+    """IVF over ~4 sqrt(N) cells: the bank's own vectors always come back (a vector's own cell is the
+    one nearest to it, and it is probed); off-bank queries agree with the exact search at full nprobe."""
+    sentences, emb = _bank(4000, 32)
+    ivf = RetrievalDecoder(sentences, emb, "ivf")
+    assert ivf._faiss.nlist == 102 and ivf._faiss.nprobe == 16
+    assert ivf.decode(emb[::7]) == sentences[::7]
+    q = torch.randn(50, 32, generator=torch.Generator().manual_seed(3))
+    full = RetrievalDecoder(sentences, emb, "ivf", nprobe=10_000)
+    assert torch.equal(full.search(q, 3)[1], RetrievalDecoder(sentences, emb, "flat").search(q, 3)[1])
+
+
+def test_cli_lists_every_index():
+    assert BANK_INDEXES == INDEXES

@@ -12,6 +12,9 @@ from typing import Optional, Sequence
 
 import yaml
 
+# lcm_fast.text.retrieval.INDEXES, spelled out so that --help does not import torch (a test keeps them equal)
+BANK_INDEXES = ("auto", "flat", "hnsw", "ivf", "torch")
+
 
 def _train(args: argparse.Namespace) -> None:
     import torch
@@ -167,7 +170,7 @@ def _generate(args: argparse.Namespace) -> None:
         if not (bank / "bank.json").is_file():
             raise SystemExit(f"lcm-fast generate: no sentence bank at {bank}: pass --decoder BANK_DIR "
                              "(lcm-fast prepare writes one) or --decoder sonar")
-        decoder = RetrievalDecoder.load(bank)
+        decoder = RetrievalDecoder.load(bank, args.bank_index)
     generation = lcm_fast.GenerationOptions.recommended(inference_timesteps=args.steps, guidance_scale=args.guidance,
                                                         seed=args.seed)
     try:
@@ -194,7 +197,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     model = lcm_fast.from_pretrained(args.model, dtype=torch.float32, device=args.device)
     bank = Path(args.decoder) if args.decoder else Path(args.model) / "bank"
-    decoder = RetrievalDecoder.load(bank) if args.decoder != "none" and (bank / "bank.json").is_file() else None
+    has_bank = args.decoder != "none" and (bank / "bank.json").is_file()
+    decoder = RetrievalDecoder.load(bank, args.bank_index) if has_bank else None
     encoder = load_encoder(args.encoder) if decoder is not None else None
     options = lcm_fast.GenerationOptions.recommended(inference_timesteps=args.steps, seed=0)
     result = evaluate(model, args.data, encoder=encoder, decoder=decoder, max_docs=args.max_docs,
@@ -280,6 +284,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     gen.add_argument("--model", help="model directory (default: the demo trained on the Jargon File excerpt)")
     gen.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"])
     gen.add_argument("--decoder", help="sentence bank directory (default: MODEL/bank), or 'sonar'")
+    gen.add_argument("--bank-index", default="auto", choices=BANK_INDEXES,
+                     help="sentence-bank search: auto (exact, HNSW for large banks), flat, hnsw, ivf, torch")
     gen.add_argument("--sonar-weights", help="directory with the SONAR weights (encoder/decoder sonar)")
     gen.add_argument("--sentences", type=int, default=3, help="sentences to generate")
     gen.add_argument("--steps", type=int, default=40, help="diffusion steps requested (paper: 40)")
@@ -293,6 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ev.add_argument("--data", nargs="+", required=True, help="parquet shards (lcm-fast prepare output for text metrics)")
     ev.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"], help="for the round-trip l2")
     ev.add_argument("--decoder", help="sentence bank directory (default: MODEL/bank when present), or 'none'")
+    ev.add_argument("--bank-index", default="auto", choices=BANK_INDEXES,
+                     help="sentence-bank search: auto (exact, HNSW for large banks), flat, hnsw, ivf, torch")
     ev.add_argument("--max-docs", type=int, default=64)
     ev.add_argument("--prompt-sentences", type=int, default=3)
     ev.add_argument("--generate-sentences", type=int, default=3)

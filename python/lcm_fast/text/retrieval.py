@@ -4,7 +4,9 @@ No packaged sentence decoder exists offline (no SONAR weights, no inverters), so
 returns the bank sentence whose embedding has the highest cosine similarity with the query, and that
 similarity, so that users see when a generated concept wanders away from anything in the bank. The
 index is faiss inner product over L2-normalised vectors: exact (``flat``) for small banks, HNSW for
-large ones; without faiss an exact torch matmul does the same search.
+large ones, or IVF (``ivf``: inverted lists over k-means cells, the lighter index for banks of
+millions: no graph to build or store, recall set by ``nprobe``); without faiss an exact torch matmul
+does the same search.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-INDEXES = ("auto", "flat", "hnsw", "torch")
+INDEXES = ("auto", "flat", "hnsw", "ivf", "torch")
 #: ``auto`` switches from the exact index to HNSW above this many sentences
 HNSW_FROM = 200_000
+#: IVF cells probed per query by default (of ~4 sqrt(N) cells)
+IVF_NPROBE = 16
 FORMAT_VERSION = 1
 
 
@@ -31,10 +35,11 @@ class RetrievalDecoder:
     """sentences: the bank (N strings); embeddings: [N, d] their embeddings (any scale: compared by cosine).
 
     index: ``auto`` (faiss flat, HNSW from ``HNSW_FROM`` sentences; torch without faiss), ``flat``,
-    ``hnsw`` or ``torch`` (exact, no faiss).
+    ``hnsw``, ``ivf`` (``nprobe`` cells searched per query) or ``torch`` (exact, no faiss).
     """
 
-    def __init__(self, sentences: Sequence[str], embeddings: Tensor, index: str = "auto") -> None:
+    def __init__(self, sentences: Sequence[str], embeddings: Tensor, index: str = "auto",
+                 nprobe: int = IVF_NPROBE) -> None:
         if index not in INDEXES:
             raise ValueError(f"unknown retrieval index {index!r}; expected one of {INDEXES}")
         embeddings = torch.as_tensor(embeddings)
@@ -48,7 +53,7 @@ class RetrievalDecoder:
         self.sentences = list(sentences)
         self.embeddings = embeddings.float().cpu()
         self.dim = int(embeddings.shape[1])
-        self.index_kind = index
+        self.index_kind, self.nprobe = index, nprobe
         self._bank = _normalized(self.embeddings)
         self._faiss = self._build(index)
 
@@ -63,6 +68,13 @@ class RetrievalDecoder:
             return None
         if index == "hnsw" or (index == "auto" and len(self.sentences) >= HNSW_FROM):
             built = faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT)
+        elif index == "ivf":
+            # ~4 sqrt(N) cells, with the >= 39 training points per centroid faiss's k-means asks for
+            cells = max(1, min(int(4 * len(self.sentences) ** 0.5), len(self.sentences) // 39))
+            self._quantizer = faiss.IndexFlatIP(self.dim)  # owned here: the IVF index only points to it
+            built = faiss.IndexIVFFlat(self._quantizer, self.dim, cells, faiss.METRIC_INNER_PRODUCT)
+            built.train(self._bank.numpy())
+            built.nprobe = min(self.nprobe, cells)
         else:
             built = faiss.IndexFlatIP(self.dim)
         built.add(self._bank.numpy())
@@ -102,14 +114,15 @@ class RetrievalDecoder:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, index: str = "auto") -> "RetrievalDecoder":
+    def load(cls, directory: str | Path, index: str = "auto", nprobe: int = IVF_NPROBE) -> "RetrievalDecoder":
         directory = Path(directory)
         if not (directory / "bank.json").is_file() or not (directory / "bank.safetensors").is_file():
             raise FileNotFoundError(f"{directory} is not a sentence bank (needs bank.json and bank.safetensors)")
         meta = json.loads((directory / "bank.json").read_text())
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{directory}: bank format_version {meta.get('format_version')!r} is not supported")
-        return cls(meta["sentences"], load_file(str(directory / "bank.safetensors"))["embeddings"].float(), index)
+        return cls(meta["sentences"], load_file(str(directory / "bank.safetensors"))["embeddings"].float(), index,
+                   nprobe)
 
     def __len__(self) -> int:
         return len(self.sentences)
