@@ -53,3 +53,20 @@ def test_errors():
         segment("a.", backend="spacy")
     with pytest.raises(ValueError, match="max_chars"):
         segment("a.", max_chars=2)
+
+
+def test_sat_backend_is_only_used_with_a_local_model(tmp_path, monkeypatch):
+    """SaT needs a configured model directory (never downloaded); a configured one that cannot be used
+    is an error, not a silent fallback. (No SaT model exists offline here: only these paths run.)"""
+    monkeypatch.delenv("LCM_FAST_SAT_MODEL", raising=False)
+    with pytest.raises(ValueError, match="needs a local model directory"):
+        segment("One. Two.", backend="sat")
+    assert segment("One. Two.") == ["One.", "Two."]  # auto without a model: blingfire
+    monkeypatch.setenv("LCM_FAST_SAT_MODEL", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="no SaT model directory"):
+        segment("One. Two.")
+    try:
+        import wtpsplit  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install wtpsplit"):
+            segment("One. Two.", backend="sat", sat_model=tmp_path)

@@ -1,7 +1,8 @@
 """Sentence segmentation with the paper's length cap (appendix A: sentences over 200 characters are split).
 
-Base splitter: blingfire when importable (its model ships inside the wheel; x86-64), else a regex over
-terminal punctuation with an abbreviation list. A sentence longer than ``max_chars`` is split at the
+Base splitter: SaT (wtpsplit, "Segment any Text") when a SaT model directory is configured
+(``sat_model=`` or ``LCM_FAST_SAT_MODEL``: it is never downloaded), else blingfire when importable (its
+model ships inside the wheel; x86-64), else a regex over terminal punctuation with an abbreviation list. A sentence longer than ``max_chars`` is split at the
 separator nearest its middle, trying the strongest separator class first (sentence punctuation, line
 breaks, ``;``, ``,``, ``:``, whitespace) and only at points that leave both pieces at least
 ``max_chars // 4`` long; text without such a point is cut at the middle. Splitting recurses until every
@@ -12,11 +13,17 @@ Every segment keeps its span in the source: ``text[seg.start:seg.end] == seg.tex
 
 from __future__ import annotations
 
+import functools
+import itertools
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
-BACKENDS = ("auto", "blingfire", "regex")
+BACKENDS = ("auto", "sat", "blingfire", "regex")
+#: a local SaT model directory (e.g. a download of segment-any-text/sat-3l-sm) turns SaT on for ``auto``
+SAT_MODEL_ENV = "LCM_FAST_SAT_MODEL"
 MAX_CHARS = 200
 
 _TERMINAL = ".!?。！？।؟…"
@@ -50,6 +57,28 @@ def _blingfire_spans(text: str) -> Optional[list[tuple[int, int]]]:
     _, offsets = blingfire.text_to_sentences_and_offsets(text)
     # from sentence starts to the next start, so that no character of the source is dropped
     bounds = [0] + [int(a) for a, _ in offsets[1:]] + [len(text)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@functools.lru_cache(maxsize=2)
+def _sat(model_dir: str):
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"no SaT model directory at {model_dir} (download e.g. segment-any-text/sat-3l-sm "
+                                f"there, with the facebookAI/xlm-roberta-base tokenizer in the Hugging Face cache)")
+    try:
+        from wtpsplit import SaT
+    except ImportError:
+        raise ImportError("the SaT segmentation backend needs wtpsplit: pip install wtpsplit") from None
+    return SaT(model_dir)
+
+
+def _sat_spans(text: str, model_dir: str) -> list[tuple[int, int]]:
+    if not text.strip():
+        return []
+    pieces = _sat(model_dir).split(text)  # unstripped: the pieces concatenate to the text
+    bounds = list(itertools.accumulate((len(p) for p in pieces), initial=0))
+    if bounds[-1] != len(text):
+        raise RuntimeError("SaT returned segments that do not concatenate to the input text")
     return list(zip(bounds[:-1], bounds[1:]))
 
 
@@ -100,17 +129,26 @@ def _cap(text: str, start: int, end: int, max_chars: int) -> list[tuple[int, int
     return pieces
 
 
-def segment_spans(text: str, max_chars: int = MAX_CHARS, backend: str = "auto") -> list[Segment]:
+def segment_spans(text: str, max_chars: int = MAX_CHARS, backend: str = "auto",
+                  sat_model: Optional[str | Path] = None) -> list[Segment]:
     """Sentences of ``text`` with their spans, each at most ``max_chars`` characters.
 
-    backend: ``auto`` (blingfire when importable, else regex), ``blingfire`` or ``regex``.
+    backend: ``auto`` (SaT when a model directory is configured, else blingfire when importable, else
+    regex), ``sat``, ``blingfire`` or ``regex``. sat_model: the SaT model directory (default: the
+    ``LCM_FAST_SAT_MODEL`` environment variable).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown segmentation backend {backend!r}; expected one of {BACKENDS}")
     if max_chars < 4:
         raise ValueError(f"max_chars must be >= 4, got {max_chars}")
+    sat_model = sat_model or os.environ.get(SAT_MODEL_ENV)
+    if backend == "sat" and not sat_model:
+        raise ValueError(f"the SaT segmentation backend needs a local model directory: pass sat_model= or set "
+                         f"{SAT_MODEL_ENV}")
     spans = None
-    if backend in ("auto", "blingfire"):
+    if backend in ("auto", "sat") and sat_model:  # configured explicitly: errors are raised, not skipped
+        spans = _sat_spans(text, str(sat_model))
+    if spans is None and backend in ("auto", "blingfire"):
         spans = _blingfire_spans(text)
         if spans is None and backend == "blingfire":
             raise ImportError("the blingfire segmentation backend needs blingfire (pip install blingfire; x86-64)")
@@ -124,6 +162,7 @@ def segment_spans(text: str, max_chars: int = MAX_CHARS, backend: str = "auto") 
     return out
 
 
-def segment(text: str, max_chars: int = MAX_CHARS, backend: str = "auto") -> list[str]:
+def segment(text: str, max_chars: int = MAX_CHARS, backend: str = "auto",
+            sat_model: Optional[str | Path] = None) -> list[str]:
     """The sentences of ``text`` (see :func:`segment_spans`)."""
-    return [s.text for s in segment_spans(text, max_chars, backend)]
+    return [s.text for s in segment_spans(text, max_chars, backend, sat_model)]
