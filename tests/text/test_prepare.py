@@ -110,3 +110,29 @@ def test_text_to_parquet_to_train_to_generate_to_text(tmp_path, encoder, documen
     bank = RetrievalDecoder.load(tmp_path / "data" / "bank")
     decoded = bank.decode_with_scores(out.sequences[0][2:])
     assert len(decoded) == 3 and all(t in bank.sentences and -1 <= s <= 1 for t, s in decoded)
+
+
+def test_ray_backend_writes_the_same_shards(tmp_path, encoder, documents):
+    """Ray Data actors (a local 2-CPU cluster) encode and write the shards the local backend writes,
+    and resume the same way."""
+    ray = pytest.importorskip("ray")  # in requirements-dev: runs in CI
+    files = _inputs(tmp_path, documents)
+    local = prepare(files, tmp_path / "local", encoder, text_column="body", shard_docs=6, progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        run = lambda: prepare(files, tmp_path / "ray", encoder, text_column="body", shard_docs=6, progress=False,
+                              backend="ray", ray_workers=2)
+        manifest = run()
+        assert manifest == local | {"shards": manifest["shards"]} and manifest["shards"] == local["shards"]
+        for name in local["shards"]:
+            ours, theirs = _read(tmp_path / "ray" / name), _read(tmp_path / "local" / name)
+            assert [r["sentences"] for r in ours] == [r["sentences"] for r in theirs]
+            for a, b in zip(ours, theirs):  # other processes, other thread counts: fp16 rounding at most
+                torch.testing.assert_close(torch.tensor(a["embeddings"]), torch.tensor(b["embeddings"]),
+                                           atol=1e-3, rtol=0)
+        (tmp_path / "ray" / manifest["shards"][1]).unlink()
+        assert run() == manifest and (tmp_path / "ray" / manifest["shards"][1]).is_file()
+    finally:
+        ray.shutdown()
+    with pytest.raises(ValueError, match="unknown preparation backend"):
+        prepare(files, tmp_path / "x", encoder, backend="spark")

@@ -139,7 +139,8 @@ def _prepare(args: argparse.Namespace) -> None:
         options["weights_dir"] = args.sonar_weights
     try:
         manifest = prepare(args.input, args.output, load_encoder(args.encoder, **options), text_column=args.text_column,
-                           max_chars=args.max_chars, shard_docs=args.shard_docs, batch_size=args.batch_size)
+                           max_chars=args.max_chars, shard_docs=args.shard_docs, batch_size=args.batch_size,
+                           backend=args.backend, ray_workers=args.ray_workers)
     except DataError as e:
         raise SystemExit(f"lcm-fast prepare: {e}") from None
     print(f"{manifest['documents']} documents in {len(manifest['shards'])} shards, "
@@ -277,6 +278,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     prep.add_argument("--max-chars", type=int, default=200, help="sentence length cap (paper: 200)")
     prep.add_argument("--shard-docs", type=int, default=1000, help="documents per shard")
     prep.add_argument("--batch-size", type=int, default=64, help="sentences per encoder batch")
+    prep.add_argument("--backend", default="local", choices=["local", "ray"],
+                      help="ray: encode and write shards on Ray Data actors (a cluster via RAY_ADDRESS; the output "
+                      "directory must be shared by all nodes)")
+    prep.add_argument("--ray-workers", type=int, help="actors for --backend ray (default: autoscaling)")
     gen = sub.add_parser("generate", help="continue a text with an LCM (default: the shipped demo model, offline)",
                          description="Segments the text, encodes it, generates sentences with the fast engine and "
                          "decodes them; each line shows the decoder's similarity to its bank sentence.")

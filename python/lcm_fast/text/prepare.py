@@ -6,6 +6,11 @@ Inputs: ``.txt`` (documents separated by blank lines), ``.jsonl`` (one JSON obje
 (``embeddings``: fp16 vectors, ``sentences``: the texts). Shards are written atomically and the run is
 deterministic, so an interrupted run resumes by skipping the shards that exist. At the end the unique
 sentences and their embeddings become the retrieval decoder's bank (``DIR/bank``).
+
+``backend="ray"`` (with ``ray[data]`` installed) encodes and writes the shards on a Ray Data actor pool
+(one encoder per actor, for a multi-machine cluster: ``ray.init(address=...)`` first, and ``out_dir`` on
+a filesystem every node shares); segmentation, shard numbering, resuming and the bank stay in the
+driver, so both backends write the same shards.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +33,7 @@ from .segment import segment
 
 MANIFEST = "prepare.json"
 SUFFIXES = (".txt", ".jsonl", ".parquet")
+BACKENDS = ("local", "ray")
 
 
 def read_documents_text(path: str | Path, text_column: str = "text") -> Iterator[str]:
@@ -79,9 +85,51 @@ def _segmented(inputs: Sequence[str | Path], text_column: str, max_chars: int) -
             raise DataError(f"{path}: no documents (empty file?)")
 
 
+def _write_shard(path: Path, docs: Sequence[Sequence[str]], encoder: Encoder, batch_size: int) -> None:
+    """Encodes the sentences of docs and writes them as one shard, atomically."""
+    emb = encoder.encode([s for d in docs for s in d], batch_size=batch_size)
+    tmp = path.with_suffix(".parquet.tmp")
+    write_documents(tmp, list(torch.split(emb, [len(d) for d in docs])), sentences=[list(d) for d in docs])
+    os.replace(tmp, path)
+
+
+class _RayShardWriter:
+    """Ray Data actor: keeps one encoder and writes the shards of the rows it is given."""
+
+    def __init__(self, encoder: Encoder, batch_size: int) -> None:
+        self.encoder, self.batch_size = encoder, batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        for path, docs in zip(batch["path"], batch["docs"]):
+            _write_shard(Path(str(path)), json.loads(str(docs)), self.encoder, self.batch_size)
+        return {"path": batch["path"]}
+
+
+def _write_shards_ray(jobs: list[tuple[Path, list[list[str]]]], encoder: Encoder, batch_size: int,
+                      workers: Optional[int]) -> None:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ImportError("the ray preparation backend needs Ray Data: pip install 'ray[data]'") from None
+    rows = [{"path": str(path), "docs": json.dumps(docs)} for path, docs in jobs]  # JSON: one Arrow string per shard
+    pool = ray.data.ActorPoolStrategy(size=workers) if workers else ray.data.ActorPoolStrategy(min_size=1)
+    written = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(  # a block per shard: all actors busy
+        _RayShardWriter, fn_constructor_args=(encoder, batch_size), batch_size=1, compute=pool)
+    for _ in written.iter_rows():
+        pass
+
+
 def prepare(inputs: Sequence[str | Path], out_dir: str | Path, encoder: Encoder, *, text_column: str = "text",
-            max_chars: int = 200, shard_docs: int = 1000, batch_size: int = 64, progress: bool = True) -> dict:
-    """Runs the preparation (resuming if ``out_dir`` holds a run with the same options); returns the manifest."""
+            max_chars: int = 200, shard_docs: int = 1000, batch_size: int = 64, progress: bool = True,
+            backend: str = "local", ray_workers: Optional[int] = None) -> dict:
+    """Runs the preparation (resuming if ``out_dir`` holds a run with the same options); returns the manifest.
+
+    backend: ``local`` (this process) or ``ray`` (Ray Data actors, ``ray_workers`` of them: default an
+    autoscaling pool; shards are handed over ``8 * workers`` at a time so the driver never holds the corpus).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown preparation backend {backend!r}; expected one of {BACKENDS}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     options = {"inputs": [str(Path(p)) for p in inputs], "encoder": encoder.name, "dim": encoder.dim,
@@ -94,19 +142,27 @@ def prepare(inputs: Sequence[str | Path], out_dir: str | Path, encoder: Encoder,
                             "use a new output directory")
     manifest_path.write_text(json.dumps({"options": options, "complete": False}, indent=1) + "\n")
 
-    shards, docs, bar = [], [], tqdm(disable=not progress, desc="prepare", unit="doc")
+    shards, docs, pending = [], [], []
+    bar = tqdm(disable=not progress, desc="prepare", unit="doc")
+    window = 8 * (ray_workers or 4)
+
+    def run_pending() -> None:
+        _write_shards_ray(pending, encoder, batch_size, ray_workers)
+        bar.update(sum(len(d) for _, d in pending))
+        pending.clear()
 
     def flush() -> None:
         path = out / f"shard-{len(shards):05d}.parquet"
-        if not path.is_file():  # resuming: completed shards are kept (writes are atomic)
-            flat = [s for d in docs for s in d]
-            emb = encoder.encode(flat, batch_size=batch_size)
-            parts = torch.split(emb, [len(d) for d in docs])
-            tmp = path.with_suffix(".parquet.tmp")
-            write_documents(tmp, list(parts), sentences=docs)
-            os.replace(tmp, path)
         shards.append(path.name)
-        bar.update(len(docs))
+        if path.is_file():  # resuming: completed shards are kept (writes are atomic)
+            bar.update(len(docs))
+        elif backend == "ray":
+            pending.append((path, list(docs)))
+            if len(pending) == window:
+                run_pending()
+        else:
+            _write_shard(path, docs, encoder, batch_size)
+            bar.update(len(docs))
         docs.clear()
 
     for sentences in _segmented(inputs, text_column, max_chars):
@@ -115,6 +171,8 @@ def prepare(inputs: Sequence[str | Path], out_dir: str | Path, encoder: Encoder,
             flush()
     if docs:
         flush()
+    if pending:
+        run_pending()
     bar.close()
     bank = _bank(out, shards, encoder.dim)
     bank.save(out / "bank")
