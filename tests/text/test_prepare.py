@@ -136,3 +136,10 @@ def test_ray_backend_writes_the_same_shards(tmp_path, encoder, documents):
         ray.shutdown()
     with pytest.raises(ValueError, match="unknown preparation backend"):
         prepare(files, tmp_path / "x", encoder, backend="spark")
+
+
+def test_ray_backend_without_ray_says_what_to_install(tmp_path, encoder, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray.data", None)  # what a machine without ray[data] imports
+    with pytest.raises(ImportError, match=r"pip install 'ray\[data\]'"):
+        prepare([tmp_path / "none.txt"], tmp_path / "out", encoder, backend="ray")
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -105,16 +105,20 @@ class _RayShardWriter:
         return {"path": batch["path"]}
 
 
-def _write_shards_ray(jobs: list[tuple[Path, list[list[str]]]], encoder: Encoder, batch_size: int,
-                      workers: Optional[int]) -> None:
+def _ray_data():
     try:
-        import ray
         import ray.data
     except ImportError:
         raise ImportError("the ray preparation backend needs Ray Data: pip install 'ray[data]'") from None
+    return ray.data
+
+
+def _write_shards_ray(jobs: list[tuple[Path, list[list[str]]]], encoder: Encoder, batch_size: int,
+                      workers: Optional[int]) -> None:
+    ray_data = _ray_data()
     rows = [{"path": str(path), "docs": json.dumps(docs)} for path, docs in jobs]  # JSON: one Arrow string per shard
-    pool = ray.data.ActorPoolStrategy(size=workers) if workers else ray.data.ActorPoolStrategy(min_size=1)
-    written = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(  # a block per shard: all actors busy
+    pool = ray_data.ActorPoolStrategy(size=workers) if workers else ray_data.ActorPoolStrategy(min_size=1)
+    written = ray_data.from_items(rows, override_num_blocks=len(rows)).map_batches(  # a block per shard: all actors busy
         _RayShardWriter, fn_constructor_args=(encoder, batch_size), batch_size=1, compute=pool)
     for _ in written.iter_rows():
         pass
@@ -130,6 +134,8 @@ def prepare(inputs: Sequence[str | Path], out_dir: str | Path, encoder: Encoder,
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown preparation backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "ray":
+        _ray_data()  # before any work: a missing Ray is an error up front, not after segmenting
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     options = {"inputs": [str(Path(p)) for p in inputs], "encoder": encoder.name, "dim": encoder.dim,
