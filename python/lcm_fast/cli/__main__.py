@@ -12,8 +12,10 @@ from typing import Optional, Sequence
 
 import yaml
 
-# lcm_fast.text.retrieval.INDEXES, spelled out so that --help does not import torch (a test keeps them equal)
+# lcm_fast.text.retrieval.INDEXES and lcm_fast.text.mutual_information.MI_MODEL_ENV, spelled out so that
+# --help does not import torch (a test keeps them equal)
 BANK_INDEXES = ("auto", "flat", "hnsw", "ivf", "torch")
+MI_MODEL_ENV = "LCM_FAST_MI_MODEL"
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -193,7 +195,7 @@ def _eval(args: argparse.Namespace) -> None:
     import torch
 
     import lcm_fast
-    from lcm_fast.text import RetrievalDecoder, load_encoder
+    from lcm_fast.text import MutualInformation, RetrievalDecoder, load_encoder
     from lcm_fast.text.evaluate import evaluate
 
     model = lcm_fast.from_pretrained(args.model, dtype=torch.float32, device=args.device)
@@ -201,10 +203,14 @@ def _eval(args: argparse.Namespace) -> None:
     has_bank = args.decoder != "none" and (bank / "bank.json").is_file()
     decoder = RetrievalDecoder.load(bank, args.bank_index) if has_bank else None
     encoder = load_encoder(args.encoder) if decoder is not None else None
+    if args.mi_model and decoder is None:
+        raise SystemExit(f"lcm-fast eval: MI scores decoded sentences, but there is no sentence bank at {bank}: "
+                         "pass --decoder BANK_DIR")
+    mi = MutualInformation(args.mi_model, device=args.device or "cpu") if args.mi_model else None
     options = lcm_fast.GenerationOptions.recommended(inference_timesteps=args.steps, seed=0)
     result = evaluate(model, args.data, encoder=encoder, decoder=decoder, max_docs=args.max_docs,
                       prompt_sentences=args.prompt_sentences, generate_sentences=args.generate_sentences,
-                      options=options)
+                      options=options, mutual_information=mi)
     for section, metrics in result.items():
         if metrics:
             print(f"{section}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -306,6 +312,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ev.add_argument("--decoder", help="sentence bank directory (default: MODEL/bank when present), or 'none'")
     ev.add_argument("--bank-index", default="auto", choices=BANK_INDEXES,
                      help="sentence-bank search: auto (exact, HNSW for large banks), flat, hnsw, ivf, torch")
+    ev.add_argument("--mi-model", default=os.environ.get(MI_MODEL_ENV),
+                    help=f"local causal LM directory for the MI metric (the paper: GPT-2); default ${MI_MODEL_ENV}")
     ev.add_argument("--max-docs", type=int, default=64)
     ev.add_argument("--prompt-sentences", type=int, default=3)
     ev.add_argument("--generate-sentences", type=int, default=3)

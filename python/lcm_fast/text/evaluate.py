@@ -2,7 +2,9 @@
 
 Teacher-forced (every position predicted from the true sentences before it): l2, contrastive accuracy
 (CA), paraphrasing (PAR), and with an encoder and a decoder the round-trip l2
-``|encode(decode(x_hat)) - x|`` (section 2.4.1). Generation (documents that carry their ``sentences``):
+``|encode(decode(x_hat)) - x|`` (section 2.4.1), and with a local causal LM the mutual information (MI)
+between each decoded prediction and the true sentences before it (documents that carry their
+``sentences``; ``mutual_information.py``). Generation (documents that carry their ``sentences``):
 the first ``prompt_sentences`` sentences are the prompt, the model generates the next
 ``generate_sentences`` with the fast engine, the decoder turns them into text, scored against the true
 continuation with ROUGE-L, OVL-3 (against the prompt), REP-4 and the word-count ratio, plus the
@@ -20,6 +22,32 @@ from ..evaluation import prediction_metrics, teacher_forced_predictions, text_me
 from ..inference import GenerationOptions, generate
 from ..training import DataConfig, batches
 from .encoders import Decoder, Encoder
+from .mutual_information import MutualInformation, weighted_mean
+
+
+def _documents(files: Sequence[str]):
+    """(sentences, embeddings) of every document that carries its text (``lcm-fast prepare`` output)."""
+    for path in files:
+        table = pq.read_table(path)
+        if "sentences" in table.column_names:
+            yield from zip(table.column("sentences").to_pylist(), table.column("embeddings").to_pylist())
+
+
+def _mutual_information(model, files: Sequence[str], decoder: Decoder, scorer: MutualInformation,
+                        max_docs: int) -> float:
+    """Token-weighted MI of the decoded teacher-forced prediction of every sentence after the first."""
+    sentences, contexts, docs = [], [], 0
+    for doc, vectors in _documents(files):
+        if docs >= max_docs:
+            break
+        n = min(len(doc), model.config.max_seq_len)
+        if n < 2:
+            continue
+        x = torch.tensor(vectors[:n], dtype=torch.float32)[None]
+        sentences += decoder.decode(teacher_forced_predictions(model, x, torch.tensor([n]))[0, 1:].cpu().float())
+        contexts += [doc[:i] for i in range(1, n)]
+        docs += 1
+    return weighted_mean(*scorer.score(sentences, contexts))
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -29,8 +57,13 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(model, files: Sequence[str], *, encoder: Optional[Encoder] = None, decoder: Optional[Decoder] = None,
              max_docs: int = 64, prompt_sentences: int = 3, generate_sentences: int = 3,
-             options: Optional[GenerationOptions] = None) -> dict[str, dict[str, float]]:
-    """{"teacher_forced": {...}, "generation": {...}} over at most ``max_docs`` documents of ``files``."""
+             options: Optional[GenerationOptions] = None,
+             mutual_information: Optional[MutualInformation] = None) -> dict[str, dict[str, float]]:
+    """{"teacher_forced": {...}, "generation": {...}} over at most ``max_docs`` documents of ``files``.
+
+    ``teacher_forced["mi"]`` is computed when ``mutual_information`` is given (it needs ``decoder``)."""
+    if mutual_information is not None and decoder is None:
+        raise ValueError("the MI metric scores decoded sentences: pass a decoder (a sentence bank) as well")
     data = DataConfig(files=list(files), dim=model.sonar_dim, max_concepts=max(64, model.config.max_seq_len),
                       max_sentences=model.config.max_seq_len, shuffle_buffer=1)
     tf_rows, seen = [], 0
@@ -53,26 +86,24 @@ def evaluate(model, files: Sequence[str], *, encoder: Optional[Encoder] = None, 
     result = {"teacher_forced": _mean(tf_rows), "generation": {}}
     if decoder is None:
         return result
+    if mutual_information is not None:
+        result["teacher_forced"]["mi"] = _mutual_information(model, files, decoder, mutual_information, max_docs)
     options = options or GenerationOptions.recommended(seed=0)
     gen_rows, docs = [], 0
-    for path in files:
-        table = pq.read_table(path)
-        if "sentences" not in table.column_names:
+    for sentences, vectors in _documents(files):
+        if docs >= max_docs:
+            break
+        if len(sentences) < prompt_sentences + 1:
             continue
-        for sentences, vectors in zip(table.column("sentences").to_pylist(), table.column("embeddings").to_pylist()):
-            if docs >= max_docs:
-                break
-            if len(sentences) < prompt_sentences + 1:
-                continue
-            prompt = torch.tensor(vectors[:prompt_sentences], dtype=torch.float32)[None]
-            out = generate(model, prompt, max_gen_len=generate_sentences, options=options)
-            new = out.sequences[0][prompt_sentences:].float()
-            texts = decoder.decode(new)
-            reference = " ".join(sentences[prompt_sentences:prompt_sentences + generate_sentences])
-            row = text_metrics(" ".join(texts), reference, " ".join(sentences[:prompt_sentences]))
-            if hasattr(decoder, "decode_with_scores"):
-                row["similarity"] = sum(s for _, s in decoder.decode_with_scores(new)) / len(texts)
-            gen_rows.append(row)
-            docs += 1
+        prompt = torch.tensor(vectors[:prompt_sentences], dtype=torch.float32)[None]
+        out = generate(model, prompt, max_gen_len=generate_sentences, options=options)
+        new = out.sequences[0][prompt_sentences:].float()
+        texts = decoder.decode(new)
+        reference = " ".join(sentences[prompt_sentences:prompt_sentences + generate_sentences])
+        row = text_metrics(" ".join(texts), reference, " ".join(sentences[:prompt_sentences]))
+        if hasattr(decoder, "decode_with_scores"):
+            row["similarity"] = sum(s for _, s in decoder.decode_with_scores(new)) / len(texts)
+        gen_rows.append(row)
+        docs += 1
     result["generation"] = _mean(gen_rows)
     return result
