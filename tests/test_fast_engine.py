@@ -85,3 +85,24 @@ def test_fast_engine_skips_teacher_forced_rows():
     # rows index the active batch: doc 1 finishes at position 1, doc 2 (then row 1) at 2; at position 3
     # only doc 0 is left and it is still inside its prompt, so nothing is denoised
     assert {pos: rows for pos, rows in denoised} == {1: [1], 2: [1], 4: [0]}
+
+
+def test_timestep_tables_are_reused_until_the_schedule_or_a_weight_changes():
+    from lcm_fast.inference.fast import _timestep_tables
+
+    model = copy.deepcopy(_model((2, 2, True, True, "sample")))
+    den, steps = model.denoiser, [99, 50, 10]
+    mods, uncond = _timestep_tables(den, steps)
+    assert _timestep_tables(den, steps)[0] is mods
+    assert _timestep_tables(den, [99, 10])[0].shape[0] == 2
+    with torch.no_grad():
+        den.layers[0].modulator.fc.bias.add_(0.5)  # in place: the version counter moves
+        den.layers[1].cross_attention.output_proj.weight.mul_(2.0)
+    new_mods, new_uncond = _timestep_tables(den, steps)
+    assert not torch.equal(new_mods[:, 0], mods[:, 0]) and torch.equal(new_mods[:, 1], mods[:, 1])
+    assert torch.equal(new_uncond[0], uncond[0]) and not torch.equal(new_uncond[1], uncond[1])
+    # generation with the updated weights == generation by a fresh copy of them (its own tables)
+    prompts, options = torch.randn(2, 3, model.sonar_dim), lcm_fast.GenerationOptions(inference_timesteps=5, seed=3)
+    out = lcm_fast.generate(model, prompts, options=options, max_gen_len=2).sequences
+    fresh = lcm_fast.generate(copy.deepcopy(model), prompts, options=options, max_gen_len=2).sequences
+    assert all(torch.equal(a, b) for a, b in zip(out, fresh))

@@ -15,7 +15,8 @@ The workload: a text of ``total_tokens`` tokens made of N = total_tokens / sente
 Two-Tower algorithms: ``official`` (the reference implementation: every diffusion step recomputes the
 timestep MLP, the AdaLN modulators, q/k/v of the one-key self-attention and the cross-attention keys and
 values of the whole context, for both CFG halves), ``reference`` (lcm_fast's reference engine: the same
-without the dead q/k projections) and ``fast`` (lcm_fast's fast engine: a modulation table per call,
+without the dead q/k projections) and ``fast`` (lcm_fast's fast engine: a modulation table per weights and schedule, counted as built
+by the call, i.e. the engine's first call),
 context K/V projected once per sentence, a constant unconditional cross-attention, no unconditional half
 at the first CFG step, V/O-only self-attention).
 """
@@ -124,7 +125,8 @@ def two_tower_flops(config: TwoTowerConfig, n_sentences: int, steps: int, *, cfg
         # cross-attention over C + 1 keys: K/V projections of every key, then attention
         per_key = L * (4 * D * D + 4 * D)
         return batch * (context + rows * (n * per_row + keys * per_key))
-    # fast: per call, the modulation table and the constant unconditional cross-attention outputs
+    # fast: the modulation table and the constant unconditional cross-attention outputs (a first call; later
+    # calls with the same weights and schedule reuse them)
     setup = steps * (2 * (FREQUENCY_DIM * D + D * D) + L * 2 * D * 9 * D) + L * (2 * D * 3 * D + 4 * D + 2 * D * D)
     cond_rows = steps
     uncond_rows = (steps - 1) if cfg else 0

@@ -2,7 +2,8 @@
 (reference-lcm-spec.md section 10).
 
 - AdaLN modulations depend only on the timestep: one table ``[steps, layers, 9 * model_dim]`` per
-  schedule replaces the timestep MLP and every modulator GEMM of the loop.
+  schedule replaces the timestep MLP and every modulator GEMM of the loop. It is kept per denoiser
+  and reused by later generation calls until the schedule or any denoiser weight changes.
 - Cross-attention keys/values of ``[zero; context]`` are projected once per context row and kept in a
   cache that grows by one row per generated sentence, instead of being recomputed at every step.
 - Unconditional CFG rows see only the zero key, so their cross-attention output is a per-layer
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -24,9 +26,37 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models import TwoTowerLCM
+from ..models.two_tower import Denoiser
 from ..nn.attention import KVCache
 from ..ops.adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate, norm_args
 from ..ops.linear import skinny_linear
+
+
+# denoiser -> (key, modulations, unconditional cross-attention outputs) of its latest schedule: a
+# Generator called once per document would otherwise rebuild them per call (~80 ms at model dim 512)
+_TABLES: "weakref.WeakKeyDictionary[Denoiser, tuple]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def _timestep_tables(den: Denoiser, timesteps: list[int]) -> tuple[Tensor, list[Tensor]]:
+    """([steps, layers, 9, D] AdaLN modulations, per layer the [D] cross-attention output of the
+    unconditional rows), recomputed when the schedule or a weight changed (in-place updates bump
+    ``_version``, reassignments change ``data_ptr``)."""
+    params = list(den.parameters())
+    key = (tuple(timesteps), tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+    cached = _TABLES.get(den)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    t = torch.tensor(timesteps, device=params[0].device)[:, None]  # [steps, 1]
+    t_emb = den.embed_time(t)  # [steps, 1, D]
+    # (shift, scale, gate) of self-attention, cross-attention and FFN
+    mods = torch.stack([layer.modulator.fc(F.silu(t_emb))[:, 0] for layer in den.layers], dim=1)
+    modulations = mods.unflatten(-1, (9, mods.shape[-1] // 9))
+    zero = params[0].new_zeros(1, 1, modulations.shape[-1])
+    # the unconditional rows' cross-attention output: softmax over the zero key alone is 1
+    uncond_cross = [layer.cross_attention(zero, zero)[0, 0] for layer in den.layers]
+    _TABLES[den] = (key, modulations, uncond_cross)
+    return modulations, uncond_cross
 
 
 class FastDenoiser:
@@ -41,17 +71,8 @@ class FastDenoiser:
     def __init__(self, model: TwoTowerLCM, timesteps: list[int], capacity: int) -> None:
         den = model.denoiser
         self.model, self.denoiser, self.capacity = model, den, capacity + 1
-        param = next(model.parameters())
-        dim = model.config.model_dim
-        with torch.no_grad():
-            t = torch.tensor(timesteps, device=param.device)[:, None]  # [steps, 1]
-            t_emb = den.embed_time(t)  # [steps, 1, D]
-            # [steps, layers, 9, D]: (shift, scale, gate) of self-attention, cross-attention and FFN
-            mods = torch.stack([layer.modulator.fc(F.silu(t_emb))[:, 0] for layer in den.layers], dim=1)
-            self.modulations = mods.unflatten(-1, (9, dim))
-            zero = param.new_zeros(1, 1, dim)
-            # the unconditional rows' cross-attention output: softmax over the zero key alone is 1
-            self.uncond_cross = [layer.cross_attention(zero, zero)[0, 0] for layer in den.layers]  # [D] each
+        # [steps, layers, 9, D] and [D] per layer
+        self.modulations, self.uncond_cross = _timestep_tables(den, timesteps)
         self.norms = [
             tuple(norm_args(n) for n in (layer.self_attn_layer_norm, layer.cross_attention_layer_norm, layer.ffn_layer_norm))
             for layer in den.layers

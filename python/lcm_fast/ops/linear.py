@@ -31,6 +31,7 @@ def skinny_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) 
 SPEC = register(OpSpec("skinny_linear"))
 
 if _ext.EXT_AVAILABLE:
+    _skinny_linear_op = torch.ops.lcm_fast.skinny_linear.default
 
     @torch.library.register_fake("lcm_fast::skinny_linear")
     def _skinny_linear_fake(x, weight, bias):
@@ -44,6 +45,8 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, b
     rows = x.numel() // max(x.shape[-1], 1)
     if rows > MAX_ROWS or SPEC.choose(x.device.type, x.dtype, backend) == "ref":
         return skinny_linear_ref(x, weight, bias)
-    if x.dim() == 2:  # the per-call cost matters at these sizes: no reshape round trip
-        return torch.ops.lcm_fast.skinny_linear(x, weight, bias)
-    return torch.ops.lcm_fast.skinny_linear(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1)
+    # a decoding step makes ~100 of these calls, a few microseconds of weights each: the overload is called
+    # directly (resolving it through the op packet costs microseconds per call) and 2-D x is not reshaped
+    if x.dim() == 2:
+        return _skinny_linear_op(x, weight, bias)
+    return _skinny_linear_op(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1)
