@@ -166,6 +166,37 @@ def test_bad_configuration(tmp_path):
         Trainer(_model("two_tower"), TrainConfig(variant="one_tower"), data)
     with pytest.raises(TypeError, match="variant 'base' trains a BaseLCM"):
         Trainer(_model("two_tower"), TrainConfig(variant="base"), data)
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        Trainer(_model("two_tower"), TrainConfig(precision="fp16"), data)
+    with pytest.raises(ValueError, match="unknown parallel 'zero3'"):
+        Trainer(_model("two_tower"), TrainConfig(parallel="zero3"), data)
+    with pytest.raises(NotImplementedError, match="ema_decay with parallel='fsdp'"):
+        Trainer(_model("two_tower"), TrainConfig(parallel="fsdp", ema_decay=0.99), data)
+
+
+def test_bf16_autocast_keeps_fp32_state_and_resumes_exactly(tmp_path):
+    """precision='bf16' (the CUDA default; 'auto' is fp32 on CPU): forward and loss in bf16 autocast,
+    fp32 weights, gradients and optimizer state; the loss tracks the fp32 run's, falls, and resumes exactly."""
+    data = _dataset(tmp_path / "train.parquet", n_docs=6)
+
+    def config(name, precision="bf16"):
+        return TrainConfig(variant="two_tower", steps=30, lr=1e-3, warmup_steps=3, save_every=10, log_every=1,
+                           precision=precision, out_dir=str(tmp_path / name))
+
+    assert not Trainer(_model("two_tower"), config("auto", "auto"), data).bf16
+    trainer = Trainer(_model("two_tower"), config("full"), data)
+    full = trainer.train()
+    assert all(p.dtype == torch.float32 for p in full.parameters())
+    assert all(v.dtype == torch.float32 for st in trainer.optimizer.state.values() for k, v in st.items() if k != "step")
+    Trainer(_model("two_tower"), config("fp32", "fp32"), data).train()
+    bf16, fp32 = _losses(tmp_path / "full"), _losses(tmp_path / "fp32")
+    assert bf16 != fp32 and bf16[0] == pytest.approx(fp32[0], rel=0.05)
+    assert sum(bf16[-5:]) < 0.85 * sum(bf16[:5]) and sum(bf16[-5:]) == pytest.approx(sum(fp32[-5:]), rel=0.01)
+    with pytest.raises(_Interrupted):
+        stopping_at(10)(_model("two_tower"), config("resumed"), data).train()
+    resumed = Trainer(_model("two_tower", seed=123), config("resumed"), data).train(resume=True)
+    assert all(torch.equal(full.state_dict()[k], v) for k, v in resumed.state_dict().items())
+    assert _losses(tmp_path / "resumed") == bf16
 
 
 def test_cli_train_and_resume(tmp_path):
@@ -225,9 +256,11 @@ def test_cli_fit_normalizer_then_train(tmp_path):
     assert torch.equal(model.normalizer.center, norm.center)  # buffers are not trained
 
 
-def test_torchrun_ddp_matches_single_process(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_matches_single_process(tmp_path, parallel):
     """2 CPU processes (gloo) training the same global batches as one process with 2 accumulated
-    micro-batches per step end with the same weights."""
+    micro-batches per step end with the same weights; with FSDP2 the rank-0 validation and checkpoints
+    gather the shards, and the checkpoint resumes in a single process like the single run's own."""
     _dataset(tmp_path / "train.parquet", n_docs=12)
     script = tmp_path / "ddp_train.py"
     script.write_text(f"""
@@ -235,25 +268,39 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, {os.getcwd()!r})
 from tests.training.test_trainer import _model, DIM
 from lcm_fast.training import DataConfig, TrainConfig, Trainer
-distributed = sys.argv[1] == "ddp"
+mode, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+distributed = mode != "single"
 if distributed:
     dist.init_process_group("gloo")
 data = DataConfig(files=[{str(tmp_path / 'train.parquet')!r}], dim=DIM, max_sentences=16, max_concepts=24, shuffle_buffer=4)
-cfg = TrainConfig(variant="two_tower", steps=5, lr=1e-3, warmup_steps=1, save_every=5, log_every=1,
-                  grad_accumulation=1 if distributed else 2, out_dir=sys.argv[2])
-Trainer(_model("two_tower", dropout=0.0), cfg, data).train(progress=False)
+cfg = TrainConfig(variant="two_tower", steps=steps, lr=1e-3, warmup_steps=1, save_every=5, log_every=1,
+                  validate_every=5, valid_batches=1, valid_diffusion_steps=2,
+                  grad_accumulation=1 if distributed else 2, parallel=mode if distributed else "ddp", out_dir=out)
+Trainer(_model("two_tower", dropout=0.0), cfg, data, valid=data).train(resume=True, progress=False)
 if distributed:
     dist.destroy_process_group()
 """)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                    "ddp", str(tmp_path / "ddp")], check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, str(script), "single", str(tmp_path / "single")], check=True, env=env)
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script), parallel, str(tmp_path / "ddp"), "5"], env=env, capture_output=True,
+                              text=True)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    subprocess.run([sys.executable, str(script), "single", str(tmp_path / "single"), "5"], check=True, env=env)
     ddp = lcm_fast.from_pretrained(tmp_path / "ddp/checkpoints/step_5").state_dict()
     single = lcm_fast.from_pretrained(tmp_path / "single/checkpoints/step_5").state_dict()
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-5, msg=k)
     assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"), rel=1e-5)
+    valid = [json.loads(line) for line in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()
+             if "valid" in line]
+    assert len(valid) == 1 and {"l2", "ca", "par"} <= set(valid[0])
+    if parallel == "fsdp":  # the sharded run's checkpoint (full weights, named optimizer state) resumes anywhere
+        for name in ("ddp", "single"):
+            subprocess.run([sys.executable, str(script), "single", str(tmp_path / name), "7"], check=True, env=env)
+        ddp = lcm_fast.from_pretrained(tmp_path / "ddp/checkpoints/step_7").state_dict()
+        single = lcm_fast.from_pretrained(tmp_path / "single/checkpoints/step_7").state_dict()
+        for k in single:
+            torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-5, msg=k)
 
 
 def test_cli_under_torchrun(tmp_path):
@@ -262,10 +309,15 @@ def test_cli_under_torchrun(tmp_path):
                          "lcm: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32}")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                     "lcm_fast.cli", "train", "--variant", "base", "--data", str(tmp_path / "train.parquet"),
-                    "--config", config, "--steps", "2", "--device", "cpu", "--out",
-                    str(tmp_path / "run")], check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                    "--config", config, "--steps", "2", "--device", "cpu", "--parallel", "fsdp", "--precision", "bf16",
+                    "--out", str(tmp_path / "run")], check=True, capture_output=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert Trainer.latest_checkpoint(tmp_path / "run").name == "step_2"
     assert len((tmp_path / "run/metrics.jsonl").read_text().splitlines()) == 2  # rank 0 logs alone
+    state = torch.load(tmp_path / "run/checkpoints/step_2/trainer_state.pt", weights_only=True)
+    assert state["config"]["parallel"] == "fsdp" and state["config"]["precision"] == "bf16"
+    weights = lcm_fast.from_pretrained(tmp_path / "run/checkpoints/step_2").state_dict()  # full shapes, checked
+    assert all(torch.isfinite(v).all() for v in weights.values())
 
 
 def test_ema_tracks_weights_and_resumes_exactly(tmp_path):

@@ -46,8 +46,9 @@ def _train(args: argparse.Namespace) -> None:
         raise SystemExit("--rvq is only for --variant quant_d or quant_c")
     model_cfg = merge_into(model_cfg, overrides.get("model", {}))
     train_cfg = merge_into(TrainConfig(variant=args.variant, out_dir=args.out), overrides.get("train", {}))
-    if args.steps is not None:
-        train_cfg.steps = args.steps
+    for name in ("steps", "precision", "parallel"):  # flags override the config file
+        if getattr(args, name) is not None:
+            setattr(train_cfg, name, getattr(args, name))
     data_cfg = merge_into(DataConfig(files=args.data, dim=model_cfg.sonar_embed_dim), overrides.get("data", {}))
     if args.eot:  # the paper's end-of-text concept, appended to every document
         from lcm_fast.text import load_encoder
@@ -243,6 +244,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--normalizer", help="normalizer statistics (.pt from fit-normalizer or an official one)")
     train.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu")
+    train.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                       help="bf16: bf16 autocast with fp32 weights and optimizer state (default auto: bf16 on CUDA)")
+    train.add_argument("--parallel", choices=["ddp", "fsdp"],
+                       help="under torchrun: ddp (default) or fsdp (FSDP2: weights, gradients, optimizer state sharded)")
     train.add_argument("--eot", help='append this sentence\'s embedding to every document: "End of text." '
                        '(pre-training), "End of response." (instruction fine-tuning); encoded with --encoder')
     train.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"], help="encoder for --eot")

@@ -6,9 +6,13 @@ optimizer, schedule, RNG states and data position), written into a temporary dir
 place, so a kill at any moment leaves only complete checkpoints. ``resume=True`` continues from the latest
 one exactly: the same weights at step n as an uninterrupted run. Metrics go to ``<out_dir>/metrics.jsonl``.
 
-Under ``torchrun`` (an initialised process group) the model is wrapped in DistributedDataParallel;
-every rank replays the same batch stream and trains its share of each step's batches, and rank 0 logs
-and checkpoints. The result equals a single process training the same global batches.
+Under ``torchrun`` (an initialised process group) the model is wrapped in DistributedDataParallel, or
+sharded with FSDP2 (``parallel="fsdp"``: every transformer layer's parameters, gradients and optimizer
+state split over the ranks); every rank replays the same batch stream and trains its share of each
+step's batches, and rank 0 logs, validates and checkpoints (gathering the shards first). The result
+equals a single process training the same global batches, and checkpoints are interchangeable between
+the three set-ups. ``precision="bf16"`` (the default on CUDA) runs forward and loss under bf16 autocast;
+weights, gradients and optimizer state stay fp32.
 """
 
 from __future__ import annotations
@@ -27,15 +31,31 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..evaluation import prediction_metrics, teacher_forced_predictions
 from ..io.native import from_pretrained, save_pretrained
 from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
+from ..models.two_tower import DenoiserLayer
+from ..nn.transformer import DecoderLayer
 from .data import Batch, DataConfig, batches
 from .fragility import FragilityMLP
 from .losses import LOSSES
+
+PRECISIONS = ("auto", "fp32", "bf16")
+PARALLELISMS = ("ddp", "fsdp")
+# optimizer state keyed by parameter names, full (unsharded) tensors: the same file for every set-up
+_FULL = StateDictOptions(full_state_dict=True)
 
 
 @dataclass
@@ -72,6 +92,12 @@ class TrainConfig:
     """Sentence bank directory (``lcm-fast prepare``): validation then also reports the round-trip
     l2 ``|encode(decode(x_hat)) - x|`` (l2_r) with ``valid_encoder``."""
     valid_encoder: str = "minilm"
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16: bf16 autocast of forward and loss; weights,
+    gradients and optimizer state stay fp32."""
+    parallel: str = "ddp"
+    """Under torchrun: ddp (replicated weights) | fsdp (FSDP2 ``fully_shard`` of every transformer
+    layer and the model: parameters, gradients and optimizer state sharded over the ranks)."""
     tensorboard: bool = True
     """Also write the metrics to ``out_dir/tensorboard`` when the tensorboard package is installed."""
     valid_batches: int = 4
@@ -116,6 +142,12 @@ class Trainer:
                                  ".codebooks) (CLI: --rvq PATH)")
         if config.validate_every and valid is None:
             raise ValueError("validate_every is set but no validation data was given (valid=DataConfig(...))")
+        if config.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision '{config.precision}'; expected one of {PRECISIONS}")
+        if config.parallel not in PARALLELISMS:
+            raise ValueError(f"unknown parallel '{config.parallel}'; expected one of {PARALLELISMS}")
+        if config.parallel == "fsdp" and config.ema_decay is not None:
+            raise NotImplementedError("ema_decay with parallel='fsdp' is not supported: use parallel='ddp'")
         self.model, self.config, self.data, self.valid = model, config, data, valid
         self.fragility = None
         if config.fragility_model:
@@ -123,14 +155,23 @@ class Trainer:
             self.fragility = FragilityMLP(state["net.0.weight"].shape[1], state["net.0.weight"].shape[0])
             self.fragility.load_state_dict(state)
         self.out = Path(config.out_dir)
+        self.device = next(model.parameters()).device
+        self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.sharded = self.world > 1 and config.parallel == "fsdp"
+        # data parallel: DDP and FSDP average gradients over ranks; the losses are scaled so that the result
+        # is the mean over every target of the global step, whatever the split across ranks
+        if self.sharded:
+            self._skeleton = copy.deepcopy(model).to("meta")  # the plain module that gathered weights fill
+            _fully_shard(model)
+            self.forward = model
+        else:
+            self.forward = DistributedDataParallel(model) if self.world > 1 else model
+        # created after sharding: FSDP2 turns the parameters into DTensor shards
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
         )
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        # data parallel: DDP averages gradients; the losses are scaled so that the result is the mean
-        # over every target of the global step, whatever the split across ranks
-        self.forward = DistributedDataParallel(model) if self.world > 1 else model
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -158,12 +199,12 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------
 
-    def _state(self) -> dict:
+    def _state(self, optimizer: dict) -> dict:
         return {
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "schedule": self.schedule.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
@@ -181,15 +222,35 @@ class Trainer:
                 p.copy_(e)
         return model
 
-    def save(self) -> Path:
-        """Writes checkpoints/step_<step> atomically (temporary directory, then rename)."""
+    def _unsharded(self) -> Optional[nn.Module]:
+        """The model with its full weights on rank 0, None on the other ranks. Under FSDP every rank must
+        call it: the shards are gathered into a plain copy on the CPU."""
+        if not self.sharded:
+            return self.model if self.rank == 0 else None
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        model = copy.deepcopy(self._skeleton)
+        model.load_state_dict(state, assign=True)
+        return model
+
+    def save(self) -> Optional[Path]:
+        """Writes checkpoints/step_<step> atomically (temporary directory, then rename) from rank 0 and
+        returns its path (None on the other ranks). Under FSDP every rank must call it."""
+        if self.rank != 0 and not self.sharded:
+            return None
+        model = self._unsharded()
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=self.sharded))
+        if self.rank != 0:
+            return None
         final = self.out / "checkpoints" / f"step_{self.step}"
         tmp = final.with_name(final.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(self.model, tmp)
+        save_pretrained(model, tmp)
         if self.ema is not None:
             save_pretrained(self.ema_model(), tmp / "ema")
-        torch.save(self._state(), tmp / "trainer_state.pt")
+        torch.save(self._state(optimizer), tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final
@@ -204,10 +265,13 @@ class Trainer:
     def load(self, checkpoint: str | Path) -> None:
         """Restores model weights, optimizer, schedule, RNG states and data position."""
         checkpoint = Path(checkpoint)
-        weights = from_pretrained(checkpoint, dtype=next(self.model.parameters()).dtype)
-        self.model.load_state_dict(weights.state_dict())
+        weights = from_pretrained(checkpoint, dtype=next(self.model.parameters()).dtype).state_dict()
+        if self.sharded:
+            set_model_state_dict(self.model, weights, options=_FULL)
+        else:
+            self.model.load_state_dict(weights)
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=_FULL)
         self.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -238,13 +302,18 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """l2, CA and PAR of teacher-forced predictions on up to ``valid_batches`` held-out batches
-        (scored positions: n >= 1, after the prompt)."""
+        (scored positions: n >= 1, after the prompt), computed on rank 0 ({} on the other ranks; under
+        FSDP every rank must call it)."""
+        model = self._unsharded()
+        if model is None:
+            return {}
+        model = model.to(self.device)
         totals: dict[str, float] = {}
         count = 0
         for index, batch in enumerate(batches(self.valid, 0)):
             if index == self.config.valid_batches:
                 break
-            pred = teacher_forced_predictions(self.model, batch.embeddings, batch.seq_lens,
+            pred = teacher_forced_predictions(model, batch.embeddings, batch.seq_lens,
                                               steps=self.config.valid_diffusion_steps, seed=index).cpu()
             pos = torch.arange(batch.embeddings.shape[1])[None, :]
             valid = pos < batch.seq_lens[:, None]
@@ -284,11 +353,14 @@ class Trainer:
                 mine = step_batches[self.rank :: self.world]
                 local = torch.zeros(2, dtype=torch.float64)  # [targets, summed loss]
                 for i, (batch, generator) in enumerate(mine):
-                    sync = self.world == 1 or i == len(mine) - 1  # DDP all-reduces on the last backward only
-                    with contextlib.nullcontext() if sync else self.forward.no_sync():
-                        loss, n = loss_fn(self.model, batch, generator, forward=self.forward,
-                                          cfg_dropout=cfg.cfg_dropout, weighting=cfg.loss_weighting,
-                                          fragility=self.fragility, fragility_ab=cfg.fragility_ab)
+                    sync = self.world == 1 or i == len(mine) - 1  # gradients are reduced on the last backward only
+                    if self.sharded:
+                        self.model.set_requires_gradient_sync(sync)
+                    with contextlib.nullcontext() if sync or self.sharded else self.forward.no_sync():
+                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                            loss, n = loss_fn(self.model, batch, generator, forward=self.forward,
+                                              cfg_dropout=cfg.cfg_dropout, weighting=cfg.loss_weighting,
+                                              fragility=self.fragility, fragility_ab=cfg.fragility_ab)
                         loss.backward()
                     local += torch.tensor([n, loss.item()], dtype=torch.float64)
                 if self.world > 1:
@@ -304,6 +376,8 @@ class Trainer:
                         p.grad.mul_(self.world / targets)
                 concepts = sum(b.num_concepts for b, _ in step_batches)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                # on every rank: under FSDP the norm is a DTensor and reading it is a collective
+                grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
                 self.optimizer.step()
                 if self.ema is not None:
                     with torch.no_grad():
@@ -314,20 +388,22 @@ class Trainer:
                 self.step += 1
                 rate = concepts / (time.perf_counter() - start)
                 bar.update(1)
-                if self.rank != 0:  # rank 0 logs, validates and checkpoints for everyone
-                    continue
-                bar.set_postfix(loss=f"{total:.4f}", concepts_per_s=f"{rate:.0f}", refresh=False)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                # rank 0 logs, validates and checkpoints for everyone (the others take part in gathering
+                # FSDP shards)
+                if self.rank == 0:
+                    bar.set_postfix(loss=f"{total:.4f}", concepts_per_s=f"{rate:.0f}", refresh=False)
+                if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     record = dict(step=self.step, loss=total, lr=self.schedule.get_last_lr()[0],
-                                  grad_norm=float(grad_norm), concepts_per_s=rate)
+                                  grad_norm=grad_norm, concepts_per_s=rate)
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                     self._board(board, "train", record)
                 if cfg.validate_every and self.step % cfg.validate_every == 0:
                     scores = self.validate()
-                    metrics.write(json.dumps(dict(step=self.step, split="valid", **scores)) + "\n")
-                    metrics.flush()
-                    self._board(board, "valid", scores)
+                    if self.rank == 0:
+                        metrics.write(json.dumps(dict(step=self.step, split="valid", **scores)) + "\n")
+                        metrics.flush()
+                        self._board(board, "valid", scores)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()
         bar.close()
@@ -349,3 +425,14 @@ class Trainer:
             for name, value in values.items():
                 if name != "step":
                     board.add_scalar(f"{split}/{name}", value, self.step)
+
+
+def _fully_shard(model: nn.Module) -> None:
+    """FSDP2: every transformer layer is its own unit (its weights are gathered just for its forward and
+    backward), the rest of the model (frontends, projections, embeddings) one root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if isinstance(module, (DecoderLayer, DenoiserLayer)):
+            fully_shard(module)
+    fully_shard(model)
