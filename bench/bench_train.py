@@ -1,8 +1,11 @@
-"""Training throughput (concepts/s) per variant, on CPU, at two small sizes.
+"""Training throughput (concepts/s) per variant: two small sizes on CPU (fp32; bf16 autocast at d128), and
+the released 1.6B shape on a GPU when there is one.
 
 Run: ``python -m pytest bench/bench_train.py --benchmark-json=train.json``. Each benchmark trains 3
 optimizer steps on synthetic parquet data (batches of up to 512 padded concepts, 64 sentences per
-document); ``extra_info`` has variant, size, device and concepts_per_s.
+document); ``extra_info`` has variant, size, device, precision, concepts_per_s, the model FLOPs of one
+step (forward + backward, counted by ``FlopCounterMode``) and the achieved TFLOP/s, plus on GPUs of
+known peak the model FLOP utilisation (MFU).
 """
 
 from __future__ import annotations
@@ -12,12 +15,17 @@ import torch
 
 import lcm_fast
 from lcm_fast.config import config_from_dict
+from lcm_fast.flops import count_flops
 from lcm_fast.training import DataConfig, TrainConfig, Trainer, write_documents
+from lcm_fast.training.data import batches
+from lcm_fast.training.losses import LOSSES
 
 SIZES = {  # model dim, layers (each tower), heads, sonar dim
     "d128": (128, 2, 2, 256),
     "d512": (512, 4, 8, 1024),
 }
+#: dense bf16 tensor-core peaks (TFLOP/s, vendor datasheets) for the MFU of GPU runs
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 FAMILIES = {"base": "base_lcm", "two_tower": "two_tower_diffusion_lcm", "one_tower": "one_tower_diffusion_lcm"}
 
 
@@ -38,24 +46,58 @@ def _model(variant: str, size: str):
     return lcm_fast.build_model(config_from_dict(FAMILIES[variant], mapping))
 
 
-@pytest.mark.parametrize("size", sorted(SIZES))
-@pytest.mark.parametrize("variant", sorted(FAMILIES))
-def test_train_throughput(benchmark, tmp_path, variant, size):
-    sonar = SIZES[size][3]
+def _step_flops(model, variant: str, data: DataConfig, precision: str) -> int:
+    """Model FLOPs of one optimizer step's forward and backward (every batch of the step)."""
+    batch = next(batches(data))
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        flops, _ = count_flops(lambda: LOSSES[variant](model, batch, torch.Generator().manual_seed(0))[0].backward())
+    model.zero_grad(set_to_none=True)
+    return flops
+
+
+def _run(benchmark, tmp_path, model, variant: str, size: str, precision: str, max_concepts: int = 512) -> None:
+    sonar = model.sonar_dim
+    device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     write_documents(tmp_path / "data.parquet", [torch.randn(64, sonar, generator=g) * 0.1 for _ in range(64)])
-    data = DataConfig(files=[str(tmp_path / "data.parquet")], dim=sonar, max_sentences=64, max_concepts=512,
+    data = DataConfig(files=[str(tmp_path / "data.parquet")], dim=sonar, max_sentences=64, max_concepts=max_concepts,
                       shuffle_buffer=16)
     runs = iter(range(1000))
-    model = _model(variant, size)  # built once: the timing covers the training steps (and data reading)
 
     def train():
         cfg = TrainConfig(variant=variant, steps=3, warmup_steps=1, save_every=10**6, log_every=10**6,
-                          out_dir=str(tmp_path / f"run{next(runs)}"))
+                          precision=precision, out_dir=str(tmp_path / f"run{next(runs)}"))
         Trainer(model, cfg, data).train(progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     benchmark.group = f"train/{size}"
     benchmark.pedantic(train, rounds=3, warmup_rounds=1)
     median = benchmark.stats.stats.median if benchmark.stats else float("nan")
-    benchmark.extra_info.update(variant=variant, size=size, device="cpu", dtype="float32",
-                                concepts_per_s=3 * 512 / median)
+    flops = _step_flops(model, variant, data, precision)
+    tflops = 3 * flops / median / 1e12
+    info = dict(variant=variant, size=size, device=device.type, precision=precision,
+                concepts_per_s=3 * max_concepts / median, step_flops=flops, achieved_tflops=tflops)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        info.update(gpu=name, mfu=tflops / peak if peak and precision == "bf16" else None)
+    benchmark.extra_info.update(info)
+
+
+# bf16 autocast only at the small size: AVX2 CPUs have no bf16 arithmetic, so it is emulated and slow
+@pytest.mark.parametrize("size,precision", [("d128", "fp32"), ("d128", "bf16"), ("d512", "fp32")])
+@pytest.mark.parametrize("variant", sorted(FAMILIES))
+def test_train_throughput(benchmark, tmp_path, variant, size, precision):
+    # the model is built once: the timing covers the training steps (and data reading)
+    _run(benchmark, tmp_path, _model(variant, size), variant, size, precision)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the 1.6B shape is measured on a GPU")
+@pytest.mark.parametrize("variant", ["base", "two_tower"])
+def test_train_throughput_1_6b_gpu(benchmark, tmp_path, variant):
+    arch = {"base": "base_lcm_1_6B", "two_tower": "two_tower_diffusion_lcm_1_6B"}[variant]
+    torch.manual_seed(0)
+    model = lcm_fast.build_model(lcm_fast.get_arch(arch), device="cuda")
+    _run(benchmark, tmp_path, model, variant, "1.6B", "bf16", max_concepts=4096)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lcm_fast
 from lcm_fast.flops import (
@@ -72,6 +73,17 @@ def test_two_tower_matches_counter(algorithm, guidance, swiglu):
     dead = rows * 5 * L * (2 * D * 2 * D + 4 * D)  # q/k projections and QK^T/AV over one key, per row
     assert two_tower_flops(config, 5, 6, cfg=guidance != 1.0, algorithm="official") == pytest.approx(
         two_tower_flops(config, 5, 6, cfg=guidance != 1.0, algorithm="reference") + dead)
+
+
+def test_cpu_attention_is_counted_forward_and_backward():
+    """torch has no formulas for the CPU flash-attention kernels: ours count 4 b h s s d forward and
+    2.5x that backward (the standard SDPA formulas), with and without a mask."""
+    b, h, s, d = 2, 3, 16, 8
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    forward = 4 * b * h * s * s * d
+    for mask in (None, torch.ones(s, s, dtype=torch.bool).tril()):
+        counted, _ = count_flops(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward())
+        assert counted == forward + 10 * b * h * s * s * d
 
 
 def test_paper_scale_facts():
