@@ -135,3 +135,19 @@ def test_skinny_linear(benchmark, device, backend, dtype, rows, K, N):
     _measure(benchmark, run, op="skinny_linear", backend=backend, device=device, B=rows, D=K, dtype=dtype,
              moved_bytes=per * len(weights))
     benchmark.extra_info["N"] = N
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk_kb", [256, 768, 1024, 4096, 65536])
+def test_weight_streaming_floor(benchmark, device, chunk_kb):
+    """The bandwidth a decoding step can hope for: ``torch.sum`` over distinct fp32 chunks of the size
+    of one weight matrix, 64 MB in all (from memory, as test_skinny_linear). gbps = bytes read per second."""
+    numel = chunk_kb << 8
+    chunks = [torch.randn(numel, device=device) for _ in range(max(1, (64 << 20) // (numel * 4)))]
+
+    def run():
+        for c in chunks:
+            c.sum()
+
+    _measure(benchmark, run, op="weight_streaming_floor", backend="torch.sum", device=device, B=1, D=numel,
+             dtype=torch.float32, moved_bytes=numel * 4 * len(chunks))
