@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 #: a local causal-LM directory (e.g. a download of openai-community/gpt2) turns MI on in ``lcm-fast eval``
 MI_MODEL_ENV = "LCM_FAST_MI_MODEL"
@@ -91,7 +92,8 @@ class MutualInformation:
         out = torch.zeros(len(sequences), dtype=torch.float64)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths share a batch
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.prefix[0]
-        for start in range(0, len(order), self.batch_size):
+        # progress shown on terminals only (tqdm's disable=None)
+        for start in tqdm(range(0, len(order), self.batch_size), desc="MI", unit="batch", disable=None, leave=False):
             rows = [i for i in order[start:start + self.batch_size] if targets[i] > 0]
             if not rows:
                 continue
@@ -106,8 +108,9 @@ class MutualInformation:
             # logits at position j predict token j + 1: the last `keep` targets need keep + 1 logits
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 position_ids=positions.to(self.device), logits_to_keep=keep + 1).logits
-            logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-            picked = logp.gather(-1, ids[:, length - keep:, None].to(self.device)).squeeze(-1).cpu()
+            logits = logits[:, :-1].float()  # log p(token) = logit - logsumexp: no [rows, keep, vocab] log-softmax
+            next_ids = ids[:, length - keep:, None].to(self.device)
+            picked = (logits.gather(-1, next_ids).squeeze(-1) - logits.logsumexp(-1)).double().cpu()
             for r, i in enumerate(rows):
                 out[i] = picked[r, keep - targets[i]:].sum()
         return out
