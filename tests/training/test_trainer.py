@@ -262,7 +262,7 @@ def test_torchrun_matches_single_process(tmp_path, parallel):
     micro-batches per step end with the same weights; with FSDP2 the rank-0 validation and checkpoints
     gather the shards, and the checkpoint resumes in a single process like the single run's own."""
     _dataset(tmp_path / "train.parquet", n_docs=12)
-    script = tmp_path / "ddp_train.py"
+    script = tmp_path / "train_script.py"
     script.write_text(f"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {os.getcwd()!r})
@@ -281,26 +281,26 @@ if distributed:
     dist.destroy_process_group()
 """)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(script), parallel, str(tmp_path / "ddp"), "5"], env=env, capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script), parallel, str(tmp_path / parallel), "5"], env=env, capture_output=True,
                               text=True)
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[-3000:]
     subprocess.run([sys.executable, str(script), "single", str(tmp_path / "single"), "5"], check=True, env=env)
-    ddp = lcm_fast.from_pretrained(tmp_path / "ddp/checkpoints/step_5").state_dict()
+    launched = lcm_fast.from_pretrained(tmp_path / parallel / "checkpoints/step_5").state_dict()
     single = lcm_fast.from_pretrained(tmp_path / "single/checkpoints/step_5").state_dict()
     for k in single:
-        torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-5, msg=k)
-    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"), rel=1e-5)
-    valid = [json.loads(line) for line in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()
+        torch.testing.assert_close(launched[k], single[k], atol=2e-6, rtol=1e-5, msg=k)
+    assert _losses(tmp_path / parallel) == pytest.approx(_losses(tmp_path / "single"), rel=1e-5)
+    valid = [json.loads(line) for line in (tmp_path / parallel / "metrics.jsonl").read_text().splitlines()
              if "valid" in line]
     assert len(valid) == 1 and {"l2", "ca", "par"} <= set(valid[0])
     if parallel == "fsdp":  # the sharded run's checkpoint (full weights, named optimizer state) resumes anywhere
-        for name in ("ddp", "single"):
+        for name in ("fsdp", "single"):
             subprocess.run([sys.executable, str(script), "single", str(tmp_path / name), "7"], check=True, env=env)
-        ddp = lcm_fast.from_pretrained(tmp_path / "ddp/checkpoints/step_7").state_dict()
+        launched = lcm_fast.from_pretrained(tmp_path / "fsdp/checkpoints/step_7").state_dict()
         single = lcm_fast.from_pretrained(tmp_path / "single/checkpoints/step_7").state_dict()
         for k in single:
-            torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-5, msg=k)
+            torch.testing.assert_close(launched[k], single[k], atol=2e-6, rtol=1e-5, msg=k)
 
 
 def test_cli_under_torchrun(tmp_path):
