@@ -92,6 +92,36 @@ def test_weighted_mean_and_empty_sentences(lm_dir):
     assert weighted_mean(torch.zeros(0), torch.zeros(0, dtype=torch.int64)) == 0.0
 
 
+def test_tokenizer_without_newline_uses_bos(lm_dir, tmp_path):
+    """A tokenizer that drops whitespace encodes '\\n' to nothing: the BOS token gives the first token its context."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator([" ".join(SENTENCES + [s for c in CONTEXTS for s in c])],
+                              trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>"]))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", unk_token="<unk>")
+    path = tmp_path / "wordlevel_gpt2"
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(1)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=N_POSITIONS, n_embd=32,
+                                                         n_layer=2, n_head=2)).save_pretrained(path)
+    scorer = MutualInformation(path, batch_size=2)
+    assert tokenizer("\n", add_special_tokens=False).input_ids == [] and scorer.prefix == [tokenizer.bos_token_id]
+    mi, _ = scorer.score(SENTENCES[:3], CONTEXTS[:3])
+    lm = scorer.model
+
+    def logp(ids, n):
+        logits = lm(torch.tensor([ids])).logits[0].double()
+        return torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[-n:].sum()
+
+    for value, sentence, context in zip(mi.tolist(), SENTENCES[:3], CONTEXTS[:3]):
+        target = scorer._ids(sentence)
+        head = scorer._ids(" ".join(context))
+        expected = (logp(head + scorer.prefix + target, len(target)) - logp(scorer.prefix + target, len(target)))
+        assert value == pytest.approx(expected.item() / len(target), abs=1e-5)
+
+
 def test_bad_input(lm_dir, tmp_path, monkeypatch):
     monkeypatch.delenv(MI_MODEL_ENV, raising=False)
     with pytest.raises(ValueError, match=MI_MODEL_ENV):

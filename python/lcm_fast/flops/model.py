@@ -15,8 +15,8 @@ The workload: a text of ``total_tokens`` tokens made of N = total_tokens / sente
 Two-Tower algorithms: ``official`` (the reference implementation: every diffusion step recomputes the
 timestep MLP, the AdaLN modulators, q/k/v of the one-key self-attention and the cross-attention keys and
 values of the whole context, for both CFG halves), ``reference`` (lcm_fast's reference engine: the same
-without the dead q/k projections) and ``fast`` (lcm_fast's fast engine: a modulation table per weights and schedule, counted as built
-by the call, i.e. the engine's first call),
+without the dead q/k projections) and ``fast`` (lcm_fast's fast engine: a modulation table per
+weights and schedule, counted as built by the call, i.e. the engine's first call),
 context K/V projected once per sentence, a constant unconditional cross-attention, no unconditional half
 at the first CFG step, V/O-only self-attention).
 """
