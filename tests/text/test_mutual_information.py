@@ -41,18 +41,17 @@ def lm_dir(tmp_path_factory):
 
 
 def _direct_mi(scorer: MutualInformation, sentence: str, context: list[str], max_tokens: int) -> float:
-    """log p(target | head + newline) - log p(target | newline), per token, from unpadded forwards."""
+    """log p(target | head + prefix) - log p(target | prefix), per token, from unpadded forwards."""
     tok = scorer.tokenizer
     target = tok(sentence, add_special_tokens=False).input_ids
     head = tok(" ".join(context[-CONTEXT_SENTENCES:]), add_special_tokens=False).input_ids if context else []
-    newline = tok("\n", add_special_tokens=False).input_ids
-    cond = (head + newline + target)[-max_tokens:]
+    cond = (head + scorer.prefix + target)[-max_tokens:]
 
     def logp(ids):
         logits = scorer.model(torch.tensor([ids])).logits[0].double()
         return torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[-len(target):].sum()
 
-    return ((logp(cond) - logp(newline + target)) / len(target)).item()
+    return ((logp(cond) - logp(scorer.prefix + target)) / len(target)).item()
 
 
 SENTENCES = ["The kernel panicked.", "Hackers share code freely with anyone who asks for it.", "Bugs!",
@@ -65,6 +64,7 @@ CONTEXTS = [["The system crashed at night.", "Logs were full."], [], ["One.", "T
 def test_batched_scores_match_unpadded_forwards(lm_dir, batch_size):
     scorer = MutualInformation(lm_dir, batch_size=batch_size)
     assert scorer.max_tokens == N_POSITIONS
+    assert scorer.prefix == scorer.tokenizer("\n", add_special_tokens=False).input_ids  # the paper's newline
     mi, tokens = scorer.score(SENTENCES, CONTEXTS)
     assert mi.dtype == torch.float64 and tokens.tolist() == [len(scorer._ids(s)) for s in SENTENCES]
     expected = [_direct_mi(scorer, s, c, N_POSITIONS) for s, c in zip(SENTENCES, CONTEXTS)]
@@ -109,17 +109,8 @@ def test_tokenizer_without_newline_uses_bos(lm_dir, tmp_path):
     scorer = MutualInformation(path, batch_size=2)
     assert tokenizer("\n", add_special_tokens=False).input_ids == [] and scorer.prefix == [tokenizer.bos_token_id]
     mi, _ = scorer.score(SENTENCES[:3], CONTEXTS[:3])
-    lm = scorer.model
-
-    def logp(ids, n):
-        logits = lm(torch.tensor([ids])).logits[0].double()
-        return torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[-n:].sum()
-
-    for value, sentence, context in zip(mi.tolist(), SENTENCES[:3], CONTEXTS[:3]):
-        target = scorer._ids(sentence)
-        head = scorer._ids(" ".join(context))
-        expected = (logp(head + scorer.prefix + target, len(target)) - logp(scorer.prefix + target, len(target)))
-        assert value == pytest.approx(expected.item() / len(target), abs=1e-5)
+    expected = [_direct_mi(scorer, s, c, N_POSITIONS) for s, c in zip(SENTENCES[:3], CONTEXTS[:3])]
+    assert mi.tolist() == pytest.approx(expected, abs=1e-5)
 
 
 def test_bad_input(lm_dir, tmp_path, monkeypatch):
