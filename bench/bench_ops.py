@@ -17,6 +17,8 @@ from lcm_fast.ops import (
     adaln_gated_residual_norm_modulate_ref,
     adaln_norm_modulate,
     adaln_norm_modulate_ref,
+    denoiser_layer_decode,
+    denoiser_layer_decode_ref,
     guided_ddim_step_,
     guided_ddim_step_ref,
     sampler_params,
@@ -24,7 +26,7 @@ from lcm_fast.ops import (
     skinny_linear_ref,
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and all("cuda" in s.kernels for s in OPS.values()) else [])
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and all("cuda" in s.kernels for s in OPS.values() if "cuda" in s.devices) else [])
 BACKENDS = ["ref", "compile", "ext"]
 SHAPES = [(B, D) for B in (1, 64, 4096) for D in (1024, 2048, 4096)]
 # one static-shape compilation per (op, B, D) of the grid (dynamo's default limit is 8 per function)
@@ -151,3 +153,39 @@ def test_weight_streaming_floor(benchmark, device, chunk_kb):
 
     _measure(benchmark, run, op="weight_streaming_floor", backend="torch.sum", device=device, B=1, D=numel,
              dtype=torch.float32, moved_bytes=numel * 4 * len(chunks))
+
+
+@pytest.mark.parametrize("backend", ["ref", "composed", "ext"])
+@pytest.mark.parametrize("model_dim", [256, 512])
+def test_denoiser_layer_decode(benchmark, backend, model_dim):
+    """One fast-engine denoiser step's layers: 13 distinct layers of the 1.6B recipe (RMSNorm, SwiGLU) at
+    this model dim on a CFG pair (2 rows, context 50). ref: plain PyTorch; composed: the same ops with
+    their fused kernels, issued from Python (the fast engine before the fused layer); ext: one C++ call
+    per layer. gbps = the layers' weight bytes per second (B = rows, D = model dim)."""
+    from lcm_fast.config import DenoiserConfig
+    from lcm_fast.inference.fast import layer_decode_args
+    from lcm_fast.models.two_tower import DenoiserLayer
+    from lcm_fast.nn.attention import KVCache
+
+    config = DenoiserConfig(num_attn_heads=model_dim // 64, ffn_inner_dim=4 * model_dim, use_swiglu=True,
+                            layer_normalization_style="rms", mha_output_proj_bias=True, timestep_embed_dim=model_dim)
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(13):
+        layer = DenoiserLayer(model_dim, config, None).eval().requires_grad_(False)
+        cache = KVCache(51)
+        cache.append(*layer.cross_attention.project_kv(torch.randn(1, 51, model_dim)))
+        layers.append((layer_decode_args(layer), cache, torch.randn(model_dim)))
+    h, mods = torch.randn(2, model_dim), torch.randn(9, model_dim)
+    fn = {"ref": denoiser_layer_decode_ref, "composed": denoiser_layer_decode_ref, "ext": denoiser_layer_decode}[backend]
+    sub = {"ref": "ref", "composed": None, "ext": "ext"}[backend]
+
+    def run():
+        x = h
+        for (params, rms, eps, act, post_norms, qk_norm), cache, uncond in layers:
+            x = fn(x, mods, params, cache.k, cache.v, cache.length, None, 1, uncond, rms, eps, act, post_norms, qk_norm,
+                   backend=sub)
+
+    weights = sum(p.numel() * 4 for (params, *_), _, _ in layers for p in params if p is not None and p.dim() == 2)
+    _measure(benchmark, run, op="denoiser_layer_decode", backend=backend, device="cpu", B=2, D=model_dim,
+             dtype=torch.float32, moved_bytes=weights)

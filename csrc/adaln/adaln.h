@@ -23,6 +23,11 @@ void launch_adaln_forward(const void* x, const void* residual, const void* branc
                           const void* scale, const float* weight, const float* bias, void* residual_out, void* y,
                           int64_t rows, int64_t dim, bool rms, float eps, DType dtype, void* stream);
 
+// The CPU implementation of launch_adaln_forward (stream unused); also called by the fused denoiser layer.
+void adaln_forward_cpu(const void* x, const void* residual, const void* branch, const void* gate, const void* shift,
+                       const void* scale, const float* weight, const float* bias, void* residual_out, void* y,
+                       int64_t rows, int64_t dim, bool rms, float eps, DType dtype, void* stream);
+
 // Backward of y = norm(x) * (1 + scale) + shift w.r.t. x, scale (per element) and weight, bias
 // (fp32 [D], accumulated: zero them first). grad_shift is grad_y itself.
 void launch_adaln_backward(const void* grad_y, const void* x, const void* scale, const float* weight,

@@ -140,17 +140,6 @@ void dispatch(DType dtype, F&& f) {
   }
 }
 
-void cpu_forward(const void* x, const void* residual, const void* branch, const void* gate, const void* shift,
-                 const void* scale, const float* weight, const float* bias, void* residual_out, void* y, int64_t rows,
-                 int64_t dim, bool rms, float eps, DType dtype, void* /*stream*/) {
-  dispatch(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    forward_rows<T>(static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(branch),
-                    static_cast<const T*>(gate), static_cast<const T*>(shift), static_cast<const T*>(scale), weight,
-                    bias, static_cast<T*>(residual_out), static_cast<T*>(y), rows, dim, rms, eps);
-  });
-}
-
 void cpu_backward(const void* grad_y, const void* x, const void* scale, const float* weight, const float* bias,
                   void* grad_x, void* grad_scale, float* grad_weight, float* grad_bias, int64_t rows, int64_t dim,
                   bool rms, float eps, DType dtype, void* /*stream*/) {
@@ -165,15 +154,15 @@ void cpu_backward(const void* grad_y, const void* x, const void* scale, const fl
 at::Tensor norm_modulate_cpu(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool rms,
                              double eps) {
-  return adaln_norm_modulate_host(cpu_forward, x, shift, scale, weight, bias, rms, eps, nullptr);
+  return adaln_norm_modulate_host(adaln_forward_cpu, x, shift, scale, weight, bias, rms, eps, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor> gated_residual_norm_modulate_cpu(
     const at::Tensor& residual, const at::Tensor& branch, const at::Tensor& gate, const at::Tensor& shift,
     const at::Tensor& scale, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool rms,
     double eps) {
-  return adaln_gated_residual_norm_modulate_host(cpu_forward, residual, branch, gate, shift, scale, weight, bias, rms,
-                                                 eps, nullptr);
+  return adaln_gated_residual_norm_modulate_host(adaln_forward_cpu, residual, branch, gate, shift, scale, weight, bias,
+                                                 rms, eps, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_backward_cpu(
@@ -183,6 +172,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_backwar
 }
 
 }  // namespace
+
+void adaln_forward_cpu(const void* x, const void* residual, const void* branch, const void* gate, const void* shift,
+                       const void* scale, const float* weight, const float* bias, void* residual_out, void* y,
+                       int64_t rows, int64_t dim, bool rms, float eps, DType dtype, void* /*stream*/) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    forward_rows<T>(static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(branch),
+                    static_cast<const T*>(gate), static_cast<const T*>(shift), static_cast<const T*>(scale), weight,
+                    bias, static_cast<T*>(residual_out), static_cast<T*>(y), rows, dim, rms, eps);
+  });
+}
 
 TORCH_LIBRARY_IMPL(lcm_fast, CPU, m) {
   m.impl("adaln_norm_modulate", &norm_modulate_cpu);

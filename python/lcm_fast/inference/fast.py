@@ -14,6 +14,8 @@
 - Every projection of a step multiplies one or two rows per document, so its cost is streaming the
   weights: they go through :func:`lcm_fast.ops.skinny_linear`, which reads W once at close to memory
   bandwidth where the BLAS path of ``F.linear`` reaches a fraction of it on CPU.
+- Each layer is one :func:`lcm_fast.ops.denoiser_layer_decode` call (one C++ call on CPU): issued as
+  ~20 ops from Python, dispatch took as long as the weight streaming at model dim 256.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models import TwoTowerLCM
-from ..models.two_tower import Denoiser
+from ..models.two_tower import Denoiser, DenoiserLayer
+from ..nn.activation import ACTIVATION_NAMES
 from ..nn.attention import KVCache
-from ..ops.adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate, norm_args
+from ..ops.adaln import norm_args
+from ..ops.denoiser import LAYER_PARAMS, denoiser_layer_decode
 from ..ops.linear import skinny_linear
 
 
@@ -59,6 +63,23 @@ def _timestep_tables(den: Denoiser, timesteps: list[int]) -> tuple[Tensor, list[
     return modulations, uncond_cross
 
 
+def layer_decode_args(layer: DenoiserLayer) -> tuple:
+    """The static arguments of ``denoiser_layer_decode`` for one layer: (params, rms, eps, activation,
+    post_norms, qk_norm)."""
+
+    def param(name: str) -> Optional[Tensor]:
+        try:
+            return layer.get_parameter(name)
+        except AttributeError:  # the layer has no such module or parameter (None in LAYER_PARAMS order)
+            return None
+
+    _, _, rms, eps = norm_args(layer.self_attn_layer_norm)
+    ffn = layer.ffn
+    activation = "swiglu" if ffn.swiglu else ACTIVATION_NAMES[type(ffn.inner_activation)]
+    post_norms, qk_norm = layer.self_attn_norm is not None, layer.cross_attention.q_layer_norm is not None
+    return [param(name) for name in LAYER_PARAMS], rms, eps, activation, post_norms, qk_norm
+
+
 class FastDenoiser:
     """Timestep tables and cross-attention caches for one generation call.
 
@@ -73,10 +94,7 @@ class FastDenoiser:
         self.model, self.denoiser, self.capacity = model, den, capacity + 1
         # [steps, layers, 9, D] and [D] per layer
         self.modulations, self.uncond_cross = _timestep_tables(den, timesteps)
-        self.norms = [
-            tuple(norm_args(n) for n in (layer.self_attn_layer_norm, layer.cross_attention_layer_norm, layer.ffn_layer_norm))
-            for layer in den.layers
-        ]
+        self.layer_args = [layer_decode_args(layer) for layer in den.layers]
         self.caches: list[KVCache] = []
 
     def start(self, context: Tensor) -> None:
@@ -95,6 +113,7 @@ class FastDenoiser:
         for cache in self.caches:
             cache.reorder(index)
 
+    @torch.no_grad()
     def __call__(self, x: Tensor, step: int, num_cond: int, rows: Optional[Tensor] = None) -> Tensor:
         """Denoiser output for latents x: [R, 1, sonar_dim] (model dtype) at schedule index ``step``.
 
@@ -102,28 +121,13 @@ class FastDenoiser:
         ``rows``, all when None); the remaining R - num_cond rows are unconditional. -> [R, 1, sonar_dim].
         """
         den = self.denoiser
-        # this step's modulations, materialised once per call as [layers, 9, R, 1, D] so that every
-        # fused AdaLN op gets contiguous [R, 1, D] operands without copying them itself
-        mods_all = self.modulations[step][:, :, None, None, :].expand(-1, -1, x.shape[0], 1, -1).contiguous()
         h = den.initial_proj(x, skinny_linear)
         if den.pos_encoder is not None:
             h = den.pos_encoder(h)
-        for layer, mods, cache, uncond, norms in zip(
-            den.layers, mods_all, self.caches, self.uncond_cross, self.norms
+        h = h[:, 0]  # [R, D]
+        for mods, cache, uncond, (params, rms, eps, activation, post_norms, qk_norm) in zip(
+            self.modulations[step], self.caches, self.uncond_cross, self.layer_args
         ):
-            sh_sa, sc_sa, g_sa, sh_ca, sc_ca, g_ca, sh_ff, sc_ff, g_ff = mods.unbind(0)
-            (w_sa, b_sa, rms_sa, eps_sa), (w_ca, b_ca, rms_ca, eps_ca), (w_ff, b_ff, rms_ff, eps_ff) = norms
-            a = layer.self_attn(adaln_norm_modulate(h, sh_sa, sc_sa, w_sa, b_sa, rms=rms_sa, eps=eps_sa), skinny_linear)
-            if layer.self_attn_norm is not None:
-                a = layer.self_attn_norm(a)
-            h, y = adaln_gated_residual_norm_modulate(h, a, g_sa, sh_ca, sc_ca, w_ca, b_ca, rms=rms_ca, eps=eps_ca)
-            k, v = cache.k[:, :, : cache.length], cache.v[:, :, : cache.length]
-            if rows is not None:
-                k, v = k.index_select(0, rows), v.index_select(0, rows)
-            ca = layer.cross_attention
-            c = ca.attend(ca.project_q(y[:num_cond], linear=skinny_linear), k, v, linear=skinny_linear)
-            if num_cond < h.shape[0]:
-                c = torch.cat((c, uncond.expand(h.shape[0] - num_cond, 1, -1)))
-            h, y = adaln_gated_residual_norm_modulate(h, c, g_ca, sh_ff, sc_ff, w_ff, b_ff, rms=rms_ff, eps=eps_ff)
-            h = h + g_ff * layer.ffn(y, skinny_linear)
-        return den.final_proj(den.layer_norm(h), skinny_linear)
+            h = denoiser_layer_decode(h, mods, params, cache.k, cache.v, cache.length, rows, num_cond, uncond, rms,
+                                      eps, activation, post_norms, qk_norm)
+        return den.final_proj(den.layer_norm(h[:, None]), skinny_linear)

@@ -16,6 +16,9 @@ _ACTIVATIONS = {
     "hardsigmoid": nn.Hardsigmoid,
 }
 
+#: module class -> official name (how an engine names a built model's activation)
+ACTIVATION_NAMES = {cls: name for name, cls in _ACTIVATIONS.items()}
+
 
 def make_activation(name: str) -> nn.Module:
     try:

@@ -52,6 +52,8 @@ class OpSpec:
 
     name: str
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    #: devices the op has a kernel for by design (a build may still lack one: ``kernels``)
+    devices: tuple[str, ...] = ("cpu", "cuda")
     #: extra input-dependent reasons: (device_type, dtype, **static facts) -> [reason, ...]
     extra: Optional[Callable[..., list[str]]] = field(default=None)
 
@@ -71,7 +73,9 @@ class OpSpec:
         if not _ext.EXT_AVAILABLE:
             return [f"extension not loaded ({_ext.EXT_ERROR})"]
         out = []
-        if not self.has_kernel(device_type):
+        if device_type not in self.devices:
+            out.append(f"no {device_type} kernel ({'/'.join(self.devices)} only)")
+        elif not self.has_kernel(device_type):
             out.append(f"no {device_type} kernel compiled")
         if dtype is not None and dtype not in self.dtypes:
             out.append(f"dtype {dtype} not supported")

@@ -1,0 +1,282 @@
+// CPU denoiser_layer_decode: one AdaLN denoiser layer for the few rows of a decoding step, the
+// specification being denoiser_layer_decode_ref in python/lcm_fast/ops/denoiser.py. The fast engine
+// calls it once per layer and DDIM step. Issued from Python as ~20 small ops, the dispatch took as
+// long as streaming the layer's weights at model dim 256; here the same kernels run back to back
+// (AdaLN rows, skinny linear, a one-query attention over the cached keys) on one scratch buffer.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "adaln/adaln.h"
+#include "adaln/adaln_host.h"
+#include "common/dot_tile.h"
+#include "linear/skinny_linear_cpu.h"
+
+namespace lcm_fast {
+namespace {
+
+// Entries of `params`, in the order of LAYER_PARAMS (python/lcm_fast/ops/denoiser.py).
+enum Param : int {
+  kSaNormW, kSaNormB, kVW, kVB, kSaOutW, kSaOutB, kSaPostNormW, kSaPostNormB,
+  kCaNormW, kCaNormB, kQW, kQB, kQNormW, kQNormB, kCaOutW, kCaOutB,
+  kFfNormW, kFfNormB, kGateW, kGateB, kInnerW, kInnerB, kActW, kInnerNormW, kInnerNormB, kFfOutW, kFfOutB,
+  kNumParams
+};
+
+// Modulation rows: (shift, scale, gate) of self-attention, cross-attention, FFN.
+enum Mod : int { kShSa, kScSa, kGSa, kShCa, kScCa, kGCa, kShFf, kScFf, kGFf };
+
+// The FFN activation (ACTIVATIONS in ops/denoiser.py, with torch's module defaults); kSwiGLU gates with SiLU.
+enum class Act { kSwiGLU, kReLU, kTanh, kELU, kLeakyReLU, kPReLU, kSELU, kGELU, kSiLU, kSoftsign, kSigmoid, kHardsigmoid };
+
+Act parse_activation(std::string_view name) {
+  static constexpr std::pair<std::string_view, Act> kNames[] = {
+      {"swiglu", Act::kSwiGLU}, {"relu", Act::kReLU}, {"tanh", Act::kTanh}, {"elu", Act::kELU},
+      {"leaky_relu", Act::kLeakyReLU}, {"prelu", Act::kPReLU}, {"selu", Act::kSELU}, {"gelu", Act::kGELU},
+      {"silu", Act::kSiLU}, {"softsign", Act::kSoftsign}, {"sigmoid", Act::kSigmoid},
+      {"hardsigmoid", Act::kHardsigmoid}};
+  for (const auto& [n, act] : kNames)
+    if (n == name) return act;
+  TORCH_CHECK(false, "denoiser_layer_decode: unknown activation '", name, "'");
+}
+
+// elementwise in fp32; prelu_weight is PReLU's slope for this channel
+inline float activate(Act act, float x, float prelu_weight) {
+  switch (act) {
+    case Act::kReLU: return x > 0.f || std::isnan(x) ? x : 0.f;
+    case Act::kTanh: return std::tanh(x);
+    case Act::kELU: return x > 0.f ? x : std::expm1(x);
+    case Act::kLeakyReLU: return x > 0.f ? x : 0.01f * x;
+    case Act::kPReLU: return x > 0.f ? x : prelu_weight * x;
+    case Act::kSELU: return 1.0507009873554804934f * (x > 0.f ? x : 1.6732632423543772848f * std::expm1(x));
+    case Act::kGELU: return 0.5f * x * (1.f + std::erf(x * float(M_SQRT1_2)));
+    case Act::kSwiGLU:
+    case Act::kSiLU: return x / (1.f + std::exp(-x));
+    case Act::kSoftsign: return x / (1.f + std::abs(x));
+    case Act::kSigmoid: return 1.f / (1.f + std::exp(-x));
+    case Act::kHardsigmoid: return x <= -3.f ? 0.f : x >= 3.f ? 1.f : x / 6.f + 0.5f;
+  }
+  return x;
+}
+
+template <typename T>
+struct Layer {
+  static constexpr DType kDType = std::is_same_v<T, float>          ? DType::kFloat32
+                                  : std::is_same_v<T, c10::BFloat16> ? DType::kBFloat16
+                                                                     : DType::kFloat16;
+  const c10::List<std::optional<at::Tensor>>& params;
+  bool rms;
+  float eps;
+
+  const T* ptr(Param p) const {
+    const std::optional<at::Tensor> t = params.get(p);
+    return t && t->defined() ? t->template const_data_ptr<T>() : nullptr;
+  }
+
+  // out [M, N] = x [M, K] W^T + b with W = params[w]: the skinny kernel, or BLAS for a real GEMM.
+  void linear(const T* x, int64_t M, Param w, T* out) const {
+    const at::Tensor weight = *params.get(w);
+    const int64_t N = weight.size(0), K = weight.size(1);
+    if (M <= kSkinnyMaxRows) return skinny_linear_kernel<T>(x, M, K, ptr(w), ptr(Param(w + 1)), N, out);
+    at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference only: BLAS on the weights needs no graph
+    const auto opts = weight.options();
+    at::Tensor xt = at::from_blob(const_cast<T*>(x), {M, K}, opts), yt = at::from_blob(out, {M, N}, opts);
+    const std::optional<at::Tensor> bias = params.get(w + 1);
+    if (bias && bias->defined()) at::addmm_out(yt, *bias, xt, weight.t());
+    else at::mm_out(yt, xt, weight.t());
+  }
+
+  // y = norm(x) (1 + scale) + shift per row, with one [D] shift/scale for every row (null: plain norm);
+  // with a branch: r = x + gate branch is written back to x first (the gated residual).
+  void norm(T* x, const T* branch, const T* gate, const T* shift, const T* scale, Param w, int64_t rows, int64_t D,
+            T* y, const T* zeros) const {
+    const at::Tensor weight = norm_param(w, D), bias = norm_param(Param(w + 1), D);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t o = r * D;
+      adaln_forward_cpu(x + o, branch ? x + o : nullptr, branch ? branch + o : nullptr, gate, shift ? shift : zeros,
+                        scale ? scale : zeros, ptr_or_null(weight), ptr_or_null(bias), branch ? x + o : nullptr, y + o,
+                        1, D, rms, eps, kDType, nullptr);
+    }
+  }
+
+  // a norm's weight or bias as fp32 [D] (the AdaLN kernel's layout), or undefined
+  at::Tensor norm_param(Param p, int64_t D) const {
+    const std::optional<at::Tensor> t = params.get(p);
+    if (!t || !t->defined()) return at::Tensor();
+    TORCH_CHECK(t->numel() == D, "denoiser_layer_decode: params[", int(p), "] must have ", D, " elements");
+    return t->to(at::kFloat);
+  }
+};
+
+// out[r] = softmax(q[r] . K_b / sqrt(hd)) V_b per head, b = rows[r] (or r): q, out [C, H * hd];
+// keys/values [B, H, capacity, hd] with the first L positions valid. fp32 throughout.
+template <typename T>
+void attend(const T* q, int64_t C, const T* keys, const T* values, const int64_t* rows, int64_t H, int64_t capacity,
+            int64_t hd, int64_t L, T* out) {
+  constexpr auto& kDots = DotTiles<1, 4, T>::kTable;
+  const float scale = 1.f / std::sqrt(float(hd));
+  at::parallel_for(0, C * H, std::max<int64_t>(1, 16384 / (L * hd)), [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(hd), acc(hd), p(L);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / H, head = i % H, b = rows ? rows[r] : r;
+      const T* k = keys + (b * H + head) * capacity * hd;
+      const T* v = values + (b * H + head) * capacity * hd;
+      for (int64_t d = 0; d < hd; ++d) qf[d] = float(q[r * H * hd + head * hd + d]);
+      float top = -INFINITY;
+      for (int64_t j = 0; j < L; j += 4) {
+        const int n = int(std::min<int64_t>(4, L - j));
+        kDots[0][n - 1](qf.data(), hd, k + j * hd, hd, hd, p.data() + j);
+        for (int c = 0; c < n; ++c) top = std::max(top, p[j + c] *= scale);
+      }
+      float sum = 0.f;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < L; ++j) {
+        const float w = std::exp(p[j] - top);
+        sum += w;
+        for (int64_t d = 0; d < hd; ++d) acc[d] += w * float(v[j * hd + d]);
+      }
+      for (int64_t d = 0; d < hd; ++d) out[r * H * hd + head * hd + d] = T(acc[d] / sum);
+    }
+  });
+}
+
+template <typename T>
+at::Tensor layer_decode(const at::Tensor& h_in, const at::Tensor& mods_in, const Layer<T>& layer,
+                        const at::Tensor& keys, const at::Tensor& values, int64_t length, const int64_t* rows,
+                        int64_t C, const T* uncond_cross, Act act, bool post_norms, bool qk_norm) {
+  const int64_t R = h_in.size(0), D = h_in.size(1);
+  const int64_t I = layer.params.get(kInnerW)->size(0);  // FFN inner dim
+  const bool swiglu = act == Act::kSwiGLU;
+  at::Tensor h_out = h_in.clone();
+  const at::Tensor mods_t = mods_in.contiguous();
+  const T* mods = mods_t.const_data_ptr<T>();
+  auto mod = [&](Mod m) { return mods + m * D; };
+  // scratch: y, a, q, o, c, f [R, D]; g, u [R, I]; zeros [max(D, I)]
+  at::Tensor scratch = at::empty({6 * R * D + 2 * R * I + std::max(D, I)}, h_in.options());
+  T *y = scratch.data_ptr<T>(), *a = y + R * D, *q = a + R * D, *o = q + R * D, *c = o + R * D, *f = c + R * D;
+  T *g = f + R * D, *u = g + R * I, *zeros = u + R * I;
+  std::fill(zeros, zeros + std::max(D, I), T(0.f));
+  T* h = h_out.data_ptr<T>();
+
+  // self-attention over one position: output_proj(v_proj(y)) [+ normformer norm]
+  layer.norm(h, nullptr, nullptr, mod(kShSa), mod(kScSa), kSaNormW, R, D, y, zeros);
+  layer.linear(y, R, kVW, q);
+  layer.linear(q, R, kSaOutW, a);
+  if (post_norms) {
+    layer.norm(a, nullptr, nullptr, nullptr, nullptr, kSaPostNormW, R, D, o, zeros);
+    std::copy(o, o + R * D, a);
+  }
+  layer.norm(h, a, mod(kGSa), mod(kShCa), mod(kScCa), kCaNormW, R, D, y, zeros);
+
+  // cross-attention: conditional rows attend over their document's cached keys, the rest see the zero key only
+  if (C > 0) {
+    layer.linear(y, C, kQW, q);
+    if (qk_norm) {
+      layer.norm(q, nullptr, nullptr, nullptr, nullptr, kQNormW, C, D, a, zeros);
+      std::copy(a, a + C * D, q);
+    }
+    const int64_t H = keys.size(1);
+    attend<T>(q, C, keys.const_data_ptr<T>(), values.const_data_ptr<T>(), rows, H, keys.size(2), D / H, length, o);
+    layer.linear(o, C, kCaOutW, c);
+  }
+  for (int64_t r = C; r < R; ++r) std::copy(uncond_cross, uncond_cross + D, c + r * D);
+  layer.norm(h, c, mod(kGCa), mod(kShFf), mod(kScFf), kFfNormW, R, D, y, zeros);
+
+  // FFN, then h += gate * ffn (rounded to T after the product, as h + g * ffn(y) is)
+  layer.linear(y, R, kInnerW, u);
+  if (swiglu) layer.linear(y, R, kGateW, g);
+  const at::Tensor prelu_t = act == Act::kPReLU ? layer.params.get(kActW)->to(at::kFloat).contiguous() : at::Tensor();
+  const float* prelu = prelu_t.defined() ? prelu_t.const_data_ptr<float>() : nullptr;
+  const int64_t prelu_n = prelu_t.defined() ? prelu_t.numel() : 1;
+  for (int64_t i = 0; i < R * I; ++i) {
+    if (swiglu) u[i] = T(T(activate(act, float(g[i]), 0.f)) * float(u[i]));
+    else u[i] = T(activate(act, float(u[i]), prelu ? prelu[prelu_n == 1 ? 0 : i % I] : 0.f));
+  }
+  if (post_norms && !swiglu) {
+    layer.norm(u, nullptr, nullptr, nullptr, nullptr, kInnerNormW, R, I, g, zeros);
+    std::copy(g, g + R * I, u);
+  }
+  layer.linear(u, R, kFfOutW, f);
+  const T* g_ff = mod(kGFf);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; ++d) h[r * D + d] = T(float(h[r * D + d]) + float(T(float(g_ff[d]) * float(f[r * D + d]))));
+  return h_out;
+}
+
+at::Tensor denoiser_layer_decode_cpu(const at::Tensor& h, const at::Tensor& modulations,
+                                     const c10::List<std::optional<at::Tensor>>& params, const at::Tensor& keys,
+                                     const at::Tensor& values, int64_t length, const std::optional<at::Tensor>& rows,
+                                     int64_t num_cond, const at::Tensor& uncond_cross, bool rms, double eps,
+                                     c10::string_view activation, bool post_norms, bool qk_norm) {
+  const char* op = "denoiser_layer_decode";
+  TORCH_CHECK(params.size() == kNumParams, op, ": params needs ", int(kNumParams), " entries, got ", params.size());
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), op, ": h must be a contiguous [R, D] tensor, got ", h.sizes());
+  const int64_t R = h.size(0), D = h.size(1);
+  TORCH_CHECK(modulations.sizes() == at::IntArrayRef({9, D}), op, ": modulations must be [9, ", D, "], got ",
+              modulations.sizes());
+  TORCH_CHECK(0 <= num_cond && num_cond <= R, op, ": num_cond ", num_cond, " outside [0, ", R, "]");
+  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() && keys.is_contiguous() && values.is_contiguous() &&
+                  keys.size(1) * keys.size(3) == D,
+              op, ": keys/values must be contiguous [B, H, capacity, D / H], got ", keys.sizes(), " and ",
+              values.sizes());
+  TORCH_CHECK(0 < length && length <= keys.size(2), op, ": length ", length, " outside [1, ", keys.size(2), "]");
+  TORCH_CHECK(uncond_cross.numel() == D, op, ": uncond_cross must have ", D, " elements");
+  at::Tensor row_index;
+  if (rows) {
+    row_index = rows->to(at::kLong).contiguous();
+    TORCH_CHECK(row_index.numel() == num_cond, op, ": rows must have num_cond = ", num_cond, " entries");
+    const int64_t* index = row_index.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < num_cond; ++r)
+      TORCH_CHECK(0 <= index[r] && index[r] < keys.size(0), op, ": rows[", r, "] = ", index[r],
+                  " is not a batch row of the cache (", keys.size(0), ")");
+  } else {
+    TORCH_CHECK(num_cond <= keys.size(0), op, ": ", num_cond, " conditional rows but the cache has ", keys.size(0));
+  }
+  const Act act = parse_activation(std::string_view(activation.data(), activation.size()));
+  for (int64_t i = 0; i < kNumParams; ++i) {
+    const std::optional<at::Tensor> p = params.get(i);
+    if (!p || !p->defined()) continue;
+    TORCH_CHECK(p->is_contiguous() && p->device() == h.device() && p->scalar_type() == h.scalar_type(), op,
+                ": params[", i, "] must be contiguous, ", h.scalar_type(), " and on ", h.device());
+  }
+  for (Param w : {kVW, kSaOutW, kQW, kCaOutW, kInnerW, kFfOutW, act == Act::kSwiGLU ? kGateW : kInnerW,
+                  act == Act::kPReLU ? kActW : kInnerW})
+    TORCH_CHECK(params.get(w) && params.get(w)->defined(), op, ": params[", int(w), "] is None (",
+                act == Act::kSwiGLU ? "swiglu needs the gate projection" : "a projection weight", ")");
+  TORCH_CHECK(keys.scalar_type() == h.scalar_type() && modulations.scalar_type() == h.scalar_type() &&
+                  uncond_cross.scalar_type() == h.scalar_type(),
+              op, ": keys, values, modulations and uncond_cross must be ", h.scalar_type());
+  const at::Tensor uc = uncond_cross.contiguous();
+  const int64_t* row_ptr = rows ? row_index.const_data_ptr<int64_t>() : nullptr;
+  const auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const Layer<T> layer{params, rms, float(eps)};
+    return layer_decode<T>(h, modulations, layer, keys, values, length, row_ptr, num_cond, uc.const_data_ptr<T>(), act,
+                           post_norms, qk_norm);
+  };
+  switch (h.scalar_type()) {
+    case at::kFloat: return run(float{});
+    case at::kBFloat16: return run(c10::BFloat16{});
+    case at::kHalf: return run(c10::Half{});
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", h.scalar_type(), " (float32, bfloat16, float16)");
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lcm_fast, CPU, m) { m.impl("denoiser_layer_decode", &denoiser_layer_decode_cpu); }
+
+}  // namespace lcm_fast

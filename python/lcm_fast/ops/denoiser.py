@@ -1,0 +1,156 @@
+"""``denoiser_layer_decode``: one AdaLN denoiser layer for the few rows of a decoding step, in one call.
+
+The fast engine (``inference/fast.py``) runs every Two-Tower denoiser layer on one or two rows per
+document at each DDIM step. Issued from Python as ~20 small ops per layer, their dispatch costs as
+much as streaming the layer's weights at model dim 256; the CPU kernel (``csrc/denoiser/``) runs the
+same sequence (the skinny-linear and AdaLN kernels, attention over the cached keys) without leaving
+C++. On CUDA, or without the extension, the layer runs as the composed ops of
+:func:`denoiser_layer_decode_ref`, each still dispatching to its own fused kernel.
+
+What one layer computes for rows ``h`` [R, D] (``models/two_tower.py`` ``DenoiserLayer`` at inference),
+with ``(sh, sc, g)`` the step's AdaLN shift/scale/gate of each sublayer (rows of ``modulations``)::
+
+    y = norm_sa(h) (1 + sc_sa) + sh_sa
+    a = out_sa(v(y))                    # self-attention over one position [+ normformer norm]
+    h = h + g_sa a;   y = norm_ca(h) (1 + sc_ca) + sh_ca
+    c = out_ca(attn(q(y), K, V))        # rows < num_cond: SDPA over batch row rows[r]'s cached keys
+    c = uncond_cross                    # rows >= num_cond: they see only the zero key
+    h = h + g_ca c;   y = norm_ff(h) (1 + sc_ff) + sh_ff
+    h = h + g_ff ffn(y)
+
+Queries sit at position 0, where RoPE is the identity, so cross-attention queries are never rotated
+(cached keys carry their own rotation).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _ext
+from ._dispatch import OpSpec, register
+from .adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate
+from .linear import skinny_linear
+
+#: order of ``params`` (``csrc/denoiser/denoiser_layer_cpu.cpp`` ``Param``): None where a layer has no such tensor
+LAYER_PARAMS = (
+    "self_attn_layer_norm.weight", "self_attn_layer_norm.bias",
+    "self_attn.v_proj.weight", "self_attn.v_proj.bias",
+    "self_attn.output_proj.weight", "self_attn.output_proj.bias",
+    "self_attn_norm.weight", "self_attn_norm.bias",  # normformer only
+    "cross_attention_layer_norm.weight", "cross_attention_layer_norm.bias",
+    "cross_attention.q_proj.weight", "cross_attention.q_proj.bias",
+    "cross_attention.q_layer_norm.weight", "cross_attention.q_layer_norm.bias",  # q/k norm only
+    "cross_attention.output_proj.weight", "cross_attention.output_proj.bias",
+    "ffn_layer_norm.weight", "ffn_layer_norm.bias",
+    "ffn.gate_proj.weight", "ffn.gate_proj.bias",  # SwiGLU only
+    "ffn.inner_proj.weight", "ffn.inner_proj.bias",
+    "ffn.inner_activation.weight",  # PReLU only
+    "ffn.inner_layer_norm.weight", "ffn.inner_layer_norm.bias",  # normformer without SwiGLU
+    "ffn.output_proj.weight", "ffn.output_proj.bias",
+)
+#: FFN activations (``nn/activation.py`` names); ``swiglu`` is ``silu(gate_proj(y)) * inner_proj(y)``
+ACTIVATIONS = {
+    "swiglu": F.silu, "relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "leaky_relu": F.leaky_relu,
+    "prelu": F.prelu, "selu": F.selu, "gelu": F.gelu, "silu": F.silu, "softsign": F.softsign,
+    "sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid,
+}
+
+
+# CPU only: on CUDA the layer runs as its fused sub-ops (launch overhead there is for CUDA graphs to remove)
+SPEC = register(OpSpec("denoiser_layer_decode", devices=("cpu",)))
+
+
+def _check_args(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], activation: str) -> None:
+    if len(params) != len(LAYER_PARAMS):
+        raise ValueError(f"denoiser_layer_decode: params needs {len(LAYER_PARAMS)} entries (LAYER_PARAMS), got {len(params)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"denoiser_layer_decode: unknown activation '{activation}'; expected one of {sorted(ACTIVATIONS)}")
+    if h.dim() != 2 or modulations.shape != (9, h.shape[1]):
+        raise ValueError(f"denoiser_layer_decode: h must be [R, D] and modulations [9, D], got {tuple(h.shape)} "
+                         f"and {tuple(modulations.shape)}")
+
+
+def denoiser_layer_decode_ref(
+    h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Tensor, values: Tensor, length: int,
+    rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool, eps: float, activation: str,
+    post_norms: bool, qk_norm: bool, *, backend: Optional[str] = "ref",
+) -> Tensor:
+    """Composed twin: h [R, D] -> [R, D] (see the module docstring).
+
+    modulations: [9, D] (shift, scale, gate of self-attention, cross-attention, FFN); params: in
+    :data:`LAYER_PARAMS` order; keys, values: [B, H, capacity, D / H] cross-attention cache, the first
+    ``length`` positions valid; rows: [num_cond] int64 batch row of each conditional row (None: row r);
+    uncond_cross: [D]; rms / eps: the layer's norm style; activation: a key of :data:`ACTIVATIONS`;
+    post_norms: normformer (norm after self-attention, and the FFN inner norm without SwiGLU);
+    qk_norm: the query norm. ``backend`` goes to every sub-op: "ref" makes this plain PyTorch (the
+    specification), None lets each sub-op take its fused kernel (the composed fallback).
+    """
+    _check_args(h, modulations, params, activation)
+    (sa_w, sa_b, v_w, v_b, sao_w, sao_b, san_w, san_b, ca_w, ca_b, q_w, q_b, qn_w, qn_b, cao_w, cao_b,
+     ff_w, ff_b, gate_w, gate_b, in_w, in_b, act_w, inn_w, inn_b, out_w, out_b) = params
+    sh_sa, sc_sa, g_sa, sh_ca, sc_ca, g_ca, sh_ff, sc_ff, g_ff = (m.expand_as(h) for m in modulations.unbind(0))
+
+    def linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        return skinny_linear(x, w, b, backend=backend)
+
+    def norm(x: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tensor:  # the plain norm: no modulation
+        zero = torch.zeros_like(x)
+        return adaln_norm_modulate(x, zero, zero, w, b, rms=rms, eps=eps, backend=backend)
+
+    y = adaln_norm_modulate(h, sh_sa.contiguous(), sc_sa.contiguous(), sa_w, sa_b, rms=rms, eps=eps, backend=backend)
+    a = linear(linear(y, v_w, v_b), sao_w, sao_b)
+    if post_norms:
+        a = norm(a, san_w, san_b)
+    h, y = adaln_gated_residual_norm_modulate(h, a, g_sa.contiguous(), sh_ca.contiguous(), sc_ca.contiguous(), ca_w,
+                                              ca_b, rms=rms, eps=eps, backend=backend)
+    c = uncond_cross.expand(h.shape[0] - num_cond, -1)
+    if num_cond:
+        q = linear(y[:num_cond], q_w, q_b)
+        if qk_norm:
+            q = norm(q, qn_w, qn_b)
+        k, v = keys[:, :, :length], values[:, :, :length]
+        if rows is not None:
+            k, v = k.index_select(0, rows), v.index_select(0, rows)
+        else:
+            k, v = k[:num_cond], v[:num_cond]
+        o = F.scaled_dot_product_attention(q.unflatten(-1, (keys.shape[1], -1))[:, :, None], k, v)  # [C, H, 1, hd]
+        c = torch.cat((linear(o.flatten(1), cao_w, cao_b), c))
+    h, y = adaln_gated_residual_norm_modulate(h, c, g_ca.contiguous(), sh_ff.contiguous(), sc_ff.contiguous(), ff_w,
+                                              ff_b, rms=rms, eps=eps, backend=backend)
+    act = ACTIVATIONS[activation]
+    if activation == "swiglu":
+        u = act(linear(y, gate_w, gate_b)) * linear(y, in_w, in_b)
+    else:
+        u = act(linear(y, in_w, in_b), act_w) if activation == "prelu" else act(linear(y, in_w, in_b))
+        if post_norms:
+            u = norm(u, inn_w, inn_b)
+    return h + g_ff * linear(u, out_w, out_b)
+
+
+if _ext.EXT_AVAILABLE:
+
+    @torch.library.register_fake("lcm_fast::denoiser_layer_decode")
+    def _denoiser_layer_decode_fake(h, modulations, params, keys, values, length, rows, num_cond, uncond_cross, rms,
+                                    eps, activation, post_norms, qk_norm):
+        return torch.empty_like(h)
+
+
+def denoiser_layer_decode(
+    h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Tensor, values: Tensor, length: int,
+    rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool, eps: float, activation: str,
+    post_norms: bool = False, qk_norm: bool = False, *, backend: Optional[str] = None,
+) -> Tensor:
+    """One denoiser layer for decoding rows; arguments and shapes as :func:`denoiser_layer_decode_ref`.
+    Inference only (not differentiable)."""
+    if h.device.type not in SPEC.devices or SPEC.choose(h.device.type, h.dtype, backend) == "ref":
+        # a forced "ref" means plain PyTorch throughout; otherwise each sub-op makes its own choice
+        return denoiser_layer_decode_ref(h, modulations, params, keys, values, length, rows, num_cond, uncond_cross,
+                                         rms, eps, activation, post_norms, qk_norm, backend=backend)
+    _check_args(h, modulations, params, activation)
+    return torch.ops.lcm_fast.denoiser_layer_decode.default(
+        h, modulations, list(params), keys, values, length, rows, num_cond, uncond_cross, rms, eps, activation,
+        post_norms, qk_norm)

@@ -1,0 +1,208 @@
+"""denoiser_layer_decode: the reference against the model's DenoiserLayer, the CPU kernel against the
+reference over layer variants, shapes, dtypes and row layouts; opcheck; errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lcm_fast.config import DenoiserConfig
+from lcm_fast.inference.fast import layer_decode_args
+from lcm_fast.models.two_tower import DenoiserLayer
+from lcm_fast.nn.attention import KVCache
+from lcm_fast.nn.position import RotaryEncoder
+from lcm_fast.ops import denoiser_layer_decode, denoiser_layer_decode_ref
+from lcm_fast.ops.denoiser import SPEC
+
+from ..tolerances import DENOISER_LAYER_FP32, PARITY_FORWARD
+
+needs_kernel = pytest.mark.skipif(not SPEC.has_kernel("cpu"), reason="lcm_fast._C not built")
+
+# (norm style, activation or "swiglu", normformer, q/k norm, rope)
+VARIANTS = [
+    ("rms", "swiglu", False, False, False),  # the released 1.6B recipe
+    ("standard", "relu", False, False, False),  # the official defaults
+    ("unit", "gelu", True, True, True),
+    ("fp32", "prelu", True, False, False),
+    ("standard", "swiglu", True, True, False),
+    ("rms", "tanh", False, True, True),
+]
+OTHER_ACTIVATIONS = ["elu", "leaky_relu", "selu", "silu", "softsign", "sigmoid", "hardsigmoid"]
+_LAYERS: dict = {}
+
+
+def _layer(variant, dim=64, heads=4) -> DenoiserLayer:
+    key = (variant, dim, heads)
+    if key not in _LAYERS:
+        norm, act, normformer, qk_norm, rope = variant
+        config = DenoiserConfig(
+            num_attn_heads=heads, ffn_inner_dim=3 * dim, use_swiglu=act == "swiglu",
+            ffn_inner_activation_name="relu" if act == "swiglu" else act, layer_normalization_style=norm,
+            norm_order_style="normformer" if normformer else "pre", enable_qk_layernorm=qk_norm,
+            mha_output_proj_bias=norm == "rms", timestep_embed_dim=dim,
+        )
+        torch.manual_seed(len(_LAYERS))
+        layer = DenoiserLayer(dim, config, RotaryEncoder(dim // heads, 64, 10000.0) if rope else None).eval()
+        with torch.no_grad():  # norms and PReLU away from their identity initialisation
+            for name, p in layer.named_parameters():
+                if "norm" in name or "activation" in name:
+                    p.add_(0.3 * torch.randn_like(p))
+        _LAYERS[key] = layer
+    return _LAYERS[key]
+
+
+def _inputs(layer, batch, rows_per_doc, length, capacity, num_cond=None, shuffled=False, seed=0):
+    """(h [R, D], modulations [9, D], cache, rows, num_cond): conditional rows first, then unconditional."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = layer.self_attn.v_proj.weight.dtype
+    dim = layer.self_attn.v_proj.weight.shape[0]
+    cache = KVCache(capacity)
+    with torch.no_grad():
+        cache.append(*layer.cross_attention.project_kv(torch.randn(batch, length, dim, generator=g).to(dtype)))
+    num_cond = batch if num_cond is None else num_cond
+    rows = torch.randperm(batch, generator=g)[:num_cond] if shuffled else None
+    R = num_cond + (rows_per_doc - 1) * batch
+    h = (torch.randn(R, dim, generator=g) * 2).to(dtype)
+    modulations = (torch.randn(9, dim, generator=g) * 0.5).to(dtype)
+    return h, modulations, cache, rows, num_cond
+
+
+def _uncond(layer):
+    dim = layer.self_attn.v_proj.weight.shape[0]
+    zero = layer.self_attn.v_proj.weight.new_zeros(1, 1, dim)
+    with torch.no_grad():
+        return layer.cross_attention(zero, zero)[0, 0]
+
+
+def _call(layer, h, modulations, cache, rows, num_cond, backend):
+    params, rms, eps, act, post_norms, qk_norm = layer_decode_args(layer)
+    fn = denoiser_layer_decode_ref if backend == "ref" else denoiser_layer_decode
+    return fn(h, modulations, params, cache.k, cache.v, cache.length, rows, num_cond, _uncond(layer), rms, eps, act,
+              post_norms, qk_norm, backend=backend)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reference_is_the_model_layer(variant):
+    """The specification: conditional rows == DenoiserLayer.forward over [zero key; context], unconditional
+    rows == DenoiserLayer.forward over the zero key alone, with t_emb's modulations."""
+    layer = _layer(variant)
+    dim = 64
+    context = torch.randn(3, 5, dim)
+    keys = torch.cat((torch.zeros(3, 1, dim), context), 1)
+    t_emb = torch.randn(1, 1, dim)
+    with torch.no_grad():
+        modulations = layer.modulator.fc(torch.nn.functional.silu(t_emb))[0, 0].unflatten(0, (9, dim))
+        x = torch.randn(5, 1, dim)
+        want_cond = layer(x[:3], t_emb.expand(3, 1, dim), keys, None)[:, 0]
+        want_uncond = layer(x[3:], t_emb.expand(2, 1, dim), torch.zeros(2, 1, dim), None)[:, 0]
+        cache = KVCache(8)
+        cache.append(*layer.cross_attention.project_kv(keys))
+        got = _call(layer, x[:, 0], modulations, cache, None, 3, "ref")
+    torch.testing.assert_close(got, torch.cat((want_cond, want_uncond)), **PARITY_FORWARD)
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("batch,rows_per_doc,num_cond,shuffled", [(1, 2, None, False), (1, 1, None, False),
+                                                                   (3, 2, 2, True), (20, 2, None, True),
+                                                                   (5, 2, 0, False)])
+def test_kernel_matches_reference(variant, batch, rows_per_doc, num_cond, shuffled):
+    layer = _layer(variant)
+    args = _inputs(layer, batch, rows_per_doc, length=7, capacity=11, num_cond=num_cond, shuffled=shuffled)
+    got = _call(layer, *args, backend="ext")
+    torch.testing.assert_close(got, _call(layer, *args, backend="ref"), **DENOISER_LAYER_FP32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", OTHER_ACTIVATIONS)
+def test_kernel_activations(activation):
+    layer = _layer(("standard", activation, False, False, False))
+    args = _inputs(layer, 2, 2, length=3, capacity=4)
+    torch.testing.assert_close(_call(layer, *args, backend="ext"), _call(layer, *args, backend="ref"),
+                               **DENOISER_LAYER_FP32)
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(dim_heads=st.sampled_from([(8, 1), (24, 3), (64, 4), (96, 2), (136, 2)]), batch=st.integers(1, 6),
+       rows_per_doc=st.integers(1, 2), length=st.integers(1, 9), spare=st.integers(0, 3),
+       variant=st.sampled_from(VARIANTS), seed=st.integers(0, 100))
+def test_hypothesis_shapes(dim_heads, batch, rows_per_doc, length, spare, variant, seed):
+    dim, heads = dim_heads
+    layer = _layer(variant, dim, heads)
+    args = _inputs(layer, batch, rows_per_doc, length, length + spare, shuffled=seed % 2 == 1, seed=seed)
+    torch.testing.assert_close(_call(layer, *args, backend="ext"), _call(layer, *args, backend="ref"),
+                               **DENOISER_LAYER_FP32)
+
+
+@needs_kernel
+def test_many_rows_take_the_gemm():
+    layer = _layer(VARIANTS[0])
+    args = _inputs(layer, 40, 2, length=4, capacity=4)  # 80 rows > skinny_linear.MAX_ROWS
+    torch.testing.assert_close(_call(layer, *args, backend="ext"), _call(layer, *args, backend="ref"),
+                               **DENOISER_LAYER_FP32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_types_two_x_rule(dtype):
+    """err(kernel vs fp32 reference) <= 2 err(same-dtype reference vs fp32 reference) + one ulp at |h| ~ 8,
+    the fp32 reference running on the half-rounded weights and inputs."""
+    half = copy.deepcopy(_layer(VARIANTS[0])).to(dtype)
+    exact_layer = copy.deepcopy(half).float()
+    h, mods, cache, rows, num_cond = _inputs(_layer(VARIANTS[0]), 3, 2, length=6, capacity=8)
+    h, mods = h.to(dtype), mods.to(dtype)
+    cache.k, cache.v = cache.k.to(dtype), cache.v.to(dtype)
+    got = _call(half, h, mods, cache, rows, num_cond, "ext")
+    ref = _call(half, h, mods, cache, rows, num_cond, "ref")
+    exact_cache = copy.copy(cache)
+    exact_cache.k, exact_cache.v = cache.k.float(), cache.v.float()
+    exact = _call(exact_layer, h.float(), mods.float(), exact_cache, rows, num_cond, "ref")
+    assert got.dtype == dtype
+    ulp = 8 * (2**-8 if dtype == torch.bfloat16 else 2**-11)
+    assert (got.float() - exact).abs().max() <= 2 * (ref.float() - exact).abs().max() + ulp
+
+
+@needs_kernel
+def test_opcheck():
+    layer = _layer(VARIANTS[0])
+    h, mods, cache, rows, num_cond = _inputs(layer, 3, 2, length=5, capacity=6, shuffled=True)
+    params, rms, eps, act, post_norms, qk_norm = layer_decode_args(layer)
+    args = (h, mods, params, cache.k, cache.v, cache.length, rows, num_cond, _uncond(layer), rms, eps, act, post_norms,
+            qk_norm)
+    torch.library.opcheck(torch.ops.lcm_fast.denoiser_layer_decode, args)
+
+
+@needs_kernel
+def test_bad_input_is_named():
+    layer = _layer(VARIANTS[0])
+    h, mods, cache, rows, num_cond = _inputs(layer, 2, 2, length=3, capacity=4)
+    params, rms, eps, act, post_norms, qk_norm = layer_decode_args(layer)
+    uncond = _uncond(layer)
+
+    def call(**kw):
+        a = dict(h=h, modulations=mods, params=params, keys=cache.k, values=cache.v, length=cache.length, rows=rows,
+                 num_cond=num_cond, uncond_cross=uncond, rms=rms, eps=eps, activation=act)
+        a.update(kw)
+        return denoiser_layer_decode(**a, backend="ext")
+
+    with pytest.raises(ValueError, match="params needs 27 entries"):
+        call(params=params[:-1])
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        call(activation="swish")
+    with pytest.raises(ValueError, match=r"modulations \[9, D\]"):
+        call(modulations=mods[:8])
+    with pytest.raises(RuntimeError, match=r"rows\[1\] = 7 is not a batch row"):
+        call(rows=torch.tensor([0, 7]))
+    with pytest.raises(RuntimeError, match="length 0 outside"):
+        call(length=0)
+    with pytest.raises(RuntimeError, match=r"params\[2\] must be contiguous"):
+        call(params=[p.T if i == 2 else p for i, p in enumerate(params)])
+
+
+def test_cpu_only_op_says_so():
+    assert any("cpu only" in r for r in SPEC.reasons("cuda", torch.float32))
