@@ -2,9 +2,9 @@
 //
 // There a GEMM is bound by reading W once, yet the BLAS paths torch takes for [2, K] x [K, N] reach
 // only ~4 GB/s on a 2-core AVX2 VM against ~22 GB/s for a plain sum over the same weights (measured,
-// bench/RESULTS.md). Here each task streams a contiguous band of W in tiles of 4 rows: a tile stays
-// in L1 while every 2-row block of x (kept in L2) is dotted against it in registers
-// (common/dot_tile.h), so W is read from memory exactly once and in order. bf16/fp16 weights are
+// bench/RESULTS.md). Here each task streams its share of W as four sequential bands, one row of each
+// per tile: a tile stays in L1 while every 2-row block of x (kept in L2) is dotted against it in
+// registers (common/dot_tile.h), so W is read from memory exactly once. bf16/fp16 weights are
 // widened on load and accumulated in fp32.
 #pragma once
 
@@ -22,32 +22,42 @@ namespace lcm_fast {
 // More rows of x are a real GEMM (ops/linear.py MAX_ROWS: BLAS is as fast from ~32 rows).
 constexpr int64_t kSkinnyMaxRows = 32;
 
+constexpr int kSkinnyTileRows = 2;              // rows of x per register tile
+constexpr int kSkinnyTileCols = 4;              // rows of W (output features) per register tile
+constexpr int64_t kSkinnyTaskBytes = 64 << 10;  // weights per parallel task at least (smaller layers are not split)
+
 // y = x W^T + b: x [M, K] and W [N, K] contiguous, bias [N] or null, out [M, N], all of type W.
 template <typename W>
 void skinny_linear_kernel(const W* x_in, int64_t M, int64_t K, const W* w, const W* bias, int64_t N, W* out) {
-  constexpr int kTileRows = 2;              // rows of x per register tile
-  constexpr int kTileCols = 4;              // rows of W (output features) per register tile
-  constexpr int64_t kTaskBytes = 64 << 10;  // weights per parallel task at least (smaller layers are not split)
-  constexpr auto& kTiles = DotTiles<kTileRows, kTileCols, W>::kTable;
+  constexpr auto& kTiles = DotTiles<kSkinnyTileRows, kSkinnyTileCols, W>::kTable;
   const float* x = reinterpret_cast<const float*>(x_in);
   std::vector<float> widened;  // bf16/fp16 x in fp32 (M * K: a few KB)
   if constexpr (!std::is_same_v<W, float>) {
     widened.assign(x_in, x_in + M * K);
     x = widened.data();
   }
-  const int64_t tiles = (N + kTileCols - 1) / kTileCols;
-  const int64_t grain = std::max<int64_t>(1, kTaskBytes / (kTileCols * K * int64_t(sizeof(W))));
+  const int64_t tiles = (N + kSkinnyTileCols - 1) / kSkinnyTileCols;
+  const int64_t grain = std::max<int64_t>(1, kSkinnyTaskBytes / (kSkinnyTileCols * K * int64_t(sizeof(W))));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    float dot[kTileRows * kTileCols];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t * kTileCols;
-      const int cols = int(std::min<int64_t>(kTileCols, N - n));
-      for (int64_t m = 0; m < M; m += kTileRows) {
-        const int rows = int(std::min<int64_t>(kTileRows, M - m));
-        kTiles[rows - 1][cols - 1](x + m * K, K, w + n * K, K, K, dot);
+    // The task's rows [r0, r1) of W are cut into kSkinnyTileCols bands read side by side: a tile takes
+    // the j-th row of every band, so each band is one long sequential stream. Tiles of adjacent rows
+    // instead start four short streams per tile (one 4 KB page at K = 256), which the hardware
+    // prefetcher, stopping at page boundaries, never gets ahead of: 1.5-2x slower at K = 256-512 on
+    // the 2-core Zen3 VM (bench/RESULTS.md).
+    const int64_t r0 = begin * kSkinnyTileCols, r1 = std::min(end * kSkinnyTileCols, N);
+    const int64_t span = (r1 - r0 + kSkinnyTileCols - 1) / kSkinnyTileCols;
+    float dot[kSkinnyTileRows * kSkinnyTileCols];
+    for (int64_t j = 0; j < span; ++j) {
+      const int64_t n = r0 + j;
+      const int cols = int(std::min<int64_t>(kSkinnyTileCols, (r1 - n + span - 1) / span));
+      for (int64_t m = 0; m < M; m += kSkinnyTileRows) {
+        const int rows = int(std::min<int64_t>(kSkinnyTileRows, M - m));
+        kTiles[rows - 1][cols - 1](x + m * K, K, w + n * K, span * K, K, dot);
         for (int r = 0; r < rows; ++r)
-          for (int c = 0; c < cols; ++c)
-            out[(m + r) * N + n + c] = W(dot[r * cols + c] + (bias ? float(bias[n + c]) : 0.f));
+          for (int c = 0; c < cols; ++c) {
+            const int64_t col = n + c * span;
+            out[(m + r) * N + col] = W(dot[r * cols + c] + (bias ? float(bias[col]) : 0.f));
+          }
       }
     }
   });
