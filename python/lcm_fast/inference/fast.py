@@ -32,7 +32,7 @@ from ..models.two_tower import Denoiser, DenoiserLayer
 from ..nn.activation import ACTIVATION_NAMES
 from ..nn.attention import KVCache
 from ..ops.adaln import norm_args
-from ..ops.denoiser import LAYER_PARAMS, denoiser_layer_decode
+from ..ops.denoiser import LAYER_PARAMS, denoiser_layer_decode_for
 from ..ops.linear import skinny_linear
 
 
@@ -95,6 +95,8 @@ class FastDenoiser:
         # [steps, layers, 9, D] and [D] per layer
         self.modulations, self.uncond_cross = _timestep_tables(den, timesteps)
         self.layer_args = [layer_decode_args(layer) for layer in den.layers]
+        weight = den.layers[0].self_attn.v_proj.weight
+        self.layer_decode = denoiser_layer_decode_for(weight.device.type, weight.dtype)
         self.caches: list[KVCache] = []
 
     def start(self, context: Tensor) -> None:
@@ -128,6 +130,6 @@ class FastDenoiser:
         for mods, cache, uncond, (params, rms, eps, activation, post_norms, qk_norm) in zip(
             self.modulations[step], self.caches, self.uncond_cross, self.layer_args
         ):
-            h = denoiser_layer_decode(h, mods, params, cache.k, cache.v, cache.length, rows, num_cond, uncond, rms,
-                                      eps, activation, post_norms, qk_norm)
+            h = self.layer_decode(h, mods, params, cache.k, cache.v, cache.length, rows, num_cond, uncond, rms, eps,
+                                  activation, post_norms, qk_norm)
         return den.final_proj(den.layer_norm(h[:, None]), skinny_linear)
