@@ -3,8 +3,8 @@
 torch (2.13) has FLOP formulas for the CUDA SDPA kernels but none for the CPU one,
 ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, so CPU counts silently miss all
 attention. Importing this module registers the standard SDPA formulas (2 matmuls forward, 5 backward,
-GQA-aware) for them, and the matmul formula for ``lcm_fast::skinny_linear`` (the fast engine's
-projections).
+GQA-aware) for them, the matmul formula for ``lcm_fast::skinny_linear`` (the fast engine's
+projections) and the sum of both for ``lcm_fast::denoiser_layer_decode`` (its layers).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from torch.utils import flop_counter
 
 from .. import _ext
+from ..ops.denoiser import LAYER_PARAMS
 
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _CPU_SDPA_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -42,6 +43,19 @@ if _ext.EXT_AVAILABLE:
     @flop_counter.register_flop_formula(torch.ops.lcm_fast.skinny_linear)
     def _skinny_linear_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * x_shape[0] * x_shape[1] * w_shape[0]  # bias adds are not counted, as for aten.addmm
+
+    # projection weights that only the conditional rows go through
+    _CROSS_ATTENTION_WEIGHTS = {LAYER_PARAMS.index(f"cross_attention.{name}.weight") for name in ("q_proj", "output_proj")}
+
+    @flop_counter.register_flop_formula(torch.ops.lcm_fast.denoiser_layer_decode)
+    def _denoiser_layer_decode_flop(h_shape, modulations_shape, param_shapes, keys_shape, values_shape, length,
+                                    rows_shape, num_cond, *args, out_shape=None, **kwargs) -> int:
+        # what its composed twin counts: every projection as a matmul over its rows, SDPA as 2 matmuls
+        total = 4 * num_cond * length * h_shape[1]
+        for i, shape in enumerate(param_shapes):
+            if shape is not None and len(shape) == 2:  # projection weights [N, K]
+                total += 2 * (num_cond if i in _CROSS_ATTENTION_WEIGHTS else h_shape[0]) * shape[0] * shape[1]
+        return total
 
 
 def count_flops(fn, *args, **kwargs) -> tuple[int, object]:
