@@ -1,8 +1,8 @@
 // CPU denoiser_layer_decode: one AdaLN denoiser layer for the few rows of a decoding step, the
 // specification being denoiser_layer_decode_ref in python/lcm_fast/ops/denoiser.py. The fast engine
-// calls it once per layer and DDIM step. Issued from Python as ~20 small ops, the dispatch took as
-// long as streaming the layer's weights at model dim 256; here the same kernels run back to back
-// (AdaLN rows, skinny linear, a one-query attention over the cached keys) on one scratch buffer.
+// calls it once per layer and DDIM step. Issued from Python as ~20 small ops, a layer took 4.6x as long
+// at model dim 256 (bench/RESULTS.md); here the same kernels run back to back (AdaLN rows, skinny
+// linear, a one-query attention over the cached keys) on one scratch buffer.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/LegacyTypeDispatch.h>

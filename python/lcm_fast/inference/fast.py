@@ -15,7 +15,7 @@
   weights: they go through :func:`lcm_fast.ops.skinny_linear`, which reads W once at close to memory
   bandwidth where the BLAS path of ``F.linear`` reaches a fraction of it on CPU.
 - Each layer is one :func:`lcm_fast.ops.denoiser_layer_decode` call (one C++ call on CPU): issued as
-  ~20 ops from Python, dispatch took as long as the weight streaming at model dim 256.
+  ~20 ops from Python, a layer took 4.6x as long at model dim 256 (bench/RESULTS.md).
 """
 
 from __future__ import annotations

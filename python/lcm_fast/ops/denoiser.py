@@ -1,8 +1,8 @@
 """``denoiser_layer_decode``: one AdaLN denoiser layer for the few rows of a decoding step, in one call.
 
 The fast engine (``inference/fast.py``) runs every Two-Tower denoiser layer on one or two rows per
-document at each DDIM step. Issued from Python as ~20 small ops per layer, their dispatch costs as
-much as streaming the layer's weights at model dim 256; the CPU kernel (``csrc/denoiser/``) runs the
+document at each DDIM step. Issued from Python as ~20 small ops per layer, a layer took 4.6x as long
+at model dim 256 (1.8x at 512; bench/RESULTS.md) as this op; the CPU kernel (``csrc/denoiser/``) runs the
 same sequence (the skinny-linear and AdaLN kernels, attention over the cached keys) without leaving
 C++. On CUDA, or without the extension, the layer runs as the composed ops of
 :func:`denoiser_layer_decode_ref`, each still dispatching to its own fused kernel.
