@@ -17,8 +17,8 @@ from lcm_fast.ops import (
     adaln_gated_residual_norm_modulate_ref,
     adaln_norm_modulate,
     adaln_norm_modulate_ref,
-    denoiser_layer_decode,
-    denoiser_layer_decode_ref,
+    denoiser_layers_decode,
+    denoiser_layers_decode_ref,
     guided_ddim_step_,
     guided_ddim_step_ref,
     sampler_params,
@@ -157,35 +157,28 @@ def test_weight_streaming_floor(benchmark, device, chunk_kb):
 
 @pytest.mark.parametrize("backend", ["ref", "composed", "ext"])
 @pytest.mark.parametrize("model_dim", [256, 512])
-def test_denoiser_layer_decode(benchmark, backend, model_dim):
+def test_denoiser_layers_decode(benchmark, backend, model_dim):
     """One fast-engine denoiser step's layers: 13 distinct layers of the 1.6B recipe (RMSNorm, SwiGLU) at
     this model dim on a CFG pair (2 rows, context 50). ref: plain PyTorch; composed: the same ops with
-    their fused kernels, issued from Python (the fast engine before the fused layer); ext: one C++ call
-    per layer. gbps = the layers' weight bytes per second (B = rows, D = model dim)."""
+    their fused kernels, issued from Python (the fast engine before the fused op); ext: one C++ call for
+    all 13. gbps = the layers' weight bytes per second (B = rows, D = model dim)."""
     from lcm_fast.config import DenoiserConfig
-    from lcm_fast.inference.fast import layer_decode_args
+    from lcm_fast.inference.fast import layers_decode_args
     from lcm_fast.models.two_tower import DenoiserLayer
     from lcm_fast.nn.attention import KVCache
 
     config = DenoiserConfig(num_attn_heads=model_dim // 64, ffn_inner_dim=4 * model_dim, use_swiglu=True,
                             layer_normalization_style="rms", mha_output_proj_bias=True, timestep_embed_dim=model_dim)
     torch.manual_seed(0)
-    layers = []
-    for _ in range(13):
-        layer = DenoiserLayer(model_dim, config, None).eval().requires_grad_(False)
-        cache = KVCache(51)
+    layers = [DenoiserLayer(model_dim, config, None).eval().requires_grad_(False) for _ in range(13)]
+    caches = [KVCache(51) for _ in layers]
+    for layer, cache in zip(layers, caches):
         cache.append(*layer.cross_attention.project_kv(torch.randn(1, 51, model_dim)))
-        layers.append((layer_decode_args(layer), cache, torch.randn(model_dim)))
-    h, mods = torch.randn(2, model_dim), torch.randn(9, model_dim)
-    fn = {"ref": denoiser_layer_decode_ref, "composed": denoiser_layer_decode_ref, "ext": denoiser_layer_decode}[backend]
+    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
+    args = (torch.randn(2, model_dim), torch.randn(13, 9, model_dim), params, [c.k for c in caches],
+            [c.v for c in caches], 51, None, 1, torch.randn(13, model_dim), rms, eps, act, post_norms, qk_norm)
+    fn = {"ref": denoiser_layers_decode_ref, "composed": denoiser_layers_decode_ref, "ext": denoiser_layers_decode}
     sub = {"ref": "ref", "composed": None, "ext": "ext"}[backend]
-
-    def run():
-        x = h
-        for (params, rms, eps, act, post_norms, qk_norm), cache, uncond in layers:
-            x = fn(x, mods, params, cache.k, cache.v, cache.length, None, 1, uncond, rms, eps, act, post_norms, qk_norm,
-                   backend=sub)
-
-    weights = sum(p.numel() * 4 for (params, *_), _, _ in layers for p in params if p is not None and p.dim() == 2)
-    _measure(benchmark, run, op="denoiser_layer_decode", backend=backend, device="cpu", B=2, D=model_dim,
-             dtype=torch.float32, moved_bytes=weights)
+    weights = sum(p.numel() * 4 for p in params if p is not None and p.dim() == 2)
+    _measure(benchmark, lambda: fn[backend](*args, backend=sub), op="denoiser_layers_decode", backend=backend,
+             device="cpu", B=2, D=model_dim, dtype=torch.float32, moved_bytes=weights)

@@ -39,12 +39,12 @@ TORCH_LIBRARY(lcm_fast, m) {
   // (fp32, bf16 or fp16; fp32 accumulation). Streams W once; for decoding-sized M (csrc/linear/).
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 
-  // One AdaLN denoiser layer for the rows of a decoding step (python/lcm_fast/ops/denoiser.py):
-  // h [R, D] -> [R, D]; modulations [9, D] of the step; params in LAYER_PARAMS order (None where the
-  // layer has none); keys/values [B, H, capacity, D/H] cross-attention cache, `length` positions
-  // valid; rows [num_cond] batch row of each conditional row (None: row r); rows >= num_cond are
-  // unconditional and take uncond_cross [D]. Inference only.
-  m.def("denoiser_layer_decode(Tensor h, Tensor modulations, Tensor?[] params, Tensor keys, Tensor values, "
+  // The AdaLN denoiser layers for the rows of a decoding step (python/lcm_fast/ops/denoiser.py):
+  // h [R, D] -> [R, D] through L layers; modulations [L, 9, D] of the step; params: L x LAYER_PARAMS,
+  // layer after layer (None where a layer has none); keys/values: per layer the [B, H, capacity, D/H]
+  // cross-attention cache, `length` positions valid; rows [num_cond] batch row of each conditional row
+  // (None: row r); rows >= num_cond are unconditional and take uncond_cross [L, D]. Inference only.
+  m.def("denoiser_layers_decode(Tensor h, Tensor modulations, Tensor?[] params, Tensor[] keys, Tensor[] values, "
         "int length, Tensor? rows, int num_cond, Tensor uncond_cross, bool rms, float eps, str activation, "
         "bool post_norms, bool qk_norm) -> Tensor");
 }

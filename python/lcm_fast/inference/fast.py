@@ -14,14 +14,14 @@
 - Every projection of a step multiplies one or two rows per document, so its cost is streaming the
   weights: they go through :func:`lcm_fast.ops.skinny_linear`, which reads W once at close to memory
   bandwidth where the BLAS path of ``F.linear`` reaches a fraction of it on CPU.
-- Each layer is one :func:`lcm_fast.ops.denoiser_layer_decode` call (one C++ call on CPU): issued as
-  ~20 ops from Python, a layer took 4.6x as long at model dim 256 (bench/RESULTS.md).
+- All layers of a step are one :func:`lcm_fast.ops.denoiser_layers_decode` call (one C++ call on CPU):
+  issued as ~20 ops each from Python, a layer took 4.6x as long at model dim 256 (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from ..models.two_tower import Denoiser, DenoiserLayer
 from ..nn.activation import ACTIVATION_NAMES
 from ..nn.attention import KVCache
 from ..ops.adaln import norm_args
-from ..ops.denoiser import LAYER_PARAMS, denoiser_layer_decode_for
+from ..ops.denoiser import LAYER_PARAMS, denoiser_layers_decode_for
 from ..ops.linear import skinny_linear
 
 
@@ -42,8 +42,8 @@ _TABLES: "weakref.WeakKeyDictionary[Denoiser, tuple]" = weakref.WeakKeyDictionar
 
 
 @torch.no_grad()
-def _timestep_tables(den: Denoiser, timesteps: list[int]) -> tuple[Tensor, list[Tensor]]:
-    """([steps, layers, 9, D] AdaLN modulations, per layer the [D] cross-attention output of the
+def _timestep_tables(den: Denoiser, timesteps: list[int]) -> tuple[Tensor, Tensor]:
+    """([steps, layers, 9, D] AdaLN modulations, [layers, D] cross-attention outputs of the
     unconditional rows), recomputed when the schedule or a weight changed (in-place updates bump
     ``_version``, reassignments change ``data_ptr``)."""
     params = list(den.parameters())
@@ -58,26 +58,26 @@ def _timestep_tables(den: Denoiser, timesteps: list[int]) -> tuple[Tensor, list[
     modulations = mods.unflatten(-1, (9, mods.shape[-1] // 9))
     zero = params[0].new_zeros(1, 1, modulations.shape[-1])
     # the unconditional rows' cross-attention output: softmax over the zero key alone is 1
-    uncond_cross = [layer.cross_attention(zero, zero)[0, 0] for layer in den.layers]
+    uncond_cross = torch.stack([layer.cross_attention(zero, zero)[0, 0] for layer in den.layers])
     _TABLES[den] = (key, modulations, uncond_cross)
     return modulations, uncond_cross
 
 
-def layer_decode_args(layer: DenoiserLayer) -> tuple:
-    """The static arguments of ``denoiser_layer_decode`` for one layer: (params, rms, eps, activation,
-    post_norms, qk_norm)."""
+def layers_decode_args(layers: Sequence[DenoiserLayer]) -> tuple:
+    """The static arguments of ``denoiser_layers_decode`` for these layers (one configuration): (params,
+    rms, eps, activation, post_norms, qk_norm)."""
 
-    def param(name: str) -> Optional[Tensor]:
+    def param(layer: DenoiserLayer, name: str) -> Optional[Tensor]:
         try:
             return layer.get_parameter(name)
         except AttributeError:  # the layer has no such module or parameter (None in LAYER_PARAMS order)
             return None
 
-    _, _, rms, eps = norm_args(layer.self_attn_layer_norm)
-    ffn = layer.ffn
-    activation = "swiglu" if ffn.swiglu else ACTIVATION_NAMES[type(ffn.inner_activation)]
-    post_norms, qk_norm = layer.self_attn_norm is not None, layer.cross_attention.q_layer_norm is not None
-    return [param(name) for name in LAYER_PARAMS], rms, eps, activation, post_norms, qk_norm
+    first = layers[0]
+    _, _, rms, eps = norm_args(first.self_attn_layer_norm)
+    activation = "swiglu" if first.ffn.swiglu else ACTIVATION_NAMES[type(first.ffn.inner_activation)]
+    post_norms, qk_norm = first.self_attn_norm is not None, first.cross_attention.q_layer_norm is not None
+    return [param(layer, name) for layer in layers for name in LAYER_PARAMS], rms, eps, activation, post_norms, qk_norm
 
 
 class FastDenoiser:
@@ -92,11 +92,11 @@ class FastDenoiser:
     def __init__(self, model: TwoTowerLCM, timesteps: list[int], capacity: int) -> None:
         den = model.denoiser
         self.model, self.denoiser, self.capacity = model, den, capacity + 1
-        # [steps, layers, 9, D] and [D] per layer
+        # [steps, layers, 9, D] and [layers, D]
         self.modulations, self.uncond_cross = _timestep_tables(den, timesteps)
-        self.layer_args = [layer_decode_args(layer) for layer in den.layers]
+        self.layers_args = layers_decode_args(den.layers)
         weight = den.layers[0].self_attn.v_proj.weight
-        self.layer_decode = denoiser_layer_decode_for(weight.device.type, weight.dtype)
+        self.layers_decode = denoiser_layers_decode_for(weight.device.type, weight.dtype)
         self.caches: list[KVCache] = []
 
     def start(self, context: Tensor) -> None:
@@ -126,10 +126,9 @@ class FastDenoiser:
         h = den.initial_proj(x, skinny_linear)
         if den.pos_encoder is not None:
             h = den.pos_encoder(h)
-        h = h[:, 0]  # [R, D]
-        for mods, cache, uncond, (params, rms, eps, activation, post_norms, qk_norm) in zip(
-            self.modulations[step], self.caches, self.uncond_cross, self.layer_args
-        ):
-            h = self.layer_decode(h, mods, params, cache.k, cache.v, cache.length, rows, num_cond, uncond, rms, eps,
-                                  activation, post_norms, qk_norm)
+        params, rms, eps, activation, post_norms, qk_norm = self.layers_args
+        caches = self.caches
+        h = self.layers_decode(h[:, 0], self.modulations[step], params, [c.k for c in caches], [c.v for c in caches],
+                               caches[0].length, rows, num_cond, self.uncond_cross, rms, eps, activation, post_norms,
+                               qk_norm)
         return den.final_proj(den.layer_norm(h[:, None]), skinny_linear)

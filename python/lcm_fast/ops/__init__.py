@@ -8,7 +8,7 @@ from .adaln import (
     adaln_norm_modulate,
     adaln_norm_modulate_ref,
 )
-from .denoiser import denoiser_layer_decode, denoiser_layer_decode_ref
+from .denoiser import denoiser_layers_decode, denoiser_layers_decode_ref
 from .guided_ddim import guided_ddim_step_, guided_ddim_step_ref, sampler_params
 from .linear import skinny_linear, skinny_linear_ref
 from .rvq import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
@@ -19,8 +19,8 @@ __all__ = [
     "adaln_gated_residual_norm_modulate_ref",
     "adaln_norm_modulate",
     "adaln_norm_modulate_ref",
-    "denoiser_layer_decode",
-    "denoiser_layer_decode_ref",
+    "denoiser_layers_decode",
+    "denoiser_layers_decode_ref",
     "guided_ddim_step_",
     "guided_ddim_step_ref",
     "rvq_decode",

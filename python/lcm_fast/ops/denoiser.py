@@ -1,11 +1,12 @@
-"""``denoiser_layer_decode``: one AdaLN denoiser layer for the few rows of a decoding step, in one call.
+"""``denoiser_layers_decode``: the AdaLN denoiser layers for the few rows of a decoding step, in one call.
 
 The fast engine (``inference/fast.py``) runs every Two-Tower denoiser layer on one or two rows per
 document at each DDIM step. Issued from Python as ~20 small ops per layer, a layer took 4.6x as long
-at model dim 256 (1.8x at 512; bench/RESULTS.md) as this op; the CPU kernel (``csrc/denoiser/``) runs the
-same sequence (the skinny-linear and AdaLN kernels, attention over the cached keys) without leaving
-C++. On CUDA, or without the extension, the layer runs as the composed ops of
-:func:`denoiser_layer_decode_ref`, each still dispatching to its own fused kernel.
+at model dim 256 (1.8x at 512; bench/RESULTS.md) as in one C++ call; the CPU kernel
+(``csrc/denoiser/``) runs the same sequence (the skinny-linear and AdaLN kernels, attention over the
+cached keys) for every layer of the step without leaving C++. On CUDA, or without the extension, the
+layers run as the composed ops of :func:`denoiser_layers_decode_ref`, each still dispatching to its own
+fused kernel.
 
 What one layer computes for rows ``h`` [R, D] (``models/two_tower.py`` ``DenoiserLayer`` at inference),
 with ``(sh, sc, g)`` the step's AdaLN shift/scale/gate of each sublayer (rows of ``modulations``)::
@@ -36,7 +37,8 @@ from ._dispatch import OpSpec, register
 from .adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate
 from .linear import skinny_linear
 
-#: order of ``params`` (``csrc/denoiser/denoiser_layer_cpu.cpp`` ``Param``): None where a layer has no such tensor
+#: one layer's entries of ``params`` (``csrc/denoiser/denoiser_layers_cpu.cpp`` ``Param``): None where a layer
+#: has no such tensor
 LAYER_PARAMS = (
     "self_attn_layer_norm.weight", "self_attn_layer_norm.bias",
     "self_attn.v_proj.weight", "self_attn.v_proj.bias",
@@ -61,36 +63,53 @@ ACTIVATIONS = {
 }
 
 
-# CPU only: on CUDA the layer runs as its fused sub-ops (launch overhead there is for CUDA graphs to remove)
-SPEC = register(OpSpec("denoiser_layer_decode", devices=("cpu",)))
+# CPU only: on CUDA the layers run as their fused sub-ops (launch overhead there is for CUDA graphs to remove)
+SPEC = register(OpSpec("denoiser_layers_decode", devices=("cpu",)))
 
 
-def _check_args(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], activation: str) -> None:
-    if len(params) != len(LAYER_PARAMS):
-        raise ValueError(f"denoiser_layer_decode: params needs {len(LAYER_PARAMS)} entries (LAYER_PARAMS), got {len(params)}")
+def _check_args(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor],
+                values: Sequence[Tensor], uncond_cross: Tensor, activation: str) -> None:
+    op, layers = "denoiser_layers_decode", len(keys)
+    if layers == 0 or len(values) != layers:
+        raise ValueError(f"{op}: one keys and one values tensor per layer, got {len(keys)} and {len(values)}")
+    if len(params) != layers * len(LAYER_PARAMS):
+        raise ValueError(f"{op}: params needs {len(LAYER_PARAMS)} entries per layer (LAYER_PARAMS), "
+                         f"{layers * len(LAYER_PARAMS)} for {layers} layers, got {len(params)}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"denoiser_layer_decode: unknown activation '{activation}'; expected one of {sorted(ACTIVATIONS)}")
-    if h.dim() != 2 or modulations.shape != (9, h.shape[1]):
-        raise ValueError(f"denoiser_layer_decode: h must be [R, D] and modulations [9, D], got {tuple(h.shape)} "
-                         f"and {tuple(modulations.shape)}")
+        raise ValueError(f"{op}: unknown activation '{activation}'; expected one of {sorted(ACTIVATIONS)}")
+    if h.dim() != 2 or modulations.shape != (layers, 9, h.shape[1]) or uncond_cross.shape != (layers, h.shape[1]):
+        raise ValueError(f"{op}: h must be [R, D], modulations [layers, 9, D] and uncond_cross [layers, D], got "
+                         f"{tuple(h.shape)}, {tuple(modulations.shape)} and {tuple(uncond_cross.shape)}")
 
 
-def denoiser_layer_decode_ref(
-    h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Tensor, values: Tensor, length: int,
-    rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool, eps: float, activation: str,
-    post_norms: bool, qk_norm: bool, *, backend: Optional[str] = "ref",
+def denoiser_layers_decode_ref(
+    h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor],
+    values: Sequence[Tensor], length: int, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool,
+    eps: float, activation: str, post_norms: bool, qk_norm: bool, *, backend: Optional[str] = "ref",
 ) -> Tensor:
-    """Composed twin: h [R, D] -> [R, D] (see the module docstring).
+    """Composed twin: h [R, D] -> [R, D] through every layer (see the module docstring).
 
-    modulations: [9, D] (shift, scale, gate of self-attention, cross-attention, FFN); params: in
-    :data:`LAYER_PARAMS` order; keys, values: [B, H, capacity, D / H] cross-attention cache, the first
-    ``length`` positions valid; rows: [num_cond] int64 batch row of each conditional row (None: row r);
-    uncond_cross: [D]; rms / eps: the layer's norm style; activation: a key of :data:`ACTIVATIONS`;
-    post_norms: normformer (norm after self-attention, and the FFN inner norm without SwiGLU);
-    qk_norm: the query norm. ``backend`` goes to every sub-op: "ref" makes this plain PyTorch (the
-    specification), None lets each sub-op take its fused kernel (the composed fallback).
+    modulations: [layers, 9, D] (shift, scale, gate of self-attention, cross-attention, FFN); params:
+    each layer's :data:`LAYER_PARAMS`, layer after layer; keys, values: per layer the [B, H, capacity,
+    D / H] cross-attention cache, the first ``length`` positions valid; rows: [num_cond] int64 batch row
+    of each conditional row (None: row r); uncond_cross: [layers, D]; rms / eps: the layers' norm style;
+    activation: a key of :data:`ACTIVATIONS`; post_norms: normformer (norm after self-attention, and the
+    FFN inner norm without SwiGLU); qk_norm: the query norm. ``backend`` goes to every sub-op: "ref"
+    makes this plain PyTorch (the specification), None lets each sub-op take its fused kernel (the
+    composed fallback).
     """
-    _check_args(h, modulations, params, activation)
+    _check_args(h, modulations, params, keys, values, uncond_cross, activation)
+    n = len(LAYER_PARAMS)
+    for i, (mods, k, v, uncond) in enumerate(zip(modulations, keys, values, uncond_cross)):
+        h = _layer_ref(h, mods, params[i * n : (i + 1) * n], k, v, length, rows, num_cond, uncond, rms, eps,
+                       activation, post_norms, qk_norm, backend)
+    return h
+
+
+def _layer_ref(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Tensor, values: Tensor,
+               length: int, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool, eps: float,
+               activation: str, post_norms: bool, qk_norm: bool, backend: Optional[str]) -> Tensor:
+    """One layer: modulations [9, D], params in LAYER_PARAMS order, keys/values its cache, uncond_cross [D]."""
     (sa_w, sa_b, v_w, v_b, sao_w, sao_b, san_w, san_b, ca_w, ca_b, q_w, q_b, qn_w, qn_b, cao_w, cao_b,
      ff_w, ff_b, gate_w, gate_b, in_w, in_b, act_w, inn_w, inn_b, out_w, out_b) = params
     sh_sa, sc_sa, g_sa, sh_ca, sc_ca, g_ca, sh_ff, sc_ff, g_ff = (m.expand_as(h) for m in modulations.unbind(0))
@@ -134,30 +153,31 @@ def denoiser_layer_decode_ref(
 
 if _ext.EXT_AVAILABLE:
 
-    @torch.library.register_fake("lcm_fast::denoiser_layer_decode")
-    def _denoiser_layer_decode_fake(h, modulations, params, keys, values, length, rows, num_cond, uncond_cross, rms,
-                                    eps, activation, post_norms, qk_norm):
+    @torch.library.register_fake("lcm_fast::denoiser_layers_decode")
+    def _denoiser_layers_decode_fake(h, modulations, params, keys, values, length, rows, num_cond, uncond_cross, rms,
+                                     eps, activation, post_norms, qk_norm):
         return torch.empty_like(h)
 
 
-def denoiser_layer_decode_for(device_type: str, dtype: torch.dtype, backend: Optional[str] = None) -> Callable[..., Tensor]:
-    """The implementation :func:`denoiser_layer_decode` takes for inputs on this device and of this dtype,
-    resolved once: a decoding step calls it per layer, where choosing and checking per call costs ~10 us
-    (a third of the kernel's own call overhead). Takes the op's positional arguments."""
+def denoiser_layers_decode_for(device_type: str, dtype: torch.dtype,
+                               backend: Optional[str] = None) -> Callable[..., Tensor]:
+    """The implementation :func:`denoiser_layers_decode` takes for inputs on this device and of this dtype,
+    resolved once for a generation call (choosing and checking per call costs ~10 us, per step).
+    Takes the op's positional arguments."""
     if device_type not in SPEC.devices or SPEC.choose(device_type, dtype, backend) == "ref":
         # a forced "ref" means plain PyTorch throughout; otherwise each sub-op makes its own choice
-        return functools.partial(denoiser_layer_decode_ref, backend=backend)
-    return torch.ops.lcm_fast.denoiser_layer_decode.default
+        return functools.partial(denoiser_layers_decode_ref, backend=backend)
+    return torch.ops.lcm_fast.denoiser_layers_decode.default
 
 
-def denoiser_layer_decode(
-    h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Tensor, values: Tensor, length: int,
-    rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool, eps: float, activation: str,
-    post_norms: bool = False, qk_norm: bool = False, *, backend: Optional[str] = None,
+def denoiser_layers_decode(
+    h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor],
+    values: Sequence[Tensor], length: int, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool,
+    eps: float, activation: str, post_norms: bool = False, qk_norm: bool = False, *, backend: Optional[str] = None,
 ) -> Tensor:
-    """One denoiser layer for decoding rows; arguments and shapes as :func:`denoiser_layer_decode_ref`.
+    """The denoiser layers for decoding rows; arguments and shapes as :func:`denoiser_layers_decode_ref`.
     Inference only (not differentiable)."""
-    _check_args(h, modulations, params, activation)
-    fn = denoiser_layer_decode_for(h.device.type, h.dtype, backend)
-    return fn(h, modulations, list(params), keys, values, length, rows, num_cond, uncond_cross, rms, eps, activation,
-              post_norms, qk_norm)
+    _check_args(h, modulations, params, keys, values, uncond_cross, activation)
+    fn = denoiser_layers_decode_for(h.device.type, h.dtype, backend)
+    return fn(h, modulations, list(params), list(keys), list(values), length, rows, num_cond, uncond_cross, rms, eps,
+              activation, post_norms, qk_norm)

@@ -1,5 +1,5 @@
-"""denoiser_layer_decode: the reference against the model's DenoiserLayer, the CPU kernel against the
-reference over layer variants, shapes, dtypes and row layouts; opcheck; errors."""
+"""denoiser_layers_decode: the reference against the model's DenoiserLayer, the CPU kernel against the
+reference over layer variants, stacks, shapes, dtypes and row layouts; opcheck; errors."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcm_fast.config import DenoiserConfig
-from lcm_fast.inference.fast import layer_decode_args
+from lcm_fast.inference.fast import layers_decode_args
 from lcm_fast.models.two_tower import DenoiserLayer
 from lcm_fast.nn.attention import KVCache
 from lcm_fast.nn.position import RotaryEncoder
-from lcm_fast.ops import denoiser_layer_decode, denoiser_layer_decode_ref
+from lcm_fast.ops import denoiser_layers_decode, denoiser_layers_decode_ref
 from lcm_fast.ops.denoiser import SPEC
 
 from ..tolerances import DENOISER_LAYER_FP32, PARITY_FORWARD
@@ -55,34 +55,56 @@ def _layer(variant, dim=64, heads=4) -> DenoiserLayer:
     return _LAYERS[key]
 
 
-def _inputs(layer, batch, rows_per_doc, length, capacity, num_cond=None, shuffled=False, seed=0):
-    """(h [R, D], modulations [9, D], cache, rows, num_cond): conditional rows first, then unconditional."""
+def _stack(variant, n, dim=64, heads=4) -> list[DenoiserLayer]:
+    """n different layers of one configuration (a denoiser's stack)."""
+    base, out = _layer(variant, dim, heads), []
+    for i in range(n):
+        layer = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(0.05 * i * torch.randn_like(p))
+        out.append(layer)
+    return out
+
+
+def _inputs(layers, batch, rows_per_doc, length, capacity, num_cond=None, shuffled=False, seed=0):
+    """(h [R, D], modulations [L, 9, D], caches, rows, num_cond) for a layer or a list of layers:
+    conditional rows first, then unconditional."""
+    layers = layers if isinstance(layers, list) else [layers]
     g = torch.Generator().manual_seed(seed)
-    dtype = layer.self_attn.v_proj.weight.dtype
-    dim = layer.self_attn.v_proj.weight.shape[0]
-    cache = KVCache(capacity)
-    with torch.no_grad():
-        cache.append(*layer.cross_attention.project_kv(torch.randn(batch, length, dim, generator=g).to(dtype)))
+    dtype = layers[0].self_attn.v_proj.weight.dtype
+    dim = layers[0].self_attn.v_proj.weight.shape[0]
+    caches = []
+    for layer in layers:
+        caches.append(KVCache(capacity))
+        with torch.no_grad():
+            caches[-1].append(*layer.cross_attention.project_kv(torch.randn(batch, length, dim, generator=g).to(dtype)))
     num_cond = batch if num_cond is None else num_cond
     rows = torch.randperm(batch, generator=g)[:num_cond] if shuffled else None
     R = num_cond + (rows_per_doc - 1) * batch
     h = (torch.randn(R, dim, generator=g) * 2).to(dtype)
-    modulations = (torch.randn(9, dim, generator=g) * 0.5).to(dtype)
-    return h, modulations, cache, rows, num_cond
+    modulations = (torch.randn(len(layers), 9, dim, generator=g) * 0.5).to(dtype)
+    return h, modulations, caches, rows, num_cond
 
 
-def _uncond(layer):
-    dim = layer.self_attn.v_proj.weight.shape[0]
-    zero = layer.self_attn.v_proj.weight.new_zeros(1, 1, dim)
+def _uncond(layers):
+    dim = layers[0].self_attn.v_proj.weight.shape[0]
+    zero = layers[0].self_attn.v_proj.weight.new_zeros(1, 1, dim)
     with torch.no_grad():
-        return layer.cross_attention(zero, zero)[0, 0]
+        return torch.stack([layer.cross_attention(zero, zero)[0, 0] for layer in layers])
 
 
-def _call(layer, h, modulations, cache, rows, num_cond, backend):
-    params, rms, eps, act, post_norms, qk_norm = layer_decode_args(layer)
-    fn = denoiser_layer_decode_ref if backend == "ref" else denoiser_layer_decode
-    return fn(h, modulations, params, cache.k, cache.v, cache.length, rows, num_cond, _uncond(layer), rms, eps, act,
-              post_norms, qk_norm, backend=backend)
+def _args(layers, h, modulations, caches, rows, num_cond):
+    """The op's positional arguments."""
+    layers = layers if isinstance(layers, list) else [layers]
+    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
+    return (h, modulations, params, [c.k for c in caches], [c.v for c in caches], caches[0].length, rows, num_cond,
+            _uncond(layers), rms, eps, act, post_norms, qk_norm)
+
+
+def _call(layers, h, modulations, caches, rows, num_cond, backend):
+    fn = denoiser_layers_decode_ref if backend == "ref" else denoiser_layers_decode
+    return fn(*_args(layers, h, modulations, caches, rows, num_cond), backend=backend)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -101,7 +123,7 @@ def test_reference_is_the_model_layer(variant):
         want_uncond = layer(x[3:], t_emb.expand(2, 1, dim), torch.zeros(2, 1, dim), None)[:, 0]
         cache = KVCache(8)
         cache.append(*layer.cross_attention.project_kv(keys))
-        got = _call(layer, x[:, 0], modulations, cache, None, 3, "ref")
+        got = _call(layer, x[:, 0], modulations[None], [cache], None, 3, "ref")
     torch.testing.assert_close(got, torch.cat((want_cond, want_uncond)), **PARITY_FORWARD)
 
 
@@ -148,20 +170,34 @@ def test_many_rows_take_the_gemm():
 
 
 @needs_kernel
+@pytest.mark.parametrize("variant", VARIANTS[:3])
+def test_layer_stack(variant):
+    """Three different layers in one call == the reference through the same three layers."""
+    layers = _stack(variant, 3)
+    args = _inputs(layers, 3, 2, length=5, capacity=7, shuffled=True)
+    got = _call(layers, *args, backend="ext")
+    torch.testing.assert_close(got, _call(layers, *args, backend="ref"), **DENOISER_LAYER_FP32)
+    h = args[0]
+    for i, layer in enumerate(layers):  # the stack is the layers one after another
+        h = _call(layer, h, args[1][i : i + 1], args[2][i : i + 1], *args[3:], backend="ref")
+    torch.testing.assert_close(got, h, **DENOISER_LAYER_FP32)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_types_two_x_rule(dtype):
     """err(kernel vs fp32 reference) <= 2 err(same-dtype reference vs fp32 reference) + one ulp at |h| ~ 8,
     the fp32 reference running on the half-rounded weights and inputs."""
     half = copy.deepcopy(_layer(VARIANTS[0])).to(dtype)
     exact_layer = copy.deepcopy(half).float()
-    h, mods, cache, rows, num_cond = _inputs(_layer(VARIANTS[0]), 3, 2, length=6, capacity=8)
+    h, mods, (cache,), rows, num_cond = _inputs(_layer(VARIANTS[0]), 3, 2, length=6, capacity=8)
     h, mods = h.to(dtype), mods.to(dtype)
     cache.k, cache.v = cache.k.to(dtype), cache.v.to(dtype)
-    got = _call(half, h, mods, cache, rows, num_cond, "ext")
-    ref = _call(half, h, mods, cache, rows, num_cond, "ref")
+    got = _call(half, h, mods, [cache], rows, num_cond, "ext")
+    ref = _call(half, h, mods, [cache], rows, num_cond, "ref")
     exact_cache = copy.copy(cache)
     exact_cache.k, exact_cache.v = cache.k.float(), cache.v.float()
-    exact = _call(exact_layer, h.float(), mods.float(), exact_cache, rows, num_cond, "ref")
+    exact = _call(exact_layer, h.float(), mods.float(), [exact_cache], rows, num_cond, "ref")
     assert got.dtype == dtype
     ulp = 8 * (2**-8 if dtype == torch.bfloat16 else 2**-11)
     assert (got.float() - exact).abs().max() <= 2 * (ref.float() - exact).abs().max() + ulp
@@ -169,39 +205,39 @@ def test_half_types_two_x_rule(dtype):
 
 @needs_kernel
 def test_opcheck():
-    layer = _layer(VARIANTS[0])
-    h, mods, cache, rows, num_cond = _inputs(layer, 3, 2, length=5, capacity=6, shuffled=True)
-    params, rms, eps, act, post_norms, qk_norm = layer_decode_args(layer)
-    args = (h, mods, params, cache.k, cache.v, cache.length, rows, num_cond, _uncond(layer), rms, eps, act, post_norms,
-            qk_norm)
-    torch.library.opcheck(torch.ops.lcm_fast.denoiser_layer_decode, args)
+    layers = _stack(VARIANTS[0], 2)
+    args = _args(layers, *_inputs(layers, 3, 2, length=5, capacity=6, shuffled=True))
+    torch.library.opcheck(torch.ops.lcm_fast.denoiser_layers_decode, args)
 
 
 @needs_kernel
 def test_bad_input_is_named():
-    layer = _layer(VARIANTS[0])
-    h, mods, cache, rows, num_cond = _inputs(layer, 2, 2, length=3, capacity=4)
-    params, rms, eps, act, post_norms, qk_norm = layer_decode_args(layer)
-    uncond = _uncond(layer)
+    layers = _stack(VARIANTS[0], 2)
+    h, mods, caches, rows, num_cond, uncond = *_inputs(layers, 2, 2, length=3, capacity=4), _uncond(layers)
+    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
 
     def call(**kw):
-        a = dict(h=h, modulations=mods, params=params, keys=cache.k, values=cache.v, length=cache.length, rows=rows,
-                 num_cond=num_cond, uncond_cross=uncond, rms=rms, eps=eps, activation=act)
+        a = dict(h=h, modulations=mods, params=params, keys=[c.k for c in caches], values=[c.v for c in caches],
+                 length=3, rows=rows, num_cond=num_cond, uncond_cross=uncond, rms=rms, eps=eps, activation=act)
         a.update(kw)
-        return denoiser_layer_decode(**a, backend="ext")
+        return denoiser_layers_decode(**a, backend="ext")
 
-    with pytest.raises(ValueError, match="params needs 27 entries"):
+    with pytest.raises(ValueError, match="params needs 27 entries per layer"):
         call(params=params[:-1])
+    with pytest.raises(ValueError, match="one keys and one values tensor per layer"):
+        call(values=[caches[0].v])
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         call(activation="swish")
-    with pytest.raises(ValueError, match=r"modulations \[9, D\]"):
-        call(modulations=mods[:8])
+    with pytest.raises(ValueError, match=r"modulations \[layers, 9, D\]"):
+        call(modulations=mods[:, :8])
     with pytest.raises(RuntimeError, match=r"rows\[1\] = 7 is not a batch row"):
         call(rows=torch.tensor([0, 7]))
     with pytest.raises(RuntimeError, match="length 0 outside"):
         call(length=0)
-    with pytest.raises(RuntimeError, match=r"params\[2\] must be contiguous"):
-        call(params=[p.T if i == 2 else p for i, p in enumerate(params)])
+    with pytest.raises(RuntimeError, match=r"params\[29\] must be contiguous"):
+        call(params=[p.T if i == 29 else p for i, p in enumerate(params)])
+    with pytest.raises(RuntimeError, match="layer 1 has"):
+        call(keys=[caches[0].k, caches[1].k[:, :, :3]], values=[caches[0].v, caches[1].v[:, :, :3]])
 
 
 def test_cpu_only_op_says_so():

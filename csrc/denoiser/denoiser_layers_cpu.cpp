@@ -1,8 +1,8 @@
-// CPU denoiser_layer_decode: one AdaLN denoiser layer for the few rows of a decoding step, the
-// specification being denoiser_layer_decode_ref in python/lcm_fast/ops/denoiser.py. The fast engine
-// calls it once per layer and DDIM step. Issued from Python as ~20 small ops, a layer took 4.6x as long
+// CPU denoiser_layers_decode: the AdaLN denoiser layers for the few rows of a decoding step, the
+// specification being denoiser_layers_decode_ref in python/lcm_fast/ops/denoiser.py. The fast engine
+// calls it once per DDIM step. Issued from Python as ~20 small ops per layer, a layer took 4.6x as long
 // at model dim 256 (bench/RESULTS.md); here the same kernels run back to back (AdaLN rows, skinny
-// linear, a one-query attention over the cached keys) on one scratch buffer.
+// linear, a one-query attention over the cached keys) on one scratch buffer, layer after layer.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -28,7 +28,7 @@
 namespace lcm_fast {
 namespace {
 
-// Entries of `params`, in the order of LAYER_PARAMS (python/lcm_fast/ops/denoiser.py).
+// Entries of one layer's `params`, in the order of LAYER_PARAMS (python/lcm_fast/ops/denoiser.py).
 enum Param : int {
   kSaNormW, kSaNormB, kVW, kVB, kSaOutW, kSaOutB, kSaPostNormW, kSaPostNormB,
   kCaNormW, kCaNormB, kQW, kQB, kQNormW, kQNormB, kCaOutW, kCaOutB,
@@ -50,7 +50,7 @@ Act parse_activation(std::string_view name) {
       {"hardsigmoid", Act::kHardsigmoid}};
   for (const auto& [n, act] : kNames)
     if (n == name) return act;
-  TORCH_CHECK(false, "denoiser_layer_decode: unknown activation '", name, "'");
+  TORCH_CHECK(false, "denoiser_layers_decode: unknown activation '", name, "'");
 }
 
 // elementwise in fp32; prelu_weight is PReLU's slope for this channel
@@ -77,24 +77,27 @@ struct Layer {
   static constexpr DType kDType = std::is_same_v<T, float>          ? DType::kFloat32
                                   : std::is_same_v<T, c10::BFloat16> ? DType::kBFloat16
                                                                      : DType::kFloat16;
-  const c10::List<std::optional<at::Tensor>>& params;
+  const c10::List<std::optional<at::Tensor>>& params;  // every layer's, layer after layer
+  int64_t base;                                        // this layer's first entry
   bool rms;
   float eps;
 
+  std::optional<at::Tensor> get(int64_t p) const { return params.get(base + p); }
+
   const T* ptr(Param p) const {
-    const std::optional<at::Tensor> t = params.get(p);
+    const std::optional<at::Tensor> t = get(p);
     return t && t->defined() ? t->template const_data_ptr<T>() : nullptr;
   }
 
   // out [M, N] = x [M, K] W^T + b with W = params[w]: the skinny kernel, or BLAS for a real GEMM.
   void linear(const T* x, int64_t M, Param w, T* out) const {
-    const at::Tensor weight = *params.get(w);
+    const at::Tensor weight = *get(w);
     const int64_t N = weight.size(0), K = weight.size(1);
     if (M <= kSkinnyMaxRows) return skinny_linear_kernel<T>(x, M, K, ptr(w), ptr(Param(w + 1)), N, out);
     at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference only: BLAS on the weights needs no graph
     const auto opts = weight.options();
     at::Tensor xt = at::from_blob(const_cast<T*>(x), {M, K}, opts), yt = at::from_blob(out, {M, N}, opts);
-    const std::optional<at::Tensor> bias = params.get(w + 1);
+    const std::optional<at::Tensor> bias = get(w + 1);
     if (bias && bias->defined()) at::addmm_out(yt, *bias, xt, weight.t());
     else at::mm_out(yt, xt, weight.t());
   }
@@ -114,10 +117,10 @@ struct Layer {
 
   // a norm's weight or bias as fp32 [D] (the AdaLN kernel's layout), or undefined
   at::Tensor norm_param(Param p, int64_t D) const {
-    const std::optional<at::Tensor> t = params.get(p);
+    const std::optional<at::Tensor> t = get(p);
     if (!t || !t->defined()) return at::Tensor();
-    TORCH_CHECK(t->numel() == D, "denoiser_layer_decode: params[", int(p), "] must have ", D, " elements");
-    return t->to(at::kFloat);
+    TORCH_CHECK(t->numel() == D, "denoiser_layers_decode: params[", base + p, "] must have ", D, " elements");
+    return t->scalar_type() == at::kFloat ? *t : t->to(at::kFloat);
   }
 };
 
@@ -153,23 +156,30 @@ void attend(const T* q, int64_t C, const T* keys, const T* values, const int64_t
   });
 }
 
+// Scratch of one layer: y, a, q, o, c, f [R, D]; g, u [R, I]; zeros [max(D, I)].
 template <typename T>
-at::Tensor layer_decode(const at::Tensor& h_in, const at::Tensor& mods_in, const Layer<T>& layer,
-                        const at::Tensor& keys, const at::Tensor& values, int64_t length, const int64_t* rows,
-                        int64_t C, const T* uncond_cross, Act act, bool post_norms, bool qk_norm) {
-  const int64_t R = h_in.size(0), D = h_in.size(1);
-  const int64_t I = layer.params.get(kInnerW)->size(0);  // FFN inner dim
+struct Scratch {
+  at::Tensor buffer;
+  T *y, *a, *q, *o, *c, *f, *g, *u, *zeros;
+
+  Scratch(int64_t R, int64_t D, int64_t I, const at::TensorOptions& options)
+      : buffer(at::empty({6 * R * D + 2 * R * I + std::max(D, I)}, options)) {
+    y = buffer.data_ptr<T>(), a = y + R * D, q = a + R * D, o = q + R * D, c = o + R * D, f = c + R * D;
+    g = f + R * D, u = g + R * I, zeros = u + R * I;
+    std::fill(zeros, zeros + std::max(D, I), T(0.f));
+  }
+};
+
+// One layer, in place on h [R, D]; mods [9, D] its modulation rows, uncond_cross [D].
+template <typename T>
+void layer_decode(T* h, int64_t R, int64_t D, const T* mods, const Layer<T>& layer, const at::Tensor& keys,
+                  const at::Tensor& values, int64_t length, const int64_t* rows, int64_t C, const T* uncond_cross,
+                  Act act, bool post_norms, bool qk_norm, const Scratch<T>& s) {
+  const int64_t I = layer.get(kInnerW)->size(0);  // FFN inner dim
   const bool swiglu = act == Act::kSwiGLU;
-  at::Tensor h_out = h_in.clone();
-  const at::Tensor mods_t = mods_in.contiguous();
-  const T* mods = mods_t.const_data_ptr<T>();
   auto mod = [&](Mod m) { return mods + m * D; };
-  // scratch: y, a, q, o, c, f [R, D]; g, u [R, I]; zeros [max(D, I)]
-  at::Tensor scratch = at::empty({6 * R * D + 2 * R * I + std::max(D, I)}, h_in.options());
-  T *y = scratch.data_ptr<T>(), *a = y + R * D, *q = a + R * D, *o = q + R * D, *c = o + R * D, *f = c + R * D;
-  T *g = f + R * D, *u = g + R * I, *zeros = u + R * I;
-  std::fill(zeros, zeros + std::max(D, I), T(0.f));
-  T* h = h_out.data_ptr<T>();
+  T *y = s.y, *a = s.a, *q = s.q, *o = s.o, *c = s.c, *f = s.f, *g = s.g, *u = s.u;
+  const T* zeros = s.zeros;
 
   // self-attention over one position: output_proj(v_proj(y)) [+ normformer norm]
   layer.norm(h, nullptr, nullptr, mod(kShSa), mod(kScSa), kSaNormW, R, D, y, zeros);
@@ -198,7 +208,7 @@ at::Tensor layer_decode(const at::Tensor& h_in, const at::Tensor& mods_in, const
   // FFN, then h += gate * ffn (rounded to T after the product, as h + g * ffn(y) is)
   layer.linear(y, R, kInnerW, u);
   if (swiglu) layer.linear(y, R, kGateW, g);
-  const at::Tensor prelu_t = act == Act::kPReLU ? layer.params.get(kActW)->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor prelu_t = act == Act::kPReLU ? layer.get(kActW)->to(at::kFloat).contiguous() : at::Tensor();
   const float* prelu = prelu_t.defined() ? prelu_t.const_data_ptr<float>() : nullptr;
   const int64_t prelu_n = prelu_t.defined() ? prelu_t.numel() : 1;
   for (int64_t i = 0; i < R * I; ++i) {
@@ -213,70 +223,89 @@ at::Tensor layer_decode(const at::Tensor& h_in, const at::Tensor& mods_in, const
   const T* g_ff = mod(kGFf);
   for (int64_t r = 0; r < R; ++r)
     for (int64_t d = 0; d < D; ++d) h[r * D + d] = T(float(h[r * D + d]) + float(T(float(g_ff[d]) * float(f[r * D + d]))));
-  return h_out;
 }
 
-at::Tensor denoiser_layer_decode_cpu(const at::Tensor& h, const at::Tensor& modulations,
-                                     const c10::List<std::optional<at::Tensor>>& params, const at::Tensor& keys,
-                                     const at::Tensor& values, int64_t length, const std::optional<at::Tensor>& rows,
-                                     int64_t num_cond, const at::Tensor& uncond_cross, bool rms, double eps,
-                                     c10::string_view activation, bool post_norms, bool qk_norm) {
-  const char* op = "denoiser_layer_decode";
-  TORCH_CHECK(params.size() == kNumParams, op, ": params needs ", int(kNumParams), " entries, got ", params.size());
+
+at::Tensor denoiser_layers_decode_cpu(const at::Tensor& h, const at::Tensor& modulations,
+                                      const c10::List<std::optional<at::Tensor>>& params, at::TensorList keys,
+                                      at::TensorList values, int64_t length, const std::optional<at::Tensor>& rows,
+                                      int64_t num_cond, const at::Tensor& uncond_cross, bool rms, double eps,
+                                      c10::string_view activation, bool post_norms, bool qk_norm) {
+  const char* op = "denoiser_layers_decode";
+  const int64_t L = int64_t(keys.size());
+  TORCH_CHECK(L > 0 && int64_t(values.size()) == L, op, ": one keys and one values tensor per layer, got ", L,
+              " and ", values.size());
+  TORCH_CHECK(int64_t(params.size()) == L * kNumParams, op, ": params needs ", int(kNumParams), " entries per layer (",
+              L * kNumParams, "), got ", params.size());
   TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), op, ": h must be a contiguous [R, D] tensor, got ", h.sizes());
   const int64_t R = h.size(0), D = h.size(1);
-  TORCH_CHECK(modulations.sizes() == at::IntArrayRef({9, D}), op, ": modulations must be [9, ", D, "], got ",
-              modulations.sizes());
+  TORCH_CHECK(modulations.sizes() == at::IntArrayRef({L, 9, D}) && modulations.is_contiguous(), op,
+              ": modulations must be a contiguous [", L, ", 9, ", D, "], got ", modulations.sizes());
+  TORCH_CHECK(uncond_cross.sizes() == at::IntArrayRef({L, D}) && uncond_cross.is_contiguous(), op,
+              ": uncond_cross must be a contiguous [", L, ", ", D, "], got ", uncond_cross.sizes());
   TORCH_CHECK(0 <= num_cond && num_cond <= R, op, ": num_cond ", num_cond, " outside [0, ", R, "]");
-  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() && keys.is_contiguous() && values.is_contiguous() &&
-                  keys.size(1) * keys.size(3) == D,
-              op, ": keys/values must be contiguous [B, H, capacity, D / H], got ", keys.sizes(), " and ",
-              values.sizes());
-  TORCH_CHECK(0 < length && length <= keys.size(2), op, ": length ", length, " outside [1, ", keys.size(2), "]");
-  TORCH_CHECK(uncond_cross.numel() == D, op, ": uncond_cross must have ", D, " elements");
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor &k = keys[l], &v = values[l];
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous() &&
+                    k.size(1) * k.size(3) == D && k.sizes() == keys[0].sizes(),
+                op, ": keys/values of every layer must be contiguous [B, H, capacity, D / H] of one shape, layer ", l,
+                " has ", k.sizes(), " and ", v.sizes());
+    TORCH_CHECK(k.scalar_type() == h.scalar_type() && v.scalar_type() == h.scalar_type(), op,
+                ": keys and values must be ", h.scalar_type());
+  }
+  TORCH_CHECK(0 < length && length <= keys[0].size(2), op, ": length ", length, " outside [1, ", keys[0].size(2), "]");
   at::Tensor row_index;
   if (rows) {
-    row_index = rows->to(at::kLong).contiguous();
+    row_index = rows->scalar_type() == at::kLong && rows->is_contiguous() ? *rows : rows->to(at::kLong).contiguous();
     TORCH_CHECK(row_index.numel() == num_cond, op, ": rows must have num_cond = ", num_cond, " entries");
     const int64_t* index = row_index.const_data_ptr<int64_t>();
     for (int64_t r = 0; r < num_cond; ++r)
-      TORCH_CHECK(0 <= index[r] && index[r] < keys.size(0), op, ": rows[", r, "] = ", index[r],
-                  " is not a batch row of the cache (", keys.size(0), ")");
+      TORCH_CHECK(0 <= index[r] && index[r] < keys[0].size(0), op, ": rows[", r, "] = ", index[r],
+                  " is not a batch row of the cache (", keys[0].size(0), ")");
   } else {
-    TORCH_CHECK(num_cond <= keys.size(0), op, ": ", num_cond, " conditional rows but the cache has ", keys.size(0));
+    TORCH_CHECK(num_cond <= keys[0].size(0), op, ": ", num_cond, " conditional rows but the cache has ",
+                keys[0].size(0));
   }
   const Act act = parse_activation(std::string_view(activation.data(), activation.size()));
-  for (int64_t i = 0; i < kNumParams; ++i) {
+  for (int64_t i = 0; i < int64_t(params.size()); ++i) {
     const std::optional<at::Tensor> p = params.get(i);
     if (!p || !p->defined()) continue;
     TORCH_CHECK(p->is_contiguous() && p->device() == h.device() && p->scalar_type() == h.scalar_type(), op,
                 ": params[", i, "] must be contiguous, ", h.scalar_type(), " and on ", h.device());
   }
-  for (Param w : {kVW, kSaOutW, kQW, kCaOutW, kInnerW, kFfOutW, act == Act::kSwiGLU ? kGateW : kInnerW,
-                  act == Act::kPReLU ? kActW : kInnerW})
-    TORCH_CHECK(params.get(w) && params.get(w)->defined(), op, ": params[", int(w), "] is None (",
-                act == Act::kSwiGLU ? "swiglu needs the gate projection" : "a projection weight", ")");
-  TORCH_CHECK(keys.scalar_type() == h.scalar_type() && modulations.scalar_type() == h.scalar_type() &&
-                  uncond_cross.scalar_type() == h.scalar_type(),
-              op, ": keys, values, modulations and uncond_cross must be ", h.scalar_type());
-  const at::Tensor uc = uncond_cross.contiguous();
+  int64_t inner = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    for (Param w : {kVW, kSaOutW, kQW, kCaOutW, kInnerW, kFfOutW, act == Act::kSwiGLU ? kGateW : kInnerW,
+                    act == Act::kPReLU ? kActW : kInnerW}) {
+      const std::optional<at::Tensor> p = params.get(l * kNumParams + w);
+      TORCH_CHECK(p && p->defined(), op, ": params[", l * kNumParams + w, "] is None (",
+                  act == Act::kSwiGLU ? "swiglu needs the gate projection" : "a projection weight", ")");
+    }
+    inner = std::max(inner, params.get(l * kNumParams + kInnerW)->size(0));
+  }
+  TORCH_CHECK(modulations.scalar_type() == h.scalar_type() && uncond_cross.scalar_type() == h.scalar_type(), op,
+              ": modulations and uncond_cross must be ", h.scalar_type());
   const int64_t* row_ptr = rows ? row_index.const_data_ptr<int64_t>() : nullptr;
+  at::Tensor out = h.clone();
   const auto run = [&](auto tag) {
     using T = decltype(tag);
-    const Layer<T> layer{params, rms, float(eps)};
-    return layer_decode<T>(h, modulations, layer, keys, values, length, row_ptr, num_cond, uc.const_data_ptr<T>(), act,
-                           post_norms, qk_norm);
+    const Scratch<T> scratch(R, D, inner, h.options());
+    for (int64_t l = 0; l < L; ++l)
+      layer_decode<T>(out.data_ptr<T>(), R, D, modulations.const_data_ptr<T>() + l * 9 * D,
+                      Layer<T>{params, l * kNumParams, rms, float(eps)}, keys[l], values[l], length, row_ptr, num_cond,
+                      uncond_cross.const_data_ptr<T>() + l * D, act, post_norms, qk_norm, scratch);
   };
   switch (h.scalar_type()) {
-    case at::kFloat: return run(float{});
-    case at::kBFloat16: return run(c10::BFloat16{});
-    case at::kHalf: return run(c10::Half{});
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
     default: TORCH_CHECK(false, op, ": unsupported dtype ", h.scalar_type(), " (float32, bfloat16, float16)");
   }
+  return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lcm_fast, CPU, m) { m.impl("denoiser_layer_decode", &denoiser_layer_decode_cpu); }
+TORCH_LIBRARY_IMPL(lcm_fast, CPU, m) { m.impl("denoiser_layers_decode", &denoiser_layers_decode_cpu); }
 
 }  // namespace lcm_fast
