@@ -103,7 +103,8 @@ struct Layer {
   }
 
   // y = norm(x) (1 + scale) + shift per row, with one [D] shift/scale for every row (null: plain norm);
-  // with a branch: r = x + gate branch is written back to x first (the gated residual).
+  // with a branch: r = x + gate branch is written back to x first (the gated residual). y may be x:
+  // the AdaLN kernel reads a whole row into scratch before it writes that row.
   void norm(T* x, const T* branch, const T* gate, const T* shift, const T* scale, Param w, int64_t rows, int64_t D,
             T* y, const T* zeros) const {
     const at::Tensor weight = norm_param(w, D), bias = norm_param(Param(w + 1), D);
@@ -186,8 +187,7 @@ void layer_decode(T* h, int64_t R, int64_t D, const T* mods, const Layer<T>& lay
   layer.linear(y, R, kVW, q);
   layer.linear(q, R, kSaOutW, a);
   if (post_norms) {
-    layer.norm(a, nullptr, nullptr, nullptr, nullptr, kSaPostNormW, R, D, o, zeros);
-    std::copy(o, o + R * D, a);
+    layer.norm(a, nullptr, nullptr, nullptr, nullptr, kSaPostNormW, R, D, a, zeros);
   }
   layer.norm(h, a, mod(kGSa), mod(kShCa), mod(kScCa), kCaNormW, R, D, y, zeros);
 
@@ -195,8 +195,7 @@ void layer_decode(T* h, int64_t R, int64_t D, const T* mods, const Layer<T>& lay
   if (C > 0) {
     layer.linear(y, C, kQW, q);
     if (qk_norm) {
-      layer.norm(q, nullptr, nullptr, nullptr, nullptr, kQNormW, C, D, a, zeros);
-      std::copy(a, a + C * D, q);
+      layer.norm(q, nullptr, nullptr, nullptr, nullptr, kQNormW, C, D, q, zeros);
     }
     const int64_t H = keys.size(1);
     attend<T>(q, C, keys.const_data_ptr<T>(), values.const_data_ptr<T>(), rows, H, keys.size(2), D / H, length, o);
@@ -216,8 +215,7 @@ void layer_decode(T* h, int64_t R, int64_t D, const T* mods, const Layer<T>& lay
     else u[i] = T(activate(act, float(u[i]), prelu ? prelu[prelu_n == 1 ? 0 : i % I] : 0.f));
   }
   if (post_norms && !swiglu) {
-    layer.norm(u, nullptr, nullptr, nullptr, nullptr, kInnerNormW, R, I, g, zeros);
-    std::copy(g, g + R * I, u);
+    layer.norm(u, nullptr, nullptr, nullptr, nullptr, kInnerNormW, R, I, u, zeros);
   }
   layer.linear(u, R, kFfOutW, f);
   const T* g_ff = mod(kGFf);
