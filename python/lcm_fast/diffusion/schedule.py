@@ -173,9 +173,6 @@ class DDIMScheduler:
             return self._prev[t]
         return t - self.num_train_steps // self.num_inference_steps
 
-    def _alpha_prev(self, prev: int) -> Tensor:
-        return self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
-
     def _threshold(self, x0: Tensor) -> Tensor:
         """Dynamic thresholding (Imagen): per sample, s = clamp(quantile(|x0|, ratio), 1, max); x0 = clamp(x0, -s, s) / s."""
         dtype, shape = x0.dtype, x0.shape
@@ -184,10 +181,17 @@ class DDIMScheduler:
         s = torch.clamp(s, min=1, max=self.config.sample_max_value).unsqueeze(1)
         return (torch.clamp(flat, -s, s) / s).reshape(shape).to(dtype)
 
-    def _coefficients(self, t: int, eta: float) -> tuple[Tensor, ...]:
-        """fp32 scalars of one step, computed as the official step() does:
-        (sqrt(a_t), sqrt(b_t), sqrt(a_prev), sqrt(1 - a_prev - sigma^2), sigma)."""
-        a_t, a_prev = self.alphas_cumprod[t], self._alpha_prev(self.prev_timestep(t))
+    def _coefficients(self, t: Tensor, eta: float) -> tuple[Tensor, ...]:
+        """fp32 coefficients of timesteps t (int64, any shape), elementwise as the official step() computes
+        its scalars: (sqrt(a_t), sqrt(b_t), sqrt(a_prev), sqrt(1 - a_prev - sigma^2), sigma)."""
+        if self.num_inference_steps is None:
+            raise RuntimeError("call set_timesteps() before step()")
+        if self._prev is not None:
+            prev = torch.tensor([self._prev[v] for v in t.flatten().tolist()]).reshape(t.shape)
+        else:
+            prev = t - self.num_train_steps // self.num_inference_steps
+        a_t = self.alphas_cumprod[t]
+        a_prev = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], self.final_alpha_cumprod)
         # Eq. 16: sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
         sigma = eta * variance**0.5
@@ -199,11 +203,8 @@ class DDIMScheduler:
         t = T-1 when ``guided`` (CFG), where the sampler steps on the conditional x0 without guidance."""
         if self.timesteps is None:
             raise RuntimeError("call set_timesteps() before coefficient_table()")
-        rows = []
-        for t in self.timesteps.tolist():
-            first = torch.tensor(float(guided and t == self.num_train_steps - 1))
-            rows.append(torch.stack([*self._coefficients(t, eta), first]))
-        return torch.stack(rows)
+        first = (self.timesteps == self.num_train_steps - 1).float() * float(guided)
+        return torch.stack([*self._coefficients(self.timesteps, eta), first], dim=1)
 
     def step(
         self,
@@ -220,7 +221,7 @@ class DDIMScheduler:
 
         ``variance_noise`` (standard normal, same shape) is required when ``eta > 0``.
         """
-        sa, sb, sap, direction, sigma = self._coefficients(int(timestep), eta)
+        sa, sb, sap, direction, sigma = self._coefficients(torch.tensor(int(timestep)), eta)
         ptype = PREDICTION_TYPES[_checked(prediction_type or self.config.prediction_type)]
         x0, eps = split_prediction(model_output, sample, sa, sb, ptype)
         if epsilon_scaling is not None:
