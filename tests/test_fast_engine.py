@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lcm_fast
+from lcm_fast.ops.denoiser import LAYER_PARAMS
 
 from .conftest import random_model, tiny_config
 from .tolerances import FAST_ENGINE_ATOL, FAST_ENGINE_ERR_FACTOR
@@ -87,20 +88,28 @@ def test_fast_engine_skips_teacher_forced_rows():
     assert {pos: rows for pos, rows in denoised} == {1: [1], 2: [1], 4: [0]}
 
 
-def test_timestep_tables_are_reused_until_the_schedule_or_a_weight_changes():
-    from lcm_fast.inference.fast import _timestep_tables
+def test_decoding_tables_are_reused_until_the_schedule_or_a_weight_changes():
+    from lcm_fast.inference.fast import decoding_tables
 
     model = copy.deepcopy(_model((2, 2, True, True, "sample")))
     den, steps = model.denoiser, [99, 50, 10]
-    mods, uncond = _timestep_tables(den, steps)
-    assert _timestep_tables(den, steps)[0] is mods
-    assert _timestep_tables(den, [99, 10])[0].shape[0] == 2
+    tables = decoding_tables(den, steps)
+    assert decoding_tables(den, steps) is tables
+    other = decoding_tables(den, [99, 10])  # a new schedule: new modulations, the same composed weights
+    assert other.modulations.shape[0] == 2 and other.layers_args is tables.layers_args
     with torch.no_grad():
         den.layers[0].modulator.fc.bias.add_(0.5)  # in place: the version counter moves
         den.layers[1].cross_attention.output_proj.weight.mul_(2.0)
-    new_mods, new_uncond = _timestep_tables(den, steps)
-    assert not torch.equal(new_mods[:, 0], mods[:, 0]) and torch.equal(new_mods[:, 1], mods[:, 1])
-    assert torch.equal(new_uncond[0], uncond[0]) and not torch.equal(new_uncond[1], uncond[1])
+        den.layers[1].self_attn.output_proj.weight.mul_(2.0)
+    new = decoding_tables(den, steps)
+    mods, uncond = tables.modulations, tables.uncond_cross
+    assert not torch.equal(new.modulations[:, 0], mods[:, 0]) and torch.equal(new.modulations[:, 1], mods[:, 1])
+    assert torch.equal(new.uncond_cross[0], uncond[0]) and not torch.equal(new.uncond_cross[1], uncond[1])
+    # the composed self-attention weight of layer 1 (params entry of v_proj) follows its output_proj
+    v_proj = LAYER_PARAMS.index("self_attn.v_proj.weight")
+    layer1 = len(LAYER_PARAMS) + v_proj
+    assert torch.allclose(new.layers_args[0][layer1], 2 * tables.layers_args[0][layer1])
+    assert torch.equal(new.layers_args[0][v_proj], tables.layers_args[0][v_proj])
     # generation with the updated weights == generation by a fresh copy of them (its own tables)
     prompts, options = torch.randn(2, 3, model.sonar_dim), lcm_fast.GenerationOptions(inference_timesteps=5, seed=3)
     out = lcm_fast.generate(model, prompts, options=options, max_gen_len=2).sequences

@@ -182,10 +182,15 @@ void layer_decode(T* h, int64_t R, int64_t D, const T* mods, const Layer<T>& lay
   T *y = s.y, *a = s.a, *q = s.q, *o = s.o, *c = s.c, *f = s.f, *g = s.g, *u = s.u;
   const T* zeros = s.zeros;
 
-  // self-attention over one position: output_proj(v_proj(y)) [+ normformer norm]
+  // self-attention over one position: output_proj(v_proj(y)), or v_proj(y) when v_proj is the product of
+  // both (no output_proj weight) [+ normformer norm]
   layer.norm(h, nullptr, nullptr, mod(kShSa), mod(kScSa), kSaNormW, R, D, y, zeros);
-  layer.linear(y, R, kVW, q);
-  layer.linear(q, R, kSaOutW, a);
+  if (layer.ptr(kSaOutW)) {
+    layer.linear(y, R, kVW, q);
+    layer.linear(q, R, kSaOutW, a);
+  } else {
+    layer.linear(y, R, kVW, a);
+  }
   if (post_norms) {
     layer.norm(a, nullptr, nullptr, nullptr, nullptr, kSaPostNormW, R, D, a, zeros);
   }
@@ -273,7 +278,7 @@ at::Tensor denoiser_layers_decode_cpu(const at::Tensor& h, const at::Tensor& mod
   }
   int64_t inner = 0;
   for (int64_t l = 0; l < L; ++l) {
-    for (Param w : {kVW, kSaOutW, kQW, kCaOutW, kInnerW, kFfOutW, act == Act::kSwiGLU ? kGateW : kInnerW,
+    for (Param w : {kVW, kQW, kCaOutW, kInnerW, kFfOutW, act == Act::kSwiGLU ? kGateW : kInnerW,
                     act == Act::kPReLU ? kActW : kInnerW}) {
       const std::optional<at::Tensor> p = params.get(l * kNumParams + w);
       TORCH_CHECK(p && p->defined(), op, ": params[", l * kNumParams + w, "] is None (",

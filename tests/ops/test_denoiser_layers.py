@@ -94,17 +94,17 @@ def _uncond(layers):
         return torch.stack([layer.cross_attention(zero, zero)[0, 0] for layer in layers])
 
 
-def _args(layers, h, modulations, caches, rows, num_cond):
-    """The op's positional arguments."""
+def _args(layers, h, modulations, caches, rows, num_cond, compose=False):
+    """The op's positional arguments (compose: the fast engine's composed self-attention projection)."""
     layers = layers if isinstance(layers, list) else [layers]
-    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
+    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers, compose_value_output=compose)
     return (h, modulations, params, [c.k for c in caches], [c.v for c in caches], caches[0].length, rows, num_cond,
             _uncond(layers), rms, eps, act, post_norms, qk_norm)
 
 
-def _call(layers, h, modulations, caches, rows, num_cond, backend):
+def _call(layers, h, modulations, caches, rows, num_cond, backend, compose=False):
     fn = denoiser_layers_decode_ref if backend == "ref" else denoiser_layers_decode
-    return fn(*_args(layers, h, modulations, caches, rows, num_cond), backend=backend)
+    return fn(*_args(layers, h, modulations, caches, rows, num_cond, compose), backend=backend)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -181,6 +181,17 @@ def test_layer_stack(variant):
     for i, layer in enumerate(layers):  # the stack is the layers one after another
         h = _call(layer, h, args[1][i : i + 1], args[2][i : i + 1], *args[3:], backend="ref")
     torch.testing.assert_close(got, h, **DENOISER_LAYER_FP32)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend", ["ref", pytest.param("ext", marks=needs_kernel)])
+def test_composed_value_output(variant, backend):
+    """The fast engine's params (self-attention as the one projection W_o W_v, output_proj None) give the
+    layers' output within fp32 rounding, through the kernel and the reference."""
+    layers = _stack(variant, 2)
+    args = _inputs(layers, 3, 2, length=5, capacity=7, shuffled=True)
+    torch.testing.assert_close(_call(layers, *args, backend=backend, compose=True), _call(layers, *args, backend="ref"),
+                               **DENOISER_LAYER_FP32)
 
 
 @needs_kernel

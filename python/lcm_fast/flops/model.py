@@ -18,7 +18,7 @@ values of the whole context, for both CFG halves), ``reference`` (lcm_fast's ref
 without the dead q/k projections) and ``fast`` (lcm_fast's fast engine: a modulation table per
 weights and schedule, counted as built by the call, i.e. the engine's first call),
 context K/V projected once per sentence, a constant unconditional cross-attention, no unconditional half
-at the first CFG step, V/O-only self-attention).
+at the first CFG step, self-attention as one composed W_o W_v projection).
 """
 
 from __future__ import annotations
@@ -125,12 +125,14 @@ def two_tower_flops(config: TwoTowerConfig, n_sentences: int, steps: int, *, cfg
         # cross-attention over C + 1 keys: K/V projections of every key, then attention
         per_key = L * (4 * D * D + 4 * D)
         return batch * (context + rows * (n * per_row + keys * per_key))
-    # fast: the modulation table and the constant unconditional cross-attention outputs (a first call; later
-    # calls with the same weights and schedule reuse them)
-    setup = steps * (2 * (FREQUENCY_DIM * D + D * D) + L * 2 * D * 9 * D) + L * (2 * D * 3 * D + 4 * D + 2 * D * D)
+    # fast: the modulation table, the constant unconditional cross-attention outputs and the composed
+    # self-attention projections W_o [W_v | b_v] (a first call; later calls with the same weights and
+    # schedule reuse them)
+    setup = (steps * (2 * (FREQUENCY_DIM * D + D * D) + L * 2 * D * 9 * D) + L * (2 * D * 3 * D + 4 * D + 2 * D * D)
+             + L * 2 * D * D * (D + 1))
     cond_rows = steps
     uncond_rows = (steps - 1) if cfg else 0
-    row = proj + L * (4 * D * D + ffn)
+    row = proj + L * (2 * D * D + ffn)  # self-attention: one composed D x D projection
     cross = L * (2 * D * D + 2 * D * D)  # q and output projections (conditional rows only)
     kv_cache = L * 4 * D * D * (n + 1)  # each context row and the zero key, projected once
     return setup + batch * (context + kv_cache + n * ((cond_rows + uncond_rows) * row + cond_rows * cross)

@@ -3,14 +3,16 @@
 
 - AdaLN modulations depend only on the timestep: one table ``[steps, layers, 9 * model_dim]`` per
   schedule replaces the timestep MLP and every modulator GEMM of the loop. It is kept per denoiser
-  and reused by later generation calls until the schedule or any denoiser weight changes.
+  (:class:`DecodingTables`) and reused by later generation calls until the schedule or a weight changes.
 - Cross-attention keys/values of ``[zero; context]`` are projected once per context row and kept in a
   cache that grows by one row per generated sentence, instead of being recomputed at every step.
 - Unconditional CFG rows see only the zero key, so their cross-attention output is a per-layer
   constant, ``output_proj(v_proj(0))``; they never run cross-attention.
 - The first CFG step (t = T-1) uses only the conditional prediction: the unconditional half is not
   computed at all.
-- Self-attention over one position is ``output_proj(v_proj(x))`` (the model's ValueOutputAttention).
+- Self-attention over one position is ``output_proj(v_proj(x))`` (the model's ValueOutputAttention), a
+  linear map: the engine applies the product ``W_o W_v`` (formed once, with the tables below), one
+  D x D weight read per row instead of two. It reassociates the sum, so it differs within fp32 rounding.
 - Every projection of a step multiplies one or two rows per document, so its cost is streaming the
   weights: they go through :func:`lcm_fast.ops.skinny_linear`, which reads W once at close to memory
   bandwidth where the BLAS path of ``F.linear`` reaches a fraction of it on CPU.
@@ -21,6 +23,7 @@
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -36,21 +39,35 @@ from ..ops.denoiser import LAYER_PARAMS, denoiser_layers_decode_for
 from ..ops.linear import skinny_linear
 
 
-# denoiser -> (key, modulations, unconditional cross-attention outputs) of its latest schedule: a
-# Generator called once per document would otherwise rebuild them per call (~80 ms at model dim 512)
-_TABLES: "weakref.WeakKeyDictionary[Denoiser, tuple]" = weakref.WeakKeyDictionary()
+@dataclass
+class DecodingTables:
+    """What the fast engine derives from a denoiser's weights (and schedule), kept per denoiser and reused
+    by later generation calls until the schedule or any weight changes: rebuilding them per call cost
+    ~12 ms at model dim 256, a tenth of generating one sentence."""
+
+    weights: tuple  # (data_ptr, _version, dtype, device) of every parameter: in-place updates bump _version
+    layers_args: tuple  # the static arguments of denoiser_layers_decode (layers_decode_args)
+    timesteps: tuple[int, ...]
+    modulations: Tensor  # [steps, layers, 9, D] AdaLN (shift, scale, gate) of the three sublayers
+    uncond_cross: Tensor  # [layers, D] cross-attention output of the unconditional rows
+
+
+_V_PROJ = LAYER_PARAMS.index("self_attn.v_proj.weight")  # then its bias, output_proj's weight and bias
+
+
+_TABLES: "weakref.WeakKeyDictionary[Denoiser, DecodingTables]" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def _timestep_tables(den: Denoiser, timesteps: list[int]) -> tuple[Tensor, Tensor]:
-    """([steps, layers, 9, D] AdaLN modulations, [layers, D] cross-attention outputs of the
-    unconditional rows), recomputed when the schedule or a weight changed (in-place updates bump
-    ``_version``, reassignments change ``data_ptr``)."""
+def decoding_tables(den: Denoiser, timesteps: list[int]) -> DecodingTables:
+    """The denoiser's :class:`DecodingTables` for this schedule, rebuilt only what changed."""
     params = list(den.parameters())
-    key = (tuple(timesteps), tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
-    cached = _TABLES.get(den)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
+    weights = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    tables = _TABLES.get(den)
+    if tables is not None and tables.weights == weights and tables.timesteps == tuple(timesteps):
+        return tables
+    layers_args = tables.layers_args if tables is not None and tables.weights == weights else (
+        layers_decode_args(den.layers, compose_value_output=True))
     t = torch.tensor(timesteps, device=params[0].device)[:, None]  # [steps, 1]
     t_emb = den.embed_time(t)  # [steps, 1, D]
     # (shift, scale, gate) of self-attention, cross-attention and FFN
@@ -59,13 +76,27 @@ def _timestep_tables(den: Denoiser, timesteps: list[int]) -> tuple[Tensor, Tenso
     zero = params[0].new_zeros(1, 1, modulations.shape[-1])
     # the unconditional rows' cross-attention output: softmax over the zero key alone is 1
     uncond_cross = torch.stack([layer.cross_attention(zero, zero)[0, 0] for layer in den.layers])
-    _TABLES[den] = (key, modulations, uncond_cross)
-    return modulations, uncond_cross
+    _TABLES[den] = tables = DecodingTables(weights, layers_args, tuple(timesteps), modulations, uncond_cross)
+    return tables
 
 
-def layers_decode_args(layers: Sequence[DenoiserLayer]) -> tuple:
+def _value_output(layer: DenoiserLayer) -> tuple[Tensor, Tensor]:
+    """Self-attention over one position as one projection: output_proj(v_proj(y)) = W y + b with
+    W = W_o W_v, b = W_o b_v + b_o, formed in at least fp32 -> (W [D, D], b [D]) in the weights' dtype."""
+    v, out = layer.self_attn.v_proj, layer.self_attn.output_proj
+    dtype = torch.promote_types(v.weight.dtype, torch.float32)
+    # one matmul forms both: W_o [W_v | b_v]
+    composed = out.weight.to(dtype) @ torch.cat((v.weight, v.bias[:, None]), dim=1).to(dtype)
+    weight, bias = composed[:, :-1], composed[:, -1]
+    if out.bias is not None:
+        bias = bias + out.bias
+    return weight.to(v.weight.dtype).contiguous(), bias.to(v.weight.dtype).contiguous()
+
+
+def layers_decode_args(layers: Sequence[DenoiserLayer], *, compose_value_output: bool = False) -> tuple:
     """The static arguments of ``denoiser_layers_decode`` for these layers (one configuration): (params,
-    rms, eps, activation, post_norms, qk_norm)."""
+    rms, eps, activation, post_norms, qk_norm). ``compose_value_output``: each layer's self-attention
+    projections as their product (:func:`_value_output`): one D x D weight read per row instead of two."""
 
     def param(layer: DenoiserLayer, name: str) -> Optional[Tensor]:
         try:
@@ -73,11 +104,17 @@ def layers_decode_args(layers: Sequence[DenoiserLayer]) -> tuple:
         except AttributeError:  # the layer has no such module or parameter (None in LAYER_PARAMS order)
             return None
 
+    params = []
+    for layer in layers:
+        own = [param(layer, name) for name in LAYER_PARAMS]
+        if compose_value_output:
+            own[_V_PROJ : _V_PROJ + 4] = [*_value_output(layer), None, None]
+        params += own
     first = layers[0]
     _, _, rms, eps = norm_args(first.self_attn_layer_norm)
     activation = "swiglu" if first.ffn.swiglu else ACTIVATION_NAMES[type(first.ffn.inner_activation)]
     post_norms, qk_norm = first.self_attn_norm is not None, first.cross_attention.q_layer_norm is not None
-    return [param(layer, name) for layer in layers for name in LAYER_PARAMS], rms, eps, activation, post_norms, qk_norm
+    return params, rms, eps, activation, post_norms, qk_norm
 
 
 class FastDenoiser:
@@ -92,9 +129,8 @@ class FastDenoiser:
     def __init__(self, model: TwoTowerLCM, timesteps: list[int], capacity: int) -> None:
         den = model.denoiser
         self.model, self.denoiser, self.capacity = model, den, capacity + 1
-        # [steps, layers, 9, D] and [layers, D]
-        self.modulations, self.uncond_cross = _timestep_tables(den, timesteps)
-        self.layers_args = layers_decode_args(den.layers)
+        tables = decoding_tables(den, timesteps)
+        self.modulations, self.uncond_cross, self.layers_args = tables.modulations, tables.uncond_cross, tables.layers_args
         weight = den.layers[0].self_attn.v_proj.weight
         self.layers_decode = denoiser_layers_decode_for(weight.device.type, weight.dtype)
         self.caches: list[KVCache] = []

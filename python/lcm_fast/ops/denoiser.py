@@ -12,7 +12,8 @@ What one layer computes for rows ``h`` [R, D] (``models/two_tower.py`` ``Denoise
 with ``(sh, sc, g)`` the step's AdaLN shift/scale/gate of each sublayer (rows of ``modulations``)::
 
     y = norm_sa(h) (1 + sc_sa) + sh_sa
-    a = out_sa(v(y))                    # self-attention over one position [+ normformer norm]
+    a = out_sa(v(y))                    # self-attention over one position [+ normformer norm];
+                                        # v(y) alone when out_sa's weight is None (v = out_sa o v)
     h = h + g_sa a;   y = norm_ca(h) (1 + sc_ca) + sh_ca
     c = out_ca(attn(q(y), K, V))        # rows < num_cond: SDPA over batch row rows[r]'s cached keys
     c = uncond_cross                    # rows >= num_cond: they see only the zero key
@@ -42,7 +43,7 @@ from .linear import skinny_linear
 LAYER_PARAMS = (
     "self_attn_layer_norm.weight", "self_attn_layer_norm.bias",
     "self_attn.v_proj.weight", "self_attn.v_proj.bias",
-    "self_attn.output_proj.weight", "self_attn.output_proj.bias",
+    "self_attn.output_proj.weight", "self_attn.output_proj.bias",  # None: v_proj is output_proj o v_proj
     "self_attn_norm.weight", "self_attn_norm.bias",  # normformer only
     "cross_attention_layer_norm.weight", "cross_attention_layer_norm.bias",
     "cross_attention.q_proj.weight", "cross_attention.q_proj.bias",
@@ -122,7 +123,9 @@ def _layer_ref(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]
         return adaln_norm_modulate(x, zero, zero, w, b, rms=rms, eps=eps, backend=backend)
 
     y = adaln_norm_modulate(h, sh_sa.contiguous(), sc_sa.contiguous(), sa_w, sa_b, rms=rms, eps=eps, backend=backend)
-    a = linear(linear(y, v_w, v_b), sao_w, sao_b)
+    a = linear(y, v_w, v_b)
+    if sao_w is not None:
+        a = linear(a, sao_w, sao_b)
     if post_norms:
         a = norm(a, san_w, san_b)
     h, y = adaln_gated_residual_norm_modulate(h, a, g_sa.contiguous(), sh_ca.contiguous(), sc_ca.contiguous(), ca_w,
