@@ -43,8 +43,10 @@ TORCH_LIBRARY(lcm_fast, m) {
   // h [R, D] -> [R, D] through L layers; modulations [L, 9, D] of the step; params: L x LAYER_PARAMS,
   // layer after layer (None where a layer has none); keys/values: per layer the [B, H, capacity, D/H]
   // cross-attention cache, `length` positions valid; rows [num_cond] batch row of each conditional row
-  // (None: row r); rows >= num_cond are unconditional and take uncond_cross [L, D]. Inference only.
+  // (None: row r); rows >= num_cond are unconditional and take uncond_cross [L, D]. With io_params
+  // (IO_PARAMS, else empty) h is the latents [R, S], projected in before and normed and projected out
+  // after the layers -> [R, S]: the whole denoiser of a step. Inference only.
   m.def("denoiser_layers_decode(Tensor h, Tensor modulations, Tensor?[] params, Tensor[] keys, Tensor[] values, "
         "int length, Tensor? rows, int num_cond, Tensor uncond_cross, bool rms, float eps, str activation, "
-        "bool post_norms, bool qk_norm) -> Tensor");
+        "bool post_norms, bool qk_norm, Tensor?[] io_params) -> Tensor");
 }

@@ -36,6 +36,9 @@ enum Param : int {
   kNumParams
 };
 
+// Entries of `io_params` (IO_PARAMS in ops/denoiser.py): the denoiser's input and output stages.
+enum IoParam : int { kInW, kInB, kInOffset, kFinalNormW, kFinalNormB, kOutW, kOutB, kNumIoParams };
+
 // Modulation rows: (shift, scale, gate) of self-attention, cross-attention, FFN.
 enum Mod : int { kShSa, kScSa, kGSa, kShCa, kScCa, kGCa, kShFf, kScFf, kGFf };
 
@@ -77,23 +80,23 @@ struct Layer {
   static constexpr DType kDType = std::is_same_v<T, float>          ? DType::kFloat32
                                   : std::is_same_v<T, c10::BFloat16> ? DType::kBFloat16
                                                                      : DType::kFloat16;
-  const c10::List<std::optional<at::Tensor>>& params;  // every layer's, layer after layer
+  const c10::List<std::optional<at::Tensor>>& params;  // every layer's, layer after layer (or io_params)
   int64_t base;                                        // this layer's first entry
   bool rms;
   float eps;
 
   std::optional<at::Tensor> get(int64_t p) const { return params.get(base + p); }
 
-  const T* ptr(Param p) const {
+  const T* ptr(int p) const {
     const std::optional<at::Tensor> t = get(p);
     return t && t->defined() ? t->template const_data_ptr<T>() : nullptr;
   }
 
   // out [M, N] = x [M, K] W^T + b with W = params[w]: the skinny kernel, or BLAS for a real GEMM.
-  void linear(const T* x, int64_t M, Param w, T* out) const {
+  void linear(const T* x, int64_t M, int w, T* out) const {
     const at::Tensor weight = *get(w);
     const int64_t N = weight.size(0), K = weight.size(1);
-    if (M <= kSkinnyMaxRows) return skinny_linear_kernel<T>(x, M, K, ptr(w), ptr(Param(w + 1)), N, out);
+    if (M <= kSkinnyMaxRows) return skinny_linear_kernel<T>(x, M, K, ptr(w), ptr(w + 1), N, out);
     at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference only: BLAS on the weights needs no graph
     const auto opts = weight.options();
     at::Tensor xt = at::from_blob(const_cast<T*>(x), {M, K}, opts), yt = at::from_blob(out, {M, N}, opts);
@@ -105,9 +108,9 @@ struct Layer {
   // y = norm(x) (1 + scale) + shift per row, with one [D] shift/scale for every row (null: plain norm);
   // with a branch: r = x + gate branch is written back to x first (the gated residual). y may be x:
   // the AdaLN kernel reads a whole row into scratch before it writes that row.
-  void norm(T* x, const T* branch, const T* gate, const T* shift, const T* scale, Param w, int64_t rows, int64_t D,
+  void norm(T* x, const T* branch, const T* gate, const T* shift, const T* scale, int w, int64_t rows, int64_t D,
             T* y, const T* zeros) const {
-    const at::Tensor weight = norm_param(w, D), bias = norm_param(Param(w + 1), D);
+    const at::Tensor weight = norm_param(w, D), bias = norm_param(w + 1, D);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t o = r * D;
       adaln_forward_cpu(x + o, branch ? x + o : nullptr, branch ? branch + o : nullptr, gate, shift ? shift : zeros,
@@ -117,10 +120,10 @@ struct Layer {
   }
 
   // a norm's weight or bias as fp32 [D] (the AdaLN kernel's layout), or undefined
-  at::Tensor norm_param(Param p, int64_t D) const {
+  at::Tensor norm_param(int p, int64_t D) const {
     const std::optional<at::Tensor> t = get(p);
     if (!t || !t->defined()) return at::Tensor();
-    TORCH_CHECK(t->numel() == D, "denoiser_layers_decode: params[", base + p, "] must have ", D, " elements");
+    TORCH_CHECK(t->numel() == D, "denoiser_layers_decode: parameter ", base + p, " must have ", D, " elements");
     return t->scalar_type() == at::kFloat ? *t : t->to(at::kFloat);
   }
 };
@@ -233,15 +236,32 @@ at::Tensor denoiser_layers_decode_cpu(const at::Tensor& h, const at::Tensor& mod
                                       const c10::List<std::optional<at::Tensor>>& params, at::TensorList keys,
                                       at::TensorList values, int64_t length, const std::optional<at::Tensor>& rows,
                                       int64_t num_cond, const at::Tensor& uncond_cross, bool rms, double eps,
-                                      c10::string_view activation, bool post_norms, bool qk_norm) {
+                                      c10::string_view activation, bool post_norms, bool qk_norm,
+                                      const c10::List<std::optional<at::Tensor>>& io_params) {
   const char* op = "denoiser_layers_decode";
   const int64_t L = int64_t(keys.size());
   TORCH_CHECK(L > 0 && int64_t(values.size()) == L, op, ": one keys and one values tensor per layer, got ", L,
               " and ", values.size());
   TORCH_CHECK(int64_t(params.size()) == L * kNumParams, op, ": params needs ", int(kNumParams), " entries per layer (",
               L * kNumParams, "), got ", params.size());
-  TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), op, ": h must be a contiguous [R, D] tensor, got ", h.sizes());
-  const int64_t R = h.size(0), D = h.size(1);
+  TORCH_CHECK(io_params.empty() || int64_t(io_params.size()) == kNumIoParams, op, ": io_params must be empty or have ",
+              int(kNumIoParams), " entries (IO_PARAMS), got ", io_params.size());
+  const bool io = !io_params.empty();
+  auto io_param = [&](int p) { return io ? io_params.get(p) : std::optional<at::Tensor>(); };
+  const std::optional<at::Tensor> in_w = io_param(kInW), out_w = io_param(kOutW);
+  TORCH_CHECK(!io || (in_w && in_w->dim() == 2 && out_w && out_w->dim() == 2), op,
+              ": io_params needs the input and output projection weights");
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), op, ": h must be a contiguous [R, ", io ? "S" : "D", "] tensor, got ",
+              h.sizes());
+  const int64_t R = h.size(0), D = io ? in_w->size(0) : h.size(1);
+  if (io) {
+    TORCH_CHECK(in_w->size(1) == h.size(1) && out_w->size(1) == D, op, ": projections [D, S] and [S', D] expected for h ",
+                h.sizes(), ", got ", in_w->sizes(), " and ", out_w->sizes());
+    for (int p : {kInB, kInOffset})
+      TORCH_CHECK(!io_param(p) || io_param(p)->numel() == D, op, ": io_params[", p, "] must have ", D, " elements");
+    TORCH_CHECK(!io_param(kOutB) || io_param(kOutB)->numel() == out_w->size(0), op, ": io_params[", int(kOutB),
+                "] must have ", out_w->size(0), " elements");
+  }
   TORCH_CHECK(modulations.sizes() == at::IntArrayRef({L, 9, D}) && modulations.is_contiguous(), op,
               ": modulations must be a contiguous [", L, ", 9, ", D, "], got ", modulations.sizes());
   TORCH_CHECK(uncond_cross.sizes() == at::IntArrayRef({L, D}) && uncond_cross.is_contiguous(), op,
@@ -270,12 +290,14 @@ at::Tensor denoiser_layers_decode_cpu(const at::Tensor& h, const at::Tensor& mod
                 keys[0].size(0));
   }
   const Act act = parse_activation(std::string_view(activation.data(), activation.size()));
-  for (int64_t i = 0; i < int64_t(params.size()); ++i) {
-    const std::optional<at::Tensor> p = params.get(i);
-    if (!p || !p->defined()) continue;
-    TORCH_CHECK(p->is_contiguous() && p->device() == h.device() && p->scalar_type() == h.scalar_type(), op,
-                ": params[", i, "] must be contiguous, ", h.scalar_type(), " and on ", h.device());
-  }
+  for (const auto* list : {&params, &io_params})
+    for (int64_t i = 0; i < int64_t(list->size()); ++i) {
+      const std::optional<at::Tensor> p = list->get(i);
+      if (!p || !p->defined()) continue;
+      TORCH_CHECK(p->is_contiguous() && p->device() == h.device() && p->scalar_type() == h.scalar_type(), op, ": ",
+                  list == &params ? "params[" : "io_params[", i, "] must be contiguous, ", h.scalar_type(), " and on ",
+                  h.device());
+    }
   int64_t inner = 0;
   for (int64_t l = 0; l < L; ++l) {
     for (Param w : {kVW, kQW, kCaOutW, kInnerW, kFfOutW, act == Act::kSwiGLU ? kGateW : kInnerW,
@@ -289,14 +311,27 @@ at::Tensor denoiser_layers_decode_cpu(const at::Tensor& h, const at::Tensor& mod
   TORCH_CHECK(modulations.scalar_type() == h.scalar_type() && uncond_cross.scalar_type() == h.scalar_type(), op,
               ": modulations and uncond_cross must be ", h.scalar_type());
   const int64_t* row_ptr = rows ? row_index.const_data_ptr<int64_t>() : nullptr;
-  at::Tensor out = h.clone();
+  // with io_params: x [R, S] -> h = x W_in^T + b_in + offset, the layers, y = W_out^T final_norm(h) + b_out
+  at::Tensor hidden = io ? at::empty({R, D}, h.options()) : h.clone();
+  at::Tensor out = io ? at::empty({R, out_w->size(0)}, h.options()) : hidden;
   const auto run = [&](auto tag) {
     using T = decltype(tag);
     const Scratch<T> scratch(R, D, inner, h.options());
+    const Layer<T> stages{io_params, 0, rms, float(eps)};
+    T* hp = hidden.data_ptr<T>();
+    if (io) {
+      stages.linear(h.const_data_ptr<T>(), R, kInW, hp);
+      if (const T* offset = stages.ptr(kInOffset))
+        for (int64_t i = 0; i < R * D; ++i) hp[i] = T(float(hp[i]) + float(offset[i % D]));
+    }
     for (int64_t l = 0; l < L; ++l)
-      layer_decode<T>(out.data_ptr<T>(), R, D, modulations.const_data_ptr<T>() + l * 9 * D,
+      layer_decode<T>(hp, R, D, modulations.const_data_ptr<T>() + l * 9 * D,
                       Layer<T>{params, l * kNumParams, rms, float(eps)}, keys[l], values[l], length, row_ptr, num_cond,
                       uncond_cross.const_data_ptr<T>() + l * D, act, post_norms, qk_norm, scratch);
+    if (io) {
+      stages.norm(hp, nullptr, nullptr, nullptr, nullptr, kFinalNormW, R, D, scratch.y, scratch.zeros);
+      stages.linear(scratch.y, R, kOutW, out.data_ptr<T>());
+    }
   };
   switch (h.scalar_type()) {
     case at::kFloat: run(float{}); break;

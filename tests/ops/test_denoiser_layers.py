@@ -11,13 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcm_fast.config import DenoiserConfig
-from lcm_fast.inference.fast import layers_decode_args
+from lcm_fast.inference.fast import decoding_tables, layers_decode_args
 from lcm_fast.models.two_tower import DenoiserLayer
 from lcm_fast.nn.attention import KVCache
 from lcm_fast.nn.position import RotaryEncoder
 from lcm_fast.ops import denoiser_layers_decode, denoiser_layers_decode_ref
-from lcm_fast.ops.denoiser import SPEC
+from lcm_fast.ops.denoiser import IO_PARAMS, SPEC
 
+from ..conftest import random_model, tiny_config
 from ..tolerances import DENOISER_LAYER_FP32, PARITY_FORWARD
 
 needs_kernel = pytest.mark.skipif(not SPEC.has_kernel("cpu"), reason="lcm_fast._C not built")
@@ -99,7 +100,7 @@ def _args(layers, h, modulations, caches, rows, num_cond, compose=False):
     layers = layers if isinstance(layers, list) else [layers]
     params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers, compose_value_output=compose)
     return (h, modulations, params, [c.k for c in caches], [c.v for c in caches], caches[0].length, rows, num_cond,
-            _uncond(layers), rms, eps, act, post_norms, qk_norm)
+            _uncond(layers), rms, eps, act, post_norms, qk_norm, [])
 
 
 def _call(layers, h, modulations, caches, rows, num_cond, backend, compose=False):
@@ -249,6 +250,57 @@ def test_bad_input_is_named():
         call(params=[p.T if i == 29 else p for i, p in enumerate(params)])
     with pytest.raises(RuntimeError, match="layer 1 has"):
         call(keys=[caches[0].k, caches[1].k[:, :, :3]], values=[caches[0].v, caches[1].v[:, :, :3]])
+    with pytest.raises(ValueError, match="io_params must be empty or the 7 IO_PARAMS"):
+        call(io_params=[None] * 7)
+    w = torch.randn(64, 24)
+    with pytest.raises(ValueError, match=r"latents h \[R, 64\] do not match the input projection \(64, 24\)"):
+        call(io_params=[w, None, None, None, None, w.T.contiguous(), None])
+
+
+# (norm style, activation, denoiser pos_embedding_style, projection bias)
+DENOISERS = [("rms", "swiglu", "none", True), ("standard", "relu", "learned", False), ("fp32", "gelu", "sine", True)]
+
+
+@pytest.mark.parametrize("norm,activation,positions,bias", DENOISERS)
+@pytest.mark.parametrize("backend", ["ref", None, pytest.param("ext", marks=needs_kernel)])
+def test_whole_denoiser_with_io_params(norm, activation, positions, bias, backend):
+    """With io_params the call is the model's denoiser at inference: input projection + position 0, the
+    layers, final norm, output projection (the fast engine's arguments, composed self-attention included)."""
+    stack = dict(layer_normalization_style=norm, use_swiglu=activation == "swiglu", ffn_inner_activation_name=
+                 "relu" if activation == "swiglu" else activation, pos_embedding_style=positions,
+                 pre_denoiser=dict(linear_bias=bias), post_denoiser=dict(linear_bias=bias))
+    model = random_model(tiny_config("two_tower_diffusion_lcm", denoiser=stack))
+    den, S = model.denoiser, model.sonar_dim
+    context, x, t = torch.randn(2, 4, 16), torch.randn(3, 1, S), 37
+    with torch.no_grad():
+        want_cond = den(x[:2], torch.full((2, 1), t), context, inference=True)
+        want_uncond = den(x[2:], torch.full((1, 1), t), context[:1, :0], inference=True)
+        tables = decoding_tables(den, [t])
+        cache = [KVCache(8) for _ in den.layers]
+        for layer, c in zip(den.layers, cache):
+            c.append(*layer.cross_attention.project_kv(torch.cat((torch.zeros(2, 1, 16), context), 1)))
+        params, rms, eps, act, post_norms, qk_norm = tables.layers_args
+        fn = denoiser_layers_decode_ref if backend == "ref" else denoiser_layers_decode
+        got = fn(x[:, 0], tables.modulations[0], params, [c.k for c in cache], [c.v for c in cache], 5, None, 2,
+                 tables.uncond_cross, rms, eps, act, post_norms, qk_norm, tables.io_params, backend=backend)
+    assert len(tables.io_params) == len(IO_PARAMS) and (tables.io_params[2] is None) == (positions == "none")
+    torch.testing.assert_close(got, torch.cat((want_cond, want_uncond))[:, 0], **PARITY_FORWARD)
+
+
+@needs_kernel
+def test_opcheck_with_io_params():
+    model = random_model(tiny_config("two_tower_diffusion_lcm", denoiser=dict(pos_embedding_style="learned")))
+    den = model.denoiser
+    tables = decoding_tables(den, [99, 10])
+    cache = [KVCache(6) for _ in den.layers]
+    for layer, c in zip(den.layers, cache):
+        c.append(*layer.cross_attention.project_kv(torch.randn(2, 3, 16)))
+    params, rms, eps, act, post_norms, qk_norm = tables.layers_args
+    params, io_params = ([p.detach() if p is not None else None for p in ps] for ps in (params, tables.io_params))
+    args = (torch.randn(4, model.sonar_dim), tables.modulations[1], params, [c.k for c in cache],
+            [c.v for c in cache], 3, torch.tensor([1, 0]), 2, tables.uncond_cross, rms, eps, act, post_norms, qk_norm,
+            io_params)
+    torch.library.opcheck(torch.ops.lcm_fast.denoiser_layers_decode, args)
 
 
 def test_cpu_only_op_says_so():

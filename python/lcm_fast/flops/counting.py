@@ -4,7 +4,7 @@ torch (2.13) has FLOP formulas for the CUDA SDPA kernels but none for the CPU on
 ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, so CPU counts silently miss all
 attention. Importing this module registers the standard SDPA formulas (2 matmuls forward, 5 backward,
 GQA-aware) for them, the matmul formula for ``lcm_fast::skinny_linear`` (the fast engine's
-projections) and the sum of both for ``lcm_fast::denoiser_layers_decode`` (its layers).
+projections) and the sum of both for ``lcm_fast::denoiser_layers_decode`` (the fast engine's denoiser step).
 """
 
 from __future__ import annotations
@@ -49,9 +49,12 @@ if _ext.EXT_AVAILABLE:
 
     @flop_counter.register_flop_formula(torch.ops.lcm_fast.denoiser_layers_decode)
     def _denoiser_layers_decode_flop(h_shape, modulations_shape, param_shapes, keys_shapes, values_shapes, length,
-                                     rows_shape, num_cond, *args, out_shape=None, **kwargs) -> int:
+                                     rows_shape, num_cond, uncond_cross_shape, rms, eps, activation, post_norms,
+                                     qk_norm, io_shapes, *, out_shape=None, **kwargs) -> int:
         # what its composed twin counts: every projection as a matmul over its rows, SDPA as 2 matmuls
-        total = 4 * num_cond * length * h_shape[1] * len(keys_shapes)
+        total = 4 * num_cond * length * uncond_cross_shape[1] * len(keys_shapes)
+        for weight in (io_shapes[0], io_shapes[5]) if io_shapes else ():  # the input and output projections
+            total += 2 * h_shape[0] * weight[0] * weight[1]
         for i, shape in enumerate(param_shapes):
             if shape is not None and len(shape) == 2:  # projection weights [N, K]
                 rows = num_cond if i % len(LAYER_PARAMS) in _CROSS_ATTENTION_WEIGHTS else h_shape[0]

@@ -16,8 +16,9 @@
 - Every projection of a step multiplies one or two rows per document, so its cost is streaming the
   weights: they go through :func:`lcm_fast.ops.skinny_linear`, which reads W once at close to memory
   bandwidth where the BLAS path of ``F.linear`` reaches a fraction of it on CPU.
-- All layers of a step are one :func:`lcm_fast.ops.denoiser_layers_decode` call (one C++ call on CPU):
-  issued as ~20 ops each from Python, a layer took 4.6x as long at model dim 256 (bench/RESULTS.md).
+- The whole denoiser of a step (input projection, every layer, final norm and output projection) is one
+  :func:`lcm_fast.ops.denoiser_layers_decode` call (one C++ call on CPU): issued as ~20 ops each from
+  Python, a layer took 4.6x as long at model dim 256 (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class DecodingTables:
 
     weights: tuple  # (data_ptr, _version, dtype, device) of every parameter: in-place updates bump _version
     layers_args: tuple  # the static arguments of denoiser_layers_decode (layers_decode_args)
+    io_params: list  # its IO_PARAMS (empty when a projection has an activation: those run outside it)
     timesteps: tuple[int, ...]
     modulations: Tensor  # [steps, layers, 9, D] AdaLN (shift, scale, gate) of the three sublayers
     uncond_cross: Tensor  # [layers, D] cross-attention output of the unconditional rows
@@ -66,8 +68,10 @@ def decoding_tables(den: Denoiser, timesteps: list[int]) -> DecodingTables:
     tables = _TABLES.get(den)
     if tables is not None and tables.weights == weights and tables.timesteps == tuple(timesteps):
         return tables
-    layers_args = tables.layers_args if tables is not None and tables.weights == weights else (
-        layers_decode_args(den.layers, compose_value_output=True))
+    if tables is not None and tables.weights == weights:
+        layers_args, io_params = tables.layers_args, tables.io_params
+    else:
+        layers_args, io_params = layers_decode_args(den.layers, compose_value_output=True), _io_params(den)
     t = torch.tensor(timesteps, device=params[0].device)[:, None]  # [steps, 1]
     t_emb = den.embed_time(t)  # [steps, 1, D]
     # (shift, scale, gate) of self-attention, cross-attention and FFN
@@ -76,8 +80,19 @@ def decoding_tables(den: Denoiser, timesteps: list[int]) -> DecodingTables:
     zero = params[0].new_zeros(1, 1, modulations.shape[-1])
     # the unconditional rows' cross-attention output: softmax over the zero key alone is 1
     uncond_cross = torch.stack([layer.cross_attention(zero, zero)[0, 0] for layer in den.layers])
-    _TABLES[den] = tables = DecodingTables(weights, layers_args, tuple(timesteps), modulations, uncond_cross)
+    _TABLES[den] = tables = DecodingTables(weights, layers_args, io_params, tuple(timesteps), modulations, uncond_cross)
     return tables
+
+
+def _io_params(den: Denoiser) -> list:
+    """The op's IO_PARAMS for this denoiser, or [] when a projection has an activation."""
+    if den.initial_proj.activation_fn is not None or den.final_proj.activation_fn is not None:
+        return []
+    zero = den.initial_proj.fc.weight.new_zeros(1, 1, den.initial_proj.fc.weight.shape[0])
+    position_0 = den.pos_encoder(zero)[0, 0] if den.pos_encoder is not None else None  # positions are additive
+    norm_w, norm_b, _, _ = norm_args(den.layer_norm)  # the layers' style (one config field)
+    return [den.initial_proj.fc.weight, den.initial_proj.fc.bias, position_0, norm_w, norm_b, den.final_proj.fc.weight,
+            den.final_proj.fc.bias]
 
 
 def _value_output(layer: DenoiserLayer) -> tuple[Tensor, Tensor]:
@@ -130,7 +145,8 @@ class FastDenoiser:
         den = model.denoiser
         self.model, self.denoiser, self.capacity = model, den, capacity + 1
         tables = decoding_tables(den, timesteps)
-        self.modulations, self.uncond_cross, self.layers_args = tables.modulations, tables.uncond_cross, tables.layers_args
+        self.modulations, self.uncond_cross = tables.modulations, tables.uncond_cross
+        self.layers_args, self.io_params = tables.layers_args, tables.io_params
         weight = den.layers[0].self_attn.v_proj.weight
         self.layers_decode = denoiser_layers_decode_for(weight.device.type, weight.dtype)
         self.caches: list[KVCache] = []
@@ -158,13 +174,16 @@ class FastDenoiser:
         Rows [0, num_cond) are conditional (they attend over the cached context of batch rows
         ``rows``, all when None); the remaining R - num_cond rows are unconditional. -> [R, 1, sonar_dim].
         """
-        den = self.denoiser
-        h = den.initial_proj(x, skinny_linear)
-        if den.pos_encoder is not None:
-            h = den.pos_encoder(h)
+        den, io_params, h = self.denoiser, self.io_params, x[:, 0]
+        if not io_params:  # projections with an activation run here, around the layers
+            h = den.initial_proj(h, skinny_linear)
+            if den.pos_encoder is not None:
+                h = den.pos_encoder(h[:, None])[:, 0]
         params, rms, eps, activation, post_norms, qk_norm = self.layers_args
         caches = self.caches
-        h = self.layers_decode(h[:, 0], self.modulations[step], params, [c.k for c in caches], [c.v for c in caches],
+        h = self.layers_decode(h, self.modulations[step], params, [c.k for c in caches], [c.v for c in caches],
                                caches[0].length, rows, num_cond, self.uncond_cross, rms, eps, activation, post_norms,
-                               qk_norm)
-        return den.final_proj(den.layer_norm(h[:, None]), skinny_linear)
+                               qk_norm, io_params)
+        if not io_params:
+            h = den.final_proj(den.layer_norm(h), skinny_linear)
+        return h[:, None]

@@ -20,6 +20,10 @@ with ``(sh, sc, g)`` the step's AdaLN shift/scale/gate of each sublayer (rows of
     h = h + g_ca c;   y = norm_ff(h) (1 + sc_ff) + sh_ff
     h = h + g_ff ffn(y)
 
+With ``io_params`` (:data:`IO_PARAMS`) the call is the whole denoiser of a step: ``h`` holds the latents
+[R, S], projected in first (``h = in(x) + offset``, the position-0 encoding) and normed and projected out
+after the layers (``out(norm(h))``) -> [R, S]. That saves the fast engine four more dispatches per step.
+
 Queries sit at position 0, where RoPE is the identity, so cross-attention queries are never rotated
 (cached keys carry their own rotation).
 """
@@ -56,6 +60,10 @@ LAYER_PARAMS = (
     "ffn.inner_layer_norm.weight", "ffn.inner_layer_norm.bias",  # normformer without SwiGLU
     "ffn.output_proj.weight", "ffn.output_proj.bias",
 )
+#: ``io_params`` entries: the denoiser's input projection, the constant position-0 encoding added after it
+#: (None without one), its final norm and output projection (``Denoiser`` keys, projections without activation)
+IO_PARAMS = ("initial_proj.fc.weight", "initial_proj.fc.bias", "position_0", "layer_norm.weight", "layer_norm.bias",
+             "final_proj.fc.weight", "final_proj.fc.bias")
 #: FFN activations (``nn/activation.py`` names); ``swiglu`` is ``silu(gate_proj(y)) * inner_proj(y)``
 ACTIVATIONS = {
     "swiglu": F.silu, "relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "leaky_relu": F.leaky_relu,
@@ -69,41 +77,60 @@ SPEC = register(OpSpec("denoiser_layers_decode", devices=("cpu",)))
 
 
 def _check_args(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor],
-                values: Sequence[Tensor], uncond_cross: Tensor, activation: str) -> None:
+                values: Sequence[Tensor], uncond_cross: Tensor, activation: str,
+                io_params: Sequence[Optional[Tensor]]) -> None:
     op, layers = "denoiser_layers_decode", len(keys)
     if layers == 0 or len(values) != layers:
         raise ValueError(f"{op}: one keys and one values tensor per layer, got {len(keys)} and {len(values)}")
     if len(params) != layers * len(LAYER_PARAMS):
         raise ValueError(f"{op}: params needs {len(LAYER_PARAMS)} entries per layer (LAYER_PARAMS), "
                          f"{layers * len(LAYER_PARAMS)} for {layers} layers, got {len(params)}")
+    if io_params and (len(io_params) != len(IO_PARAMS) or io_params[0] is None or io_params[5] is None):
+        raise ValueError(f"{op}: io_params must be empty or the {len(IO_PARAMS)} IO_PARAMS with both projection "
+                         f"weights, got {len(io_params)} entries")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: unknown activation '{activation}'; expected one of {sorted(ACTIVATIONS)}")
-    if h.dim() != 2 or modulations.shape != (layers, 9, h.shape[1]) or uncond_cross.shape != (layers, h.shape[1]):
-        raise ValueError(f"{op}: h must be [R, D], modulations [layers, 9, D] and uncond_cross [layers, D], got "
-                         f"{tuple(h.shape)}, {tuple(modulations.shape)} and {tuple(uncond_cross.shape)}")
+    dim = io_params[0].shape[0] if io_params else h.shape[-1]
+    if io_params and h.shape[-1] != io_params[0].shape[1]:
+        raise ValueError(f"{op}: latents h [R, {h.shape[-1]}] do not match the input projection "
+                         f"{tuple(io_params[0].shape)}")
+    if h.dim() != 2 or modulations.shape != (layers, 9, dim) or uncond_cross.shape != (layers, dim):
+        raise ValueError(f"{op}: h must be [R, D] ([R, S] with io_params), modulations [layers, 9, D] and uncond_cross "
+                         f"[layers, D], got {tuple(h.shape)}, {tuple(modulations.shape)} and {tuple(uncond_cross.shape)}")
 
 
 def denoiser_layers_decode_ref(
     h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor],
     values: Sequence[Tensor], length: int, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool,
-    eps: float, activation: str, post_norms: bool, qk_norm: bool, *, backend: Optional[str] = "ref",
+    eps: float, activation: str, post_norms: bool, qk_norm: bool, io_params: Sequence[Optional[Tensor]] = (), *,
+    backend: Optional[str] = "ref",
 ) -> Tensor:
-    """Composed twin: h [R, D] -> [R, D] through every layer (see the module docstring).
+    """Composed twin: h [R, D] -> [R, D] through every layer, or latents [R, S] -> [R, S] through the whole
+    denoiser with ``io_params`` (see the module docstring).
 
     modulations: [layers, 9, D] (shift, scale, gate of self-attention, cross-attention, FFN); params:
     each layer's :data:`LAYER_PARAMS`, layer after layer; keys, values: per layer the [B, H, capacity,
     D / H] cross-attention cache, the first ``length`` positions valid; rows: [num_cond] int64 batch row
     of each conditional row (None: row r); uncond_cross: [layers, D]; rms / eps: the layers' norm style;
     activation: a key of :data:`ACTIVATIONS`; post_norms: normformer (norm after self-attention, and the
-    FFN inner norm without SwiGLU); qk_norm: the query norm. ``backend`` goes to every sub-op: "ref"
+    FFN inner norm without SwiGLU); qk_norm: the query norm; io_params: empty, or :data:`IO_PARAMS` (the final
+    norm has the layers' style). ``backend`` goes to every sub-op: "ref"
     makes this plain PyTorch (the specification), None lets each sub-op take its fused kernel (the
     composed fallback).
     """
-    _check_args(h, modulations, params, keys, values, uncond_cross, activation)
+    _check_args(h, modulations, params, keys, values, uncond_cross, activation, io_params)
+    if io_params:
+        in_w, in_b, offset, norm_w, norm_b, out_w, out_b = io_params
+        h = skinny_linear(h, in_w, in_b, backend=backend)
+        h = h + offset if offset is not None else h
     n = len(LAYER_PARAMS)
     for i, (mods, k, v, uncond) in enumerate(zip(modulations, keys, values, uncond_cross)):
         h = _layer_ref(h, mods, params[i * n : (i + 1) * n], k, v, length, rows, num_cond, uncond, rms, eps,
                        activation, post_norms, qk_norm, backend)
+    if io_params:
+        zero = torch.zeros_like(h)
+        h = adaln_norm_modulate(h, zero, zero, norm_w, norm_b, rms=rms, eps=eps, backend=backend)
+        h = skinny_linear(h, out_w, out_b, backend=backend)
     return h
 
 
@@ -158,8 +185,8 @@ if _ext.EXT_AVAILABLE:
 
     @torch.library.register_fake("lcm_fast::denoiser_layers_decode")
     def _denoiser_layers_decode_fake(h, modulations, params, keys, values, length, rows, num_cond, uncond_cross, rms,
-                                     eps, activation, post_norms, qk_norm):
-        return torch.empty_like(h)
+                                     eps, activation, post_norms, qk_norm, io_params):
+        return h.new_empty(h.shape[0], io_params[5].shape[0]) if io_params else torch.empty_like(h)
 
 
 def denoiser_layers_decode_for(device_type: str, dtype: torch.dtype,
@@ -176,11 +203,12 @@ def denoiser_layers_decode_for(device_type: str, dtype: torch.dtype,
 def denoiser_layers_decode(
     h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor],
     values: Sequence[Tensor], length: int, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool,
-    eps: float, activation: str, post_norms: bool = False, qk_norm: bool = False, *, backend: Optional[str] = None,
+    eps: float, activation: str, post_norms: bool = False, qk_norm: bool = False,
+    io_params: Sequence[Optional[Tensor]] = (), *, backend: Optional[str] = None,
 ) -> Tensor:
-    """The denoiser layers for decoding rows; arguments and shapes as :func:`denoiser_layers_decode_ref`.
-    Inference only (not differentiable)."""
-    _check_args(h, modulations, params, keys, values, uncond_cross, activation)
+    """The denoiser layers (or with ``io_params`` the whole denoiser) for decoding rows; arguments and shapes
+    as :func:`denoiser_layers_decode_ref`. Inference only (not differentiable)."""
+    _check_args(h, modulations, params, keys, values, uncond_cross, activation, io_params)
     fn = denoiser_layers_decode_for(h.device.type, h.dtype, backend)
     return fn(h, modulations, list(params), list(keys), list(values), length, rows, num_cond, uncond_cross, rms, eps,
-              activation, post_norms, qk_norm)
+              activation, post_norms, qk_norm, list(io_params))
