@@ -158,27 +158,30 @@ def test_weight_streaming_floor(benchmark, device, chunk_kb):
 @pytest.mark.parametrize("backend", ["ref", "composed", "ext"])
 @pytest.mark.parametrize("model_dim", [256, 512])
 def test_denoiser_layers_decode(benchmark, backend, model_dim):
-    """One fast-engine denoiser step's layers: 13 distinct layers of the 1.6B recipe (RMSNorm, SwiGLU) at
-    this model dim on a CFG pair (2 rows, context 50). ref: plain PyTorch; composed: the same ops with
-    their fused kernels, issued from Python (the fast engine before the fused op); ext: one C++ call for
-    all 13. gbps = the layers' weight bytes per second (B = rows, D = model dim)."""
+    """One fast-engine denoiser step, with the engine's arguments (composed self-attention projections,
+    io_params): the 1.6B recipe's denoiser (13 layers, RMSNorm, SwiGLU, sonar dim 1024) at this model
+    dim on a CFG pair (2 rows, context 50). ref: plain PyTorch; composed: the same ops with their fused
+    kernels, issued from Python (the path on CUDA); ext: one C++ call. gbps = weight bytes per second
+    (every projection the step reads; B = rows, D = model dim)."""
     from lcm_fast.config import DenoiserConfig
-    from lcm_fast.inference.fast import layers_decode_args
-    from lcm_fast.models.two_tower import DenoiserLayer
+    from lcm_fast.inference.fast import decoding_tables
+    from lcm_fast.models.two_tower import Denoiser
     from lcm_fast.nn.attention import KVCache
 
-    config = DenoiserConfig(num_attn_heads=model_dim // 64, ffn_inner_dim=4 * model_dim, use_swiglu=True,
-                            layer_normalization_style="rms", mha_output_proj_bias=True, timestep_embed_dim=model_dim)
+    config = DenoiserConfig(num_layers=13, num_attn_heads=model_dim // 64, ffn_inner_dim=4 * model_dim,
+                            use_swiglu=True, layer_normalization_style="rms", mha_output_proj_bias=True,
+                            pos_embedding_style="none", timestep_embed_dim=model_dim)
     torch.manual_seed(0)
-    layers = [DenoiserLayer(model_dim, config, None).eval().requires_grad_(False) for _ in range(13)]
-    caches = [KVCache(51) for _ in layers]
-    for layer, cache in zip(layers, caches):
+    den = Denoiser(1024, model_dim, 512, config).eval().requires_grad_(False)
+    tables = decoding_tables(den, [99, 97])
+    caches = [KVCache(51) for _ in den.layers]
+    for layer, cache in zip(den.layers, caches):
         cache.append(*layer.cross_attention.project_kv(torch.randn(1, 51, model_dim)))
-    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
-    args = (torch.randn(2, model_dim), torch.randn(13, 9, model_dim), params, [c.k for c in caches],
-            [c.v for c in caches], 51, None, 1, torch.randn(13, model_dim), rms, eps, act, post_norms, qk_norm)
+    params, rms, eps, act, post_norms, qk_norm = tables.layers_args
+    args = (torch.randn(2, 1024), tables.modulations[1], params, [c.k for c in caches], [c.v for c in caches], 51,
+            None, 1, tables.uncond_cross, rms, eps, act, post_norms, qk_norm, tables.io_params)
     fn = {"ref": denoiser_layers_decode_ref, "composed": denoiser_layers_decode_ref, "ext": denoiser_layers_decode}
     sub = {"ref": "ref", "composed": None, "ext": "ext"}[backend]
-    weights = sum(p.numel() * 4 for p in params if p is not None and p.dim() == 2)
+    weights = sum(p.numel() * 4 for p in [*params, *tables.io_params] if p is not None and p.dim() == 2)
     _measure(benchmark, lambda: fn[backend](*args, backend=sub), op="denoiser_layers_decode", backend=backend,
              device="cpu", B=2, D=model_dim, dtype=torch.float32, moved_bytes=weights)
