@@ -44,7 +44,8 @@ from ..ops.linear import skinny_linear
 class DecodingTables:
     """What the fast engine derives from a denoiser's weights (and schedule), kept per denoiser and reused
     by later generation calls until the schedule or any weight changes: rebuilding them per call cost
-    ~12 ms at model dim 256, a tenth of generating one sentence."""
+    ~12 ms at model dim 256, a tenth of generating one sentence. Memory: the composed self-attention
+    weights, layers x D^2 in the model dtype (218 MB for the 1.6B recipe in fp32), freed with the model."""
 
     weights: tuple  # (data_ptr, _version, dtype, device) of every parameter: in-place updates bump _version
     layers_args: tuple  # the static arguments of denoiser_layers_decode (layers_decode_args)
