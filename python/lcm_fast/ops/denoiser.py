@@ -113,10 +113,9 @@ def denoiser_layers_decode_ref(
     D / H] cross-attention cache, the first ``length`` positions valid; rows: [num_cond] int64 batch row
     of each conditional row (None: row r); uncond_cross: [layers, D]; rms / eps: the layers' norm style;
     activation: a key of :data:`ACTIVATIONS`; post_norms: normformer (norm after self-attention, and the
-    FFN inner norm without SwiGLU); qk_norm: the query norm; io_params: empty, or :data:`IO_PARAMS` (the final
-    norm has the layers' style). ``backend`` goes to every sub-op: "ref"
-    makes this plain PyTorch (the specification), None lets each sub-op take its fused kernel (the
-    composed fallback).
+    FFN inner norm without SwiGLU); qk_norm: the query norm; io_params: empty, or :data:`IO_PARAMS` (the
+    final norm has the layers' style). ``backend`` goes to every sub-op: "ref" makes this plain PyTorch
+    (the specification), None lets each sub-op take its fused kernel (the composed fallback).
     """
     _check_args(h, modulations, params, keys, values, uncond_cross, activation, io_params)
     if io_params:
