@@ -212,7 +212,8 @@ def test_half_types_two_x_rule(dtype):
     exact = _call(exact_layer, h.float(), mods.float(), [exact_cache], rows, num_cond, "ref")
     assert got.dtype == dtype
     ulp = 8 * (2**-8 if dtype == torch.bfloat16 else 2**-11)
-    assert (got.float() - exact).abs().max() <= 2 * (ref.float() - exact).abs().max() + ulp
+    err_got, err_ref = (got.float() - exact).abs().max(), (ref.float() - exact).abs().max()
+    assert err_got <= 2 * err_ref + ulp, (err_got, err_ref, ulp)
 
 
 @needs_kernel
@@ -285,6 +286,35 @@ def test_whole_denoiser_with_io_params(norm, activation, positions, bias, backen
                  tables.uncond_cross, rms, eps, act, post_norms, qk_norm, tables.io_params, backend=backend)
     assert len(tables.io_params) == len(IO_PARAMS) and (tables.io_params[2] is None) == (positions == "none")
     torch.testing.assert_close(got, torch.cat((want_cond, want_uncond))[:, 0], **PARITY_FORWARD)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_whole_denoiser_half_types_two_x_rule(dtype):
+    """io_params in half types: err(kernel vs fp32 reference) <= 2 err(same-dtype reference vs fp32
+    reference) + one output ulp, the fp32 reference running on the half-rounded weights."""
+    half = random_model(tiny_config("two_tower_diffusion_lcm", denoiser=dict(pos_embedding_style="learned")))
+    half = half.to(dtype)
+    exact_model = copy.deepcopy(half).float()
+    x, context = torch.randn(3, half.sonar_dim), torch.randn(2, 4, 16)
+
+    def step(den, backend, dt):
+        tables = decoding_tables(den, [37])
+        caches = [KVCache(8) for _ in den.layers]
+        for layer, c in zip(den.layers, caches):
+            c.append(*layer.cross_attention.project_kv(torch.cat((torch.zeros(2, 1, 16), context), 1).to(dt)))
+        params, rms, eps, act, post_norms, qk_norm = tables.layers_args
+        fn = denoiser_layers_decode_ref if backend == "ref" else denoiser_layers_decode
+        return fn(x.to(dt), tables.modulations[0], params, [c.k for c in caches], [c.v for c in caches], 5, None, 2,
+                  tables.uncond_cross, rms, eps, act, post_norms, qk_norm, tables.io_params, backend=backend)
+
+    with torch.no_grad():
+        got, ref = step(half.denoiser, "ext", dtype), step(half.denoiser, "ref", dtype)
+        exact = step(exact_model.denoiser, "ref", torch.float32)
+    assert got.dtype == dtype
+    ulp = exact.abs().max() * (2**-8 if dtype == torch.bfloat16 else 2**-11)
+    err_got, err_ref = (got.float() - exact).abs().max(), (ref.float() - exact).abs().max()
+    assert err_got <= 2 * err_ref + ulp, (err_got, err_ref, ulp)
 
 
 @needs_kernel
