@@ -262,6 +262,26 @@ def test_bad_input_is_named():
 DENOISERS = [("rms", "swiglu", "none", True), ("standard", "relu", "learned", False), ("fp32", "gelu", "sine", True)]
 
 
+def _step_args(den, x, context, step=0, rows=None, num_cond=2):
+    """The op's positional arguments for one fast-engine step of Denoiser ``den`` (decoding_tables of the
+    schedule [37, 10], io_params included) on latents x [R, S], with [zero; context] [B, C, D] cached."""
+    tables = decoding_tables(den, [37, 10])
+    dtype = den.initial_proj.fc.weight.dtype
+    caches = [KVCache(context.shape[1] + 3) for _ in den.layers]
+    keys = torch.cat((context.new_zeros(context.shape[0], 1, context.shape[2]), context), 1).to(dtype)
+    for layer, c in zip(den.layers, caches):
+        c.append(*layer.cross_attention.project_kv(keys))
+    params, rms, eps, act, post_norms, qk_norm = tables.layers_args
+    return (x.to(dtype), tables.modulations[step], params, [c.k for c in caches], [c.v for c in caches], keys.shape[1],
+            rows, num_cond, tables.uncond_cross, rms, eps, act, post_norms, qk_norm, tables.io_params)
+
+
+def _step(den, x, context, backend):
+    fn = denoiser_layers_decode_ref if backend == "ref" else denoiser_layers_decode
+    with torch.no_grad():
+        return fn(*_step_args(den, x, context), backend=backend)
+
+
 @pytest.mark.parametrize("norm,activation,positions,bias", DENOISERS)
 @pytest.mark.parametrize("backend", ["ref", None, pytest.param("ext", marks=needs_kernel)])
 def test_whole_denoiser_with_io_params(norm, activation, positions, bias, backend):
@@ -276,16 +296,10 @@ def test_whole_denoiser_with_io_params(norm, activation, positions, bias, backen
     with torch.no_grad():
         want_cond = den(x[:2], torch.full((2, 1), t), context, inference=True)
         want_uncond = den(x[2:], torch.full((1, 1), t), context[:1, :0], inference=True)
-        tables = decoding_tables(den, [t])
-        cache = [KVCache(8) for _ in den.layers]
-        for layer, c in zip(den.layers, cache):
-            c.append(*layer.cross_attention.project_kv(torch.cat((torch.zeros(2, 1, 16), context), 1)))
-        params, rms, eps, act, post_norms, qk_norm = tables.layers_args
-        fn = denoiser_layers_decode_ref if backend == "ref" else denoiser_layers_decode
-        got = fn(x[:, 0], tables.modulations[0], params, [c.k for c in cache], [c.v for c in cache], 5, None, 2,
-                 tables.uncond_cross, rms, eps, act, post_norms, qk_norm, tables.io_params, backend=backend)
-    assert len(tables.io_params) == len(IO_PARAMS) and (tables.io_params[2] is None) == (positions == "none")
-    torch.testing.assert_close(got, torch.cat((want_cond, want_uncond))[:, 0], **PARITY_FORWARD)
+    io_params = decoding_tables(den, [37, 10]).io_params
+    assert len(io_params) == len(IO_PARAMS) and (io_params[2] is None) == (positions == "none")
+    torch.testing.assert_close(_step(den, x[:, 0], context, backend), torch.cat((want_cond, want_uncond))[:, 0],
+                               **PARITY_FORWARD)
 
 
 @needs_kernel
@@ -294,23 +308,10 @@ def test_whole_denoiser_half_types_two_x_rule(dtype):
     """io_params in half types: err(kernel vs fp32 reference) <= 2 err(same-dtype reference vs fp32
     reference) + one output ulp, the fp32 reference running on the half-rounded weights."""
     half = random_model(tiny_config("two_tower_diffusion_lcm", denoiser=dict(pos_embedding_style="learned")))
-    half = half.to(dtype)
-    exact_model = copy.deepcopy(half).float()
-    x, context = torch.randn(3, half.sonar_dim), torch.randn(2, 4, 16)
-
-    def step(den, backend, dt):
-        tables = decoding_tables(den, [37])
-        caches = [KVCache(8) for _ in den.layers]
-        for layer, c in zip(den.layers, caches):
-            c.append(*layer.cross_attention.project_kv(torch.cat((torch.zeros(2, 1, 16), context), 1).to(dt)))
-        params, rms, eps, act, post_norms, qk_norm = tables.layers_args
-        fn = denoiser_layers_decode_ref if backend == "ref" else denoiser_layers_decode
-        return fn(x.to(dt), tables.modulations[0], params, [c.k for c in caches], [c.v for c in caches], 5, None, 2,
-                  tables.uncond_cross, rms, eps, act, post_norms, qk_norm, tables.io_params, backend=backend)
-
-    with torch.no_grad():
-        got, ref = step(half.denoiser, "ext", dtype), step(half.denoiser, "ref", dtype)
-        exact = step(exact_model.denoiser, "ref", torch.float32)
+    half = half.to(dtype).denoiser
+    x, context = torch.randn(3, 24), torch.randn(2, 4, 16)
+    got, ref = _step(half, x, context, "ext"), _step(half, x, context, "ref")
+    exact = _step(copy.deepcopy(half).float(), x, context, "ref")
     assert got.dtype == dtype
     ulp = exact.abs().max() * (2**-8 if dtype == torch.bfloat16 else 2**-11)
     err_got, err_ref = (got.float() - exact).abs().max(), (ref.float() - exact).abs().max()
@@ -320,17 +321,12 @@ def test_whole_denoiser_half_types_two_x_rule(dtype):
 @needs_kernel
 def test_opcheck_with_io_params():
     model = random_model(tiny_config("two_tower_diffusion_lcm", denoiser=dict(pos_embedding_style="learned")))
-    den = model.denoiser
-    tables = decoding_tables(den, [99, 10])
-    cache = [KVCache(6) for _ in den.layers]
-    for layer, c in zip(den.layers, cache):
-        c.append(*layer.cross_attention.project_kv(torch.randn(2, 3, 16)))
-    params, rms, eps, act, post_norms, qk_norm = tables.layers_args
-    params, io_params = ([p.detach() if p is not None else None for p in ps] for ps in (params, tables.io_params))
-    args = (torch.randn(4, model.sonar_dim), tables.modulations[1], params, [c.k for c in cache],
-            [c.v for c in cache], 3, torch.tensor([1, 0]), 2, tables.uncond_cross, rms, eps, act, post_norms, qk_norm,
-            io_params)
-    torch.library.opcheck(torch.ops.lcm_fast.denoiser_layers_decode, args)
+    with torch.no_grad():
+        args = list(_step_args(model.denoiser, torch.randn(4, 24), torch.randn(2, 3, 16), step=1,
+                               rows=torch.tensor([1, 0])))
+    # as the fast engine passes them: inference only, nothing requires grad
+    args[2], args[-1] = ([p.detach() if p is not None else None for p in ps] for ps in (args[2], args[-1]))
+    torch.library.opcheck(torch.ops.lcm_fast.denoiser_layers_decode, tuple(args))
 
 
 def test_cpu_only_op_says_so():
