@@ -139,6 +139,14 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _encode_into_cache(model: OneTowerLCM | QuantLCM, cache: list, seqs: Tensor, step: int) -> None:
+    """Adds positions [cached, step) of seqs ([B, >= step, D] raw) to the model's context cache."""
+    done = cache[0].length
+    if step > done:
+        new = seqs[:, done:step]
+        model.encode(model.normalizer.normalize(new) if model.normalizer is not None else new, cache=cache)
+
+
 class _BaseLCMStepper:
     """Base-LCM next-sentence prediction with an optional KV cache (official ``LCMGenerator``)."""
 
@@ -154,11 +162,12 @@ class _BaseLCMStepper:
             temperature=self.temperature, randn=self.randn,
         )
 
-    def prefill(self, prefix: Tensor) -> None:  # prefix: [B, Pmin-1, D] raw
-        if self.cache is not None and prefix.shape[1] > 0:
+    def prefill(self, prefix: Tensor) -> None:  # prefix: [B, Pmin, D] raw
+        if self.cache is not None and prefix.shape[1] > 1:
             # The official prefill is a full predict_next_sentence: its output is discarded but its
-            # sampling noise is drawn, so we draw it too to stay on the same random stream.
-            self._predict(prefix)
+            # sampling noise is drawn, so we draw it too to stay on the same random stream. The last
+            # prompt position is the first step's input.
+            self._predict(prefix[:, :-1])
 
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
         """Next sentence of every active row: [B, D] (teacher-forced rows are computed and replaced)."""
@@ -195,22 +204,19 @@ class _TwoTowerStepper:
                                      options.clip_noise, clip_sample, device=device)
         self.context: Optional[Tensor] = None  # [B, C, model_dim]
 
-    def prefill(self, prefix: Tensor) -> None:  # prefix: [B, Pmin-1, D] raw
-        m = self.model
-        if self.cache is None:
-            return
-        if prefix.shape[1] > 0:
-            self.context = m.encode(m.normalizer.normalize(prefix), cache=self.cache)
-        else:
-            self.context = prefix.new_zeros(prefix.shape[0], 0, m.config.model_dim)
+    def prefill(self, prefix: Tensor) -> None:  # prefix: [B, Pmin, D] raw
+        if self.cache is not None:
+            self.context = prefix.new_zeros(prefix.shape[0], 0, self.model.config.model_dim)
+            self._extend_context(prefix, prefix.shape[1])
 
     def _extend_context(self, seqs: Tensor, step: int) -> None:
+        """Contextualize positions [0, step) of seqs: [B, >= step, D] raw; the cache encodes only those it lacks."""
         m = self.model
-        if self.cache is not None:
-            new = m.encode(m.normalizer.normalize(seqs[:, step - 1 : step]), cache=self.cache)
-            self.context = torch.cat((self.context, new), dim=1)
-        else:  # no cache: re-encode the whole prefix (same result; the official code crashes here)
+        if self.cache is None:  # re-encode the whole prefix (same result; the official code crashes here)
             self.context = m.encode(m.normalizer.normalize(seqs[:, :step]))
+        elif step > self.context.shape[1]:
+            new = m.encode(m.normalizer.normalize(seqs[:, self.context.shape[1] : step]), cache=self.cache)
+            self.context = torch.cat((self.context, new), dim=1)
 
     def _rows(self, forced: Tensor) -> Optional[Tensor]:
         """Batch rows to denoise (None: all). The reference denoises teacher-forced rows too."""
@@ -294,8 +300,8 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
         self.fast = FastDenoiser(model, self.scheduler.timesteps.tolist(), capacity)
 
     def prefill(self, prefix: Tensor) -> None:
-        super().prefill(prefix)
-        self.fast.start(self.context)
+        self.fast.start(prefix.new_zeros(prefix.shape[0], 0, self.model.config.model_dim))  # the zero key
+        super().prefill(prefix)  # its context rows reach the caches through _extend_context
 
     def _extend_context(self, seqs: Tensor, step: int) -> None:
         before = self.context.shape[1]
@@ -326,11 +332,10 @@ class _OneTowerStepper(_TwoTowerStepper):
         super().__init__(model, options, True, capacity, noise)  # type: ignore[arg-type]
 
     def prefill(self, prefix: Tensor) -> None:
-        if prefix.shape[1] > 0:
-            self.model.encode(self.model.normalizer.normalize(prefix), cache=self.cache)
+        self._extend_context(prefix, prefix.shape[1])
 
     def _extend_context(self, seqs: Tensor, step: int) -> None:
-        self.model.encode(self.model.normalizer.normalize(seqs[:, step - 1 : step]), cache=self.cache)
+        _encode_into_cache(self.model, self.cache, seqs, step)
 
     def _rows(self, forced: Tensor) -> Optional[Tensor]:
         return None if not forced.any() else (~forced).nonzero().flatten()
@@ -355,15 +360,14 @@ class _QuantStepper:
         self.cfg = options.guidance_scale != 1.0
 
     def prefill(self, prefix: Tensor) -> None:
-        if prefix.shape[1] > 0:
-            self.model.encode(self._normalize(prefix), cache=self.cache)
+        _encode_into_cache(self.model, self.cache, prefix, prefix.shape[1])
 
     def _normalize(self, x: Tensor) -> Tensor:
         return self.model.normalizer.normalize(x) if self.model.normalizer is not None else x
 
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
         m, opt = self.model, self.options
-        self.model.encode(self._normalize(seqs[:, step - 1 : step]), cache=self.cache)
+        _encode_into_cache(m, self.cache, seqs, step)
         B, D, device, dtype = seqs.shape[0], m.sonar_dim, seqs.device, seqs.dtype
         rows = None if not forced.any() else (~forced).nonzero().flatten()
         cache = self.cache if rows is None else [c.select(rows) for c in self.cache]
@@ -482,7 +486,7 @@ class Generator:
             stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise)
         else:
             stepper = _BaseLCMStepper(model, opt, temperature, not disable_cache, total, noise)
-        stepper.prefill(seqs[:, : P_min - 1])
+        stepper.prefill(seqs[:, :P_min])  # every document's prompt covers these: contextualized in one pass
 
         eos = self.eos_vec.to(device=device, dtype=dtype) if self.eos_vec is not None else None
         if progress is None:
