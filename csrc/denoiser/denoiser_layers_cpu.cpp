@@ -75,6 +75,30 @@ inline float activate(Act act, float x, float prelu_weight) {
   return x;
 }
 
+// The FFN's inner activation in place: u = act(g) * u with a gate g (swiglu), else u = act(u), over R rows
+// of I; prelu: PReLU's slopes (1 or I, fp32) or undefined. In parallel, SiLU vectorised: run on one
+// thread with scalar expf it took ~5% of a step at model dim 512, the other thread idle.
+template <typename T>
+void activate_inner(Act act, T* u, const T* g, int64_t R, int64_t I, const at::Tensor& prelu) {
+  const float* slope = prelu.defined() ? prelu.const_data_ptr<float>() : nullptr;
+  const int64_t slopes = prelu.defined() ? prelu.numel() : 1;
+  const T* x = g ? g : u;
+  at::parallel_for(0, R * I, 2048, [&](int64_t begin, int64_t end) {
+    float a[Vec::size()];
+    for (int64_t i = begin; i < end; i += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), end - i);
+      if (act == Act::kSwiGLU || act == Act::kSiLU) {
+        const Vec v = n == Vec::size() ? load_f32(x + i) : load_f32(x + i, n);
+        (v / (Vec(1.f) + v.neg().exp())).store(a, int(n));
+      } else {
+        for (int64_t j = 0; j < n; ++j)
+          a[j] = activate(act, float(x[i + j]), slope ? slope[slopes == 1 ? 0 : (i + j) % I] : 0.f);
+      }
+      for (int64_t j = 0; j < n; ++j) u[i + j] = g ? T(float(T(a[j])) * float(u[i + j])) : T(a[j]);
+    }
+  });
+}
+
 template <typename T>
 struct Layer {
   static constexpr DType kDType = std::is_same_v<T, float>          ? DType::kFloat32
@@ -215,13 +239,8 @@ void layer_decode(T* h, int64_t R, int64_t D, const T* mods, const Layer<T>& lay
   // FFN, then h += gate * ffn (rounded to T after the product, as h + g * ffn(y) is)
   layer.linear(y, R, kInnerW, u);
   if (swiglu) layer.linear(y, R, kGateW, g);
-  const at::Tensor prelu_t = act == Act::kPReLU ? layer.get(kActW)->to(at::kFloat).contiguous() : at::Tensor();
-  const float* prelu = prelu_t.defined() ? prelu_t.const_data_ptr<float>() : nullptr;
-  const int64_t prelu_n = prelu_t.defined() ? prelu_t.numel() : 1;
-  for (int64_t i = 0; i < R * I; ++i) {
-    if (swiglu) u[i] = T(T(activate(act, float(g[i]), 0.f)) * float(u[i]));
-    else u[i] = T(activate(act, float(u[i]), prelu ? prelu[prelu_n == 1 ? 0 : i % I] : 0.f));
-  }
+  const at::Tensor prelu = act == Act::kPReLU ? layer.get(kActW)->to(at::kFloat).contiguous() : at::Tensor();
+  activate_inner<T>(act, u, swiglu ? g : nullptr, R, I, prelu);
   if (post_norms && !swiglu) {
     layer.norm(u, nullptr, nullptr, nullptr, nullptr, kInnerNormW, R, I, u, zeros);
   }

@@ -141,10 +141,11 @@ def test_kernel_matches_reference(variant, batch, rows_per_doc, num_cond, shuffl
 
 
 @needs_kernel
-@pytest.mark.parametrize("activation", OTHER_ACTIVATIONS)
+@pytest.mark.parametrize("activation", OTHER_ACTIVATIONS + ["swiglu", "prelu"])
 def test_kernel_activations(activation):
-    layer = _layer(("standard", activation, False, False, False))
-    args = _inputs(layer, 2, 2, length=3, capacity=4)
+    # 12 rows x 408 inner features: the activation runs in several parallel chunks, with vector tails
+    layer = _layer(("standard", activation, False, False, False), dim=136, heads=2)
+    args = _inputs(layer, 6, 2, length=3, capacity=4)
     torch.testing.assert_close(_call(layer, *args, backend="ext"), _call(layer, *args, backend="ref"),
                                **DENOISER_LAYER_FP32)
 
