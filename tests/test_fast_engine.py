@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -29,8 +30,13 @@ def _model(key: tuple):
             denoiser=dict(stack, pos_embedding_style="none", enable_qk_layernorm=not rms),
             noise_scheduler=dict(prediction_type=prediction),
         )
-        _MODELS[key] = random_model(cfg, seed=len(_MODELS))
+        _MODELS[key] = random_model(cfg, seed=zlib.crc32(repr(key).encode()))  # not the order of first use: replayable
     return _MODELS[key]
+
+
+def _max_abs_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest |got - expected| (NaNs agree, checked apart); 0 for no rows."""
+    return (got.double() - expected).nan_to_num().abs().max().item() if got.numel() else 0.0
 
 
 @settings(max_examples=40, deadline=None)
@@ -65,10 +71,14 @@ def test_fast_equals_reference(model_key, lens, guidance, rescale, eta, scaling,
         warnings.simplefilter("ignore")  # the fused ops run their references in float64, and say so
         oracle = lcm_fast.generate(copy.deepcopy(model).double(), prompts.double(), lens, options=options,
                                    max_gen_len=max_gen_len, engine="reference")
-    for a, b, o in zip(fast.sequences, ref.sequences, oracle.sequences):
+    for a, b, o, start in zip(fast.sequences, ref.sequences, oracle.sequences, lens.tolist()):
         assert torch.equal(a.isnan(), b.isnan())
-        err_fast, err_ref = ((t.double() - o).nan_to_num().abs().max().item() for t in (a, b))
-        assert err_fast <= FAST_ENGINE_ERR_FACTOR * err_ref + FAST_ENGINE_ATOL, (err_fast, err_ref)
+        # the first generated sentence, then the later ones (their inputs carry the earlier ones' rounding,
+        # which the model amplifies alike in both engines, so the first ratio carries over: FACTOR squared)
+        for part, factor in ((slice(start, start + 1), FAST_ENGINE_ERR_FACTOR),
+                             (slice(start + 1, None), FAST_ENGINE_ERR_FACTOR**2)):
+            err_fast, err_ref = (_max_abs_err(t[part], o[part]) for t in (a, b))
+            assert err_fast <= factor * err_ref + FAST_ENGINE_ATOL, (part, err_fast, err_ref)
 
 
 def test_unknown_engine():

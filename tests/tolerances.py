@@ -34,8 +34,10 @@ SKINNY_LINEAR_FP32 = dict(atol=2e-4, rtol=1e-5)
 
 # Fast vs reference engine on random tiny models (tests/test_fast_engine.py): both judged against the
 # reference engine in float64, since generated sentences feed the next ones and amplify fp32 rounding
-# (worst observed: reference 4.9e-4 off float64, fast 1.3e-3, 2.7x, on outputs of magnitude 4 after 3
-# sentences; a fixed 1e-4 bound failed for the F.linear and skinny_linear paths alike).
+# (a fixed 1e-4 bound failed for the F.linear and skinny_linear paths alike). First generated sentence:
+# fast/reference error ratio median 0.9, max 2.6 over 45 cases (ad-hoc). Later sentences inherit that ratio,
+# amplified alike in both engines, and are judged with FACTOR ** 2: the worst seen, 4.7x, was 1.4e-3 vs
+# 2.9e-4 off float64 after 3 sentences whose first one was 3.5x (model (2, 3, rope, rms, v_prediction)).
 FAST_ENGINE_ERR_FACTOR = 4.0
 FAST_ENGINE_ATOL = 1e-4
 
