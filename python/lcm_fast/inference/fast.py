@@ -152,14 +152,12 @@ class FastDenoiser:
         self.layers_decode = denoiser_layers_decode_for(weight.device.type, weight.dtype)
         self.caches: list[KVCache] = []
 
-    def start(self, context: Tensor) -> None:
-        """context: [B, C, D] contextualizer outputs so far (C may be 0); the zero key comes first."""
-        zero = context.new_zeros(context.shape[0], 1, context.shape[2])
-        self.caches = [KVCache(self.capacity) for _ in self.denoiser.layers]
-        self.append(torch.cat((zero, context), dim=1))
-
     def append(self, rows: Tensor) -> None:
-        """rows: [B, n, D] new keys (context rows) for every layer's cross-attention cache."""
+        """rows: [B, n, D] new context rows (contextualizer outputs) for every layer's cross-attention
+        cache; the first call starts the caches, the zero key first (projected in the same GEMM)."""
+        if not self.caches:
+            self.caches = [KVCache(self.capacity) for _ in self.denoiser.layers]
+            rows = torch.cat((rows.new_zeros(rows.shape[0], 1, rows.shape[2]), rows), dim=1)
         with torch.no_grad():
             for layer, cache in zip(self.denoiser.layers, self.caches):
                 cache.append(*layer.cross_attention.project_kv(rows, cache.length))

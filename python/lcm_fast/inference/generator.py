@@ -299,10 +299,6 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
         super().__init__(model, options, True, capacity, noise)
         self.fast = FastDenoiser(model, self.scheduler.timesteps.tolist(), capacity)
 
-    def prefill(self, prefix: Tensor) -> None:
-        self.fast.start(prefix.new_zeros(prefix.shape[0], 0, self.model.config.model_dim))  # the zero key
-        super().prefill(prefix)  # its context rows reach the caches through _extend_context
-
     def _extend_context(self, seqs: Tensor, step: int) -> None:
         before = self.context.shape[1]
         super()._extend_context(seqs, step)
