@@ -33,6 +33,15 @@ inline std::pair<float, float> row_stats(const float* r, int64_t D, bool rms, fl
   return {mean, 1.f / std::sqrt(sum(scratch, D) / D + eps)};
 }
 
+// This thread's fp32 scratch of at least n floats, kept between calls: the fast engine normalises a few
+// rows ~80 times per denoising step, where allocating and zeroing a fresh buffer per call cost more than
+// the normalisation itself.
+inline float* row_scratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (int64_t(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
 // Converts n elements of T to fp32 (a no-op view for float).
 template <typename T>
 inline const float* as_float(const T* src, float* dst, int64_t n) {
@@ -50,8 +59,7 @@ void forward_rows(const T* x, const T* residual, const T* branch, const T* gate,
                   float eps) {
   const bool gated = residual != nullptr;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(7 * D);
-    float* f = buf.data();
+    float* f = row_scratch(7 * D);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t o = row * D;
       const float* r;
