@@ -302,7 +302,8 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
     def _extend_context(self, seqs: Tensor, step: int) -> None:
         before = self.context.shape[1]
         super()._extend_context(seqs, step)
-        self.fast.append(self.context[:, before:])
+        if self.context.shape[1] > before:
+            self.fast.append(self.context[:, before:])
 
     def _rows(self, forced: Tensor) -> Optional[Tensor]:
         return None if not forced.any() else (~forced).nonzero().flatten()
