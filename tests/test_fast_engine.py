@@ -52,8 +52,11 @@ def _max_abs_err(got: torch.Tensor, expected: torch.Tensor) -> float:
     thresholding=st.booleans(),
     max_gen_len=st.integers(1, 3),
     seed=st.integers(1, 2**16),
+    static=st.booleans(),
 )
-def test_fast_equals_reference(model_key, lens, guidance, rescale, eta, scaling, steps, thresholding, max_gen_len, seed):
+def test_fast_equals_reference(model_key, lens, guidance, rescale, eta, scaling, steps, thresholding, max_gen_len, seed,
+                               static):
+    """static: the fast engine's static-buffer sentence loop (replayed as a CUDA graph on a GPU; no graph here)."""
     model = _model(model_key)
     lens = torch.tensor(lens)
     prompts = torch.randn(len(lens), int(lens.max()), model.sonar_dim, generator=torch.Generator().manual_seed(seed))
@@ -63,7 +66,8 @@ def test_fast_equals_reference(model_key, lens, guidance, rescale, eta, scaling,
         seed=seed, eos_threshold=None,
     )
     ref = lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=max_gen_len, engine="reference")
-    fast = lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=max_gen_len, engine="fast")
+    fast = lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=max_gen_len, engine="fast",
+                             cuda_graphs=static)
     assert fast.lengths.tolist() == ref.lengths.tolist()
     # Generated sentences feed the next ones, so fp32 rounding grows along the chain: judge both engines
     # against the reference engine in float64 (epsilon models at t = T-1 divide by 0: NaNs must agree).

@@ -128,6 +128,21 @@ def test_reference_is_the_model_layer(variant):
     torch.testing.assert_close(got, torch.cat((want_cond, want_uncond)), **PARITY_FORWARD)
 
 
+@pytest.mark.parametrize("backend", ["ref", None])
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_tensor_length_masks_the_whole_capacity(backend, shuffled):
+    """A 0-d length (static shapes, for CUDA graphs) attends over the whole capacity with the positions past
+    it masked: the same rows as an int length, whatever finite values the cache holds there."""
+    layers = _stack(VARIANTS[0], 2)
+    h, modulations, caches, rows, num_cond = _inputs(layers, 3, 2, length=5, capacity=9, shuffled=shuffled)
+    for cache in caches:  # stale keys/values past the valid positions
+        cache.k[:, :, 5:].normal_(), cache.v[:, :, 5:].normal_()
+    args = list(_args(layers, h, modulations, caches, rows, num_cond))
+    want = denoiser_layers_decode_ref(*args, backend=backend)
+    args[5] = torch.tensor(5)
+    torch.testing.assert_close(denoiser_layers_decode_ref(*args, backend=backend), want, **DENOISER_LAYER_FP32)
+
+
 @needs_kernel
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("batch,rows_per_doc,num_cond,shuffled", [(1, 2, None, False), (1, 1, None, False),

@@ -14,6 +14,9 @@ from .conftest import generation_runs, loaded_model, model_fixture, record
 
 def _run(name: str, tag: str, replay: bool, trajectory: list | None = None, backend: str = "auto",
          engine: str = "fast"):
+    """engine: "reference", "fast", or "fast/static": the fast engine's static-buffer sentence loop (what
+    it replays as a CUDA graph on a GPU), run without a graph here."""
+    engine, _, static = engine.partition("/")
     fx, model = model_fixture(name), loaded_model(name)
     run = fx.spec["generate"][tag]
     options = lcm_fast.GenerationOptions.from_dict(run["options"])
@@ -26,7 +29,8 @@ def _run(name: str, tag: str, replay: bool, trajectory: list | None = None, back
     with lcm_fast.set_backend(backend):
         out = lcm_fast.generate(
             model, fx[fx.spec["prompt"]["raw_seqs"]], fx[fx.spec["prompt"]["seq_lens"]],
-            options=options, eos_vec=eos, noise=noise, step_callback=callback, engine=engine, **run["call"],
+            options=options, eos_vec=eos, noise=noise, step_callback=callback, engine=engine,
+            cuda_graphs=bool(static), **run["call"],
         )
     if replay:
         assert noise.remaining == 0, f"{noise.remaining} recorded noise tensors were not drawn"
@@ -48,11 +52,12 @@ def _compare(name, tag, mode, model, fx, run, out):
         torch.testing.assert_close(seqs, expected, **PARITY_GENERATION_RAW, msg=lambda m: f"{where}: {m}")
 
 
-@pytest.mark.parametrize("engine", ["reference", "fast"])
+@pytest.mark.parametrize("engine", ["reference", "fast", "fast/static"])
 @pytest.mark.parametrize("backend", ["ref", "ext"])
 @pytest.mark.parametrize("name,tag", generation_runs())
 def test_generation_replayed_noise(name, tag, backend, engine):
-    """Both engines, through both paths of the fused ops (PyTorch references, compiled kernels)."""
+    """Both engines (the fast one also in static shapes), through both paths of the fused ops (PyTorch
+    references, compiled kernels)."""
     fx, model, run, out = _run(name, tag, replay=True, backend=backend, engine=engine)
     _compare(name, tag, f"replay/{engine}/{backend}", model, fx, run, out)
 

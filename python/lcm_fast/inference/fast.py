@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -36,7 +37,7 @@ from ..models.two_tower import Denoiser, DenoiserLayer
 from ..nn.activation import ACTIVATION_NAMES
 from ..nn.attention import KVCache
 from ..ops.adaln import norm_args
-from ..ops.denoiser import LAYER_PARAMS, denoiser_layers_decode_for
+from ..ops.denoiser import LAYER_PARAMS, denoiser_layers_decode_for, denoiser_layers_decode_ref
 from ..ops.linear import skinny_linear
 
 
@@ -140,27 +141,34 @@ class FastDenoiser:
         model: the Two-Tower model (its modules are used, not copied).
         timesteps: the schedule's timesteps, in order.
         capacity: the most context rows any document will have (the zero key is added on top).
+        static_shapes: every step has the same shapes whatever the context length (for CUDA graphs):
+            cross-attention reads the caches' whole capacity, masked past ``self.length``, a device
+            tensor (the composed ops of :func:`denoiser_layers_decode_ref`; the CPU kernel takes an int).
     """
 
-    def __init__(self, model: TwoTowerLCM, timesteps: list[int], capacity: int) -> None:
+    def __init__(self, model: TwoTowerLCM, timesteps: list[int], capacity: int, static_shapes: bool = False) -> None:
         den = model.denoiser
         self.model, self.denoiser, self.capacity = model, den, capacity + 1
         tables = decoding_tables(den, timesteps)
         self.modulations, self.uncond_cross = tables.modulations, tables.uncond_cross
         self.layers_args, self.io_params = tables.layers_args, tables.io_params
         weight = den.layers[0].self_attn.v_proj.weight
-        self.layers_decode = denoiser_layers_decode_for(weight.device.type, weight.dtype)
+        self.static_shapes = static_shapes
+        self.layers_decode = (functools.partial(denoiser_layers_decode_ref, backend=None) if static_shapes else
+                              denoiser_layers_decode_for(weight.device.type, weight.dtype))
+        self.length = torch.zeros((), dtype=torch.long, device=weight.device)  # [] valid positions (static_shapes)
         self.caches: list[KVCache] = []
 
     def append(self, rows: Tensor) -> None:
         """rows: [B, n, D] new context rows (contextualizer outputs) for every layer's cross-attention
         cache; the first call starts the caches, the zero key first (projected in the same GEMM)."""
         if not self.caches:
-            self.caches = [KVCache(self.capacity) for _ in self.denoiser.layers]
+            self.caches = [KVCache(self.capacity, zeroed=self.static_shapes) for _ in self.denoiser.layers]
             rows = torch.cat((rows.new_zeros(rows.shape[0], 1, rows.shape[2]), rows), dim=1)
         with torch.no_grad():
             for layer, cache in zip(self.denoiser.layers, self.caches):
                 cache.append(*layer.cross_attention.project_kv(rows, cache.length))
+        self.length.fill_(self.caches[0].length)
 
     def reorder(self, index: Tensor) -> None:
         for cache in self.caches:
@@ -180,9 +188,9 @@ class FastDenoiser:
                 h = den.pos_encoder(h[:, None])[:, 0]
         params, rms, eps, activation, post_norms, qk_norm = self.layers_args
         caches = self.caches
-        h = self.layers_decode(h, self.modulations[step], params, [c.k for c in caches], [c.v for c in caches],
-                               caches[0].length, rows, num_cond, self.uncond_cross, rms, eps, activation, post_norms,
-                               qk_norm, io_params)
+        length = self.length if self.static_shapes else caches[0].length
+        h = self.layers_decode(h, self.modulations[step], params, [c.k for c in caches], [c.v for c in caches], length,
+                               rows, num_cond, self.uncond_cross, rms, eps, activation, post_norms, qk_norm, io_params)
         if not io_params:
             h = den.final_proj(den.layer_norm(h), skinny_linear)
         return h[:, None]

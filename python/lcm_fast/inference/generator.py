@@ -28,6 +28,7 @@ from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 from ..models.quant_lcm import sample_units
 from ..ops import guided_ddim_step_, sampler_params
 from .fast import FastDenoiser
+from .graphs import CapturedCall
 from .noise import NoiseSource, TorchNoise
 
 StepCallback = Callable[[int, int, SchedulerOutput, Tensor], None]
@@ -196,8 +197,9 @@ class _TwoTowerStepper:
                              sample_max_value=options.sample_max_value)
         self.scheduler = sched = model.noise_scheduler.with_options(**overrides)
         sched.set_timesteps(options.inference_timesteps, official_stride=options.official_timestep_stride)
+        self.timesteps: list[int] = sched.timesteps.tolist()
         self.cfg = options.guidance_scale != 1.0
-        device = model_device(model)
+        device, self.dtype = model_device(model), next(model.parameters()).dtype
         self.coefficients = sched.coefficient_table(options.ddim_eta, guided=self.cfg).to(device)  # [n_steps, 6]
         clip_sample = sched.config.clip_sample_range if sched.config.clip_sample else None
         self.params = sampler_params(options.guidance_scale, options.guidance_rescale, options.epsilon_scaling,
@@ -248,32 +250,38 @@ class _TwoTowerStepper:
         guided = classifier_free_guidance(eps[:B], eps[B:], opt.guidance_scale, opt.guidance_rescale)
         return sched.step(guided, t, latents, prediction_type="epsilon", **kwargs)
 
+    def _ddim_step(self, latents: Tensor, x0: Tensor, i: int, t: int, rows: Optional[Tensor],
+                   noise: Optional[Tensor]) -> None:
+        """DDIM step i (timestep t) through the fused sampler, in place: latents, x0 [n, 1, D] fp32;
+        rows: the batch rows they are (None: all); noise: [n, 1, D] (the eta term) or None."""
+        n, D = latents.shape[0], latents.shape[-1]
+        pred = self._denoise(latents.to(self.dtype), i, t, rows).float()
+        guided_ddim_step_(latents.view(n, D), x0.view(n, D), pred.view(-1, D), self.coefficients[i], self.params,
+                          noise.view(n, D) if noise is not None else None, self.scheduler.config.prediction_type)
+
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
         """Next sentence of every active row: [B, D]. forced: [B] rows whose prompt covers ``step``
         (their output is replaced by the prompt; the noise is still drawn for them, as officially)."""
         m, opt, sched = self.model, self.options, self.scheduler
         self._extend_context(seqs, step)
-        B, D, device = seqs.shape[0], m.sonar_dim, seqs.device
-        dtype = next(m.parameters()).dtype
+        B, D, device, dtype = seqs.shape[0], m.sonar_dim, seqs.device, self.dtype
         rows = self._rows(forced)
         pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
         latents = self.noise.randn((B, 1, D), site="initial_latents", device=device)
         latents = pick((latents * opt.initial_noise_scale).clip(-opt.clip_noise, opt.clip_noise))  # [n, 1, D] fp32
         n = latents.shape[0]
         x0 = torch.zeros_like(latents)
-        ptype = sched.config.prediction_type
-        for i, t in enumerate(sched.timesteps.tolist()):
+        for i, t in enumerate(self.timesteps):
             noise = self.noise.randn((B, 1, D), site="ddim_variance", device=device) if opt.ddim_eta > 0 else None
             if n == 0:  # every row teacher-forced: nothing to denoise, but the noise stream advances
                 continue
             noise = pick(noise) if noise is not None else None
-            pred = self._denoise(latents.to(dtype), i, t, rows).float()
             if sched.config.thresholding:
+                pred = self._denoise(latents.to(dtype), i, t, rows).float()
                 out = self._scheduler_step(pred, t, latents, noise)
                 latents, x0 = out.prev_sample.clip(-opt.clip_noise, opt.clip_noise), out.pred_original_sample
             else:
-                guided_ddim_step_(latents.view(n, D), x0.view(n, D), pred.view(-1, D), self.coefficients[i],
-                                  self.params, noise.view(n, D) if noise is not None else None, ptype)
+                self._ddim_step(latents, x0, i, t, rows, noise)
             if callback is not None:
                 which = torch.arange(B, device=device) if rows is None else rows
                 callback(step, t, SchedulerOutput(latents.clone(), x0.clone()), which)
@@ -293,11 +301,43 @@ class _TwoTowerStepper:
 class _FastTwoTowerStepper(_TwoTowerStepper):
     """The same algorithm through :class:`FastDenoiser` (timestep tables, cached cross-attention K/V,
     constant unconditional cross-attention, no unconditional pass at the first CFG step), and no
-    diffusion for teacher-forced rows."""
+    diffusion for teacher-forced rows.
 
-    def __init__(self, model: TwoTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource) -> None:
+    With ``cuda_graphs`` a sentence's whole DDIM loop runs on static buffers (noise drawn up front, in the
+    official order; the denoiser in static shapes): the first sentence of a batch size eagerly, the next
+    ones as a replay of its CUDA graph (:class:`CapturedCall`; on CPU the same loop runs without a graph).
+    Sentences with teacher-forced rows, a step callback or dynamic thresholding take the per-step loop."""
+
+    def __init__(self, model: TwoTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
+                 cuda_graphs: bool = False) -> None:
         super().__init__(model, options, True, capacity, noise)
-        self.fast = FastDenoiser(model, self.scheduler.timesteps.tolist(), capacity)
+        self.fast = FastDenoiser(model, self.timesteps, capacity, static_shapes=cuda_graphs)
+        # batch size -> its captured sentence loop (None: its first sentence ran eagerly); None without graphs
+        self.graphs: Optional[dict[int, Optional[CapturedCall]]] = {} if cuda_graphs else None
+
+    def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
+        if self.graphs is None or callback is not None or self.scheduler.config.thresholding or bool(forced.any()):
+            return super().step(seqs, step, forced, callback)
+        opt, B, D, device = self.options, seqs.shape[0], self.model.sonar_dim, seqs.device
+        self._extend_context(seqs, step)
+        latents = self.noise.randn((B, 1, D), site="initial_latents", device=device)
+        latents = (latents * opt.initial_noise_scale).clip(-opt.clip_noise, opt.clip_noise)  # [B, 1, D] fp32
+        noise = (torch.stack([self.noise.randn((B, 1, D), site="ddim_variance", device=device) for _ in self.timesteps])
+                 if opt.ddim_eta > 0 else None)  # [steps, B, 1, D]
+        x0 = torch.zeros_like(latents)
+        if B not in self.graphs:
+            self.graphs[B] = None
+            self._sentence(latents, x0, noise)
+        else:
+            if self.graphs[B] is None:
+                self.graphs[B] = CapturedCall(self._sentence, latents, x0, noise)
+            _, x0, _ = self.graphs[B](latents, x0, noise)
+        return self.model.normalizer.denormalize(x0.to(self.dtype))[:, -1]
+
+    def _sentence(self, latents: Tensor, x0: Tensor, noise: Optional[Tensor]) -> None:
+        """Every DDIM step of one sentence, in place: latents, x0 [B, 1, D] fp32; noise [steps, B, 1, D] or None."""
+        for i, t in enumerate(self.timesteps):
+            self._ddim_step(latents, x0, i, t, None, noise[i] if noise is not None else None)
 
     def _extend_context(self, seqs: Tensor, step: int) -> None:
         before = self.context.shape[1]
@@ -317,7 +357,9 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
 
     def reorder(self, index: Tensor) -> None:
         super().reorder(index)
-        self.fast.reorder(index)
+        self.fast.reorder(index)  # new cache tensors: graphs recorded on the old ones are stale
+        if self.graphs is not None:
+            self.graphs.clear()
 
 
 class _OneTowerStepper(_TwoTowerStepper):
@@ -404,17 +446,23 @@ class Generator:
         options: :class:`GenerationOptions` (official defaults when None).
         eos_vec: [sonar_dim] end-of-text embedding for ``eos_threshold`` stopping.
         engine: ``"fast"`` (default) or ``"reference"`` (see the module docstring).
+        cuda_graphs: fast Two-Tower engine only: run each sentence's DDIM loop on static buffers and replay
+            it as a CUDA graph from the second sentence of a batch size on (same outputs, one replay per
+            sentence instead of ~1k launches). Off by default until it has been measured on a GPU (the
+            tests/ops/test_cuda.py checks). On CPU it runs the static path without graphs (slower than the
+            CPU kernel; what the CPU tests exercise).
     """
 
     def __init__(self, model: BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM,
                  options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None,
-                 engine: str = "fast") -> None:
+                 engine: str = "fast", cuda_graphs: bool = False) -> None:
         if not isinstance(model, (BaseLCM, TwoTowerLCM, OneTowerLCM, QuantLCM)):
             raise TypeError(f"expected a BaseLCM, TwoTowerLCM, OneTowerLCM or QuantLCM, got {type(model).__name__}")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine '{engine}'; expected one of {ENGINES}")
         self.engine = engine
         self.model = model.eval()
+        self.cuda_graphs = cuda_graphs
         self.options = options or GenerationOptions()
         if self.options.min_seq_len < 1:
             raise ValueError(f"min_seq_len must be >= 1, got {self.options.min_seq_len}")
@@ -478,7 +526,7 @@ class Generator:
         elif isinstance(model, OneTowerLCM):  # always cached: its context cache is the model's state
             stepper = _OneTowerStepper(model, opt, total, noise)
         elif isinstance(model, TwoTowerLCM) and self.engine == "fast" and not disable_cache:
-            stepper = _FastTwoTowerStepper(model, opt, total, noise)
+            stepper = _FastTwoTowerStepper(model, opt, total, noise, self.cuda_graphs)
         elif isinstance(model, TwoTowerLCM):
             stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise)
         else:
@@ -520,7 +568,7 @@ class Generator:
 
 def generate(model: BaseLCM | TwoTowerLCM, prompts: Tensor, seq_lens: Optional[Tensor] = None, *,
              options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None, engine: str = "fast",
-             **call_kwargs: Any) -> GenerationOutput:
-    """One-shot helper: ``Generator(model, options, eos_vec, engine)(prompts, seq_lens, **call_kwargs)``."""
-    return Generator(model, options, eos_vec, engine)(prompts, seq_lens, **call_kwargs)
+             cuda_graphs: bool = False, **call_kwargs: Any) -> GenerationOutput:
+    """One-shot helper: ``Generator(model, options, eos_vec, engine, cuda_graphs)(prompts, seq_lens, **call_kwargs)``."""
+    return Generator(model, options, eos_vec, engine, cuda_graphs)(prompts, seq_lens, **call_kwargs)
 

@@ -17,11 +17,12 @@ from .position import RotaryEncoder
 class KVCache:
     """Keys/values of one attention module for incremental decoding, preallocated to ``capacity``.
 
-    Rows can be dropped or reordered with :meth:`reorder` (finished documents leave the batch).
+    Rows can be dropped or reordered with :meth:`reorder` (finished documents leave the batch). ``zeroed``:
+    positions past ``length`` hold zeros, not garbage (for attention over the whole capacity under a mask).
     """
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int, zeroed: bool = False) -> None:
+        self.capacity, self.zeroed = capacity, zeroed
         self.length = 0
         self.k: Optional[Tensor] = None  # [B, H, capacity, head_dim]
         self.v: Optional[Tensor] = None
@@ -33,7 +34,8 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {end} positions > capacity {self.capacity}")
         if self.k is None:
             shape = (*k.shape[:2], self.capacity, k.shape[3])
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+            new = k.new_zeros if self.zeroed else k.new_empty
+            self.k, self.v = new(shape), new(shape)
         self.k[:, :, self.length : end] = k
         self.v[:, :, self.length : end] = v
         self.length = end
@@ -47,7 +49,7 @@ class KVCache:
 
     def select(self, index: Tensor) -> "KVCache":
         """A new cache holding rows ``index`` ([n]) of this one (for a subset of the batch)."""
-        out = KVCache(self.capacity)
+        out = KVCache(self.capacity, self.zeroed)
         out.length = self.length
         if self.k is not None:
             out.k, out.v = self.k.index_select(0, index), self.v.index_select(0, index)

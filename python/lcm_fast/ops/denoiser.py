@@ -24,6 +24,10 @@ With ``io_params`` (:data:`IO_PARAMS`) the call is the whole denoiser of a step:
 [R, S], projected in first (``h = in(x) + offset``, the position-0 encoding) and normed and projected out
 after the layers (``out(norm(h))``) -> [R, S]. That saves the fast engine four more dispatches per step.
 
+``length`` may be a 0-d int64 tensor (composed path only): cross-attention then reads the caches' whole
+capacity with the positions >= length masked, so that every shape of a step is fixed and a CUDA graph of
+the step replays for any context length (the caches must hold finite values past ``length``).
+
 Queries sit at position 0, where RoPE is the identity, so cross-attention queries are never rotated
 (cached keys carry their own rotation).
 """
@@ -101,7 +105,7 @@ def _check_args(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor
 
 def denoiser_layers_decode_ref(
     h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor],
-    values: Sequence[Tensor], length: int, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool,
+    values: Sequence[Tensor], length: int | Tensor, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool,
     eps: float, activation: str, post_norms: bool, qk_norm: bool, io_params: Sequence[Optional[Tensor]] = (), *,
     backend: Optional[str] = "ref",
 ) -> Tensor:
@@ -110,7 +114,8 @@ def denoiser_layers_decode_ref(
 
     modulations: [layers, 9, D] (shift, scale, gate of self-attention, cross-attention, FFN); params:
     each layer's :data:`LAYER_PARAMS`, layer after layer; keys, values: per layer the [B, H, capacity,
-    D / H] cross-attention cache, the first ``length`` positions valid; rows: [num_cond] int64 batch row
+    D / H] cross-attention cache, the first ``length`` positions valid (an int, or a 0-d int64 tensor: see
+    the module docstring); rows: [num_cond] int64 batch row
     of each conditional row (None: row r); uncond_cross: [layers, D]; rms / eps: the layers' norm style;
     activation: a key of :data:`ACTIVATIONS`; post_norms: normformer (norm after self-attention, and the
     FFN inner norm without SwiGLU); qk_norm: the query norm; io_params: empty, or :data:`IO_PARAMS` (the
@@ -123,6 +128,8 @@ def denoiser_layers_decode_ref(
         h = skinny_linear(h, in_w, in_b, backend=backend)
         h = h + offset if offset is not None else h
     n = len(LAYER_PARAMS)
+    if isinstance(length, Tensor):  # [1, 1, 1, capacity]: True where a cached position is valid
+        length = (torch.arange(keys[0].shape[2], device=length.device) < length)[None, None, None]
     for i, (mods, k, v, uncond) in enumerate(zip(modulations, keys, values, uncond_cross)):
         h = _layer_ref(h, mods, params[i * n : (i + 1) * n], k, v, length, rows, num_cond, uncond, rms, eps,
                        activation, post_norms, qk_norm, backend)
@@ -134,9 +141,10 @@ def denoiser_layers_decode_ref(
 
 
 def _layer_ref(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Tensor, values: Tensor,
-               length: int, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool, eps: float,
+               length: int | Tensor, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool, eps: float,
                activation: str, post_norms: bool, qk_norm: bool, backend: Optional[str]) -> Tensor:
-    """One layer: modulations [9, D], params in LAYER_PARAMS order, keys/values its cache, uncond_cross [D]."""
+    """One layer: modulations [9, D], params in LAYER_PARAMS order, keys/values its cache, uncond_cross [D];
+    length: the number of valid cached positions, or their mask [1, 1, 1, capacity]."""
     (sa_w, sa_b, v_w, v_b, sao_w, sao_b, san_w, san_b, ca_w, ca_b, q_w, q_b, qn_w, qn_b, cao_w, cao_b,
      ff_w, ff_b, gate_w, gate_b, in_w, in_b, act_w, inn_w, inn_b, out_w, out_b) = params
     sh_sa, sc_sa, g_sa, sh_ca, sc_ca, g_ca, sh_ff, sc_ff, g_ff = (m.expand_as(h) for m in modulations.unbind(0))
@@ -161,12 +169,14 @@ def _layer_ref(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]
         q = linear(y[:num_cond], q_w, q_b)
         if qk_norm:
             q = norm(q, qn_w, qn_b)
-        k, v = keys[:, :, :length], values[:, :, :length]
+        mask = length if isinstance(length, Tensor) else None
+        k, v = (keys, values) if mask is not None else (keys[:, :, :length], values[:, :, :length])
         if rows is not None:
             k, v = k.index_select(0, rows), v.index_select(0, rows)
         else:
             k, v = k[:num_cond], v[:num_cond]
-        o = F.scaled_dot_product_attention(q.unflatten(-1, (keys.shape[1], -1))[:, :, None], k, v)  # [C, H, 1, hd]
+        o = F.scaled_dot_product_attention(q.unflatten(-1, (keys.shape[1], -1))[:, :, None], k, v,
+                                           attn_mask=mask)  # [C, H, 1, hd]
         c = torch.cat((linear(o.flatten(1), cao_w, cao_b), c))
     h, y = adaln_gated_residual_norm_modulate(h, c, g_ca.contiguous(), sh_ff.contiguous(), sc_ff.contiguous(), ff_w,
                                               ff_b, rms=rms, eps=eps, backend=backend)
