@@ -9,6 +9,10 @@ Models: randomly initialised, in the released 1.6B recipe's shape (5 contextuali
 RMSNorm, SwiGLU, RoPE, T = 100) at model dims 256 and 512; the paper's recommended sampling
 (40 requested = 50 executed steps, CFG 3.0, rescale 0.7, initial noise 0.6).
 
+GPU (``test_generate_two_tower_gpu``, skipped without one): the 1.6B shape, reference fp32 vs fast bf16 with and
+without CUDA graphs, at (batch, context) (1, 50) and (64, 200); the fast rows also record the denoiser weight
+bytes streamed per second and a device-copy peak to compare them with (the issue's bandwidth floor).
+
 ``test_target_ratio_interleaved`` measures the issue's CPU target case (C = 50, batch 1) with the two
 engines alternated A/B/A/B in one window, median of ``REPEATS`` each, so the ratio does not depend on which
 minute of a noisy machine each engine ran in (separate tests run minutes apart).
@@ -82,3 +86,68 @@ def test_target_ratio_interleaved(benchmark, model_dim):
     benchmark.extra_info.update(engine="fast", device="cpu", model_dim=model_dim, context=50, batch=1,
                                 dtype="float32", sentences_per_s=1 / fast, reference_s=reference, fast_s=fast,
                                 ratio=reference / fast)
+
+
+# GPU: the 1.6B recipe's shape, random weights; the reference engine in fp32 (the official setting), the
+# fast one in bf16 with and without CUDA-graph replay. Each call generates GPU_SENTENCES sentences per
+# document (graphs replay from the second sentence of a batch size on).
+GPU_SENTENCES = 4
+_GPU_MODELS: dict = {}
+
+
+def gpu_two_tower(dtype: torch.dtype) -> lcm_fast.TwoTowerLCM:
+    if dtype not in _GPU_MODELS:
+        torch.manual_seed(0)
+        config = lcm_fast.get_arch("two_tower_diffusion_lcm_1_6B")
+        config.max_seq_len = 512
+        _GPU_MODELS[dtype] = lcm_fast.build_model(config).eval().to("cuda", dtype)
+    return _GPU_MODELS[dtype]
+
+
+def _device_copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy (the achievable peak)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 10 / (time.perf_counter() - start)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("engine,dtype,graphs", [("reference", torch.float32, False), ("fast", torch.bfloat16, False),
+                                                 ("fast", torch.bfloat16, True)])
+@pytest.mark.parametrize("batch,context", [(1, 50), (64, 200)])
+def test_generate_two_tower_gpu(benchmark, engine, dtype, graphs, batch, context):
+    from lcm_fast.inference.fast import decoding_tables
+
+    model = gpu_two_tower(dtype)
+    options = lcm_fast.GenerationOptions.recommended(seed=1, eos_threshold=None)
+    prompts = torch.randn(batch, context, model.sonar_dim, device="cuda") * 0.01
+    generator = lcm_fast.Generator(model, options, engine=engine, cuda_graphs=graphs)
+
+    def run():
+        out = generator(prompts, max_gen_len=GPU_SENTENCES)
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"generate/two_tower/1.6B/c{context}/b{batch}"
+    out = benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    assert out.lengths.tolist() == [context + GPU_SENTENCES] * batch
+    median = benchmark.stats.stats.median if benchmark.stats else float("nan")
+    info = dict(engine=engine, device=torch.cuda.get_device_name(), model_dim=model.config.model_dim, context=context,
+                batch=batch, dtype=str(dtype).removeprefix("torch."), cuda_graphs=graphs,
+                sentences_per_s=batch * GPU_SENTENCES / median)
+    if engine == "fast":  # denoiser weights streamed per step (composed; the modulation table replaces its MLP)
+        sched = model.noise_scheduler.with_options()
+        sched.set_timesteps(options.inference_timesteps, official_stride=options.official_timestep_stride)
+        tables = decoding_tables(model.denoiser, sched.timesteps.tolist())  # the generator's, already built
+        weight_bytes = sum(p.numel() * p.element_size() for p in [*tables.layers_args[0], *tables.io_params]
+                           if p is not None and p.dim() == 2)
+        info.update(weight_bytes_per_step=weight_bytes, steps=len(tables.timesteps),
+                    weight_bytes_per_s=weight_bytes * len(tables.timesteps) * GPU_SENTENCES / median,
+                    peak_copy_bytes_per_s=_device_copy_bandwidth())
+    benchmark.extra_info.update(info)
