@@ -158,6 +158,8 @@ class FastDenoiser:
                               denoiser_layers_decode_for(weight.device.type, weight.dtype))
         self.length = torch.zeros((), dtype=torch.long, device=weight.device)  # [] valid positions (static_shapes)
         self.caches: list[KVCache] = []
+        self.keys: list[Tensor] = []  # every layer's cache tensors, listed once per (re)allocation, not per step
+        self.values: list[Tensor] = []
 
     def append(self, rows: Tensor) -> None:
         """rows: [B, n, D] new context rows (contextualizer outputs) for every layer's cross-attention
@@ -169,10 +171,15 @@ class FastDenoiser:
             for layer, cache in zip(self.denoiser.layers, self.caches):
                 cache.append(*layer.cross_attention.project_kv(rows, cache.length))
         self.length.fill_(self.caches[0].length)
+        self._list_tensors()
+
+    def _list_tensors(self) -> None:
+        self.keys, self.values = [c.k for c in self.caches], [c.v for c in self.caches]
 
     def reorder(self, index: Tensor) -> None:
         for cache in self.caches:
             cache.reorder(index)
+        self._list_tensors()
 
     @torch.no_grad()
     def __call__(self, x: Tensor, step: int, num_cond: int, rows: Optional[Tensor] = None) -> Tensor:
@@ -187,10 +194,9 @@ class FastDenoiser:
             if den.pos_encoder is not None:
                 h = den.pos_encoder(h[:, None])[:, 0]
         params, rms, eps, activation, post_norms, qk_norm = self.layers_args
-        caches = self.caches
-        length = self.length if self.static_shapes else caches[0].length
-        h = self.layers_decode(h, self.modulations[step], params, [c.k for c in caches], [c.v for c in caches], length,
-                               rows, num_cond, self.uncond_cross, rms, eps, activation, post_norms, qk_norm, io_params)
+        length = self.length if self.static_shapes else self.caches[0].length
+        h = self.layers_decode(h, self.modulations[step], params, self.keys, self.values, length, rows, num_cond,
+                               self.uncond_cross, rms, eps, activation, post_norms, qk_norm, io_params)
         if not io_params:
             h = den.final_proj(den.layer_norm(h), skinny_linear)
         return h[:, None]

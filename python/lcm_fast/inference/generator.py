@@ -26,7 +26,8 @@ from ..config import merge_into
 from ..diffusion import SchedulerOutput, classifier_free_guidance
 from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 from ..models.quant_lcm import sample_units
-from ..ops import guided_ddim_step_, sampler_params
+from ..ops import sampler_params
+from ..ops.guided_ddim import PREDICTION_TYPES, guided_ddim_step_for
 from .fast import FastDenoiser
 from .graphs import CapturedCall
 from .noise import NoiseSource, TorchNoise
@@ -204,6 +205,9 @@ class _TwoTowerStepper:
         clip_sample = sched.config.clip_sample_range if sched.config.clip_sample else None
         self.params = sampler_params(options.guidance_scale, options.guidance_rescale, options.epsilon_scaling,
                                      options.clip_noise, clip_sample, device=device)
+        # the fused sampler, chosen once (latents are fp32)
+        self.sampler_step = guided_ddim_step_for(device.type, torch.float32, model.sonar_dim)
+        self.prediction_type = PREDICTION_TYPES[sched.config.prediction_type]
         self.context: Optional[Tensor] = None  # [B, C, model_dim]
 
     def prefill(self, prefix: Tensor) -> None:  # prefix: [B, Pmin, D] raw
@@ -256,8 +260,8 @@ class _TwoTowerStepper:
         rows: the batch rows they are (None: all); noise: [n, 1, D] (the eta term) or None."""
         n, D = latents.shape[0], latents.shape[-1]
         pred = self._denoise(latents.to(self.dtype), i, t, rows).float()
-        guided_ddim_step_(latents.view(n, D), x0.view(n, D), pred.view(-1, D), self.coefficients[i], self.params,
-                          noise.view(n, D) if noise is not None else None, self.scheduler.config.prediction_type)
+        self.sampler_step(latents.view(n, D), x0.view(n, D), pred.reshape(-1, D), self.coefficients[i], self.params,
+                          noise.view(n, D) if noise is not None else None, self.prediction_type)
 
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
         """Next sentence of every active row: [B, D]. forced: [B] rows whose prompt covers ``step``
@@ -569,6 +573,7 @@ class Generator:
 def generate(model: BaseLCM | TwoTowerLCM, prompts: Tensor, seq_lens: Optional[Tensor] = None, *,
              options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None, engine: str = "fast",
              cuda_graphs: bool = False, **call_kwargs: Any) -> GenerationOutput:
-    """One-shot helper: ``Generator(model, options, eos_vec, engine, cuda_graphs)(prompts, seq_lens, **call_kwargs)``."""
+    """One-shot helper: ``Generator(model, options, eos_vec, engine, cuda_graphs)(prompts, seq_lens,
+    **call_kwargs)``."""
     return Generator(model, options, eos_vec, engine, cuda_graphs)(prompts, seq_lens, **call_kwargs)
 

@@ -105,9 +105,9 @@ def _check_args(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor
 
 def denoiser_layers_decode_ref(
     h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor],
-    values: Sequence[Tensor], length: int | Tensor, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool,
-    eps: float, activation: str, post_norms: bool, qk_norm: bool, io_params: Sequence[Optional[Tensor]] = (), *,
-    backend: Optional[str] = "ref",
+    values: Sequence[Tensor], length: int | Tensor, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor,
+    rms: bool, eps: float, activation: str, post_norms: bool, qk_norm: bool,
+    io_params: Sequence[Optional[Tensor]] = (), *, backend: Optional[str] = "ref",
 ) -> Tensor:
     """Composed twin: h [R, D] -> [R, D] through every layer, or latents [R, S] -> [R, S] through the whole
     denoiser with ``io_params`` (see the module docstring).
