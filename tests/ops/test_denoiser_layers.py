@@ -141,6 +141,7 @@ def test_tensor_length_masks_the_whole_capacity(backend, shuffled):
     want = denoiser_layers_decode_ref(*args, backend=backend)
     args[5] = torch.tensor(5)
     torch.testing.assert_close(denoiser_layers_decode_ref(*args, backend=backend), want, **DENOISER_LAYER_FP32)
+    torch.testing.assert_close(denoiser_layers_decode(*args, backend=backend), want, **DENOISER_LAYER_FP32)
 
 
 @needs_kernel

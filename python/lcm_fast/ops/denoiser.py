@@ -114,9 +114,8 @@ def denoiser_layers_decode_ref(
 
     modulations: [layers, 9, D] (shift, scale, gate of self-attention, cross-attention, FFN); params:
     each layer's :data:`LAYER_PARAMS`, layer after layer; keys, values: per layer the [B, H, capacity,
-    D / H] cross-attention cache, the first ``length`` positions valid (an int, or a 0-d int64 tensor: see
-    the module docstring); rows: [num_cond] int64 batch row
-    of each conditional row (None: row r); uncond_cross: [layers, D]; rms / eps: the layers' norm style;
+    D / H] cross-attention cache, the first ``length`` positions valid (an int, or a 0-d int64 tensor:
+    see the module docstring); rows: [num_cond] int64 batch row of each conditional row (None: row r); uncond_cross: [layers, D]; rms / eps: the layers' norm style;
     activation: a key of :data:`ACTIVATIONS`; post_norms: normformer (norm after self-attention, and the
     FFN inner norm without SwiGLU); qk_norm: the query norm; io_params: empty, or :data:`IO_PARAMS` (the
     final norm has the layers' style). ``backend`` goes to every sub-op: "ref" makes this plain PyTorch
@@ -211,13 +210,17 @@ def denoiser_layers_decode_for(device_type: str, dtype: torch.dtype,
 
 def denoiser_layers_decode(
     h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor],
-    values: Sequence[Tensor], length: int, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool,
-    eps: float, activation: str, post_norms: bool = False, qk_norm: bool = False,
+    values: Sequence[Tensor], length: int | Tensor, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor,
+    rms: bool, eps: float, activation: str, post_norms: bool = False, qk_norm: bool = False,
     io_params: Sequence[Optional[Tensor]] = (), *, backend: Optional[str] = None,
 ) -> Tensor:
     """The denoiser layers (or with ``io_params`` the whole denoiser) for decoding rows; arguments and shapes
-    as :func:`denoiser_layers_decode_ref`. Inference only (not differentiable)."""
+    as :func:`denoiser_layers_decode_ref`. Inference only (not differentiable). A tensor ``length`` takes
+    the composed path (the CPU kernel's length is an int)."""
     _check_args(h, modulations, params, keys, values, uncond_cross, activation, io_params)
-    fn = denoiser_layers_decode_for(h.device.type, h.dtype, backend)
+    if isinstance(length, Tensor):
+        fn = functools.partial(denoiser_layers_decode_ref, backend=backend)
+    else:
+        fn = denoiser_layers_decode_for(h.device.type, h.dtype, backend)
     return fn(h, modulations, list(params), list(keys), list(values), length, rows, num_cond, uncond_cross, rms, eps,
               activation, post_norms, qk_norm, list(io_params))
