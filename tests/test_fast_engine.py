@@ -90,6 +90,14 @@ def test_unknown_engine():
         lcm_fast.Generator(_model((2, 1, False, False, "sample")), engine="turbo")
 
 
+def test_cuda_graphs_need_the_fast_two_tower_engine():
+    with pytest.raises(ValueError, match="cuda_graphs needs the fast engine and a Two-Tower model, got engine "
+                                         "'reference'"):
+        lcm_fast.Generator(_model((2, 1, False, False, "sample")), engine="reference", cuda_graphs=True)
+    with pytest.raises(ValueError, match="and a BaseLCM"):
+        lcm_fast.Generator(random_model(tiny_config("base_lcm")), cuda_graphs=True)
+
+
 def test_fast_engine_skips_teacher_forced_rows():
     """Rows inside their prompt are not denoised (the reference engine denoises and discards them)."""
     model = _model((2, 2, True, True, "sample"))

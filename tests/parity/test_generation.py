@@ -52,9 +52,13 @@ def _compare(name, tag, mode, model, fx, run, out):
         torch.testing.assert_close(seqs, expected, **PARITY_GENERATION_RAW, msg=lambda m: f"{where}: {m}")
 
 
-@pytest.mark.parametrize("engine", ["reference", "fast", "fast/static"])
+def _engines(name: str) -> list[str]:
+    two_tower = model_fixture(name).spec["model_type"] != "base_lcm"
+    return ["reference", "fast", "fast/static"] if two_tower else ["reference", "fast"]
+
+
 @pytest.mark.parametrize("backend", ["ref", "ext"])
-@pytest.mark.parametrize("name,tag", generation_runs())
+@pytest.mark.parametrize("name,tag,engine", [(n, t, e) for n, t in generation_runs() for e in _engines(n)])
 def test_generation_replayed_noise(name, tag, backend, engine):
     """Both engines (the fast one also in static shapes), through both paths of the fused ops (PyTorch
     references, compiled kernels)."""

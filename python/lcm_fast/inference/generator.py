@@ -254,6 +254,12 @@ class _TwoTowerStepper:
         guided = classifier_free_guidance(eps[:B], eps[B:], opt.guidance_scale, opt.guidance_rescale)
         return sched.step(guided, t, latents, prediction_type="epsilon", **kwargs)
 
+    def _initial_latents(self, B: int, device: torch.device) -> Tensor:
+        """The noise a sentence starts from, [B, 1, sonar_dim] fp32 (the first draw of its step)."""
+        opt = self.options
+        latents = self.noise.randn((B, 1, self.model.sonar_dim), site="initial_latents", device=device)
+        return (latents * opt.initial_noise_scale).clip(-opt.clip_noise, opt.clip_noise)
+
     def _ddim_step(self, latents: Tensor, x0: Tensor, i: int, t: int, rows: Optional[Tensor],
                    noise: Optional[Tensor]) -> None:
         """DDIM step i (timestep t) through the fused sampler, in place: latents, x0 [n, 1, D] fp32;
@@ -271,8 +277,7 @@ class _TwoTowerStepper:
         B, D, device, dtype = seqs.shape[0], m.sonar_dim, seqs.device, self.dtype
         rows = self._rows(forced)
         pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-        latents = self.noise.randn((B, 1, D), site="initial_latents", device=device)
-        latents = pick((latents * opt.initial_noise_scale).clip(-opt.clip_noise, opt.clip_noise))  # [n, 1, D] fp32
+        latents = pick(self._initial_latents(B, device))  # [n, 1, D] fp32
         n = latents.shape[0]
         x0 = torch.zeros_like(latents)
         for i, t in enumerate(self.timesteps):
@@ -324,8 +329,7 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
             return super().step(seqs, step, forced, callback)
         opt, B, D, device = self.options, seqs.shape[0], self.model.sonar_dim, seqs.device
         self._extend_context(seqs, step)
-        latents = self.noise.randn((B, 1, D), site="initial_latents", device=device)
-        latents = (latents * opt.initial_noise_scale).clip(-opt.clip_noise, opt.clip_noise)  # [B, 1, D] fp32
+        latents = self._initial_latents(B, device)
         noise = (torch.stack([self.noise.randn((B, 1, D), site="ddim_variance", device=device) for _ in self.timesteps])
                  if opt.ddim_eta > 0 else None)  # [steps, B, 1, D]
         x0 = torch.zeros_like(latents)
@@ -464,6 +468,9 @@ class Generator:
             raise TypeError(f"expected a BaseLCM, TwoTowerLCM, OneTowerLCM or QuantLCM, got {type(model).__name__}")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine '{engine}'; expected one of {ENGINES}")
+        if cuda_graphs and (engine != "fast" or not isinstance(model, TwoTowerLCM)):
+            raise ValueError(f"cuda_graphs needs the fast engine and a Two-Tower model, got engine '{engine}' "
+                             f"and a {type(model).__name__}")
         self.engine = engine
         self.model = model.eval()
         self.cuda_graphs = cuda_graphs
