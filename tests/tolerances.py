@@ -46,3 +46,8 @@ FAST_ENGINE_ATOL = 1e-4
 # instead of ATen's vectorised ones; errors then pass through a normalisation and two projections.
 # Worst observed 2.4e-6 on outputs of magnitude ~7 (random layers of every variant, D up to 136).
 DENOISER_LAYER_FP32 = dict(atol=2e-5, rtol=1e-5)
+
+# Generation with cuda_graphs=True vs the per-step fast engine (tests/ops/test_cuda.py, GPU only): the static
+# path attends over the whole cache under a mask, the per-step one over the valid slice. Not yet measured on a
+# GPU; on CPU the same comparison (static loop vs CPU kernel) differs by <= 2.6e-6 on outputs of magnitude 3.6.
+CUDA_GRAPHS_VS_EAGER = dict(atol=1e-4, rtol=1e-4)

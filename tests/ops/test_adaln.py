@@ -123,7 +123,10 @@ def test_gradients_match_reference(device, D, norm, gated):
 
 
 @settings(max_examples=200, deadline=None)
-@given(rows=st.integers(1, 12), D=st.integers(2, 200), norm=st.sampled_from(sorted(NORMS)), gated=st.booleans(),
+# D >= 8 as in test_forward_fuzz: a LayerNorm of 2 nearly equal values divides fp32 rounding by their tiny
+# spread (rows=6, D=2, seed=442: 2.7e-4 apart on a residual gradient of 1.5, at 0a203f2 too); the grid
+# above covers D = 2 and 7.
+@given(rows=st.integers(1, 12), D=st.integers(8, 200), norm=st.sampled_from(sorted(NORMS)), gated=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_gradient_fuzz(rows, D, norm, gated, seed):
     acts, weight, bias, rms = _make((rows, D), torch.float32, "cpu", norm, gated, seed)

@@ -141,12 +141,16 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _normalize(model: OneTowerLCM | QuantLCM, x: Tensor) -> Tensor:
+    """x in the model's normalized space (Quant-LCM may have no normalizer)."""
+    return model.normalizer.normalize(x) if model.normalizer is not None else x
+
+
 def _encode_into_cache(model: OneTowerLCM | QuantLCM, cache: list, seqs: Tensor, step: int) -> None:
     """Adds positions [cached, step) of seqs ([B, >= step, D] raw) to the model's context cache."""
     done = cache[0].length
     if step > done:
-        new = seqs[:, done:step]
-        model.encode(model.normalizer.normalize(new) if model.normalizer is not None else new, cache=cache)
+        model.encode(_normalize(model, seqs[:, done:step]), cache=cache)
 
 
 class _BaseLCMStepper:
@@ -409,9 +413,6 @@ class _QuantStepper:
     def prefill(self, prefix: Tensor) -> None:
         _encode_into_cache(self.model, self.cache, prefix, prefix.shape[1])
 
-    def _normalize(self, x: Tensor) -> Tensor:
-        return self.model.normalizer.normalize(x) if self.model.normalizer is not None else x
-
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
         m, opt = self.model, self.options
         _encode_into_cache(m, self.cache, seqs, step)
@@ -426,7 +427,7 @@ class _QuantStepper:
                        if sampling else None)
             if n == 0:
                 continue
-            x = self._normalize(inter.to(dtype))[:, None]
+            x = _normalize(m, inter.to(dtype))[:, None]
             out = m.denoise_step(x, k, cache)
             if self.cfg:
                 uncond = m.denoise_step(x, k, cache, conditional=False)
