@@ -49,4 +49,12 @@ TORCH_LIBRARY(lcm_fast, m) {
   m.def("denoiser_layers_decode(Tensor h, Tensor modulations, Tensor?[] params, Tensor[] keys, Tensor[] values, "
         "int length, Tensor? rows, int num_cond, Tensor uncond_cross, bool rms, float eps, str activation, "
         "bool post_norms, bool qk_norm, Tensor?[] io_params) -> Tensor");
+
+  // The causal decoder layers (Base-LCM) for one new position per document (python/lcm_fast/ops/decoder.py):
+  // h [B, D] -> [B, D] through L layers; params: L x DECODER_LAYER_PARAMS, layer after layer (None where a
+  // layer has none); keys/values: per layer the [B, H, capacity, D/H] self-attention cache, `length`
+  // positions filled; each layer writes its new key and value at position `length`. rope: fp32
+  // [2, positions, D/H/2] cos and sin, or None. Inference only.
+  m.def("decoder_layers_decode(Tensor h, Tensor?[] params, Tensor(a!)[] keys, Tensor(b!)[] values, int length, "
+        "Tensor? rope, bool rms, float eps, str activation, bool post_norms, bool qk_norm) -> Tensor");
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 import zlib
 
@@ -39,6 +40,21 @@ def _max_abs_err(got: torch.Tensor, expected: torch.Tensor) -> float:
     return (got.double() - expected).nan_to_num().abs().max().item() if got.numel() else 0.0
 
 
+def _assert_as_close_to_float64(fast, ref, oracle, lens: torch.Tensor) -> None:
+    """The fast engine's sequences are about as close to the float64 reference engine's (``oracle``) as the
+    reference engine's: generated sentences feed the next ones, so fp32 rounding grows along the chain (epsilon
+    models at t = T-1 divide by 0: NaNs must agree)."""
+    assert fast.lengths.tolist() == ref.lengths.tolist()
+    for a, b, o, start in zip(fast.sequences, ref.sequences, oracle.sequences, lens.tolist()):
+        assert torch.equal(a.isnan(), b.isnan())
+        # the first generated sentence, then the later ones (their inputs carry the earlier ones' rounding,
+        # which the model amplifies alike in both engines, so the first ratio carries over: FACTOR squared)
+        for part, factor in ((slice(start, start + 1), FAST_ENGINE_ERR_FACTOR),
+                             (slice(start + 1, None), FAST_ENGINE_ERR_FACTOR**2)):
+            err_fast, err_ref = (_max_abs_err(t[part], o[part]) for t in (a, b))
+            assert err_fast <= factor * err_ref + FAST_ENGINE_ATOL, (part, err_fast, err_ref)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     model_key=st.tuples(st.sampled_from([1, 2, 4]), st.integers(1, 3), st.booleans(), st.booleans(),
@@ -68,21 +84,46 @@ def test_fast_equals_reference(model_key, lens, guidance, rescale, eta, scaling,
     ref = lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=max_gen_len, engine="reference")
     fast = lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=max_gen_len, engine="fast",
                              cuda_graphs=static)
-    assert fast.lengths.tolist() == ref.lengths.tolist()
-    # Generated sentences feed the next ones, so fp32 rounding grows along the chain: judge both engines
-    # against the reference engine in float64 (epsilon models at t = T-1 divide by 0: NaNs must agree).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fused ops run their references in float64, and say so
         oracle = lcm_fast.generate(copy.deepcopy(model).double(), prompts.double(), lens, options=options,
                                    max_gen_len=max_gen_len, engine="reference")
-    for a, b, o, start in zip(fast.sequences, ref.sequences, oracle.sequences, lens.tolist()):
-        assert torch.equal(a.isnan(), b.isnan())
-        # the first generated sentence, then the later ones (their inputs carry the earlier ones' rounding,
-        # which the model amplifies alike in both engines, so the first ratio carries over: FACTOR squared)
-        for part, factor in ((slice(start, start + 1), FAST_ENGINE_ERR_FACTOR),
-                             (slice(start + 1, None), FAST_ENGINE_ERR_FACTOR**2)):
-            err_fast, err_ref = (_max_abs_err(t[part], o[part]) for t in (a, b))
-            assert err_fast <= factor * err_ref + FAST_ENGINE_ATOL, (part, err_fast, err_ref)
+    _assert_as_close_to_float64(fast, ref, oracle, lens)
+
+
+def _base_model(key: tuple):
+    if key not in _MODELS:
+        heads, layers, rope, rms, order, qk_norm, scale_residual = key
+        stack = dict(num_attn_heads=heads, num_layers=layers, pos_embedding_style="rope" if rope else "learned",
+                     layer_normalization_style="rms" if rms else "standard", use_swiglu=rms, mha_output_proj_bias=rms,
+                     norm_order_style=order, enable_qk_layernorm=qk_norm, scale_residual=scale_residual)
+        _MODELS[key] = random_model(tiny_config("base_lcm", lcm=stack), seed=zlib.crc32(repr(key).encode()))
+    return _MODELS[key]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    model_key=st.tuples(st.sampled_from([1, 2, 4]), st.integers(1, 3), st.booleans(), st.booleans(),
+                        st.sampled_from(["pre", "normformer", "post"]), st.booleans(), st.sampled_from([None, 0.5])),
+    lens=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    sample=st.booleans(),
+    max_gen_len=st.integers(1, 4),
+    seed=st.integers(1, 2**16),
+)
+def test_fast_base_lcm_equals_reference(model_key, lens, sample, max_gen_len, seed):
+    """Base-LCM: one decoder_layers_decode call per sentence (post-norm layers and scale_residual keep the
+    modules), with or without the latent noise; prompts of length 1 have no prefill."""
+    model = _base_model(model_key)
+    lens = torch.tensor(lens)
+    prompts = torch.randn(len(lens), int(lens.max()), model.sonar_dim, generator=torch.Generator().manual_seed(seed))
+    options = lcm_fast.GenerationOptions(sample_latent_variable=sample, lcm_temperature=0.3, seed=seed,
+                                         eos_threshold=None)
+    run = functools.partial(lcm_fast.generate, options=options, max_gen_len=max_gen_len)
+    ref, fast = run(model, prompts, lens, engine="reference"), run(model, prompts, lens, engine="fast")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = run(copy.deepcopy(model).double(), prompts.double(), lens, engine="reference")
+    _assert_as_close_to_float64(fast, ref, oracle, lens)
 
 
 def test_unknown_engine():

@@ -41,11 +41,11 @@ SKINNY_LINEAR_FP32 = dict(atol=2e-4, rtol=1e-5)
 FAST_ENGINE_ERR_FACTOR = 4.0
 FAST_ENGINE_ATOL = 1e-4
 
-# denoiser_layer_decode kernel vs its composed reference, fp32: the same AdaLN and skinny-linear kernels
-# as the reference's sub-ops, but attention in a different order than SDPA and activations from libm
-# instead of ATen's vectorised ones; errors then pass through a normalisation and two projections.
-# Worst observed 2.4e-6 on outputs of magnitude ~7 (random layers of every variant, D up to 136).
-DENOISER_LAYER_FP32 = dict(atol=2e-5, rtol=1e-5)
+# denoiser_layers_decode and decoder_layers_decode kernels vs their composed references, fp32: the same AdaLN
+# and skinny-linear kernels as the references' sub-ops, but attention in a different order than SDPA and
+# activations from libm instead of ATen's vectorised ones; errors then pass through a normalisation and two
+# projections. Worst observed 2.4e-6 on outputs of magnitude ~7 (random layers of every variant, D up to 136).
+LAYER_DECODE_FP32 = dict(atol=2e-5, rtol=1e-5)
 
 # Generation with cuda_graphs=True vs the per-step fast engine (tests/ops/test_cuda.py, GPU only): the static
 # path attends over the whole cache under a mask, the per-step one over the valid slice. Not yet measured on a

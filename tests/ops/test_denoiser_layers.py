@@ -19,7 +19,7 @@ from lcm_fast.ops import denoiser_layers_decode, denoiser_layers_decode_ref
 from lcm_fast.ops.denoiser import IO_PARAMS, SPEC
 
 from ..conftest import random_model, tiny_config
-from ..tolerances import DENOISER_LAYER_FP32, PARITY_FORWARD
+from ..tolerances import LAYER_DECODE_FP32, PARITY_FORWARD
 
 needs_kernel = pytest.mark.skipif(not SPEC.has_kernel("cpu"), reason="lcm_fast._C not built")
 
@@ -140,8 +140,8 @@ def test_tensor_length_masks_the_whole_capacity(backend, shuffled):
     args = list(_args(layers, h, modulations, caches, rows, num_cond))
     want = denoiser_layers_decode_ref(*args, backend=backend)
     args[5] = torch.tensor(5)
-    torch.testing.assert_close(denoiser_layers_decode_ref(*args, backend=backend), want, **DENOISER_LAYER_FP32)
-    torch.testing.assert_close(denoiser_layers_decode(*args, backend=backend), want, **DENOISER_LAYER_FP32)
+    torch.testing.assert_close(denoiser_layers_decode_ref(*args, backend=backend), want, **LAYER_DECODE_FP32)
+    torch.testing.assert_close(denoiser_layers_decode(*args, backend=backend), want, **LAYER_DECODE_FP32)
 
 
 @needs_kernel
@@ -153,7 +153,7 @@ def test_kernel_matches_reference(variant, batch, rows_per_doc, num_cond, shuffl
     layer = _layer(variant)
     args = _inputs(layer, batch, rows_per_doc, length=7, capacity=11, num_cond=num_cond, shuffled=shuffled)
     got = _call(layer, *args, backend="ext")
-    torch.testing.assert_close(got, _call(layer, *args, backend="ref"), **DENOISER_LAYER_FP32)
+    torch.testing.assert_close(got, _call(layer, *args, backend="ref"), **LAYER_DECODE_FP32)
 
 
 @needs_kernel
@@ -163,7 +163,7 @@ def test_kernel_activations(activation):
     layer = _layer(("standard", activation, False, False, False), dim=136, heads=2)
     args = _inputs(layer, 6, 2, length=3, capacity=4)
     torch.testing.assert_close(_call(layer, *args, backend="ext"), _call(layer, *args, backend="ref"),
-                               **DENOISER_LAYER_FP32)
+                               **LAYER_DECODE_FP32)
 
 
 @needs_kernel
@@ -176,7 +176,7 @@ def test_hypothesis_shapes(dim_heads, batch, rows_per_doc, length, spare, varian
     layer = _layer(variant, dim, heads)
     args = _inputs(layer, batch, rows_per_doc, length, length + spare, shuffled=seed % 2 == 1, seed=seed)
     torch.testing.assert_close(_call(layer, *args, backend="ext"), _call(layer, *args, backend="ref"),
-                               **DENOISER_LAYER_FP32)
+                               **LAYER_DECODE_FP32)
 
 
 @needs_kernel
@@ -184,7 +184,7 @@ def test_many_rows_take_the_gemm():
     layer = _layer(VARIANTS[0])
     args = _inputs(layer, 40, 2, length=4, capacity=4)  # 80 rows > skinny_linear.MAX_ROWS
     torch.testing.assert_close(_call(layer, *args, backend="ext"), _call(layer, *args, backend="ref"),
-                               **DENOISER_LAYER_FP32)
+                               **LAYER_DECODE_FP32)
 
 
 @needs_kernel
@@ -194,11 +194,11 @@ def test_layer_stack(variant):
     layers = _stack(variant, 3)
     args = _inputs(layers, 3, 2, length=5, capacity=7, shuffled=True)
     got = _call(layers, *args, backend="ext")
-    torch.testing.assert_close(got, _call(layers, *args, backend="ref"), **DENOISER_LAYER_FP32)
+    torch.testing.assert_close(got, _call(layers, *args, backend="ref"), **LAYER_DECODE_FP32)
     h = args[0]
     for i, layer in enumerate(layers):  # the stack is the layers one after another
         h = _call(layer, h, args[1][i : i + 1], args[2][i : i + 1], *args[3:], backend="ref")
-    torch.testing.assert_close(got, h, **DENOISER_LAYER_FP32)
+    torch.testing.assert_close(got, h, **LAYER_DECODE_FP32)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -209,7 +209,7 @@ def test_composed_value_output(variant, backend):
     layers = _stack(variant, 2)
     args = _inputs(layers, 3, 2, length=5, capacity=7, shuffled=True)
     torch.testing.assert_close(_call(layers, *args, backend=backend, compose=True), _call(layers, *args, backend="ref"),
-                               **DENOISER_LAYER_FP32)
+                               **LAYER_DECODE_FP32)
 
 
 @needs_kernel

@@ -19,6 +19,10 @@
 - The whole denoiser of a step (input projection, every layer, final norm and output projection) is one
   :func:`lcm_fast.ops.denoiser_layers_decode` call (one C++ call on CPU): issued as ~20 ops each from
   Python, a layer took 4.6x as long at model dim 256 (bench/RESULTS.md).
+
+Base-LCM (:class:`FastDecoder`) takes the same recipe for its one new position per sentence: its layers are
+one :func:`lcm_fast.ops.decoder_layers_decode` call that writes each layer's key and value into the
+preallocated cache, and the frontend and postnet projections go through :func:`lcm_fast.ops.skinny_linear`.
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models import TwoTowerLCM
+from ..models import BaseLCM, TwoTowerLCM
 from ..models.two_tower import Denoiser, DenoiserLayer
 from ..nn.activation import ACTIVATION_NAMES
 from ..nn.attention import KVCache
+from ..nn.transformer import DecoderLayer
 from ..ops.adaln import norm_args
+from ..ops.decoder import DECODER_LAYER_PARAMS, decoder_layers_decode_for
 from ..ops.denoiser import LAYER_PARAMS, denoiser_layers_decode_for, denoiser_layers_decode_ref
 from ..ops.linear import skinny_linear
 
@@ -110,10 +116,13 @@ def _value_output(layer: DenoiserLayer) -> tuple[Tensor, Tensor]:
     return weight.to(v.weight.dtype).contiguous(), bias.to(v.weight.dtype).contiguous()
 
 
-def layers_decode_args(layers: Sequence[DenoiserLayer], *, compose_value_output: bool = False) -> tuple:
-    """The static arguments of ``denoiser_layers_decode`` for these layers (one configuration): (params,
-    rms, eps, activation, post_norms, qk_norm). ``compose_value_output``: each layer's self-attention
-    projections as their product (:func:`_value_output`): one D x D weight read per row instead of two."""
+def layers_decode_args(layers: Sequence[DenoiserLayer] | Sequence[DecoderLayer], *,
+                       compose_value_output: bool = False) -> tuple:
+    """The static arguments of ``denoiser_layers_decode`` (denoiser layers) or ``decoder_layers_decode``
+    (decoder layers) for these layers of one configuration: (params, rms, eps, activation, post_norms,
+    qk_norm). ``compose_value_output`` (denoiser): each layer's self-attention projections as their product
+    (:func:`_value_output`): one D x D weight read per row instead of two."""
+    names = LAYER_PARAMS if isinstance(layers[0], DenoiserLayer) else DECODER_LAYER_PARAMS
 
     def param(layer: DenoiserLayer, name: str) -> Optional[Tensor]:
         try:
@@ -123,14 +132,15 @@ def layers_decode_args(layers: Sequence[DenoiserLayer], *, compose_value_output:
 
     params = []
     for layer in layers:
-        own = [param(layer, name) for name in LAYER_PARAMS]
+        own = [param(layer, name) for name in names]
         if compose_value_output:
             own[_V_PROJ : _V_PROJ + 4] = [*_value_output(layer), None, None]
         params += own
     first = layers[0]
     _, _, rms, eps = norm_args(first.self_attn_layer_norm)
     activation = "swiglu" if first.ffn.swiglu else ACTIVATION_NAMES[type(first.ffn.inner_activation)]
-    post_norms, qk_norm = first.self_attn_norm is not None, first.cross_attention.q_layer_norm is not None
+    attention = first.cross_attention if isinstance(first, DenoiserLayer) else first.self_attn
+    post_norms, qk_norm = first.self_attn_norm is not None, attention.q_layer_norm is not None
     return params, rms, eps, activation, post_norms, qk_norm
 
 
@@ -200,3 +210,53 @@ class FastDenoiser:
         if not io_params:
             h = den.final_proj(den.layer_norm(h), skinny_linear)
         return h[:, None]
+
+
+def fast_decoder_unsupported(model: BaseLCM) -> Optional[str]:
+    """Why :class:`FastDecoder` cannot run this Base-LCM (None: it can)."""
+    layer = model.lcm.layers[0]
+    if layer.order == "post":
+        return "post-norm layers"
+    if layer.residual_scale is not None:
+        return "scale_residual"
+    return None
+
+
+class FastDecoder:
+    """A Base-LCM's prediction for one new position per document, on the model's KV cache.
+
+    Args:
+        model: the Base-LCM (its modules are used, not copied); :func:`fast_decoder_unsupported` is None.
+        cache: the model's cache (``model.new_cache``), possibly filled by a prefill; each call adds a position.
+    """
+
+    def __init__(self, model: BaseLCM, cache: list[KVCache]) -> None:
+        self.model, self.cache = model, cache
+        self.layers_args = layers_decode_args(model.lcm.layers)
+        weight = model.frontend.pre_linear.weight
+        rope = model.lcm.layers[0].self_attn.pos_encoder
+        self.rope = torch.stack(rope._tables(weight.device)).contiguous() if rope is not None else None
+        self.layers_decode = decoder_layers_decode_for(weight.device.type, weight.dtype)
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        """x: [B, 1, sonar_dim] normalized embeddings of the new positions -> [B, 1, out_dim], the model's
+        ``forward(x, cache=cache)``."""
+        model, front, start = self.model, self.model.frontend, self.cache[0].length
+        h = x[:, 0] * front.embed_scale if front.embed_scale != 1.0 else x[:, 0]
+        h = skinny_linear(h, front.pre_linear.weight, front.pre_linear.bias)
+        if front.pos_encoder is not None:
+            h = front.pos_encoder(h[:, None], start)[:, 0]
+        if self.cache[0].k is None:  # no prefill: appending no position allocates the caches
+            heads = model.lcm.layers[0].self_attn.num_heads
+            empty = h.new_empty(h.shape[0], heads, 0, h.shape[1] // heads)
+            for cache in self.cache:
+                cache.append(empty, empty)
+        params, rms, eps, activation, post_norms, qk_norm = self.layers_args
+        h = self.layers_decode(h, params, [c.k for c in self.cache], [c.v for c in self.cache], start, self.rope, rms,
+                               eps, activation, post_norms, qk_norm)
+        for cache in self.cache:
+            cache.length += 1
+        if model.lcm.layer_norm is not None:
+            h = model.lcm.layer_norm(h)
+        return model.postnet(h, skinny_linear)[:, None]

@@ -8,7 +8,8 @@ are teacher-forced; finished rows leave the batch. Every random draw goes throug
 Two engines compute the Two-Tower denoising: ``"reference"`` evaluates the denoiser as the official
 code does (a readable port: every row, both CFG halves, every step), ``"fast"`` (the default) gets the
 same outputs without the waste (see :mod:`lcm_fast.inference.fast`). Base-LCM uses its KV-cached
-decoder in both.
+decoder in both; the fast engine runs each new position's layers in one op call (:class:`FastDecoder`;
+post-norm layers and ``scale_residual`` keep the modules).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 from ..models.quant_lcm import sample_units
 from ..ops import sampler_params
 from ..ops.guided_ddim import PREDICTION_TYPES, guided_ddim_step_for
-from .fast import FastDenoiser
+from .fast import FastDecoder, FastDenoiser, fast_decoder_unsupported
 from .graphs import CapturedCall
 from .noise import NoiseSource, TorchNoise
 
@@ -162,10 +163,10 @@ class _BaseLCMStepper:
         self.cache = model.new_cache(capacity) if use_cache else None
         self.randn = lambda shape: noise.randn(shape, site="latent_sample", device=model_device(model))
 
-    def _predict(self, seqs: Tensor) -> Tensor:
+    def _predict(self, seqs: Tensor, forward: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
         return self.model.predict_next_sentence(
             seqs, cache=self.cache, sample=self.options.sample_latent_variable,
-            temperature=self.temperature, randn=self.randn,
+            temperature=self.temperature, randn=self.randn, forward=forward,
         )
 
     def prefill(self, prefix: Tensor) -> None:  # prefix: [B, Pmin, D] raw
@@ -183,6 +184,19 @@ class _BaseLCMStepper:
     def reorder(self, index: Tensor) -> None:
         for c in self.cache or []:
             c.reorder(index)
+
+
+class _FastBaseLCMStepper(_BaseLCMStepper):
+    """The fast engine's Base-LCM: the prefill as the reference, then each step's new position through
+    :class:`FastDecoder` (every layer in one op call, on the same cache)."""
+
+    def __init__(self, model: BaseLCM, options: GenerationOptions, temperature: float, capacity: int,
+                 noise: NoiseSource) -> None:
+        super().__init__(model, options, temperature, True, capacity, noise)
+        self.decoder = FastDecoder(model, self.cache)
+
+    def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
+        return self._predict(seqs[:, step - 1 : step], self.decoder)[:, -1]
 
 
 class _TwoTowerStepper:
@@ -541,6 +555,8 @@ class Generator:
             stepper = _FastTwoTowerStepper(model, opt, total, noise, self.cuda_graphs)
         elif isinstance(model, TwoTowerLCM):
             stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise)
+        elif self.engine == "fast" and not disable_cache and fast_decoder_unsupported(model) is None:
+            stepper = _FastBaseLCMStepper(model, opt, temperature, total, noise)
         else:
             stepper = _BaseLCMStepper(model, opt, temperature, not disable_cache, total, noise)
         stepper.prefill(seqs[:, :P_min])  # every document's prompt covers these: contextualized in one pass

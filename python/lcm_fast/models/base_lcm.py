@@ -61,14 +61,17 @@ class BaseLCM(SavePretrainedMixin, nn.Module):
         sample: bool = False,
         temperature: float = 1.0,
         randn: Optional[Callable[[tuple[int, ...]], Tensor]] = None,
+        forward: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> Tensor:
         """x: [B, S, sonar_dim] raw SONAR embeddings -> [B, S, sonar_dim] predictions in SONAR space.
 
         With ``sample`` and ``temperature > 0``, ``randn(shape) * temperature`` is added to every
-        position in normalized space (the official ``predict_next_sentence``).
+        position in normalized space (the official ``predict_next_sentence``). ``forward``: evaluates
+        ``self(x_normalized, seq_lens, cache)`` instead (a faster engine's evaluation of the same function).
         """
         norm = self.normalizer
-        out = self(norm.normalize(x) if norm is not None else x, seq_lens, cache)
+        x = norm.normalize(x) if norm is not None else x
+        out = forward(x) if forward is not None else self(x, seq_lens, cache)
         if sample and temperature > 0:
             noise = randn(tuple(out.shape)) if randn is not None else torch.randn_like(out)
             out = out + noise.to(out) * temperature

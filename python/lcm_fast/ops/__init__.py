@@ -8,6 +8,7 @@ from .adaln import (
     adaln_norm_modulate,
     adaln_norm_modulate_ref,
 )
+from .decoder import decoder_layers_decode, decoder_layers_decode_ref
 from .denoiser import denoiser_layers_decode, denoiser_layers_decode_ref
 from .guided_ddim import guided_ddim_step_, guided_ddim_step_ref, sampler_params
 from .linear import skinny_linear, skinny_linear_ref
@@ -19,6 +20,8 @@ __all__ = [
     "adaln_gated_residual_norm_modulate_ref",
     "adaln_norm_modulate",
     "adaln_norm_modulate_ref",
+    "decoder_layers_decode",
+    "decoder_layers_decode_ref",
     "denoiser_layers_decode",
     "denoiser_layers_decode_ref",
     "guided_ddim_step_",

@@ -3,7 +3,7 @@
 The fast engine (``inference/fast.py``) runs every Two-Tower denoiser layer on one or two rows per
 document at each DDIM step. Issued from Python as ~20 small ops per layer, a layer took 4.6x as long
 at model dim 256 (1.8x at 512; bench/RESULTS.md) as in one C++ call; the CPU kernel
-(``csrc/denoiser/``) runs the same sequence (the skinny-linear and AdaLN kernels, attention over the
+(``csrc/decode/``) runs the same sequence (the skinny-linear and AdaLN kernels, attention over the
 cached keys) for every layer of the step without leaving C++. On CUDA, or without the extension, the
 layers run as the composed ops of :func:`denoiser_layers_decode_ref`, each still dispatching to its own
 fused kernel.
@@ -46,7 +46,17 @@ from ._dispatch import OpSpec, register
 from .adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate
 from .linear import skinny_linear
 
-#: one layer's entries of ``params`` (``csrc/denoiser/denoiser_layers_cpu.cpp`` ``Param``): None where a layer
+#: a layer's FFN sublayer entries, the last of its ``params`` in both decoding ops (``csrc/decode/layer_decode.h``
+#: ``FfnParam``)
+FFN_PARAMS = (
+    "ffn_layer_norm.weight", "ffn_layer_norm.bias",
+    "ffn.gate_proj.weight", "ffn.gate_proj.bias",  # SwiGLU only
+    "ffn.inner_proj.weight", "ffn.inner_proj.bias",
+    "ffn.inner_activation.weight",  # PReLU only
+    "ffn.inner_layer_norm.weight", "ffn.inner_layer_norm.bias",  # normformer without SwiGLU
+    "ffn.output_proj.weight", "ffn.output_proj.bias",
+)
+#: one layer's entries of ``params`` (``csrc/decode/denoiser_layers_cpu.cpp`` ``Param``): None where a layer
 #: has no such tensor
 LAYER_PARAMS = (
     "self_attn_layer_norm.weight", "self_attn_layer_norm.bias",
@@ -57,12 +67,7 @@ LAYER_PARAMS = (
     "cross_attention.q_proj.weight", "cross_attention.q_proj.bias",
     "cross_attention.q_layer_norm.weight", "cross_attention.q_layer_norm.bias",  # q/k norm only
     "cross_attention.output_proj.weight", "cross_attention.output_proj.bias",
-    "ffn_layer_norm.weight", "ffn_layer_norm.bias",
-    "ffn.gate_proj.weight", "ffn.gate_proj.bias",  # SwiGLU only
-    "ffn.inner_proj.weight", "ffn.inner_proj.bias",
-    "ffn.inner_activation.weight",  # PReLU only
-    "ffn.inner_layer_norm.weight", "ffn.inner_layer_norm.bias",  # normformer without SwiGLU
-    "ffn.output_proj.weight", "ffn.output_proj.bias",
+    *FFN_PARAMS,
 )
 #: ``io_params`` entries: the denoiser's input projection, the constant position-0 encoding added after it
 #: (None without one), its final norm and output projection (``Denoiser`` keys, projections without activation)
@@ -139,6 +144,31 @@ def denoiser_layers_decode_ref(
     return h
 
 
+def plain_norm(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], rms: bool, eps: float,
+               backend: Optional[str]) -> Tensor:
+    """The layers' norm without modulation (the AdaLN op with zero shift and scale)."""
+    zero = torch.zeros_like(x)
+    return adaln_norm_modulate(x, zero, zero, w, b, rms=rms, eps=eps, backend=backend)
+
+
+def ffn_ref(y: Tensor, params: Sequence[Optional[Tensor]], rms: bool, eps: float, activation: str, post_norms: bool,
+            backend: Optional[str]) -> Tensor:
+    """The FFN sublayer's branch on normed rows y [R, D] -> [R, D]; params: :data:`FFN_PARAMS` after the norm."""
+    gate_w, gate_b, in_w, in_b, act_w, inn_w, inn_b, out_w, out_b = params
+
+    def linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        return skinny_linear(x, w, b, backend=backend)
+
+    act = ACTIVATIONS[activation]
+    if activation == "swiglu":
+        u = act(linear(y, gate_w, gate_b)) * linear(y, in_w, in_b)
+    else:
+        u = act(linear(y, in_w, in_b), act_w) if activation == "prelu" else act(linear(y, in_w, in_b))
+        if post_norms:
+            u = plain_norm(u, inn_w, inn_b, rms, eps, backend)
+    return linear(u, out_w, out_b)
+
+
 def _layer_ref(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Tensor, values: Tensor,
                length: int | Tensor, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool, eps: float,
                activation: str, post_norms: bool, qk_norm: bool, backend: Optional[str]) -> Tensor:
@@ -151,9 +181,8 @@ def _layer_ref(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]
     def linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
         return skinny_linear(x, w, b, backend=backend)
 
-    def norm(x: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tensor:  # the plain norm: no modulation
-        zero = torch.zeros_like(x)
-        return adaln_norm_modulate(x, zero, zero, w, b, rms=rms, eps=eps, backend=backend)
+    def norm(x: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tensor:
+        return plain_norm(x, w, b, rms, eps, backend)
 
     y = adaln_norm_modulate(h, sh_sa.contiguous(), sc_sa.contiguous(), sa_w, sa_b, rms=rms, eps=eps, backend=backend)
     a = linear(y, v_w, v_b)
@@ -179,14 +208,8 @@ def _layer_ref(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]
         c = torch.cat((linear(o.flatten(1), cao_w, cao_b), c))
     h, y = adaln_gated_residual_norm_modulate(h, c, g_ca.contiguous(), sh_ff.contiguous(), sc_ff.contiguous(), ff_w,
                                               ff_b, rms=rms, eps=eps, backend=backend)
-    act = ACTIVATIONS[activation]
-    if activation == "swiglu":
-        u = act(linear(y, gate_w, gate_b)) * linear(y, in_w, in_b)
-    else:
-        u = act(linear(y, in_w, in_b), act_w) if activation == "prelu" else act(linear(y, in_w, in_b))
-        if post_norms:
-            u = norm(u, inn_w, inn_b)
-    return h + g_ff * linear(u, out_w, out_b)
+    return h + g_ff * ffn_ref(y, (gate_w, gate_b, in_w, in_b, act_w, inn_w, inn_b, out_w, out_b), rms, eps, activation,
+                              post_norms, backend)
 
 
 if _ext.EXT_AVAILABLE:

@@ -1,0 +1,143 @@
+// CPU decoder_layers_decode: the causal decoder layers (Base-LCM) for one new position per document, the
+// specification being decoder_layers_decode_ref in python/lcm_fast/ops/decoder.py. The fast engine calls it
+// once per generated sentence: the layers run back to back on one scratch buffer, every projection through
+// the skinny-linear kernel, each layer's new key and value written into its cache in place.
+#include <torch/library.h>
+
+#include "decode/layer_decode.h"
+
+namespace lcm_fast {
+namespace {
+
+using namespace decode;
+
+// Entries of one layer's `params`, in the order of DECODER_LAYER_PARAMS (python/lcm_fast/ops/decoder.py).
+enum Param : int {
+  kSaNormW, kSaNormB, kQW, kQB, kKW, kKB, kVW, kVB, kQNormW, kQNormB, kKNormW, kKNormB, kOutW, kOutB,
+  kSaPostNormW, kSaPostNormB
+};
+constexpr int kFfn = kSaPostNormB + 1;  // the FfnParam entries (layer_decode.h) from here
+constexpr int kNumParams = kFfn + kNumFfnParams;
+
+// x [B, H * hd] rotated in place by RoPE over interleaved pairs, cos/sin [hd / 2] of the position (fp32
+// maths, rounded to T as the module's rotation is).
+template <typename T>
+void rotate(T* x, int64_t rows, int64_t hd, const float* cos, const float* sin) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < hd / 2; ++j) {
+      T* pair = x + i * hd + 2 * j;
+      const float even = float(pair[0]), odd = float(pair[1]);
+      pair[0] = T(even * cos[j] - odd * sin[j]);
+      pair[1] = T(even * sin[j] + odd * cos[j]);
+    }
+}
+
+// One layer, in place on h [B, D]; keys/values [B, H, capacity, hd] its cache, `length` positions filled.
+template <typename T>
+void layer_decode(T* h, int64_t B, int64_t D, const Layer<T>& layer, const at::Tensor& keys, const at::Tensor& values,
+                  int64_t length, const float* cos, const float* sin, Act act, bool post_norms, bool qk_norm,
+                  const Scratch<T>& s, const T* ones) {
+  const int64_t H = keys.size(1), capacity = keys.size(2), hd = keys.size(3);
+  T *y = s.y, *a = s.a, *q = s.q, *k = s.k, *v = s.v, *o = s.o;
+  const T* zeros = s.zeros;
+
+  layer.norm(h, nullptr, nullptr, nullptr, nullptr, kSaNormW, B, D, y, zeros);
+  layer.linear(y, B, kQW, q);
+  layer.linear(y, B, kKW, k);
+  layer.linear(y, B, kVW, v);
+  if (qk_norm) {
+    layer.norm(q, nullptr, nullptr, nullptr, nullptr, kQNormW, B, D, q, zeros);
+    layer.norm(k, nullptr, nullptr, nullptr, nullptr, kKNormW, B, D, k, zeros);
+  }
+  if (cos) {
+    rotate(q, B * H, hd, cos, sin);
+    rotate(k, B * H, hd, cos, sin);
+  }
+  T *kc = keys.data_ptr<T>(), *vc = values.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t head = 0; head < H; ++head) {
+      const int64_t at = ((b * H + head) * capacity + length) * hd, from = b * D + head * hd;
+      std::copy(k + from, k + from + hd, kc + at);
+      std::copy(v + from, v + from + hd, vc + at);
+    }
+  attend<T>(q, B, kc, vc, nullptr, H, capacity, hd, length + 1, o);
+  layer.linear(o, B, kOutW, a);
+  if (post_norms) {
+    layer.norm(a, nullptr, nullptr, nullptr, nullptr, kSaPostNormW, B, D, a, zeros);
+  }
+  layer.norm(h, a, ones, nullptr, nullptr, kFfn + kFfNormW, B, D, y, zeros);  // h += a; y = norm_ff(h)
+  ffn_decode<T>(h, y, B, D, layer.block(kFfn), act, post_norms, nullptr, s.g, s.u, s.f, zeros);
+}
+
+at::Tensor decoder_layers_decode_cpu(const at::Tensor& h, const c10::List<std::optional<at::Tensor>>& params,
+                                     at::TensorList keys, at::TensorList values, int64_t length,
+                                     const std::optional<at::Tensor>& rope, bool rms, double eps,
+                                     c10::string_view activation, bool post_norms, bool qk_norm) {
+  const char* op = "decoder_layers_decode";
+  const int64_t L = int64_t(keys.size());
+  TORCH_CHECK(L > 0 && int64_t(values.size()) == L, op, ": one keys and one values tensor per layer, got ", L,
+              " and ", values.size());
+  TORCH_CHECK(int64_t(params.size()) == L * kNumParams, op, ": params needs ", kNumParams, " entries per layer (",
+              L * kNumParams, "), got ", params.size());
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), op, ": h must be a contiguous [B, D] tensor, got ", h.sizes());
+  const int64_t B = h.size(0), D = h.size(1);
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor &k = keys[l], &v = values[l];
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous() && k.size(0) == B &&
+                    k.size(1) * k.size(3) == D && k.sizes() == keys[0].sizes(),
+                op, ": keys/values of every layer must be contiguous [B, H, capacity, D / H] of one shape with B = ", B,
+                ", layer ", l, " has ", k.sizes(), " and ", v.sizes());
+    TORCH_CHECK(k.scalar_type() == h.scalar_type() && v.scalar_type() == h.scalar_type(), op,
+                ": keys and values must be ", h.scalar_type());
+  }
+  TORCH_CHECK(0 <= length && length < keys[0].size(2), op, ": length ", length, " outside [0, ", keys[0].size(2),
+              "): the caches need room for the new position");
+  const int64_t hd = keys[0].size(3);
+  if (rope) {
+    TORCH_CHECK(rope->dim() == 3 && rope->size(0) == 2 && 2 * rope->size(2) == hd && rope->is_contiguous() &&
+                    rope->scalar_type() == at::kFloat,
+                op, ": rope must be a contiguous fp32 [2, positions, ", hd / 2, "], got ", rope->sizes());
+    TORCH_CHECK(length < rope->size(1), op, ": position ", length, " has no RoPE entry (", rope->size(1), " positions)");
+  }
+  const Act act = parse_activation(op, std::string_view(activation.data(), activation.size()));
+  for (int64_t i = 0; i < int64_t(params.size()); ++i) {
+    const std::optional<at::Tensor> p = params.get(i);
+    if (!p || !p->defined()) continue;
+    TORCH_CHECK(p->is_contiguous() && p->device() == h.device() && p->scalar_type() == h.scalar_type(), op,
+                ": params[", i, "] must be contiguous, ", h.scalar_type(), " and on ", h.device());
+  }
+  int64_t inner = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    for (int w : {int(kQW), int(kKW), int(kVW), int(kOutW), kFfn + kInnerW, kFfn + kFfOutW,
+                  kFfn + (act == Act::kSwiGLU ? kGateW : kInnerW), kFfn + (act == Act::kPReLU ? kActW : kInnerW)}) {
+      const std::optional<at::Tensor> p = params.get(l * kNumParams + w);
+      TORCH_CHECK(p && p->defined(), op, ": params[", l * kNumParams + w, "] is None (",
+                  act == Act::kSwiGLU ? "swiglu needs the gate projection" : "a projection weight", ")");
+    }
+    inner = std::max(inner, params.get(l * kNumParams + kFfn + kInnerW)->size(0));
+  }
+  const float* cos = rope ? rope->const_data_ptr<float>() + length * (hd / 2) : nullptr;
+  const float* sin = rope ? cos + rope->size(1) * (hd / 2) : nullptr;
+  at::Tensor hidden = h.clone();
+  const auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const Scratch<T> scratch(B, D, inner, h.options());
+    const std::vector<T> ones(D, T(1.f));
+    for (int64_t l = 0; l < L; ++l)
+      layer_decode<T>(hidden.data_ptr<T>(), B, D, Layer<T>{op, params, l * kNumParams, rms, float(eps)}, keys[l],
+                      values[l], length, cos, sin, act, post_norms, qk_norm, scratch, ones.data());
+  };
+  switch (h.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", h.scalar_type(), " (float32, bfloat16, float16)");
+  }
+  return hidden;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lcm_fast, CPU, m) { m.impl("decoder_layers_decode", &decoder_layers_decode_cpu); }
+
+}  // namespace lcm_fast

@@ -1,0 +1,226 @@
+"""decoder_layers_decode: the reference against the model's DecoderLayer on its KV cache, the CPU kernel
+against the reference over layer variants, stacks, shapes and dtypes (outputs and cache writes); a tensor
+length; opcheck; errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lcm_fast.config import TransformerConfig
+from lcm_fast.inference.fast import layers_decode_args
+from lcm_fast.nn.attention import KVCache
+from lcm_fast.nn.position import RotaryEncoder
+from lcm_fast.nn.transformer import DecoderLayer
+from lcm_fast.ops import decoder_layers_decode, decoder_layers_decode_ref
+from lcm_fast.ops.decoder import SPEC
+
+from ..tolerances import LAYER_DECODE_FP32, PARITY_FORWARD
+
+needs_kernel = pytest.mark.skipif(not SPEC.has_kernel("cpu"), reason="lcm_fast._C not built")
+
+# (norm style, activation or "swiglu", normformer, q/k norm, rope)
+VARIANTS = [
+    ("rms", "swiglu", False, False, True),  # the released 1.6B recipe
+    ("standard", "relu", False, False, False),  # the official defaults (learned positions in the frontend)
+    ("unit", "gelu", True, True, True),
+    ("fp32", "prelu", True, False, False),
+    ("standard", "swiglu", True, True, True),
+    ("rms", "tanh", False, True, False),
+]
+_LAYERS: dict = {}
+
+
+def _stack(variant, n=1, dim=64, heads=4) -> list[DecoderLayer]:
+    """n different layers of one configuration (sharing one RoPE table, as a Decoder's layers do)."""
+    key = (variant, n, dim, heads)
+    if key not in _LAYERS:
+        norm, act, normformer, qk_norm, rope = variant
+        config = TransformerConfig(
+            num_attn_heads=heads, ffn_inner_dim=3 * dim, use_swiglu=act == "swiglu",
+            ffn_inner_activation_name="relu" if act == "swiglu" else act, layer_normalization_style=norm,
+            norm_order_style="normformer" if normformer else "pre", enable_qk_layernorm=qk_norm,
+            mha_output_proj_bias=norm == "rms",
+        )
+        torch.manual_seed(len(_LAYERS))
+        encoder = RotaryEncoder(dim // heads, 64, 10000.0) if rope else None
+        layers = [DecoderLayer(dim, config, encoder).eval() for _ in range(n)]
+        with torch.no_grad():  # norms and PReLU away from their identity initialisation
+            for layer in layers:
+                for name, p in layer.named_parameters():
+                    if "norm" in name or "activation" in name:
+                        p.add_(0.3 * torch.randn_like(p))
+        _LAYERS[key] = layers
+    return _LAYERS[key]
+
+
+def _rope(layers) -> torch.Tensor | None:
+    encoder = layers[0].self_attn.pos_encoder
+    return torch.stack(encoder._tables(torch.device("cpu"))).contiguous() if encoder is not None else None
+
+
+def _caches(layers, batch, length, capacity, seed=0, dtype=None) -> list[KVCache]:
+    """Per layer a cache holding ``length`` positions of random keys/values, garbage past them."""
+    g = torch.Generator().manual_seed(seed)
+    heads, dim = layers[0].self_attn.num_heads, layers[0].self_attn.q_proj.weight.shape[0]
+    dtype = dtype or layers[0].self_attn.q_proj.weight.dtype
+    caches = []
+    for _ in layers:
+        cache = KVCache(capacity)
+        cache.k, cache.v = (torch.randn(batch, heads, capacity, dim // heads, generator=g).to(dtype) for _ in "kv")
+        cache.length = length
+        caches.append(cache)
+    return caches
+
+
+def _call(layers, h, caches, backend, length=None):
+    """The op on copies of the caches -> (output, [keys], [values])."""
+    caches = copy.deepcopy(caches)
+    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
+    fn = decoder_layers_decode_ref if backend == "ref" else decoder_layers_decode
+    keys, values = [c.k for c in caches], [c.v for c in caches]
+    length = caches[0].length if length is None else length
+    with torch.no_grad():
+            out = fn(h, params, keys, values, length, _rope(layers), rms, eps, act, post_norms, qk_norm, backend=backend)
+    return out, keys, values
+
+
+def _assert_same(got, want, tol=LAYER_DECODE_FP32):
+    for a, b in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reference_is_the_model_layer(variant):
+    """The specification: the new position through DecoderLayer.forward on its cache (output and the cache's
+    new key/value), the layers one after another."""
+    layers = _stack(variant, 2)
+    caches = _caches(layers, 3, length=5, capacity=8)
+    h = torch.randn(3, 64)
+    with torch.no_grad():
+        modules = copy.deepcopy(caches)
+        want = h[:, None]
+        for layer, cache in zip(layers, modules):
+            want = layer(want, None, cache)
+        got, keys, values = _call(layers, h, caches, "ref")
+    torch.testing.assert_close(got, want[:, 0], **PARITY_FORWARD)
+    for k, v, cache in zip(keys, values, modules):
+        torch.testing.assert_close(k[:, :, :6], cache.k[:, :, :6], **PARITY_FORWARD)
+        torch.testing.assert_close(v[:, :, :6], cache.v[:, :, :6], **PARITY_FORWARD)
+
+
+@pytest.mark.parametrize("backend", ["ref", None])
+def test_tensor_length_masks_the_whole_capacity(backend):
+    """A 0-d length (static shapes, for CUDA graphs): the same output and cache writes as an int length, whatever
+    the caches hold past it."""
+    layers = _stack(VARIANTS[0], 2)
+    caches, h = _caches(layers, 3, length=4, capacity=9), torch.randn(3, 64)
+    want = _call(layers, h, caches, backend)
+    _assert_same(_call(layers, h, caches, backend, length=torch.tensor(4)), want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("batch,length,capacity", [(1, 0, 1), (1, 7, 11), (4, 3, 4), (20, 5, 9)])
+def test_kernel_matches_reference(variant, batch, length, capacity):
+    layers = _stack(variant, 2)
+    caches, h = _caches(layers, batch, length, capacity), torch.randn(batch, 64) * 2
+    _assert_same(_call(layers, h, caches, "ext"), _call(layers, h, caches, "ref"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", ["elu", "leaky_relu", "selu", "silu", "softsign", "sigmoid", "hardsigmoid"])
+def test_kernel_activations(activation):
+    layers = _stack(("standard", activation, False, False, True), dim=136, heads=2)
+    caches, h = _caches(layers, 6, 3, 5), torch.randn(6, 136)
+    _assert_same(_call(layers, h, caches, "ext"), _call(layers, h, caches, "ref"))
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(dim_heads=st.sampled_from([(8, 1), (24, 3), (64, 4), (96, 2), (136, 2)]), batch=st.integers(1, 6),
+       length=st.integers(0, 9), spare=st.integers(1, 3), n=st.integers(1, 3), variant=st.sampled_from(VARIANTS),
+       seed=st.integers(0, 100))
+def test_hypothesis_shapes(dim_heads, batch, length, spare, n, variant, seed):
+    dim, heads = dim_heads
+    layers = _stack(variant, n, dim, heads)
+    caches = _caches(layers, batch, length, length + spare, seed=seed)
+    h = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed))
+    _assert_same(_call(layers, h, caches, "ext"), _call(layers, h, caches, "ref"))
+
+
+@needs_kernel
+def test_many_rows_take_the_gemm():
+    layers = _stack(VARIANTS[0])
+    caches, h = _caches(layers, 40, 4, 5), torch.randn(40, 64)  # 40 rows > skinny_linear.MAX_ROWS
+    _assert_same(_call(layers, h, caches, "ext"), _call(layers, h, caches, "ref"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_types_two_x_rule(dtype):
+    """err(kernel vs fp32 reference) <= 2 err(same-dtype reference vs fp32 reference) + one ulp at |h| ~ 8,
+    the fp32 reference running on the half-rounded weights, inputs and caches."""
+    half = [copy.deepcopy(layer).to(dtype) for layer in _stack(VARIANTS[0], 2)]
+    exact_layers = [copy.deepcopy(layer).float() for layer in half]
+    caches, h = _caches(half, 3, 6, 8, dtype=dtype), torch.randn(3, 64).to(dtype)
+    got, ref = _call(half, h, caches, "ext")[0], _call(half, h, caches, "ref")[0]
+    exact_caches = copy.deepcopy(caches)
+    for cache in exact_caches:
+        cache.k, cache.v = cache.k.float(), cache.v.float()
+    exact = _call(exact_layers, h.float(), exact_caches, "ref")[0]
+    assert got.dtype == dtype
+    ulp = 8 * (2**-8 if dtype == torch.bfloat16 else 2**-11)
+    err_got, err_ref = (got.float() - exact).abs().max(), (ref.float() - exact).abs().max()
+    assert err_got <= 2 * err_ref + ulp, (err_got, err_ref, ulp)
+
+
+@needs_kernel
+def test_opcheck():
+    layers = _stack(VARIANTS[0], 2)
+    caches = _caches(layers, 3, 4, 6)
+    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
+    params = [p.detach() if p is not None else None for p in params]  # inference only, as the engine passes them
+    args = (torch.randn(3, 64), params, [c.k for c in caches], [c.v for c in caches], 4, _rope(layers), rms, eps, act,
+            post_norms, qk_norm)
+    torch.library.opcheck(torch.ops.lcm_fast.decoder_layers_decode, args)
+
+
+@needs_kernel
+def test_bad_input_is_named():
+    layers = _stack(VARIANTS[0], 2)
+    caches, h, rope = _caches(layers, 2, 3, 4), torch.randn(2, 64), _rope(layers)
+    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
+
+    def call(**kw):
+        a = dict(h=h, params=params, keys=[c.k for c in caches], values=[c.v for c in caches], length=3, rope=rope,
+                 rms=rms, eps=eps, activation=act)
+        a.update(kw)
+        return decoder_layers_decode(**a, backend="ext")
+
+    with pytest.raises(ValueError, match="params needs 27 entries per layer"):
+        call(params=params[:-1])
+    with pytest.raises(ValueError, match="one keys and one values tensor per layer"):
+        call(values=[caches[0].v])
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        call(activation="swish")
+    with pytest.raises(ValueError, match=r"h must be \[B, D\] with one row per batch row"):
+        call(h=torch.randn(3, 64))
+    with pytest.raises(ValueError, match=r"rope must be fp32 \[2, positions, head_dim / 2\]"):
+        call(rope=rope[:, :, :4])
+    with pytest.raises(RuntimeError, match="length 4 outside .0, 4.: the caches need room"):
+        call(length=4)
+    with pytest.raises(RuntimeError, match=r"params\[29\] must be contiguous"):
+        call(params=[p.T if i == 29 else p for i, p in enumerate(params)])
+    with pytest.raises(RuntimeError, match="layer 1 has"):
+        call(keys=[caches[0].k, caches[1].k[:, :, :3].contiguous()], values=[caches[0].v, caches[1].v[:, :, :3]])
+    with pytest.raises(RuntimeError, match="position 3 has no RoPE entry"):
+        call(rope=rope[:, :3].contiguous())
+
+
+def test_cpu_only_op_says_so():
+    assert any("cpu only" in r for r in SPEC.reasons("cuda", torch.float32))
