@@ -13,6 +13,8 @@ GPU (``test_generate_two_tower_gpu``, skipped without one): the 1.6B shape, refe
 without CUDA graphs, at (batch, context) (1, 50) and (64, 200); the fast rows also record the denoiser weight
 bytes streamed per second and a device-copy peak to compare them with (the issue's bandwidth floor).
 
+``test_generate_base_lcm_interleaved``: Base-LCM, 16 sentences after a prompt of 50, both engines alternated.
+
 ``test_target_ratio_interleaved`` measures the issue's CPU target case (C = 50, batch 1) with the two
 engines alternated A/B/A/B in one window, median of ``REPEATS`` each, so the ratio does not depend on which
 minute of a noisy machine each engine ran in (separate tests run minutes apart).
@@ -66,26 +68,69 @@ def test_generate_two_tower(benchmark, engine, model_dim, context, batch):
                                 dtype="float32", sentences_per_s=batch / median)
 
 
+def _interleaved(generators: dict, prompts: torch.Tensor, max_gen_len: int, repeats: int) -> dict:
+    """Median seconds per call of each generator, the calls alternated A/B/A/B after one warm-up call each."""
+    times: dict = {e: [] for e in generators}
+    for generator in generators.values():  # warm-up: the fast engine's tables are built here
+        generator(prompts, max_gen_len=max_gen_len)
+    for _ in range(repeats):
+        for engine, generator in generators.items():
+            start = time.perf_counter()
+            generator(prompts, max_gen_len=max_gen_len)
+            times[engine].append(time.perf_counter() - start)
+    return {e: statistics.median(t) for e, t in times.items()}
+
+
 @pytest.mark.parametrize("model_dim", [256, 512])
 def test_target_ratio_interleaved(benchmark, model_dim):
     model = two_tower(model_dim)
     prompts = torch.randn(1, 50, model.sonar_dim) * 0.01
     options = lcm_fast.GenerationOptions.recommended(seed=1)
     engines = {e: lcm_fast.Generator(model, options, engine=e) for e in ("reference", "fast")}
-    times: dict = {e: [] for e in engines}
-    for generator in engines.values():  # warm-up: the fast engine's tables are built here
-        generator(prompts, max_gen_len=1)
-    for _ in range(1 if benchmark.disabled else REPEATS):
-        for engine, generator in engines.items():
-            start = time.perf_counter()
-            generator(prompts, max_gen_len=1)
-            times[engine].append(time.perf_counter() - start)
-    fast, reference = (statistics.median(times[e]) for e in ("fast", "reference"))
+    median = _interleaved(engines, prompts, 1, 1 if benchmark.disabled else REPEATS)
+    fast, reference = median["fast"], median["reference"]
     benchmark.group = f"generate/two_tower/d{model_dim}/c50/b1/interleaved"
     benchmark.pedantic(engines["fast"], args=(prompts,), kwargs=dict(max_gen_len=1), rounds=1, iterations=1)
     benchmark.extra_info.update(engine="fast", device="cpu", model_dim=model_dim, context=50, batch=1,
                                 dtype="float32", sentences_per_s=1 / fast, reference_s=reference, fast_s=fast,
                                 ratio=reference / fast)
+
+
+# Base-LCM in the 1.6B recipe's shape (32 layers, RMSNorm, SwiGLU, RoPE) at model dims 256 and 512: a prompt of
+# 50 sentences, then BASE_SENTENCES generated ones per document (one decoder pass each, on the KV cache); the
+# prefill of the prompt is the same in both engines.
+BASE_SENTENCES = 16
+
+
+def base_lcm(model_dim: int) -> lcm_fast.BaseLCM:
+    key = ("base", model_dim)
+    if key not in _MODELS:
+        config = lcm_fast.get_arch("base_lcm_1_6B")
+        config.model_dim = model_dim
+        config.lcm.num_attn_heads, config.lcm.ffn_inner_dim = model_dim // 64, 4 * model_dim
+        config.max_seq_len = 512
+        torch.manual_seed(0)
+        _MODELS[key] = lcm_fast.build_model(config).eval()
+    return _MODELS[key]
+
+
+@pytest.mark.parametrize("model_dim", [256, 512])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_generate_base_lcm_interleaved(benchmark, model_dim, batch):
+    """Both engines alternated in one window (median of REPEATS each); extra_info has both times and the ratio."""
+    model = base_lcm(model_dim)
+    prompts = torch.randn(batch, 50, model.sonar_dim) * 0.01
+    options = lcm_fast.GenerationOptions.recommended(seed=1, eos_threshold=None)
+    engines = {e: lcm_fast.Generator(model, options, engine=e) for e in ("reference", "fast")}
+    median = _interleaved(engines, prompts, BASE_SENTENCES, 1 if benchmark.disabled else REPEATS)
+    fast, reference = median["fast"], median["reference"]
+    benchmark.group = f"generate/base_lcm/d{model_dim}/c50/b{batch}/interleaved"
+    out = benchmark.pedantic(engines["fast"], args=(prompts,), kwargs=dict(max_gen_len=BASE_SENTENCES), rounds=1,
+                             iterations=1)
+    assert out.lengths.tolist() == [50 + BASE_SENTENCES] * batch
+    benchmark.extra_info.update(engine="fast", device="cpu", model_dim=model_dim, context=50, batch=batch,
+                                dtype="float32", sentences_per_s=batch * BASE_SENTENCES / fast, reference_s=reference,
+                                fast_s=fast, ratio=reference / fast)
 
 
 # GPU: the 1.6B recipe's shape, random weights; the reference engine in fp32 (the official setting), the

@@ -109,17 +109,20 @@ def _base_model(key: tuple):
     sample=st.booleans(),
     max_gen_len=st.integers(1, 4),
     seed=st.integers(1, 2**16),
+    static=st.booleans(),
 )
-def test_fast_base_lcm_equals_reference(model_key, lens, sample, max_gen_len, seed):
+def test_fast_base_lcm_equals_reference(model_key, lens, sample, max_gen_len, seed, static):
     """Base-LCM: one decoder_layers_decode call per sentence (post-norm layers and scale_residual keep the
-    modules), with or without the latent noise; prompts of length 1 have no prefill."""
+    modules), with or without the latent noise; prompts of length 1 have no prefill. static: the static-shape
+    decoder (replayed as a CUDA graph on a GPU; no graph here)."""
     model = _base_model(model_key)
+    static = static and model_key[4] != "post" and model_key[6] is None
     lens = torch.tensor(lens)
     prompts = torch.randn(len(lens), int(lens.max()), model.sonar_dim, generator=torch.Generator().manual_seed(seed))
     options = lcm_fast.GenerationOptions(sample_latent_variable=sample, lcm_temperature=0.3, seed=seed,
                                          eos_threshold=None)
     run = functools.partial(lcm_fast.generate, options=options, max_gen_len=max_gen_len)
-    ref, fast = run(model, prompts, lens, engine="reference"), run(model, prompts, lens, engine="fast")
+    ref, fast = run(model, prompts, lens, engine="reference"), run(model, prompts, lens, cuda_graphs=static)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         oracle = run(copy.deepcopy(model).double(), prompts.double(), lens, engine="reference")
@@ -131,12 +134,14 @@ def test_unknown_engine():
         lcm_fast.Generator(_model((2, 1, False, False, "sample")), engine="turbo")
 
 
-def test_cuda_graphs_need_the_fast_two_tower_engine():
-    with pytest.raises(ValueError, match="cuda_graphs needs the fast engine and a Two-Tower model, got engine "
-                                         "'reference'"):
+def test_cuda_graphs_need_the_fast_engine_and_a_graphable_model():
+    with pytest.raises(ValueError, match="cuda_graphs needs the fast engine and a Two-Tower or Base-LCM model "
+                                         r"\(without post-norm layers or scale_residual\), got engine 'reference'"):
         lcm_fast.Generator(_model((2, 1, False, False, "sample")), engine="reference", cuda_graphs=True)
     with pytest.raises(ValueError, match="and a BaseLCM"):
-        lcm_fast.Generator(random_model(tiny_config("base_lcm")), cuda_graphs=True)
+        lcm_fast.Generator(_base_model((2, 1, True, True, "post", False, None)), cuda_graphs=True)
+    with pytest.raises(ValueError, match="and a OneTowerLCM"):
+        lcm_fast.Generator(random_model(tiny_config("one_tower_diffusion_lcm")), cuda_graphs=True)
 
 
 def test_fast_engine_skips_teacher_forced_rows():

@@ -85,11 +85,38 @@ def test_fast_engine_sentence_graph_replays_eager_bit_for_bit():
         assert torch.equal(got_latents, eager_latents) and torch.equal(got_x0, eager_x0)
 
 
-def test_generation_with_cuda_graphs_matches_the_eager_fast_engine():
+def test_base_lcm_decoder_graph_replays_eager_bit_for_bit():
+    """The fast engine's captured Base-LCM decoder pass (static shapes, the new keys/values written into the
+    caches) replays exactly what the same pass computes eagerly, for two different inputs."""
+    from lcm_fast.inference.fast import FastDecoder
+    from lcm_fast.inference.graphs import CapturedCall
+    from lcm_fast.nn.attention import KVCache
+
+    from ..conftest import random_model, tiny_config
+
+    model = random_model(tiny_config("base_lcm", lcm=dict(pos_embedding_style="rope"))).cuda()
+    cache = [KVCache(16, zeroed=True) for _ in model.lcm.layers]
+    with torch.no_grad():
+        model(torch.randn(3, 5, model.sonar_dim, device="cuda"), cache=cache)  # the prefill
+    decoder = FastDecoder(model, cache, static_shapes=True)
+    decoder.length.fill_(5)
+    inputs = [torch.randn(3, 1, model.sonar_dim, device="cuda") for _ in range(2)]
+    call = CapturedCall(lambda x, out: out.copy_(decoder(x)), inputs[0], torch.empty_like(inputs[0]))
+    assert call.graph is not None
+    for x in inputs:
+        eager = decoder(x)
+        eager_keys = [c.k.clone() for c in cache]
+        got = call(x)[1]
+        torch.cuda.synchronize()
+        assert torch.equal(got, eager) and all(torch.equal(c.k, k) for c, k in zip(cache, eager_keys))
+
+
+@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])
+def test_generation_with_cuda_graphs_matches_the_eager_fast_engine(family):
     """Generator(cuda_graphs=True) (sentences 2+ of a batch replayed) against the per-step fast engine."""
     from ..conftest import random_model, tiny_config
 
-    model = random_model(tiny_config("two_tower_diffusion_lcm")).cuda()
+    model = random_model(tiny_config(family)).cuda()
     options = lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=12, eos_threshold=None)
     prompts, lens = torch.randn(4, 5, model.sonar_dim, device="cuda"), torch.tensor([5, 5, 3, 5])
     runs = [lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=4, cuda_graphs=graphs)

@@ -14,8 +14,8 @@ from .conftest import generation_runs, loaded_model, model_fixture, record
 
 def _run(name: str, tag: str, replay: bool, trajectory: list | None = None, backend: str = "auto",
          engine: str = "fast"):
-    """engine: "reference", "fast", or "fast/static": the fast engine's static-buffer sentence loop (what
-    it replays as a CUDA graph on a GPU), run without a graph here."""
+    """engine: "reference", "fast", or "fast/static": the fast engine's static-buffer sentence loop or decoder
+    pass (what it replays as a CUDA graph on a GPU), run without a graph here."""
     engine, _, static = engine.partition("/")
     fx, model = model_fixture(name), loaded_model(name)
     run = fx.spec["generate"][tag]
@@ -52,13 +52,11 @@ def _compare(name, tag, mode, model, fx, run, out):
         torch.testing.assert_close(seqs, expected, **PARITY_GENERATION_RAW, msg=lambda m: f"{where}: {m}")
 
 
-def _engines(name: str) -> list[str]:
-    two_tower = model_fixture(name).spec["model_type"] != "base_lcm"
-    return ["reference", "fast", "fast/static"] if two_tower else ["reference", "fast"]
+ENGINES = ["reference", "fast", "fast/static"]
 
 
 @pytest.mark.parametrize("backend", ["ref", "ext"])
-@pytest.mark.parametrize("name,tag,engine", [(n, t, e) for n, t in generation_runs() for e in _engines(n)])
+@pytest.mark.parametrize("name,tag,engine", [(n, t, e) for n, t in generation_runs() for e in ENGINES])
 def test_generation_replayed_noise(name, tag, backend, engine):
     """Both engines (the fast one also in static shapes), through both paths of the fused ops (PyTorch
     references, compiled kernels)."""

@@ -42,7 +42,7 @@ from ..nn.activation import ACTIVATION_NAMES
 from ..nn.attention import KVCache
 from ..nn.transformer import DecoderLayer
 from ..ops.adaln import norm_args
-from ..ops.decoder import DECODER_LAYER_PARAMS, decoder_layers_decode_for
+from ..ops.decoder import DECODER_LAYER_PARAMS, decoder_layers_decode_for, decoder_layers_decode_ref
 from ..ops.denoiser import LAYER_PARAMS, denoiser_layers_decode_for, denoiser_layers_decode_ref
 from ..ops.linear import skinny_linear
 
@@ -227,25 +227,38 @@ class FastDecoder:
 
     Args:
         model: the Base-LCM (its modules are used, not copied); :func:`fast_decoder_unsupported` is None.
-        cache: the model's cache (``model.new_cache``), possibly filled by a prefill; each call adds a position.
+        cache: the model's cache (``model.new_cache``), possibly filled by a prefill. A call writes the new
+            position's keys/values; :meth:`advance` then counts it.
+        static_shapes: every call has the same shapes whatever the position (for CUDA graphs): the position is
+            ``self.length``, a device tensor, and attention reads the caches' whole capacity, masked past it (the
+            composed ops of :func:`decoder_layers_decode_ref`; the caches must be ``zeroed``).
     """
 
-    def __init__(self, model: BaseLCM, cache: list[KVCache]) -> None:
-        self.model, self.cache = model, cache
+    def __init__(self, model: BaseLCM, cache: list[KVCache], static_shapes: bool = False) -> None:
+        self.model, self.cache, self.static_shapes = model, cache, static_shapes
         self.layers_args = layers_decode_args(model.lcm.layers)
         weight = model.frontend.pre_linear.weight
-        rope = model.lcm.layers[0].self_attn.pos_encoder
+        rope, positions = model.lcm.layers[0].self_attn.pos_encoder, model.frontend.pos_encoder
         self.rope = torch.stack(rope._tables(weight.device)).contiguous() if rope is not None else None
-        self.layers_decode = decoder_layers_decode_for(weight.device.type, weight.dtype)
+        self.length = torch.zeros((), dtype=torch.long, device=weight.device)  # [] positions cached (static_shapes)
+        # static_shapes: the frontend's additive positions as a table [max_seq_len, D], indexed by self.length
+        with torch.no_grad():
+            self.positions = (positions(weight.new_zeros(1, positions.max_seq_len, weight.shape[0]))[0]
+                              if static_shapes and positions is not None else None)
+        self.layers_decode = (functools.partial(decoder_layers_decode_ref, backend=None) if static_shapes else
+                              decoder_layers_decode_for(weight.device.type, weight.dtype))
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
         """x: [B, 1, sonar_dim] normalized embeddings of the new positions -> [B, 1, out_dim], the model's
         ``forward(x, cache=cache)``."""
-        model, front, start = self.model, self.model.frontend, self.cache[0].length
+        model, front = self.model, self.model.frontend
+        start = self.length if self.static_shapes else self.cache[0].length
         h = x[:, 0] * front.embed_scale if front.embed_scale != 1.0 else x[:, 0]
         h = skinny_linear(h, front.pre_linear.weight, front.pre_linear.bias)
-        if front.pos_encoder is not None:
+        if self.positions is not None:
+            h = h + self.positions[start]
+        elif front.pos_encoder is not None:
             h = front.pos_encoder(h[:, None], start)[:, 0]
         if self.cache[0].k is None:  # no prefill: appending no position allocates the caches
             heads = model.lcm.layers[0].self_attn.num_heads
@@ -255,8 +268,12 @@ class FastDecoder:
         params, rms, eps, activation, post_norms, qk_norm = self.layers_args
         h = self.layers_decode(h, params, [c.k for c in self.cache], [c.v for c in self.cache], start, self.rope, rms,
                                eps, activation, post_norms, qk_norm)
-        for cache in self.cache:
-            cache.length += 1
         if model.lcm.layer_norm is not None:
             h = model.lcm.layer_norm(h)
         return model.postnet(h, skinny_linear)[:, None]
+
+    def advance(self) -> None:
+        """Counts the position the last call wrote (outside the call, which a CUDA graph may replay)."""
+        for cache in self.cache:
+            cache.length += 1
+        self.length.fill_(self.cache[0].length)

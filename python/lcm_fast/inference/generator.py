@@ -29,6 +29,8 @@ from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 from ..models.quant_lcm import sample_units
 from ..ops import sampler_params
 from ..ops.guided_ddim import PREDICTION_TYPES, guided_ddim_step_for
+from ..nn.attention import KVCache
+from ..nn.position import check_positions
 from .fast import FastDecoder, FastDenoiser, fast_decoder_unsupported
 from .graphs import CapturedCall
 from .noise import NoiseSource, TorchNoise
@@ -188,15 +190,46 @@ class _BaseLCMStepper:
 
 class _FastBaseLCMStepper(_BaseLCMStepper):
     """The fast engine's Base-LCM: the prefill as the reference, then each step's new position through
-    :class:`FastDecoder` (every layer in one op call, on the same cache)."""
+    :class:`FastDecoder` (every layer in one op call, on the same cache).
+
+    With ``cuda_graphs`` the decoder runs in static shapes on zeroed caches: a batch size's first step eagerly,
+    the next ones as a replay of its CUDA graph (:class:`CapturedCall`; on CPU the same call without a graph).
+    The latent noise and the (de)normalization stay outside the graph."""
 
     def __init__(self, model: BaseLCM, options: GenerationOptions, temperature: float, capacity: int,
-                 noise: NoiseSource) -> None:
+                 noise: NoiseSource, cuda_graphs: bool = False) -> None:
         super().__init__(model, options, temperature, True, capacity, noise)
-        self.decoder = FastDecoder(model, self.cache)
+        if cuda_graphs:
+            self.cache = [KVCache(capacity, zeroed=True) for _ in model.lcm.layers]
+        self.decoder = FastDecoder(model, self.cache, static_shapes=cuda_graphs)
+        # batch size -> its captured decoder call (None: its first step ran eagerly); None without graphs
+        self.graphs: Optional[dict[int, Optional[CapturedCall]]] = {} if cuda_graphs else None
+
+    def prefill(self, prefix: Tensor) -> None:
+        super().prefill(prefix)
+        self.decoder.length.fill_(self.cache[0].length)  # the positions the module path cached
 
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
-        return self._predict(seqs[:, step - 1 : step], self.decoder)[:, -1]
+        check_positions(self.cache[0].length, 1, self.model.config.max_seq_len)
+        out = self._predict(seqs[:, step - 1 : step], self._decode)[:, -1]
+        self.decoder.advance()
+        return out
+
+    def _decode(self, x: Tensor) -> Tensor:  # x: [B, 1, sonar_dim] normalized -> [B, 1, out_dim]
+        B = x.shape[0]
+        if self.graphs is None or B not in self.graphs:
+            if self.graphs is not None:
+                self.graphs[B] = None
+            return self.decoder(x)
+        if self.graphs[B] is None:
+            out = x.new_empty(B, 1, self.model.postnet.fc.weight.shape[0])
+            self.graphs[B] = CapturedCall(lambda x, out: out.copy_(self.decoder(x)), x, out)
+        return self.graphs[B](x)[1]
+
+    def reorder(self, index: Tensor) -> None:
+        super().reorder(index)  # new cache tensors: graphs recorded on the old ones are stale
+        if self.graphs is not None:
+            self.graphs.clear()
 
 
 class _TwoTowerStepper:
@@ -469,11 +502,11 @@ class Generator:
         options: :class:`GenerationOptions` (official defaults when None).
         eos_vec: [sonar_dim] end-of-text embedding for ``eos_threshold`` stopping.
         engine: ``"fast"`` (default) or ``"reference"`` (see the module docstring).
-        cuda_graphs: fast Two-Tower engine only: run each sentence's DDIM loop on static buffers and replay
-            it as a CUDA graph from the second sentence of a batch size on (same outputs, one replay per
-            sentence instead of ~1k launches). Off by default until it has been measured on a GPU (the
-            tests/ops/test_cuda.py checks). On CPU it runs the static path without graphs (slower than the
-            CPU kernel; what the CPU tests exercise).
+        cuda_graphs: fast engine, Two-Tower and Base-LCM: run each sentence's DDIM loop (Two-Tower) or
+            decoder pass (Base-LCM) on static buffers and replay it as a CUDA graph from the second sentence of
+            a batch size on (same outputs, one replay per sentence instead of ~1k launches). Off by default
+            until it has been measured on a GPU (the tests/ops/test_cuda.py checks). On CPU it runs the static
+            path without graphs (slower than the CPU kernel; what the CPU tests exercise).
     """
 
     def __init__(self, model: BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM,
@@ -483,9 +516,10 @@ class Generator:
             raise TypeError(f"expected a BaseLCM, TwoTowerLCM, OneTowerLCM or QuantLCM, got {type(model).__name__}")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine '{engine}'; expected one of {ENGINES}")
-        if cuda_graphs and (engine != "fast" or not isinstance(model, TwoTowerLCM)):
-            raise ValueError(f"cuda_graphs needs the fast engine and a Two-Tower model, got engine '{engine}' "
-                             f"and a {type(model).__name__}")
+        graphable = isinstance(model, TwoTowerLCM) or isinstance(model, BaseLCM) and not fast_decoder_unsupported(model)
+        if cuda_graphs and (engine != "fast" or not graphable):
+            raise ValueError(f"cuda_graphs needs the fast engine and a Two-Tower or Base-LCM model (without post-norm "
+                             f"layers or scale_residual), got engine '{engine}' and a {type(model).__name__}")
         self.engine = engine
         self.model = model.eval()
         self.cuda_graphs = cuda_graphs
@@ -556,7 +590,7 @@ class Generator:
         elif isinstance(model, TwoTowerLCM):
             stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise)
         elif self.engine == "fast" and not disable_cache and fast_decoder_unsupported(model) is None:
-            stepper = _FastBaseLCMStepper(model, opt, temperature, total, noise)
+            stepper = _FastBaseLCMStepper(model, opt, temperature, total, noise, self.cuda_graphs)
         else:
             stepper = _BaseLCMStepper(model, opt, temperature, not disable_cache, total, noise)
         stepper.prefill(seqs[:, :P_min])  # every document's prompt covers these: contextualized in one pass

@@ -22,7 +22,7 @@ class _DeviceCache:
         return self.tables[device]
 
 
-def _check_positions(start: int, length: int, max_seq_len: int) -> None:
+def check_positions(start: int, length: int, max_seq_len: int) -> None:
     if start + length > max_seq_len:
         raise ValueError(
             f"positions {start}..{start + length - 1} exceed the model's max_seq_len={max_seq_len}; "
@@ -51,7 +51,7 @@ class RotaryEncoder(nn.Module):
 
     def forward(self, x: Tensor, start: int = 0) -> Tensor:  # x: [B, H, S, head_dim]
         seq_len = x.shape[-2]
-        _check_positions(start, seq_len, self.max_seq_len)
+        check_positions(start, seq_len, self.max_seq_len)
         cos, sin = self._tables(x.device)
         cos, sin = cos[start : start + seq_len], sin[start : start + seq_len]
         xf = x.float().unflatten(-1, (-1, 2))
@@ -69,7 +69,7 @@ class LearnedPositionEncoder(nn.Module):
         self.weight = nn.Parameter(torch.zeros(max_seq_len, dim))
 
     def forward(self, x: Tensor, start: int = 0) -> Tensor:  # x: [B, S, dim]
-        _check_positions(start, x.shape[1], self.max_seq_len)
+        check_positions(start, x.shape[1], self.max_seq_len)
         return x + self.weight[start : start + x.shape[1]]
 
 
@@ -91,7 +91,7 @@ class SinusoidalPositionEncoder(nn.Module):
         return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
     def forward(self, x: Tensor, start: int = 0) -> Tensor:  # x: [B, S, dim]
-        _check_positions(start, x.shape[1], self.max_seq_len)
+        check_positions(start, x.shape[1], self.max_seq_len)
         return (x.float() + self._table(x.device)[start : start + x.shape[1]]).type_as(x)
 
 
