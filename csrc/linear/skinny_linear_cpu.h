@@ -3,7 +3,7 @@
 // There a GEMM is bound by reading W once, yet the BLAS paths torch takes for [2, K] x [K, N] reach
 // only ~4 GB/s on a 2-core AVX2 VM against ~22 GB/s for a plain sum over the same weights (measured,
 // bench/RESULTS.md). Here each task streams its share of W as four sequential bands, one row of each
-// per tile: a tile stays in L1 while every 2-row block of x (kept in L2) is dotted against it in
+// per tile: a tile stays in L1 while every 3-row block of x (kept in L2) is dotted against it in
 // registers (common/dot_tile.h), so W is read from memory exactly once. bf16/fp16 weights are
 // widened on load and accumulated in fp32.
 #pragma once
@@ -19,10 +19,12 @@
 
 namespace lcm_fast {
 
-// More rows of x are a real GEMM (ops/linear.py MAX_ROWS: BLAS is as fast from ~32 rows).
-constexpr int64_t kSkinnyMaxRows = 32;
+// More rows of x are a real GEMM (ops/linear.py MAX_ROWS): BLAS catches up from 64-128 rows (bench/RESULTS.md).
+constexpr int64_t kSkinnyMaxRows = 64;
 
-constexpr int kSkinnyTileRows = 2;              // rows of x per register tile
+// rows of x per register tile: 3 x 4 tiles (12 accumulators, 4 weight vectors: the 16 AVX2 registers) ran
+// 15-17 % faster than 2 x 4 at 16-32 rows (bench/RESULTS.md); 2 rows (batch 1 with CFG) take the 2 x 4 tail
+constexpr int kSkinnyTileRows = 3;
 constexpr int kSkinnyTileCols = 4;              // rows of W (output features) per register tile
 constexpr int64_t kSkinnyTaskBytes = 64 << 10;  // weights per parallel task at least (smaller layers are not split)
 

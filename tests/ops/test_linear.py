@@ -36,7 +36,7 @@ def _check(x, w, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 16, 64])  # 3-row register tiles and their 1- and 2-row tails
 @pytest.mark.parametrize("K,N", [(1, 1), (7, 5), (256, 256), (1023, 9), (1025, 770)])
 def test_matches_reference(M, K, N, dtype):
     _check(*_inputs(M, K, N, dtype, bias=(K + M) % 2 == 0))

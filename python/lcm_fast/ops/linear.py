@@ -19,8 +19,9 @@ from torch import Tensor
 from .. import _ext
 from ._dispatch import OpSpec, register
 
-#: more rows go to ``F.linear``: measured 1.0-2.5x faster than it at 16 rows, on par from ~32 (blocked GEMM)
-MAX_ROWS = 32
+#: more rows go to ``F.linear``: the kernel measured 1.0-2.2x as fast as it up to 64 rows, BLAS ahead from 96-128
+#: (bench/RESULTS.md, 3 x 4 register tiles)
+MAX_ROWS = 64
 
 
 def skinny_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
