@@ -174,7 +174,7 @@ class FastDenoiser:
             rows = torch.cat((rows.new_zeros(rows.shape[0], 1, rows.shape[2]), rows), dim=1)
         with torch.no_grad():
             for layer, cache in zip(self.denoiser.layers, self.caches):
-                cache.append(*layer.cross_attention.project_kv(rows, cache.length))
+                cache.append(*layer.cross_attention.project_kv(rows, cache.length, skinny_linear))
         self.length.fill_(self.caches[0].length)
         self._list_tensors()
 

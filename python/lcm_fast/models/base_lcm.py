@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..config import BaseLCMConfig, NormalizerConfig
 from ..nn.attention import KVCache
+from ..nn.linear import LinearFn
 from ..nn.normalizer import SonarNormalizer
 from ..nn.projection import Projection
 from ..nn.transformer import Decoder
@@ -42,15 +43,17 @@ class BaseLCM(SavePretrainedMixin, nn.Module):
         return self.lcm.new_cache(capacity)
 
     def forward(
-        self, x: Tensor, seq_lens: Optional[Tensor] = None, cache: Optional[list[KVCache]] = None
+        self, x: Tensor, seq_lens: Optional[Tensor] = None, cache: Optional[list[KVCache]] = None,
+        linear: Optional[LinearFn] = None,
     ) -> Tensor:
         """x: [B, S, sonar_dim] *normalized* embeddings; seq_lens: [B] or None -> [B, S, out_dim].
 
         The frontend does not normalize (as in the official code): callers pass normalized inputs.
+        linear: replaces every projection's GEMM (an inference engine's kernel).
         """
-        h = self.frontend(x, frontend_positions_start(cache))
-        h = self.lcm(h, seq_lens, cache)
-        return self.postnet(h)
+        h = self.frontend(x, frontend_positions_start(cache), linear)
+        h = self.lcm(h, seq_lens, cache, linear=linear)
+        return self.postnet(h, linear)
 
     def predict_next_sentence(
         self,
@@ -61,17 +64,19 @@ class BaseLCM(SavePretrainedMixin, nn.Module):
         sample: bool = False,
         temperature: float = 1.0,
         randn: Optional[Callable[[tuple[int, ...]], Tensor]] = None,
+        linear: Optional[LinearFn] = None,
         forward: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> Tensor:
         """x: [B, S, sonar_dim] raw SONAR embeddings -> [B, S, sonar_dim] predictions in SONAR space.
 
         With ``sample`` and ``temperature > 0``, ``randn(shape) * temperature`` is added to every
-        position in normalized space (the official ``predict_next_sentence``). ``forward``: evaluates
-        ``self(x_normalized, seq_lens, cache)`` instead (a faster engine's evaluation of the same function).
+        position in normalized space (the official ``predict_next_sentence``). ``linear``: as in
+        :meth:`forward`. ``forward``: evaluates ``self(x_normalized, seq_lens, cache)`` instead (a faster
+        engine's evaluation of the same function).
         """
         norm = self.normalizer
         x = norm.normalize(x) if norm is not None else x
-        out = forward(x) if forward is not None else self(x, seq_lens, cache)
+        out = forward(x) if forward is not None else self(x, seq_lens, cache, linear)
         if sample and temperature > 0:
             noise = randn(tuple(out.shape)) if randn is not None else torch.randn_like(out)
             out = out + noise.to(out) * temperature

@@ -8,6 +8,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..config import EncoderFrontendConfig, LCMFrontendConfig
+from ..nn.linear import LinearFn, apply_linear
 from ..nn.position import make_frontend_positions
 
 
@@ -29,10 +30,11 @@ class Frontend(nn.Module):
         self.pos_encoder = make_frontend_positions(pos_style, model_dim, max_seq_len)
         self.dropout = nn.Dropout(config.dropout_p)
 
-    def forward(self, x: Tensor, start: int = 0) -> Tensor:  # [B, S, in_dim] -> [B, S, model_dim]
+    def forward(self, x: Tensor, start: int = 0, linear: Optional[LinearFn] = None) -> Tensor:
+        """x: [B, S, in_dim] -> [B, S, model_dim] at positions start..; linear: replaces pre_linear's GEMM."""
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
-        x = self.pre_linear(x)
+        x = apply_linear(self.pre_linear, x, linear)
         if self.pos_encoder is not None:
             x = self.pos_encoder(x, start)
         return self.dropout(x)

@@ -12,6 +12,7 @@ from ..config import DenoiserConfig, NormalizerConfig, TwoTowerConfig
 from ..diffusion.schedule import DDIMScheduler
 from ..ops.adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate, norm_args
 from ..nn.attention import KVCache, MultiheadAttention, ValueOutputAttention, key_padding_mask
+from ..nn.linear import LinearFn
 from ..nn.norm import make_norm
 from ..nn.normalizer import SonarNormalizer
 from ..nn.position import RotaryEncoder, make_frontend_positions
@@ -162,11 +163,13 @@ class TwoTowerLCM(SavePretrainedMixin, nn.Module):
         return self.context_encoder.new_cache(capacity)
 
     def encode(
-        self, x: Tensor, seq_lens: Optional[Tensor] = None, cache: Optional[list[KVCache]] = None
+        self, x: Tensor, seq_lens: Optional[Tensor] = None, cache: Optional[list[KVCache]] = None,
+        linear: Optional[LinearFn] = None,
     ) -> Tensor:
-        """Contextualizer. x: [B, S, sonar_dim] normalized; seq_lens: [B] or None -> [B, S, model_dim]."""
-        h = self.encoder_frontend(x, frontend_positions_start(cache))
-        return self.context_encoder(h, seq_lens, cache)
+        """Contextualizer. x: [B, S, sonar_dim] normalized; seq_lens: [B] or None -> [B, S, model_dim].
+        linear: replaces every projection's GEMM (an inference engine's kernel)."""
+        h = self.encoder_frontend(x, frontend_positions_start(cache), linear)
+        return self.context_encoder(h, seq_lens, cache, linear=linear)
 
     def forward(
         self, clean: Tensor, noisy: Tensor, timesteps: Tensor, seq_lens: Optional[Tensor] = None,

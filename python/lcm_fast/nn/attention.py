@@ -113,12 +113,12 @@ class MultiheadAttention(nn.Module):
         q = self._heads(q)
         return self.pos_encoder(q, start) if self.pos_encoder is not None else q
 
-    def project_kv(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+    def project_kv(self, x: Tensor, start: int = 0, linear: Optional[LinearFn] = None) -> tuple[Tensor, Tensor]:
         """x: [B, S, dim] -> keys, values [B, H, S, head_dim] at positions start.."""
-        k = self.k_proj(x)
+        k = apply_linear(self.k_proj, x, linear)
         if self.k_layer_norm is not None:
             k = self.k_layer_norm(k)
-        k, v = self._heads(k), self._heads(self.v_proj(x))
+        k, v = self._heads(k), self._heads(apply_linear(self.v_proj, x, linear))
         return (self.pos_encoder(k, start) if self.pos_encoder is not None else k), v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
@@ -137,19 +137,21 @@ class MultiheadAttention(nn.Module):
         mask: Optional[Tensor] = None,
         cache: Optional[KVCache] = None,
         store: bool = True,
+        linear: Optional[LinearFn] = None,
     ) -> Tensor:
         """x: [B, S_q, dim]; keys: [B, S_k, dim] (cross-attention) or None (self-attention).
 
         mask: bool, True = may attend, broadcastable to [B, H, S_q, S_total_k].
         cache: self-attention only; attention runs over all cached keys and the new ones, which are
             appended to the cache unless ``store`` is False (a query that must not stay in the context).
+        linear: replaces the projections' GEMM (an inference engine's kernel).
         """
         start = cache.length if cache is not None and keys is None else 0
-        q = self.project_q(x, start)
-        k, v = self.project_kv(x if keys is None else keys, start)
+        q = self.project_q(x, start, linear)
+        k, v = self.project_kv(x if keys is None else keys, start, linear)
         if cache is not None:
             k, v = cache.append(k, v) if store else cache.extended(k, v)
-        return self.attend(q, k, v, mask)
+        return self.attend(q, k, v, mask, linear)
 
 
 class ValueOutputAttention(nn.Module):

@@ -67,15 +67,17 @@ class DecoderLayer(nn.Module):
         scale = config.scale_residual
         self.residual_scale = nn.Parameter(torch.full((dim,), float(scale))) if scale is not None else None
 
-    def forward(self, x: Tensor, mask: Optional[Tensor], cache: Optional[KVCache], store: bool = True) -> Tensor:
+    def forward(self, x: Tensor, mask: Optional[Tensor], cache: Optional[KVCache], store: bool = True,
+                linear: Optional[LinearFn] = None) -> Tensor:
         post = self.order == "post"  # x: [B, S, dim]
-        h = self.self_attn(x if post else self.self_attn_layer_norm(x), mask=mask, cache=cache, store=store)
+        h = self.self_attn(x if post else self.self_attn_layer_norm(x), mask=mask, cache=cache, store=store,
+                           linear=linear)
         if self.self_attn_norm is not None:
             h = self.self_attn_norm(h)
         x = self.dropout(h) + x
         if post:
             x = self.self_attn_layer_norm(x)
-        h = self.dropout(self.ffn(x if post else self.ffn_layer_norm(x)))
+        h = self.dropout(self.ffn(x if post else self.ffn_layer_norm(x), linear))
         x = h + (x if self.residual_scale is None else self.residual_scale * x)
         return self.ffn_layer_norm(x) if post else x
 
@@ -105,12 +107,14 @@ class Decoder(nn.Module):
         *,
         mask: Optional[Tensor] = None,
         store: bool = True,
+        linear: Optional[LinearFn] = None,
     ) -> Tensor:
         """x: [B, S, dim]; seq_lens: [B] valid lengths (right padding) or None.
 
         With ``cache`` the S new positions follow the cached ones (incremental decoding, no padding);
         ``store=False`` attends over the cache without adding the new positions to it. ``mask``
-        ([S, S_total] or [B, 1, S, S_total] bool, True = may attend) replaces the causal mask.
+        ([S, S_total] or [B, 1, S, S_total] bool, True = may attend) replaces the causal mask. ``linear``
+        replaces every projection's GEMM (an inference engine's kernel).
         """
         if cache is not None and seq_lens is not None:
             raise ValueError("incremental decoding does not take padding (seq_lens must be None)")
@@ -121,7 +125,7 @@ class Decoder(nn.Module):
             pad = key_padding_mask(seq_lens, x.shape[1])
             mask = pad if mask is None else pad & mask
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, cache[i] if cache is not None else None, store)
+            x = layer(x, mask, cache[i] if cache is not None else None, store, linear)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return self.dropout(x)
