@@ -125,21 +125,32 @@ struct Layer {
   // the AdaLN kernel reads a whole row into scratch before it writes that row.
   void norm(T* x, const T* branch, const T* gate, const T* shift, const T* scale, int w, int64_t rows, int64_t D,
             T* y, const T* zeros) const {
-    const at::Tensor weight = norm_param(w, D), bias = norm_param(w + 1, D);
+    std::vector<float> widened;
+    const float *weight = norm_param(w, D, widened), *bias = norm_param(w + 1, D, widened);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t o = r * D;
       adaln_forward_cpu(x + o, branch ? x + o : nullptr, branch ? branch + o : nullptr, gate, shift ? shift : zeros,
-                        scale ? scale : zeros, ptr_or_null(weight), ptr_or_null(bias), branch ? x + o : nullptr, y + o,
-                        1, D, rms, eps, kDType, nullptr);
+                        scale ? scale : zeros, weight, bias, branch ? x + o : nullptr, y + o, 1, D, rms, eps, kDType,
+                        nullptr);
     }
   }
 
-  // a norm's weight or bias as fp32 [D] (the AdaLN kernel's layout), or undefined
-  at::Tensor norm_param(int p, int64_t D) const {
+  // a norm's weight or bias as fp32 [D] (the AdaLN kernel's layout), or null: the parameter's own data, or
+  // bf16/fp16 ones widened into `widened` (appended; reserve for two). A tensor .to(float) here cost ~4 us,
+  // 7 % of a bf16 step at model dim 512.
+  const float* norm_param(int p, int64_t D, std::vector<float>& widened) const {
     const std::optional<at::Tensor> t = get(p);
-    if (!t || !t->defined()) return at::Tensor();
+    if (!t || !t->defined()) return nullptr;
     TORCH_CHECK(t->numel() == D, op, ": parameter ", base + p, " must have ", D, " elements");
-    return t->scalar_type() == at::kFloat ? *t : t->to(at::kFloat);
+    if constexpr (std::is_same_v<T, float>) {
+      return t->template const_data_ptr<float>();
+    } else {
+      if (widened.capacity() < size_t(2 * D)) widened.reserve(2 * D);
+      const size_t start = widened.size();
+      const T* data = t->template const_data_ptr<T>();
+      widened.insert(widened.end(), data, data + D);
+      return widened.data() + start;
+    }
   }
 };
 

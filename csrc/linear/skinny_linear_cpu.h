@@ -26,12 +26,18 @@ constexpr int64_t kSkinnyMaxRows = 64;
 // 15-17 % faster than 2 x 4 at 16-32 rows (bench/RESULTS.md); 2 rows (batch 1 with CFG) take the 2 x 4 tail
 constexpr int kSkinnyTileRows = 3;
 constexpr int kSkinnyTileCols = 4;              // rows of W (output features) per register tile
+constexpr int64_t kSkinnyWidenRows = 24;         // bf16/fp16 weights: from this many rows of x, widen tiles first
 constexpr int64_t kSkinnyTaskBytes = 64 << 10;  // weights per parallel task at least (smaller layers are not split)
 
 // y = x W^T + b: x [M, K] and W [N, K] contiguous, bias [N] or null, out [M, N], all of type W.
 template <typename W>
 void skinny_linear_kernel(const W* x_in, int64_t M, int64_t K, const W* w, const W* bias, int64_t N, W* out) {
   constexpr auto& kTiles = DotTiles<kSkinnyTileRows, kSkinnyTileCols, W>::kTable;
+  constexpr auto& kWide = DotTiles<kSkinnyTileRows, kSkinnyTileCols, float>::kTable;
+  // bf16/fp16 weights are widened in registers, with 2-row blocks (3-row ones spill); from kSkinnyWidenRows rows
+  // on, each tile is widened once into an fp32 copy that 3-row blocks share (bench/RESULTS.md)
+  const bool widen_tile = !std::is_same_v<W, float> && M >= kSkinnyWidenRows;
+  const int block = std::is_same_v<W, float> || widen_tile ? kSkinnyTileRows : 2;
   const float* x = reinterpret_cast<const float*>(x_in);
   std::vector<float> widened;  // bf16/fp16 x in fp32 (M * K: a few KB)
   if constexpr (!std::is_same_v<W, float>) {
@@ -49,12 +55,16 @@ void skinny_linear_kernel(const W* x_in, int64_t M, int64_t K, const W* w, const
     const int64_t r0 = begin * kSkinnyTileCols, r1 = std::min(end * kSkinnyTileCols, N);
     const int64_t span = (r1 - r0 + kSkinnyTileCols - 1) / kSkinnyTileCols;
     float dot[kSkinnyTileRows * kSkinnyTileCols];
+    std::vector<float> tile(widen_tile ? kSkinnyTileCols * K : 0);
     for (int64_t j = 0; j < span; ++j) {
       const int64_t n = r0 + j;
       const int cols = int(std::min<int64_t>(kSkinnyTileCols, (r1 - n + span - 1) / span));
-      for (int64_t m = 0; m < M; m += kSkinnyTileRows) {
-        const int rows = int(std::min<int64_t>(kSkinnyTileRows, M - m));
-        kTiles[rows - 1][cols - 1](x + m * K, K, w + n * K, span * K, K, dot);
+      if (widen_tile)
+        for (int c = 0; c < cols; ++c) at::vec::convert(w + (n + c * span) * K, tile.data() + c * K, K);
+      for (int64_t m = 0; m < M; m += block) {
+        const int rows = int(std::min<int64_t>(block, M - m));
+        if (widen_tile) kWide[rows - 1][cols - 1](x + m * K, K, tile.data(), K, K, dot);
+        else kTiles[rows - 1][cols - 1](x + m * K, K, w + n * K, span * K, K, dot);
         for (int r = 0; r < rows; ++r)
           for (int c = 0; c < cols; ++c) {
             const int64_t col = n + c * span;
