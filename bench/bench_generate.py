@@ -22,6 +22,7 @@ minute of a noisy machine each engine ran in (separate tests run minutes apart).
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -83,17 +84,19 @@ def _interleaved(generators: dict, prompts: torch.Tensor, max_gen_len: int, repe
 
 @pytest.mark.parametrize("model_dim", [256, 512])
 def test_target_ratio_interleaved(benchmark, model_dim):
+    """extra_info also has ``fast_bf16_s``: the fast engine on a bf16 copy of the model, in the same window."""
     model = two_tower(model_dim)
     prompts = torch.randn(1, 50, model.sonar_dim) * 0.01
     options = lcm_fast.GenerationOptions.recommended(seed=1)
     engines = {e: lcm_fast.Generator(model, options, engine=e) for e in ("reference", "fast")}
+    engines["fast_bf16"] = lcm_fast.Generator(copy.deepcopy(model).to(torch.bfloat16), options)
     median = _interleaved(engines, prompts, 1, 1 if benchmark.disabled else REPEATS)
     fast, reference = median["fast"], median["reference"]
     benchmark.group = f"generate/two_tower/d{model_dim}/c50/b1/interleaved"
     benchmark.pedantic(engines["fast"], args=(prompts,), kwargs=dict(max_gen_len=1), rounds=1, iterations=1)
     benchmark.extra_info.update(engine="fast", device="cpu", model_dim=model_dim, context=50, batch=1,
                                 dtype="float32", sentences_per_s=1 / fast, reference_s=reference, fast_s=fast,
-                                ratio=reference / fast)
+                                ratio=reference / fast, fast_bf16_s=median["fast_bf16"])
 
 
 # Base-LCM in the 1.6B recipe's shape (32 layers, RMSNorm, SwiGLU, RoPE) at model dims 256 and 512: a prompt of
