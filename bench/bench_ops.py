@@ -118,7 +118,7 @@ LINEAR_SHAPES = [(256, 256), (256, 768), (768, 256), (1024, 1024), (1024, 2816),
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 16])
+@pytest.mark.parametrize("rows", [1, 2, 16, 50, 64])  # 50, 64: a batch-1 prompt's prefill
 @pytest.mark.parametrize("K,N", LINEAR_SHAPES)
 def test_skinny_linear(benchmark, device, backend, dtype, rows, K, N):
     """Decoding conditions: one call runs x [rows, K] through a set of distinct weights [N, K] (+ bias)

@@ -1,6 +1,9 @@
 // CPU skinny linear op: checks, layouts and dtype dispatch around skinny_linear_cpu.h.
 #include <ATen/core/Tensor.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "linear/skinny_linear_checks.h"
@@ -19,6 +22,10 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   check_skinny_linear_args(x, weight, bias);
   const at::Tensor xc = x.contiguous(), w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (!skinny_takes(w.scalar_type(), x.size(0))) {  // a real GEMM (skinny_linear_cpu.h)
+    at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference only, as the kernel
+    return b.defined() ? at::addmm(b, xc, w.t()) : at::mm(xc, w.t());
+  }
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
   if (out.numel() == 0) return out;
   switch (w.scalar_type()) {

@@ -9,9 +9,11 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -19,8 +21,28 @@
 
 namespace lcm_fast {
 
-// More rows of x are a real GEMM (ops/linear.py MAX_ROWS): BLAS catches up from 64-128 rows (bench/RESULTS.md).
+// Whether the CPU has any of these cpuinfo capabilities (at::cpu::get_cpu_capabilities keys).
+inline bool cpu_has(std::initializer_list<const char*> names) {
+  const auto caps = at::cpu::get_cpu_capabilities();
+  for (const char* name : names) {
+    const auto it = caps.find(name);
+    if (it != caps.end() && it->second.isBool() && it->second.toBool()) return true;
+  }
+  return false;
+}
+
+// More fp32 rows of x are a real GEMM (ops/linear.py MAX_ROWS): BLAS catches up from 64-128 rows.
 constexpr int64_t kSkinnyMaxRows = 64;
+
+// Whether M rows of x of this dtype go through skinny_linear_kernel rather than BLAS: fp32 up to
+// kSkinnyMaxRows; bf16/fp16 at any M unless the CPU multiplies them natively (AMX, AVX512-BF16/FP16): without,
+// BLAS ran them at ~20 GFLOP/s against the kernel's 105-121 on the 2-core Zen3 VM (bench/RESULTS.md).
+inline bool skinny_takes(at::ScalarType dtype, int64_t M) {
+  if (dtype == at::kFloat) return M <= kSkinnyMaxRows;
+  static const bool native_bf16 = cpu_has({"amx_bf16", "avx512_bf16"});
+  static const bool native_fp16 = cpu_has({"amx_fp16", "avx512_fp16"});
+  return M <= kSkinnyMaxRows || !(dtype == at::kBFloat16 ? native_bf16 : native_fp16);
+}
 
 // rows of x per register tile: 3 x 4 tiles (12 accumulators, 4 weight vectors: the 16 AVX2 registers) ran
 // 15-17 % faster than 2 x 4 at 16-32 rows (bench/RESULTS.md); 2 rows (batch 1 with CFG) take the 2 x 4 tail
@@ -32,6 +54,14 @@ constexpr int64_t kSkinnyTaskBytes = 64 << 10;  // weights per parallel task at 
 // y = x W^T + b: x [M, K] and W [N, K] contiguous, bias [N] or null, out [M, N], all of type W.
 template <typename W>
 void skinny_linear_kernel(const W* x_in, int64_t M, int64_t K, const W* w, const W* bias, int64_t N, W* out) {
+  // Many rows (bf16/fp16 take any number): blocks of x that stay in L2 (256 KB in fp32) while the tiles stream
+  // past, one pass over W each; x streamed from memory once per tile ran a 3200-row bf16 prefill at ~50 GFLOP/s
+  const int64_t block_rows = std::clamp<int64_t>((256 << 10) / (4 * K), 32, 256);
+  if (M > block_rows) {
+    for (int64_t m = 0; m < M; m += block_rows)
+      skinny_linear_kernel(x_in + m * K, std::min(block_rows, M - m), K, w, bias, N, out + m * N);
+    return;
+  }
   constexpr auto& kTiles = DotTiles<kSkinnyTileRows, kSkinnyTileCols, W>::kTable;
   constexpr auto& kWide = DotTiles<kSkinnyTileRows, kSkinnyTileCols, float>::kTable;
   // bf16/fp16 weights are widened in registers, with 2-row blocks (3-row ones spill); from kSkinnyWidenRows rows

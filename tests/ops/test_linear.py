@@ -36,7 +36,9 @@ def _check(x, w, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 16, 64])  # 3-row register tiles and their 1- and 2-row tails
+# 3-row register tiles and their 1- and 2-row tails; 24+ rows widen bf16/fp16 tiles first; 100 fp32 rows take BLAS,
+# bf16/fp16 ones the kernel (without native half GEMMs)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 16, 30, 64, 100])
 @pytest.mark.parametrize("K,N", [(1, 1), (7, 5), (256, 256), (1023, 9), (1025, 770)])
 def test_matches_reference(M, K, N, dtype):
     _check(*_inputs(M, K, N, dtype, bias=(K + M) % 2 == 0))
@@ -57,7 +59,7 @@ def test_strided_inputs():
     _check(torch.randn(3, 128)[:, ::2], w, b)
 
 
-def test_many_rows_take_the_gemm():
+def test_many_fp32_rows_take_the_gemm():
     x, w, b = _inputs(MAX_ROWS + 1, 32, 8, torch.float32)
     torch.testing.assert_close(skinny_linear(x, w, b), skinny_linear_ref(x, w, b), rtol=0, atol=0)
 
@@ -68,7 +70,7 @@ def test_empty():
 
 
 def test_opcheck():
-    for M, dtype, bias in ((2, torch.float32, True), (1, torch.bfloat16, False)):
+    for M, dtype, bias in ((2, torch.float32, True), (1, torch.bfloat16, False), (MAX_ROWS + 1, torch.float32, True)):
         x, w, b = _inputs(M, 40, 24, dtype, bias)
         torch.library.opcheck(torch.ops.lcm_fast.skinny_linear, (x, w, b))
 

@@ -3,8 +3,8 @@
 Diffusion decoding multiplies one or two rows per document (conditional and unconditional CFG halves)
 by every weight matrix of the denoiser at every step, so the cost is reading the weights once. The
 CPU kernel streams W exactly once in order (``csrc/linear/skinny_linear_cpu.cpp``); the BLAS path of
-``F.linear`` reaches a fraction of the memory bandwidth at these shapes (bench/RESULTS.md). Inputs with
-more than :data:`MAX_ROWS` rows are a real GEMM and go to ``F.linear``. On CUDA the op forwards to
+``F.linear`` reaches a fraction of the memory bandwidth at these shapes (bench/RESULTS.md). fp32 inputs with
+more than :data:`MAX_ROWS` rows are a real GEMM and the op hands them to BLAS. On CUDA the op forwards to
 cuBLAS.
 """
 
@@ -19,8 +19,9 @@ from torch import Tensor
 from .. import _ext
 from ._dispatch import OpSpec, register
 
-#: more rows go to ``F.linear``: the kernel measured 1.0-2.2x as fast as it up to 64 rows, BLAS ahead from 96-128
-#: (bench/RESULTS.md, 3 x 4 register tiles)
+#: fp32 inputs with more rows are a real GEMM: the op hands them to BLAS (``kSkinnyMaxRows`` in
+#: ``csrc/linear/skinny_linear_cpu.h``), which catches up from 64-128 rows; bf16/fp16 stay in the kernel at any
+#: size on CPUs without native half GEMMs (BLAS ran them at ~20 GFLOP/s, the kernel at 105-121; bench/RESULTS.md)
 MAX_ROWS = 64
 
 
@@ -43,11 +44,11 @@ if _ext.EXT_AVAILABLE:
 def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """``F.linear`` for few rows: x [..., K] (fp32/bf16/fp16, the dtype of weight [N, K] and bias [N])
     -> [..., N], accumulated in fp32. Not differentiable (inference)."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows > MAX_ROWS or SPEC.choose(x.device.type, x.dtype, backend) == "ref":
+    if SPEC.choose(x.device.type, x.dtype, backend) == "ref":
         return skinny_linear_ref(x, weight, bias)
     # a decoding step makes ~100 of these calls, a few microseconds of weights each: the overload is called
     # directly (resolving it through the op packet costs microseconds per call) and 2-D x is not reshaped
     if x.dim() == 2:
         return _skinny_linear_op(x, weight, bias)
+    rows = x.numel() // max(x.shape[-1], 1)
     return _skinny_linear_op(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1)
