@@ -54,9 +54,10 @@ constexpr int64_t kSkinnyTaskBytes = 64 << 10;  // weights per parallel task at 
 // y = x W^T + b: x [M, K] and W [N, K] contiguous, bias [N] or null, out [M, N], all of type W.
 template <typename W>
 void skinny_linear_kernel(const W* x_in, int64_t M, int64_t K, const W* w, const W* bias, int64_t N, W* out) {
-  // Many rows (bf16/fp16 take any number): blocks of x that stay in L2 (256 KB in fp32) while the tiles stream
-  // past, one pass over W each; x streamed from memory once per tile ran a 3200-row bf16 prefill at ~50 GFLOP/s
-  const int64_t block_rows = std::clamp<int64_t>((256 << 10) / (4 * K), 32, 256);
+  // Many rows (bf16/fp16 take any number): blocks of x that stay in L2 (512 KB in fp32; at least the fp32 limit,
+  // which never splits) while the tiles stream past, one pass over W each; x streamed from memory once per tile
+  // ran a 3200-row bf16 prefill at ~50 GFLOP/s
+  const int64_t block_rows = std::clamp<int64_t>((512 << 10) / (4 * K), kSkinnyMaxRows, 256);
   if (M > block_rows) {
     for (int64_t m = 0; m < M; m += block_rows)
       skinny_linear_kernel(x_in + m * K, std::min(block_rows, M - m), K, w, bias, N, out + m * N);

@@ -36,9 +36,9 @@ def _check(x, w, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-# 3-row register tiles and their 1- and 2-row tails; 24+ rows widen bf16/fp16 tiles first; 100 fp32 rows take BLAS,
-# bf16/fp16 ones the kernel (without native half GEMMs)
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 16, 30, 64, 100])
+# 3-row register tiles and their 1- and 2-row tails; 24+ rows widen bf16/fp16 tiles first; 100+ fp32 rows take BLAS,
+# bf16/fp16 ones the kernel (without native half GEMMs), 300 at K ~ 1024 in L2-sized row blocks
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 16, 30, 64, 100, 300])
 @pytest.mark.parametrize("K,N", [(1, 1), (7, 5), (256, 256), (1023, 9), (1025, 770)])
 def test_matches_reference(M, K, N, dtype):
     _check(*_inputs(M, K, N, dtype, bias=(K + M) % 2 == 0))
