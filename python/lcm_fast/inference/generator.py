@@ -27,11 +27,11 @@ from ..config import merge_into
 from ..diffusion import SchedulerOutput, classifier_free_guidance
 from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 from ..models.quant_lcm import sample_units
+from ..nn.attention import KVCache
 from ..nn.linear import LinearFn
+from ..nn.position import check_positions
 from ..ops import sampler_params, skinny_linear
 from ..ops.guided_ddim import PREDICTION_TYPES, guided_ddim_step_for
-from ..nn.attention import KVCache
-from ..nn.position import check_positions
 from .fast import FastDecoder, FastDenoiser, fast_decoder_unsupported
 from .graphs import CapturedCall
 from .noise import NoiseSource, TorchNoise
@@ -201,7 +201,7 @@ class _FastBaseLCMStepper(_BaseLCMStepper):
     def __init__(self, model: BaseLCM, options: GenerationOptions, temperature: float, capacity: int,
                  noise: NoiseSource, cuda_graphs: bool = False) -> None:
         super().__init__(model, options, temperature, True, capacity, noise)
-        self.linear = skinny_linear  # the prefill: up to 64 rows (a batch-1 prompt) faster than BLAS
+        self.linear = skinny_linear  # the prompt's prefill too: the kernel wherever it beats BLAS
         if cuda_graphs:
             self.cache = [KVCache(capacity, zeroed=True) for _ in model.lcm.layers]
         self.decoder = FastDecoder(model, self.cache, static_shapes=cuda_graphs)
@@ -376,7 +376,7 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
     def __init__(self, model: TwoTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
                  cuda_graphs: bool = False) -> None:
         super().__init__(model, options, True, capacity, noise)
-        self.linear = skinny_linear  # up to 64 rows (a batch-1 prompt) faster than BLAS; F.linear beyond
+        self.linear = skinny_linear  # the contextualizer too: the kernel wherever it beats BLAS
         self.fast = FastDenoiser(model, self.timesteps, capacity, static_shapes=cuda_graphs)
         # batch size -> its captured sentence loop (None: its first sentence ran eagerly); None without graphs
         self.graphs: Optional[dict[int, Optional[CapturedCall]]] = {} if cuda_graphs else None
