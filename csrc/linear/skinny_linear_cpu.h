@@ -9,11 +9,14 @@
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/Utils.h>
+#include <c10/core/ScalarType.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
-#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -21,14 +24,20 @@
 
 namespace lcm_fast {
 
-// Whether the CPU has any of these cpuinfo capabilities (at::cpu::get_cpu_capabilities keys).
-inline bool cpu_has(std::initializer_list<const char*> names) {
-  const auto caps = at::cpu::get_cpu_capabilities();
-  for (const char* name : names) {
-    const auto it = caps.find(name);
-    if (it != caps.end() && it->second.isBool() && it->second.toBool()) return true;
-  }
-  return false;
+// Whether the CPU multiplies bf16 (or fp16) natively, which BLAS then uses: AVX512-BF16 / AMX-BF16 (AVX512-FP16 /
+// AMX-FP16), read from CPUID leaf 7 (torch's own query has changed its API across releases). Elsewhere than x86,
+// many rows of half types are left to BLAS (ARM's BF16 extensions).
+inline bool cpu_native_half_gemm(bool bf16) {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const unsigned edx0 = edx, subleaves = eax;
+  unsigned eax1 = 0;
+  if (subleaves >= 1 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) eax1 = eax;
+  return bf16 ? ((eax1 >> 5) & 1) || ((edx0 >> 22) & 1) : ((edx0 >> 23) & 1) || ((eax1 >> 21) & 1);
+#else
+  return true;
+#endif
 }
 
 // More fp32 rows of x are a real GEMM (ops/linear.py MAX_ROWS): BLAS catches up from 64-128 rows.
@@ -39,8 +48,7 @@ constexpr int64_t kSkinnyMaxRows = 64;
 // BLAS ran them at ~20 GFLOP/s against the kernel's 105-121 on the 2-core Zen3 VM (bench/RESULTS.md).
 inline bool skinny_takes(at::ScalarType dtype, int64_t M) {
   if (dtype == at::kFloat) return M <= kSkinnyMaxRows;
-  static const bool native_bf16 = cpu_has({"amx_bf16", "avx512_bf16"});
-  static const bool native_fp16 = cpu_has({"amx_fp16", "avx512_fp16"});
+  static const bool native_bf16 = cpu_native_half_gemm(true), native_fp16 = cpu_native_half_gemm(false);
   return M <= kSkinnyMaxRows || !(dtype == at::kBFloat16 ? native_bf16 : native_fp16);
 }
 
