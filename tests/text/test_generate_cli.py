@@ -32,6 +32,13 @@ def test_demo_generates_text_offline():
         f"[{s['similarity']:.2f}] {s['text']}" for s in out["sentences"]]  # same seed, same sentences
 
 
+def test_demo_generates_in_bfloat16():
+    result = _run(PROMPT, "--json", "--sentences", "2", "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    bank = RetrievalDecoder.load(DEMO_DIR / "bank")
+    assert [s["text"] in bank.sentences for s in json.loads(result.stdout)["sentences"]] == [True, True]
+
+
 def test_generate_errors(tmp_path):
     assert "is not a model directory" in _run(PROMPT, "--model", str(tmp_path)).stderr
     RetrievalDecoder(["one.", "two."], torch.randn(2, 16)).save(tmp_path / "bank16")
