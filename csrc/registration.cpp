@@ -50,11 +50,13 @@ TORCH_LIBRARY(lcm_fast, m) {
         "int length, Tensor? rows, int num_cond, Tensor uncond_cross, bool rms, float eps, str activation, "
         "bool post_norms, bool qk_norm, Tensor?[] io_params) -> Tensor");
 
-  // The causal decoder layers (Base-LCM) for one new position per document (python/lcm_fast/ops/decoder.py):
-  // h [B, D] -> [B, D] through L layers; params: L x DECODER_LAYER_PARAMS, layer after layer (None where a
+  // The causal decoder layers (Base-LCM, One-Tower) for one new position per row (python/lcm_fast/ops/decoder.py):
+  // h [R, D] -> [R, D] through L layers; params: L x DECODER_LAYER_PARAMS, layer after layer (None where a
   // layer has none); keys/values: per layer the [B, H, capacity, D/H] self-attention cache, `length`
-  // positions filled; each layer writes its new key and value at position `length`. rope: fp32
-  // [2, positions, D/H/2] cos and sin, or None. Inference only.
+  // positions filled. Rows r < num_cond write their new key and value at position `length` of batch row
+  // rows[r] (None: r; distinct) and attend over positions <= length; the others attend to themselves only.
+  // rope: fp32 [2, positions, D/H/2] cos and sin, or None. Inference only.
   m.def("decoder_layers_decode(Tensor h, Tensor?[] params, Tensor(a!)[] keys, Tensor(b!)[] values, int length, "
-        "Tensor? rope, bool rms, float eps, str activation, bool post_norms, bool qk_norm) -> Tensor");
+        "Tensor? rows, int num_cond, Tensor? rope, bool rms, float eps, str activation, bool post_norms, "
+        "bool qk_norm) -> Tensor");
 }

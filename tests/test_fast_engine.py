@@ -129,6 +129,40 @@ def test_fast_base_lcm_equals_reference(model_key, lens, sample, max_gen_len, se
     _assert_as_close_to_float64(fast, ref, oracle, lens)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    model_key=st.tuples(st.sampled_from([1, 2, 4]), st.integers(1, 3), st.booleans(),
+                        st.sampled_from(["pre", "normformer", "post"]), st.booleans()),
+    lens=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    guidance=st.sampled_from([1.0, 3.0]),
+    eta=st.sampled_from([0.0, 0.5]),
+    steps=st.integers(1, 8),
+    max_gen_len=st.integers(1, 3),
+    seed=st.integers(1, 2**16),
+)
+def test_fast_one_tower_equals_reference(model_key, lens, guidance, eta, steps, max_gen_len, seed):
+    """One-Tower: every denoising step in one decoder_layers_decode call (conditional rows on their cached
+    context, the CFG rows on themselves; teacher-forced rows skipped through a row index)."""
+    key = ("one_tower", *model_key)
+    if key not in _MODELS:
+        heads, layers, rms, order, qk_norm = model_key
+        stack = dict(num_attn_heads=heads, num_layers=layers, layer_normalization_style="rms" if rms else "standard",
+                     use_swiglu=rms, norm_order_style=order, enable_qk_layernorm=qk_norm)
+        _MODELS[key] = random_model(tiny_config("one_tower_diffusion_lcm", lcm=stack), seed=zlib.crc32(repr(key).encode()))
+    model = _MODELS[key]
+    lens = torch.tensor(lens)
+    prompts = torch.randn(len(lens), int(lens.max()), model.sonar_dim, generator=torch.Generator().manual_seed(seed))
+    options = lcm_fast.GenerationOptions(guidance_scale=guidance, guidance_rescale=0.7, ddim_eta=eta,
+                                         inference_timesteps=steps, initial_noise_scale=0.8, seed=seed,
+                                         eos_threshold=None)
+    run = functools.partial(lcm_fast.generate, options=options, max_gen_len=max_gen_len)
+    ref, fast = run(model, prompts, lens, engine="reference"), run(model, prompts, lens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = run(copy.deepcopy(model).double(), prompts.double(), lens, engine="reference")
+    _assert_as_close_to_float64(fast, ref, oracle, lens)
+
+
 def test_unknown_engine():
     with pytest.raises(ValueError, match="unknown engine 'turbo'"):
         lcm_fast.Generator(_model((2, 1, False, False, "sample")), engine="turbo")

@@ -19,7 +19,7 @@ enum Param : int {
 constexpr int kFfn = kSaPostNormB + 1;  // the FfnParam entries (layer_decode.h) from here
 constexpr int kNumParams = kFfn + kNumFfnParams;
 
-// x [B, H * hd] rotated in place by RoPE over interleaved pairs, cos/sin [hd / 2] of the position (fp32
+// x [rows, H * hd] rotated in place by RoPE over interleaved pairs, cos/sin [hd / 2] of the position (fp32
 // maths, rounded to T as the module's rotation is).
 template <typename T>
 void rotate(T* x, int64_t rows, int64_t hd, const float* cos, const float* sin) {
@@ -32,45 +32,49 @@ void rotate(T* x, int64_t rows, int64_t hd, const float* cos, const float* sin) 
     }
 }
 
-// One layer, in place on h [B, D]; keys/values [B, H, capacity, hd] its cache, `length` positions filled.
+// One layer, in place on h [R, D]; keys/values [B, H, capacity, hd] its cache, `length` positions filled; rows
+// r < C write into and attend over batch row rows[r] (or r), the others attend to themselves only.
 template <typename T>
-void layer_decode(T* h, int64_t B, int64_t D, const Layer<T>& layer, const at::Tensor& keys, const at::Tensor& values,
-                  int64_t length, const float* cos, const float* sin, Act act, bool post_norms, bool qk_norm,
-                  const Scratch<T>& s, const T* ones) {
+void layer_decode(T* h, int64_t R, int64_t D, const Layer<T>& layer, const at::Tensor& keys, const at::Tensor& values,
+                  int64_t length, const int64_t* rows, int64_t C, const float* cos, const float* sin, Act act,
+                  bool post_norms, bool qk_norm, const Scratch<T>& s, const T* ones) {
   const int64_t H = keys.size(1), capacity = keys.size(2), hd = keys.size(3);
   T *y = s.y, *a = s.a, *q = s.q, *k = s.k, *v = s.v, *o = s.o;
   const T* zeros = s.zeros;
 
-  layer.norm(h, nullptr, nullptr, nullptr, nullptr, kSaNormW, B, D, y, zeros);
-  layer.linear(y, B, kQW, q);
-  layer.linear(y, B, kKW, k);
-  layer.linear(y, B, kVW, v);
+  layer.norm(h, nullptr, nullptr, nullptr, nullptr, kSaNormW, R, D, y, zeros);
+  layer.linear(y, R, kQW, q);
+  layer.linear(y, R, kKW, k);
+  layer.linear(y, R, kVW, v);
   if (qk_norm) {
-    layer.norm(q, nullptr, nullptr, nullptr, nullptr, kQNormW, B, D, q, zeros);
-    layer.norm(k, nullptr, nullptr, nullptr, nullptr, kKNormW, B, D, k, zeros);
+    layer.norm(q, nullptr, nullptr, nullptr, nullptr, kQNormW, R, D, q, zeros);
+    layer.norm(k, nullptr, nullptr, nullptr, nullptr, kKNormW, R, D, k, zeros);
   }
   if (cos) {
-    rotate(q, B * H, hd, cos, sin);
-    rotate(k, B * H, hd, cos, sin);
+    rotate(q, R * H, hd, cos, sin);
+    rotate(k, R * H, hd, cos, sin);
   }
   T *kc = keys.data_ptr<T>(), *vc = values.data_ptr<T>();
-  for (int64_t b = 0; b < B; ++b)
+  for (int64_t r = 0; r < C; ++r)
     for (int64_t head = 0; head < H; ++head) {
-      const int64_t at = ((b * H + head) * capacity + length) * hd, from = b * D + head * hd;
+      const int64_t b = rows ? rows[r] : r;
+      const int64_t at = ((b * H + head) * capacity + length) * hd, from = r * D + head * hd;
       std::copy(k + from, k + from + hd, kc + at);
       std::copy(v + from, v + from + hd, vc + at);
     }
-  attend<T>(q, B, kc, vc, nullptr, H, capacity, hd, length + 1, o);
-  layer.linear(o, B, kOutW, a);
+  attend<T>(q, C, kc, vc, rows, H, capacity, hd, length + 1, o);
+  std::copy(v + C * D, v + R * D, o + C * D);  // the softmax over a row's own key alone is 1
+  layer.linear(o, R, kOutW, a);
   if (post_norms) {
-    layer.norm(a, nullptr, nullptr, nullptr, nullptr, kSaPostNormW, B, D, a, zeros);
+    layer.norm(a, nullptr, nullptr, nullptr, nullptr, kSaPostNormW, R, D, a, zeros);
   }
-  layer.norm(h, a, ones, nullptr, nullptr, kFfn + kFfNormW, B, D, y, zeros);  // h += a; y = norm_ff(h)
-  ffn_decode<T>(h, y, B, D, layer.block(kFfn), act, post_norms, nullptr, s.g, s.u, s.f, zeros);
+  layer.norm(h, a, ones, nullptr, nullptr, kFfn + kFfNormW, R, D, y, zeros);  // h += a; y = norm_ff(h)
+  ffn_decode<T>(h, y, R, D, layer.block(kFfn), act, post_norms, nullptr, s.g, s.u, s.f, zeros);
 }
 
 at::Tensor decoder_layers_decode_cpu(const at::Tensor& h, const c10::List<std::optional<at::Tensor>>& params,
                                      at::TensorList keys, at::TensorList values, int64_t length,
+                                     const std::optional<at::Tensor>& rows, int64_t num_cond,
                                      const std::optional<at::Tensor>& rope, bool rms, double eps,
                                      c10::string_view activation, bool post_norms, bool qk_norm) {
   const char* op = "decoder_layers_decode";
@@ -79,20 +83,36 @@ at::Tensor decoder_layers_decode_cpu(const at::Tensor& h, const c10::List<std::o
               " and ", values.size());
   TORCH_CHECK(int64_t(params.size()) == L * kNumParams, op, ": params needs ", kNumParams, " entries per layer (",
               L * kNumParams, "), got ", params.size());
-  TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), op, ": h must be a contiguous [B, D] tensor, got ", h.sizes());
-  const int64_t B = h.size(0), D = h.size(1);
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), op, ": h must be a contiguous [R, D] tensor, got ", h.sizes());
+  const int64_t R = h.size(0), D = h.size(1);
+  TORCH_CHECK(0 <= num_cond && num_cond <= R, op, ": num_cond ", num_cond, " outside [0, ", R, "]");
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor &k = keys[l], &v = values[l];
-    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous() && k.size(0) == B &&
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous() &&
                     k.size(1) * k.size(3) == D && k.sizes() == keys[0].sizes(),
-                op, ": keys/values of every layer must be contiguous [B, H, capacity, D / H] of one shape with B = ", B,
-                ", layer ", l, " has ", k.sizes(), " and ", v.sizes());
+                op, ": keys/values of every layer must be contiguous [B, H, capacity, D / H] of one shape, layer ", l,
+                " has ", k.sizes(), " and ", v.sizes());
     TORCH_CHECK(k.scalar_type() == h.scalar_type() && v.scalar_type() == h.scalar_type(), op,
                 ": keys and values must be ", h.scalar_type());
   }
   TORCH_CHECK(0 <= length && length < keys[0].size(2), op, ": length ", length, " outside [0, ", keys[0].size(2),
               "): the caches need room for the new position");
-  const int64_t hd = keys[0].size(3);
+  const int64_t batch = keys[0].size(0), hd = keys[0].size(3);
+  at::Tensor row_index;
+  if (rows) {
+    row_index = rows->scalar_type() == at::kLong && rows->is_contiguous() ? *rows : rows->to(at::kLong).contiguous();
+    TORCH_CHECK(row_index.numel() == num_cond, op, ": rows must have num_cond = ", num_cond, " entries");
+    const int64_t* index = row_index.const_data_ptr<int64_t>();
+    std::vector<bool> taken(batch, false);
+    for (int64_t r = 0; r < num_cond; ++r) {
+      TORCH_CHECK(0 <= index[r] && index[r] < batch, op, ": rows[", r, "] = ", index[r],
+                  " is not a batch row of the cache (", batch, ")");
+      TORCH_CHECK(!taken[index[r]], op, ": rows[", r, "] = ", index[r], " twice: each row writes its batch row");
+      taken[index[r]] = true;
+    }
+  } else {
+    TORCH_CHECK(num_cond <= batch, op, ": ", num_cond, " conditional rows but the cache has ", batch);
+  }
   if (rope) {
     TORCH_CHECK(rope->dim() == 3 && rope->size(0) == 2 && 2 * rope->size(2) == hd && rope->is_contiguous() &&
                     rope->scalar_type() == at::kFloat,
@@ -121,11 +141,12 @@ at::Tensor decoder_layers_decode_cpu(const at::Tensor& h, const c10::List<std::o
   at::Tensor hidden = h.clone();
   const auto run = [&](auto tag) {
     using T = decltype(tag);
-    const Scratch<T> scratch(B, D, inner, h.options());
+    const Scratch<T> scratch(R, D, inner, h.options());
     const std::vector<T> ones(D, T(1.f));
+    const int64_t* row_ptr = rows ? row_index.const_data_ptr<int64_t>() : nullptr;
     for (int64_t l = 0; l < L; ++l)
-      layer_decode<T>(hidden.data_ptr<T>(), B, D, Layer<T>{op, params, l * kNumParams, rms, float(eps)}, keys[l],
-                      values[l], length, cos, sin, act, post_norms, qk_norm, scratch, ones.data());
+      layer_decode<T>(hidden.data_ptr<T>(), R, D, Layer<T>{op, params, l * kNumParams, rms, float(eps)}, keys[l],
+                      values[l], length, row_ptr, num_cond, cos, sin, act, post_norms, qk_norm, scratch, ones.data());
   };
   switch (h.scalar_type()) {
     case at::kFloat: run(float{}); break;

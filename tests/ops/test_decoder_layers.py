@@ -77,15 +77,17 @@ def _caches(layers, batch, length, capacity, seed=0, dtype=None) -> list[KVCache
     return caches
 
 
-def _call(layers, h, caches, backend, length=None):
-    """The op on copies of the caches -> (output, [keys], [values])."""
+def _call(layers, h, caches, backend, length=None, rows=None, num_cond=None):
+    """The op on copies of the caches -> (output, [keys], [values]); num_cond None: every row of h."""
     caches = copy.deepcopy(caches)
     params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
     fn = decoder_layers_decode_ref if backend == "ref" else decoder_layers_decode
     keys, values = [c.k for c in caches], [c.v for c in caches]
     length = caches[0].length if length is None else length
+    num_cond = h.shape[0] if num_cond is None else num_cond
     with torch.no_grad():
-            out = fn(h, params, keys, values, length, _rope(layers), rms, eps, act, post_norms, qk_norm, backend=backend)
+        out = fn(h, params, keys, values, length, rows, num_cond, _rope(layers), rms, eps, act, post_norms, qk_norm,
+                 backend=backend)
     return out, keys, values
 
 
@@ -113,6 +115,28 @@ def test_reference_is_the_model_layer(variant):
         torch.testing.assert_close(v[:, :, :6], cache.v[:, :, :6], **PARITY_FORWARD)
 
 
+@pytest.mark.parametrize("variant", VARIANTS[:3])
+def test_reference_rows_and_unconditional_rows(variant):
+    """Conditional rows through a row index write and attend over their batch row's cache; rows past num_cond
+    are DecoderLayer.forward without a cache (each attends to itself only; without RoPE, whose position the
+    module would take as 0)."""
+    layers = _stack(variant, 2)
+    caches = _caches(layers, 4, length=5, capacity=8)
+    rows, h = torch.tensor([2, 0]), torch.randn(3, 64)  # rows 0, 1 -> batch rows 2, 0; row 2 unconditional
+    with torch.no_grad():
+        modules = [c.select(rows) for c in caches]
+        cond, uncond = h[:2, None], h[2:, None]
+        for layer, cache in zip(layers, modules):
+            cond, uncond = layer(cond, None, cache), layer(uncond, None, None)
+    got, keys, values = _call(layers, h, caches, "ref", rows=rows, num_cond=2)
+    torch.testing.assert_close(got[:2], cond[:, 0], **PARITY_FORWARD)
+    if layers[0].self_attn.pos_encoder is None:
+        torch.testing.assert_close(got[2:], uncond[:, 0], **PARITY_FORWARD)
+    for k, cache, before in zip(keys, modules, caches):
+        torch.testing.assert_close(k[rows, :, :6], cache.k[:, :, :6], **PARITY_FORWARD)
+        assert torch.equal(k[[1, 3]], before.k[[1, 3]])  # the other batch rows untouched
+
+
 @pytest.mark.parametrize("backend", ["ref", None])
 def test_tensor_length_masks_the_whole_capacity(backend):
     """A 0-d length (static shapes, for CUDA graphs): the same output and cache writes as an int length, whatever
@@ -126,10 +150,14 @@ def test_tensor_length_masks_the_whole_capacity(backend):
 @needs_kernel
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("batch,length,capacity", [(1, 0, 1), (1, 7, 11), (4, 3, 4), (20, 5, 9)])
-def test_kernel_matches_reference(variant, batch, length, capacity):
+@pytest.mark.parametrize("cfg", [False, True])  # One-Tower's CFG: shuffled conditional rows, then as many alone
+def test_kernel_matches_reference(variant, batch, length, capacity, cfg):
     layers = _stack(variant, 2)
-    caches, h = _caches(layers, batch, length, capacity), torch.randn(batch, 64) * 2
-    _assert_same(_call(layers, h, caches, "ext"), _call(layers, h, caches, "ref"))
+    caches = _caches(layers, batch, length, capacity)
+    rows = torch.randperm(batch, generator=torch.Generator().manual_seed(batch)) if cfg else None
+    h = torch.randn(2 * batch if cfg else batch, 64) * 2
+    args = dict(rows=rows, num_cond=batch)
+    _assert_same(_call(layers, h, caches, "ext", **args), _call(layers, h, caches, "ref", **args))
 
 
 @needs_kernel
@@ -144,13 +172,17 @@ def test_kernel_activations(activation):
 @settings(max_examples=25, deadline=None)
 @given(dim_heads=st.sampled_from([(8, 1), (24, 3), (64, 4), (96, 2), (136, 2)]), batch=st.integers(1, 6),
        length=st.integers(0, 9), spare=st.integers(1, 3), n=st.integers(1, 3), variant=st.sampled_from(VARIANTS),
-       seed=st.integers(0, 100))
-def test_hypothesis_shapes(dim_heads, batch, length, spare, n, variant, seed):
+       num_cond=st.integers(0, 6), uncond=st.integers(0, 3), seed=st.integers(0, 100))
+def test_hypothesis_shapes(dim_heads, batch, length, spare, n, variant, num_cond, uncond, seed):
     dim, heads = dim_heads
     layers = _stack(variant, n, dim, heads)
     caches = _caches(layers, batch, length, length + spare, seed=seed)
-    h = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed))
-    _assert_same(_call(layers, h, caches, "ext"), _call(layers, h, caches, "ref"))
+    g = torch.Generator().manual_seed(seed)
+    num_cond = min(num_cond, batch)
+    rows = torch.randperm(batch, generator=g)[:num_cond] if seed % 2 else None
+    h = torch.randn(max(num_cond + uncond, 1), dim, generator=g)
+    args = dict(rows=rows, num_cond=num_cond)
+    _assert_same(_call(layers, h, caches, "ext", **args), _call(layers, h, caches, "ref", **args))
 
 
 @needs_kernel
@@ -185,8 +217,8 @@ def test_opcheck():
     caches = _caches(layers, 3, 4, 6)
     params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
     params = [p.detach() if p is not None else None for p in params]  # inference only, as the engine passes them
-    args = (torch.randn(3, 64), params, [c.k for c in caches], [c.v for c in caches], 4, _rope(layers), rms, eps, act,
-            post_norms, qk_norm)
+    args = (torch.randn(4, 64), params, [c.k for c in caches], [c.v for c in caches], 4, torch.tensor([2, 0]), 2,
+            _rope(layers), rms, eps, act, post_norms, qk_norm)
     torch.library.opcheck(torch.ops.lcm_fast.decoder_layers_decode, args)
 
 
@@ -197,8 +229,8 @@ def test_bad_input_is_named():
     params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
 
     def call(**kw):
-        a = dict(h=h, params=params, keys=[c.k for c in caches], values=[c.v for c in caches], length=3, rope=rope,
-                 rms=rms, eps=eps, activation=act)
+        a = dict(h=h, params=params, keys=[c.k for c in caches], values=[c.v for c in caches], length=3, rows=None,
+                 num_cond=2, rope=rope, rms=rms, eps=eps, activation=act)
         a.update(kw)
         return decoder_layers_decode(**a, backend="ext")
 
@@ -208,8 +240,14 @@ def test_bad_input_is_named():
         call(values=[caches[0].v])
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         call(activation="swish")
-    with pytest.raises(ValueError, match=r"h must be \[B, D\] with one row per batch row"):
-        call(h=torch.randn(3, 64))
+    with pytest.raises(ValueError, match=r"num_cond in \[0, R\], got \(2, 64\), \(2, 4, 4, 16\) and 3"):
+        call(num_cond=3)
+    with pytest.raises(RuntimeError, match="3 conditional rows but the cache has 2"):
+        call(h=torch.randn(3, 64), num_cond=3)
+    with pytest.raises(RuntimeError, match=r"rows\[1\] = 0 twice"):
+        call(rows=torch.tensor([0, 0]))
+    with pytest.raises(RuntimeError, match=r"rows\[0\] = 5 is not a batch row"):
+        call(rows=torch.tensor([5, 0]))
     with pytest.raises(ValueError, match=r"rope must be fp32 \[2, positions, head_dim / 2\]"):
         call(rope=rope[:, :, :4])
     with pytest.raises(RuntimeError, match="length 4 outside .0, 4.: the caches need room"):

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models import BaseLCM, TwoTowerLCM
+from ..models import BaseLCM, OneTowerLCM, TwoTowerLCM
 from ..models.two_tower import Denoiser, DenoiserLayer
 from ..nn.activation import ACTIVATION_NAMES
 from ..nn.attention import KVCache
@@ -208,7 +208,7 @@ class FastDenoiser:
         return h[:, None]
 
 
-def fast_decoder_unsupported(model: BaseLCM) -> Optional[str]:
+def fast_decoder_unsupported(model: BaseLCM | OneTowerLCM) -> Optional[str]:
     """Why :class:`FastDecoder` cannot run this Base-LCM (None: it can)."""
     layer = model.lcm.layers[0]
     if layer.order == "post":
@@ -219,10 +219,12 @@ def fast_decoder_unsupported(model: BaseLCM) -> Optional[str]:
 
 
 class FastDecoder:
-    """A Base-LCM's prediction for one new position per document, on the model's KV cache.
+    """A Base-LCM's prediction, or a One-Tower model's denoising step, for one new position per document on the
+    model's KV cache.
 
     Args:
-        model: the Base-LCM (its modules are used, not copied); :func:`fast_decoder_unsupported` is None.
+        model: the Base-LCM or One-Tower model (its modules are used, not copied); :func:`fast_decoder_unsupported`
+            is None.
         cache: the model's cache (``model.new_cache``), possibly filled by a prefill. A call writes the new
             position's keys/values; :meth:`advance` then counts it.
         static_shapes: every call has the same shapes whatever the position (for CUDA graphs): the position is
@@ -230,7 +232,7 @@ class FastDecoder:
             composed ops of :func:`decoder_layers_decode_ref`; the caches must be ``zeroed``).
     """
 
-    def __init__(self, model: BaseLCM, cache: list[KVCache], static_shapes: bool = False) -> None:
+    def __init__(self, model: BaseLCM | OneTowerLCM, cache: list[KVCache], static_shapes: bool = False) -> None:
         self.model, self.cache, self.static_shapes = model, cache, static_shapes
         self.layers_args = layers_decode_args(model.lcm.layers)
         weight = model.frontend.pre_linear.weight
@@ -246,24 +248,46 @@ class FastDecoder:
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
-        """x: [B, 1, sonar_dim] normalized embeddings of the new positions -> [B, 1, out_dim], the model's
-        ``forward(x, cache=cache)``."""
-        model, front = self.model, self.model.frontend
-        start = self.length if self.static_shapes else self.cache[0].length
-        h = x[:, 0] * front.embed_scale if front.embed_scale != 1.0 else x[:, 0]
+        """Base-LCM. x: [B, 1, sonar_dim] normalized embeddings of the new positions -> [B, 1, out_dim], the
+        model's ``forward(x, cache=cache)``; :meth:`advance` then counts the position."""
+        h = self._frontend(x[:, 0])
+        return self._layers(h, None, h.shape[0])
+
+    @torch.no_grad()
+    def denoise(self, latents: Tensor, t: int, rows: Optional[Tensor], cfg: bool) -> Tensor:
+        """One-Tower. latents: [n, 1, sonar_dim] at timestep t, the noisy token after the cached context of batch
+        rows ``rows`` ([n], None: all) -> [n, 1, sonar_dim] predictions, followed with ``cfg`` by n unconditional
+        ones (each token attending to itself only): the model's ``denoise_step``. The token's keys/values go to
+        the caches' next position, which is not counted (the next step overwrites them)."""
+        t_emb = self.model.condition(torch.full((1, 1), t, device=latents.device))[:, 0].to(latents.dtype)
+        h = self._frontend(torch.cat((latents[:, 0], t_emb.expand(latents.shape[0], -1)), dim=-1))
+        n = h.shape[0]
+        return self._layers(torch.cat((h, h)) if cfg else h, rows, n)
+
+    def _frontend(self, x: Tensor) -> Tensor:
+        """x: [n, frontend input] -> [n, D] at the next position (the frontend of the cached positions' model)."""
+        front = self.model.frontend
+        h = x * front.embed_scale if front.embed_scale != 1.0 else x
         h = skinny_linear(h, front.pre_linear.weight, front.pre_linear.bias)
         if self.positions is not None:
-            h = h + self.positions[start]
+            h = h + self.positions[self.length]
         elif front.pos_encoder is not None:
-            h = front.pos_encoder(h[:, None], start)[:, 0]
+            h = front.pos_encoder(h[:, None], self.cache[0].length)[:, 0]
+        return h
+
+    def _layers(self, h: Tensor, rows: Optional[Tensor], num_cond: int) -> Tensor:
+        """h: [R, D] -> [R, 1, out_dim]: every layer (rows < num_cond on the caches' batch rows ``rows``), the
+        final norm and the postnet."""
+        model = self.model
         if self.cache[0].k is None:  # no prefill: appending no position allocates the caches
             heads = model.lcm.layers[0].self_attn.num_heads
-            empty = h.new_empty(h.shape[0], heads, 0, h.shape[1] // heads)
+            empty = h.new_empty(num_cond, heads, 0, h.shape[1] // heads)
             for cache in self.cache:
                 cache.append(empty, empty)
         params, rms, eps, activation, post_norms, qk_norm = self.layers_args
-        h = self.layers_decode(h, params, [c.k for c in self.cache], [c.v for c in self.cache], start, self.rope, rms,
-                               eps, activation, post_norms, qk_norm)
+        start = self.length if self.static_shapes else self.cache[0].length
+        h = self.layers_decode(h, params, [c.k for c in self.cache], [c.v for c in self.cache], start, rows, num_cond,
+                               self.rope, rms, eps, activation, post_norms, qk_norm)
         if model.lcm.layer_norm is not None:
             h = model.lcm.layer_norm(h)
         return model.postnet(h, skinny_linear)[:, None]

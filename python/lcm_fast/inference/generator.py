@@ -7,9 +7,9 @@ are teacher-forced; finished rows leave the batch. Every random draw goes throug
 
 Two engines compute the Two-Tower denoising: ``"reference"`` evaluates the denoiser as the official
 code does (a readable port: every row, both CFG halves, every step), ``"fast"`` (the default) gets the
-same outputs without the waste (see :mod:`lcm_fast.inference.fast`). Base-LCM uses its KV-cached
-decoder in both; the fast engine runs each new position's layers in one op call (:class:`FastDecoder`;
-post-norm layers and ``scale_residual`` keep the modules).
+same outputs without the waste (see :mod:`lcm_fast.inference.fast`). Base-LCM and One-Tower use their
+KV-cached decoder in both; the fast engine runs each new position's layers in one op call
+(:class:`FastDecoder`; post-norm layers and ``scale_residual`` keep the modules).
 """
 
 from __future__ import annotations
@@ -150,11 +150,12 @@ def _normalize(model: OneTowerLCM | QuantLCM, x: Tensor) -> Tensor:
     return model.normalizer.normalize(x) if model.normalizer is not None else x
 
 
-def _encode_into_cache(model: OneTowerLCM | QuantLCM, cache: list, seqs: Tensor, step: int) -> None:
+def _encode_into_cache(model: OneTowerLCM | QuantLCM, cache: list, seqs: Tensor, step: int,
+                       linear: Optional[LinearFn] = None) -> None:
     """Adds positions [cached, step) of seqs ([B, >= step, D] raw) to the model's context cache."""
     done = cache[0].length
     if step > done:
-        model.encode(_normalize(model, seqs[:, done:step]), cache=cache)
+        model.encode(_normalize(model, seqs[:, done:step]), cache=cache, linear=linear)
 
 
 class _BaseLCMStepper:
@@ -439,7 +440,7 @@ class _OneTowerStepper(_TwoTowerStepper):
         self._extend_context(prefix, prefix.shape[1])
 
     def _extend_context(self, seqs: Tensor, step: int) -> None:
-        _encode_into_cache(self.model, self.cache, seqs, step)
+        _encode_into_cache(self.model, self.cache, seqs, step, self.linear)
 
     def _rows(self, forced: Tensor) -> Optional[Tensor]:
         return None if not forced.any() else (~forced).nonzero().flatten()
@@ -447,9 +448,26 @@ class _OneTowerStepper(_TwoTowerStepper):
     def _denoise(self, latents: Tensor, i: int, t: int, rows: Optional[Tensor]) -> Tensor:
         cache = self.cache if rows is None else [c.select(rows) for c in self.cache]
         cond = self.model.denoise_step(latents, t, cache)
-        if not self.cfg or t == self.scheduler.num_train_steps - 1:  # the first CFG step is conditional only
+        if not self._uncond(t):
             return cond
         return torch.cat((cond, self.model.denoise_step(latents, t, cache, conditional=False)))
+
+    def _uncond(self, t: int) -> bool:
+        """Whether the step at timestep t has unconditional rows (the first CFG step is conditional only)."""
+        return self.cfg and t != self.scheduler.num_train_steps - 1
+
+
+class _FastOneTowerStepper(_OneTowerStepper):
+    """The fast engine's One-Tower: every denoising step's noisy tokens (and their CFG twins) through
+    :class:`FastDecoder` (every layer in one op call, on the context cache, no cache copies for row subsets)."""
+
+    def __init__(self, model: OneTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource) -> None:
+        super().__init__(model, options, capacity, noise)
+        self.linear = skinny_linear  # the context's encoding too: the kernel wherever it beats BLAS
+        self.fast = FastDecoder(model, self.cache)
+
+    def _denoise(self, latents: Tensor, i: int, t: int, rows: Optional[Tensor]) -> Tensor:
+        return self.fast.denoise(latents, t, rows, self._uncond(t))
 
 
 class _QuantStepper:
@@ -590,7 +608,8 @@ class Generator:
         if isinstance(model, QuantLCM):
             stepper = _QuantStepper(model, opt, total, noise)
         elif isinstance(model, OneTowerLCM):  # always cached: its context cache is the model's state
-            stepper = _OneTowerStepper(model, opt, total, noise)
+            fast = self.engine == "fast" and fast_decoder_unsupported(model) is None
+            stepper = (_FastOneTowerStepper if fast else _OneTowerStepper)(model, opt, total, noise)
         elif isinstance(model, TwoTowerLCM) and self.engine == "fast" and not disable_cache:
             stepper = _FastTwoTowerStepper(model, opt, total, noise, self.cuda_graphs)
         elif isinstance(model, TwoTowerLCM):

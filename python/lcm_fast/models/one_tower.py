@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..config import NormalizerConfig, OneTowerConfig, QuantLCMConfig
 from ..diffusion.schedule import DDIMScheduler
 from ..nn.attention import KVCache
+from ..nn.linear import LinearFn
 from ..nn.normalizer import SonarNormalizer
 from ..nn.projection import Projection
 from ..nn.timestep import TimestepEmbedder
@@ -59,9 +60,9 @@ class OneTowerBackbone(SavePretrainedMixin, nn.Module):
     def new_cache(self, capacity: int) -> list[KVCache]:
         return self.lcm.new_cache(capacity)
 
-    def _embed(self, x: Tensor, t: Tensor, start: int) -> Tensor:
+    def _embed(self, x: Tensor, t: Tensor, start: int, linear: Optional[LinearFn] = None) -> Tensor:
         """x: [B, S, sonar_dim] normalized; t: [B, S] conditions; sentences start.. -> [B, S, model_dim]."""
-        return self.frontend(torch.cat((x, self.condition(t).to(x.dtype)), dim=-1), start)
+        return self.frontend(torch.cat((x, self.condition(t).to(x.dtype)), dim=-1), start, linear)
 
     def forward(
         self, clean: Tensor, noisy: Tensor, timesteps: Tensor, seq_lens: Optional[Tensor] = None,
@@ -90,11 +91,12 @@ class OneTowerBackbone(SavePretrainedMixin, nn.Module):
 
     # ---- generation: the clean context is cached, each denoising step runs one noisy token --------
 
-    def encode(self, x: Tensor, seq_lens: Optional[Tensor] = None, cache: Optional[list[KVCache]] = None) -> Tensor:
+    def encode(self, x: Tensor, seq_lens: Optional[Tensor] = None, cache: Optional[list[KVCache]] = None,
+               linear: Optional[LinearFn] = None) -> Tensor:
         """Adds clean sentences [B, S, sonar_dim] (normalized) to the context cache (positions follow the
-        cached ones). Returns their hidden states [B, S, model_dim]."""
+        cached ones). Returns their hidden states [B, S, model_dim]. linear: replaces every projection's GEMM."""
         t = torch.full(x.shape[:2], self.clean_index, dtype=torch.long, device=x.device)
-        return self.lcm(self._embed(x, t, cache[0].length if cache else 0), seq_lens, cache)
+        return self.lcm(self._embed(x, t, cache[0].length if cache else 0, linear), seq_lens, cache, linear=linear)
 
     def denoise_step(self, latents: Tensor, t: int, cache: Optional[list[KVCache]], conditional: bool = True) -> Tensor:
         """latents: [B, 1, sonar_dim] at timestep t for the sentence after the cached clean context

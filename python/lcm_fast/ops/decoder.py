@@ -1,21 +1,25 @@
-"""``decoder_layers_decode``: the causal decoder layers (Base-LCM) for one new position per document, in one call.
+"""``decoder_layers_decode``: the causal decoder layers (Base-LCM, One-Tower) for one new position per row, in one call.
 
-The fast engine's Base-LCM step (``inference/fast.py`` :class:`~lcm_fast.inference.fast.FastDecoder`) runs
-every layer on one row per document. Issued from Python through the modules, a step at model dim 512 spent
+The fast engine's Base-LCM step and One-Tower denoising step (``inference/fast.py``
+:class:`~lcm_fast.inference.fast.FastDecoder`) run every layer on one row per document (two with CFG). Issued from Python through the modules, a step at model dim 512 spent
 ~20 % of its time between ops and read the K/V weights through BLAS at a third of the memory bandwidth
 (bench/RESULTS.md); the CPU kernel (``csrc/decode/decoder_layers_cpu.cpp``) runs the layers back to back
 with the skinny-linear and norm kernels of ``denoiser_layers_decode``. On CUDA, or without the extension,
 the layers run as the composed ops of :func:`decoder_layers_decode_ref`.
 
-What one layer computes for rows ``h`` [B, D], one per document, the new position being ``length``
-(``nn/transformer.py`` ``DecoderLayer`` with a KV cache, pre-norm or normformer order)::
+What one layer computes for rows ``h`` [R, D], the new position being ``length`` (``nn/transformer.py``
+``DecoderLayer`` with a KV cache, pre-norm or normformer order)::
 
     y = norm_sa(h)
     q, k, v = q(y), k(y), v(y)          # [+ q/k norm over the model dim] [+ RoPE at position length]
-    K[:, :, length] = k; V[:, :, length] = v          # the layer's cache, written in place
-    a = out(softmax(q K[:length + 1]^T / sqrt(hd)) V[:length + 1])      # [+ normformer norm]
+    K[b, :, length] = k; V[b, :, length] = v     # rows r < num_cond: b = rows[r] (or r), the cache in place
+    a = out(softmax(q K[b, :, :length + 1]^T / sqrt(hd)) V[b, :, :length + 1])   # [+ normformer norm]
+    a = out(v)                          # rows >= num_cond attend to themselves only (One-Tower's CFG rows)
     h = h + a;   y = norm_ff(h)
     h = h + ffn(y)
+
+A row's new key stays in the cache; whether position ``length`` counts as filled afterwards is the caller's
+(Base-LCM advances; One-Tower's noisy token is overwritten by the next step).
 
 ``length`` may be a 0-d int64 tensor (composed path only, for CUDA graphs): the new keys go in with
 ``index_copy_`` and attention reads the caches' whole capacity with the positions past ``length`` masked.
@@ -55,7 +59,7 @@ SPEC = register(OpSpec("decoder_layers_decode", devices=("cpu",)))
 
 
 def _check_args(h: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor], values: Sequence[Tensor],
-                rope: Optional[Tensor], activation: str) -> None:
+                num_cond: int, rope: Optional[Tensor], activation: str) -> None:
     op, layers = "decoder_layers_decode", len(keys)
     if layers == 0 or len(values) != layers:
         raise ValueError(f"{op}: one keys and one values tensor per layer, got {len(keys)} and {len(values)}")
@@ -64,9 +68,9 @@ def _check_args(h: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Te
                          f"{layers * len(DECODER_LAYER_PARAMS)} for {layers} layers, got {len(params)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: unknown activation '{activation}'; expected one of {sorted(ACTIVATIONS)}")
-    if h.dim() != 2 or keys[0].dim() != 4 or keys[0].shape[0] != h.shape[0]:
-        raise ValueError(f"{op}: h must be [B, D] with one row per batch row of the caches [B, H, capacity, D / H], "
-                         f"got {tuple(h.shape)} and {tuple(keys[0].shape)}")
+    if h.dim() != 2 or keys[0].dim() != 4 or not 0 <= num_cond <= h.shape[0]:
+        raise ValueError(f"{op}: h must be [R, D], the caches [B, H, capacity, D / H] and num_cond in [0, R], got "
+                         f"{tuple(h.shape)}, {tuple(keys[0].shape)} and {num_cond}")
     if rope is not None and (rope.dim() != 3 or rope.shape[0] != 2 or 2 * rope.shape[2] != keys[0].shape[3]
                              or rope.dtype != torch.float32):
         raise ValueError(f"{op}: rope must be fp32 [2, positions, head_dim / 2] (cos; sin), got {rope.dtype} "
@@ -75,30 +79,32 @@ def _check_args(h: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Te
 
 def decoder_layers_decode_ref(
     h: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor], values: Sequence[Tensor],
-    length: int | Tensor, rope: Optional[Tensor], rms: bool, eps: float, activation: str, post_norms: bool,
-    qk_norm: bool, *, backend: Optional[str] = "ref",
+    length: int | Tensor, rows: Optional[Tensor], num_cond: int, rope: Optional[Tensor], rms: bool, eps: float,
+    activation: str, post_norms: bool, qk_norm: bool, *, backend: Optional[str] = "ref",
 ) -> Tensor:
-    """Composed twin: h [B, D] -> [B, D] through every layer (see the module docstring); writes each layer's
-    new key and value at position ``length`` of its cache.
+    """Composed twin: h [R, D] -> [R, D] through every layer (see the module docstring); each layer's new keys
+    and values of the conditional rows go to position ``length`` of its cache.
 
     params: each layer's :data:`DECODER_LAYER_PARAMS`, layer after layer; keys, values: per layer the
     [B, H, capacity, D / H] self-attention cache, positions < ``length`` filled (an int, or a 0-d int64
-    tensor); rope: fp32 [2, positions, D / H / 2] cos and sin of every position (None: no RoPE); rms / eps:
-    the layers' norm style; activation: a key of :data:`ACTIVATIONS`; post_norms: normformer (norm after
+    tensor); rows: [num_cond] distinct int64 batch rows of the conditional rows (None: row r); rows >= num_cond
+    attend to themselves only; rope: fp32 [2, positions, D / H / 2] cos and sin of every position (None: no
+    RoPE); rms / eps: the layers' norm style; activation: a key of :data:`ACTIVATIONS`; post_norms: normformer (norm after
     self-attention, and the FFN inner norm without SwiGLU); qk_norm: the q/k norms. ``backend`` goes to every
     sub-op: "ref" makes this plain PyTorch (the specification), None lets each sub-op take its fused kernel.
     """
-    _check_args(h, params, keys, values, rope, activation)
-    n, one = len(DECODER_LAYER_PARAMS), torch.ones_like(h)
+    _check_args(h, params, keys, values, num_cond, rope, activation)
+    n, one, C = len(DECODER_LAYER_PARAMS), torch.ones_like(h), num_cond
     capacity, static = keys[0].shape[2], isinstance(length, Tensor)
-    position = length.reshape(1) if static else slice(length, length + 1)
     mask = (torch.arange(capacity, device=h.device) <= length)[None, None, None] if static else None
+    position = length.reshape(1) if static else slice(length, length + 1)
     cos_sin = rope[:, position] if rope is not None else None  # [2, 1, hd / 2]
+    batch = rows if rows is not None else torch.arange(C, device=h.device)  # the conditional rows' cache rows
 
     def linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
         return skinny_linear(x, w, b, backend=backend)
 
-    def heads(x: Tensor) -> Tensor:  # [B, D] -> [B, H, 1, hd], rotated to the new position
+    def heads(x: Tensor) -> Tensor:  # [R, D] -> [R, H, 1, hd], rotated to the new position
         x = x.unflatten(-1, (keys[0].shape[1], -1))[:, :, None]
         if cos_sin is None:
             return x
@@ -113,14 +119,13 @@ def decoder_layers_decode_ref(
         q, k, v = linear(y, q_w, q_b), linear(y, k_w, k_b), linear(y, v_w, v_b)
         if qk_norm:
             q, k = plain_norm(q, qn_w, qn_b, rms, eps, backend), plain_norm(k, kn_w, kn_b, rms, eps, backend)
-        q, k, v = heads(q), heads(k), v.unflatten(-1, (keys[0].shape[1], -1))[:, :, None]
-        if static:
-            k_cache.index_copy_(2, position, k), v_cache.index_copy_(2, position, v)
-            k_all, v_all = k_cache, v_cache
-        else:
-            k_cache[:, :, position], v_cache[:, :, position] = k, v
-            k_all, v_all = k_cache[:, :, : length + 1], v_cache[:, :, : length + 1]
-        a = linear(F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask).flatten(1), o_w, o_b)
+        q, k, v = heads(q), heads(k), v.unflatten(-1, (keys[0].shape[1], -1))[:, :, None]  # [R, H, 1, hd]
+        k_cache[batch, :, length], v_cache[batch, :, length] = k[:C, :, 0], v[:C, :, 0]
+        k_all, v_all = k_cache[batch], v_cache[batch]  # [C, H, capacity, hd]
+        if not static:
+            k_all, v_all = k_all[:, :, : length + 1], v_all[:, :, : length + 1]
+        o = torch.cat((F.scaled_dot_product_attention(q[:C], k_all, v_all, attn_mask=mask), v[C:]))  # [R, H, 1, hd]
+        a = linear(o.flatten(1), o_w, o_b)
         if post_norms:
             a = plain_norm(a, san_w, san_b, rms, eps, backend)
         h, y = adaln_gated_residual_norm_modulate(h, a, one, torch.zeros_like(h), torch.zeros_like(h), ff_w, ff_b,
@@ -132,7 +137,8 @@ def decoder_layers_decode_ref(
 if _ext.EXT_AVAILABLE:
 
     @torch.library.register_fake("lcm_fast::decoder_layers_decode")
-    def _decoder_layers_decode_fake(h, params, keys, values, length, rope, rms, eps, activation, post_norms, qk_norm):
+    def _decoder_layers_decode_fake(h, params, keys, values, length, rows, num_cond, rope, rms, eps, activation,
+                                    post_norms, qk_norm):
         return torch.empty_like(h)
 
 
@@ -147,15 +153,16 @@ def decoder_layers_decode_for(device_type: str, dtype: torch.dtype,
 
 def decoder_layers_decode(
     h: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor], values: Sequence[Tensor],
-    length: int | Tensor, rope: Optional[Tensor], rms: bool, eps: float, activation: str, post_norms: bool = False,
-    qk_norm: bool = False, *, backend: Optional[str] = None,
+    length: int | Tensor, rows: Optional[Tensor], num_cond: int, rope: Optional[Tensor], rms: bool, eps: float,
+    activation: str, post_norms: bool = False, qk_norm: bool = False, *, backend: Optional[str] = None,
 ) -> Tensor:
-    """The decoder layers for one new position per document; arguments, shapes and the cache writes as
+    """The decoder layers for one new position per row; arguments, shapes and the cache writes as
     :func:`decoder_layers_decode_ref`. Inference only (not differentiable). A tensor ``length`` takes the
     composed path (the CPU kernel's length is an int)."""
-    _check_args(h, params, keys, values, rope, activation)
+    _check_args(h, params, keys, values, num_cond, rope, activation)
     if isinstance(length, Tensor):
         fn = functools.partial(decoder_layers_decode_ref, backend=backend)
     else:
         fn = decoder_layers_decode_for(h.device.type, h.dtype, backend)
-    return fn(h, list(params), list(keys), list(values), length, rope, rms, eps, activation, post_norms, qk_norm)
+    return fn(h, list(params), list(keys), list(values), length, rows, num_cond, rope, rms, eps, activation,
+              post_norms, qk_norm)
