@@ -13,7 +13,8 @@ GPU (``test_generate_two_tower_gpu``, skipped without one): the 1.6B shape, refe
 without CUDA graphs, at (batch, context) (1, 50) and (64, 200); the fast rows also record the denoiser weight
 bytes streamed per second and a device-copy peak to compare them with (the issue's bandwidth floor).
 
-``test_generate_base_lcm_interleaved``: Base-LCM, 16 sentences after a prompt of 50, both engines alternated.
+``test_generate_base_lcm_interleaved``: Base-LCM, 16 sentences after a prompt of 50, both engines alternated;
+``test_generate_one_tower_interleaved``: One-Tower, one sentence after 50, likewise.
 
 ``test_target_ratio_interleaved`` measures the issue's CPU target case (C = 50, batch 1) with the two
 engines alternated A/B/A/B in one window, median of ``REPEATS`` each, so the ratio does not depend on which
@@ -134,6 +135,36 @@ def test_generate_base_lcm_interleaved(benchmark, model_dim, batch):
     benchmark.extra_info.update(engine="fast", device="cpu", model_dim=model_dim, context=50, batch=batch,
                                 dtype="float32", sentences_per_s=batch * BASE_SENTENCES / fast, reference_s=reference,
                                 fast_s=fast, ratio=reference / fast)
+
+
+def one_tower(model_dim: int) -> lcm_fast.OneTowerLCM:
+    """The paper's One-Tower 1.6B shape (32 layers, learned positions, RMSNorm) at a smaller model dim."""
+    key = ("one_tower", model_dim)
+    if key not in _MODELS:
+        config = lcm_fast.get_arch("one_tower_diffusion_lcm_1_6B")
+        config.model_dim = config.timestep_embed_dim = model_dim
+        config.lcm.num_attn_heads, config.lcm.ffn_inner_dim = model_dim // 64, 4 * model_dim
+        config.max_seq_len = 512
+        torch.manual_seed(0)
+        _MODELS[key] = lcm_fast.build_model(config).eval()
+    return _MODELS[key]
+
+
+@pytest.mark.parametrize("model_dim", [256, 512])
+def test_generate_one_tower_interleaved(benchmark, model_dim):
+    """One-Tower, one sentence after 50 (the paper's sampling: 50 executed steps with CFG), both engines
+    alternated in one window (median of REPEATS each)."""
+    model = one_tower(model_dim)
+    prompts = torch.randn(1, 50, model.sonar_dim) * 0.01
+    options = lcm_fast.GenerationOptions.recommended(seed=1, eos_threshold=None)
+    engines = {e: lcm_fast.Generator(model, options, engine=e) for e in ("reference", "fast")}
+    median = _interleaved(engines, prompts, 1, 1 if benchmark.disabled else REPEATS)
+    fast, reference = median["fast"], median["reference"]
+    benchmark.group = f"generate/one_tower/d{model_dim}/c50/b1/interleaved"
+    benchmark.pedantic(engines["fast"], args=(prompts,), kwargs=dict(max_gen_len=1), rounds=1, iterations=1)
+    benchmark.extra_info.update(engine="fast", device="cpu", model_dim=model_dim, context=50, batch=1,
+                                dtype="float32", sentences_per_s=1 / fast, reference_s=reference, fast_s=fast,
+                                ratio=reference / fast)
 
 
 # GPU: the 1.6B recipe's shape, random weights; the reference engine in fp32 (the official setting), the
