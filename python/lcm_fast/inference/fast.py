@@ -209,7 +209,7 @@ class FastDenoiser:
 
 
 def fast_decoder_unsupported(model: BaseLCM | OneTowerLCM) -> Optional[str]:
-    """Why :class:`FastDecoder` cannot run this Base-LCM (None: it can)."""
+    """Why :class:`FastDecoder` cannot run this Base-LCM or One-Tower model (None: it can)."""
     layer = model.lcm.layers[0]
     if layer.order == "post":
         return "post-norm layers"
