@@ -36,16 +36,26 @@ _MODELS: dict = {}
 REPEATS = 7
 
 
-def two_tower(model_dim: int) -> lcm_fast.TwoTowerLCM:
-    if model_dim not in _MODELS:
-        config = lcm_fast.get_arch("two_tower_diffusion_lcm_1_6B")
-        config.model_dim = config.denoiser.timestep_embed_dim = model_dim
-        for stack in (config.context_encoder, config.denoiser):
+def scaled_model(arch: str, model_dim: int) -> torch.nn.Module:
+    """Preset ``arch`` (a 1.6B recipe) at model dim ``model_dim`` (heads of 64, FFN 4 x dim), random weights (the
+    default init keeps activations sane), max_seq_len 512; built once per process."""
+    if (arch, model_dim) not in _MODELS:
+        config = lcm_fast.get_arch(arch)
+        config.model_dim = model_dim
+        stacks = [config.context_encoder, config.denoiser] if hasattr(config, "denoiser") else [config.lcm]
+        for stack in stacks:
             stack.num_attn_heads, stack.ffn_inner_dim = model_dim // 64, 4 * model_dim
+        for owner in (config, getattr(config, "denoiser", None)):  # timestep embeddings at the model dim
+            if hasattr(owner, "timestep_embed_dim"):
+                owner.timestep_embed_dim = model_dim
         config.max_seq_len = 512
         torch.manual_seed(0)
-        _MODELS[model_dim] = lcm_fast.build_model(config).eval()  # default init keeps activations sane
-    return _MODELS[model_dim]
+        _MODELS[arch, model_dim] = lcm_fast.build_model(config).eval()
+    return _MODELS[arch, model_dim]
+
+
+def two_tower(model_dim: int) -> lcm_fast.TwoTowerLCM:
+    return scaled_model("two_tower_diffusion_lcm_1_6B", model_dim)
 
 
 def _cases():
@@ -83,88 +93,51 @@ def _interleaved(generators: dict, prompts: torch.Tensor, max_gen_len: int, repe
     return {e: statistics.median(t) for e, t in times.items()}
 
 
+def _interleaved_case(benchmark, family: str, model: torch.nn.Module, batch: int, max_gen_len: int,
+                      **others: lcm_fast.Generator) -> dict:
+    """Reference and fast engines (and ``others``) on ``batch`` prompts of 50 sentences, alternated in one window;
+    sets the benchmark's group and extra_info (reference_s, fast_s, ratio, ``<other>_s``) -> medians."""
+    prompts = torch.randn(batch, 50, model.sonar_dim) * 0.01
+    options = lcm_fast.GenerationOptions.recommended(seed=1, eos_threshold=None)
+    engines = {e: lcm_fast.Generator(model, options, engine=e) for e in ("reference", "fast")} | others
+    median = _interleaved(engines, prompts, max_gen_len, 1 if benchmark.disabled else REPEATS)
+    fast, reference = median["fast"], median["reference"]
+    benchmark.group = f"generate/{family}/d{model.config.model_dim}/c50/b{batch}/interleaved"
+    out = benchmark.pedantic(engines["fast"], args=(prompts,), kwargs=dict(max_gen_len=max_gen_len), rounds=1,
+                             iterations=1)
+    assert out.lengths.tolist() == [50 + max_gen_len] * batch
+    benchmark.extra_info.update(engine="fast", device="cpu", model_dim=model.config.model_dim, context=50,
+                                batch=batch, dtype="float32", sentences_per_s=batch * max_gen_len / fast,
+                                reference_s=reference, fast_s=fast, ratio=reference / fast,
+                                **{f"{name}_s": median[name] for name in others})
+    return median
+
+
 @pytest.mark.parametrize("model_dim", [256, 512])
 def test_target_ratio_interleaved(benchmark, model_dim):
     """extra_info also has ``fast_bf16_s``: the fast engine on a bf16 copy of the model, in the same window."""
     model = two_tower(model_dim)
-    prompts = torch.randn(1, 50, model.sonar_dim) * 0.01
-    options = lcm_fast.GenerationOptions.recommended(seed=1)
-    engines = {e: lcm_fast.Generator(model, options, engine=e) for e in ("reference", "fast")}
-    engines["fast_bf16"] = lcm_fast.Generator(copy.deepcopy(model).to(torch.bfloat16), options)
-    median = _interleaved(engines, prompts, 1, 1 if benchmark.disabled else REPEATS)
-    fast, reference = median["fast"], median["reference"]
-    benchmark.group = f"generate/two_tower/d{model_dim}/c50/b1/interleaved"
-    benchmark.pedantic(engines["fast"], args=(prompts,), kwargs=dict(max_gen_len=1), rounds=1, iterations=1)
-    benchmark.extra_info.update(engine="fast", device="cpu", model_dim=model_dim, context=50, batch=1,
-                                dtype="float32", sentences_per_s=1 / fast, reference_s=reference, fast_s=fast,
-                                ratio=reference / fast, fast_bf16_s=median["fast_bf16"])
+    bf16 = lcm_fast.Generator(copy.deepcopy(model).to(torch.bfloat16),
+                              lcm_fast.GenerationOptions.recommended(seed=1, eos_threshold=None))
+    _interleaved_case(benchmark, "two_tower", model, 1, 1, fast_bf16=bf16)
 
 
-# Base-LCM in the 1.6B recipe's shape (32 layers, RMSNorm, SwiGLU, RoPE) at model dims 256 and 512: a prompt of
-# 50 sentences, then BASE_SENTENCES generated ones per document (one decoder pass each, on the KV cache); the
-# prefill of the prompt is the same in both engines.
+# Base-LCM in the 1.6B recipe's shape (32 layers, RMSNorm, SwiGLU, RoPE): a prompt of 50 sentences, then
+# BASE_SENTENCES generated ones per document (one decoder pass each, on the KV cache); the prefill of the prompt
+# is the same in both engines. One-Tower in the paper's 1.6B shape (32 layers, learned positions, RMSNorm): one
+# sentence after 50 (the paper's sampling: 50 executed steps with CFG).
 BASE_SENTENCES = 16
-
-
-def base_lcm(model_dim: int) -> lcm_fast.BaseLCM:
-    key = ("base", model_dim)
-    if key not in _MODELS:
-        config = lcm_fast.get_arch("base_lcm_1_6B")
-        config.model_dim = model_dim
-        config.lcm.num_attn_heads, config.lcm.ffn_inner_dim = model_dim // 64, 4 * model_dim
-        config.max_seq_len = 512
-        torch.manual_seed(0)
-        _MODELS[key] = lcm_fast.build_model(config).eval()
-    return _MODELS[key]
 
 
 @pytest.mark.parametrize("model_dim", [256, 512])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_generate_base_lcm_interleaved(benchmark, model_dim, batch):
-    """Both engines alternated in one window (median of REPEATS each); extra_info has both times and the ratio."""
-    model = base_lcm(model_dim)
-    prompts = torch.randn(batch, 50, model.sonar_dim) * 0.01
-    options = lcm_fast.GenerationOptions.recommended(seed=1, eos_threshold=None)
-    engines = {e: lcm_fast.Generator(model, options, engine=e) for e in ("reference", "fast")}
-    median = _interleaved(engines, prompts, BASE_SENTENCES, 1 if benchmark.disabled else REPEATS)
-    fast, reference = median["fast"], median["reference"]
-    benchmark.group = f"generate/base_lcm/d{model_dim}/c50/b{batch}/interleaved"
-    out = benchmark.pedantic(engines["fast"], args=(prompts,), kwargs=dict(max_gen_len=BASE_SENTENCES), rounds=1,
-                             iterations=1)
-    assert out.lengths.tolist() == [50 + BASE_SENTENCES] * batch
-    benchmark.extra_info.update(engine="fast", device="cpu", model_dim=model_dim, context=50, batch=batch,
-                                dtype="float32", sentences_per_s=batch * BASE_SENTENCES / fast, reference_s=reference,
-                                fast_s=fast, ratio=reference / fast)
-
-
-def one_tower(model_dim: int) -> lcm_fast.OneTowerLCM:
-    """The paper's One-Tower 1.6B shape (32 layers, learned positions, RMSNorm) at a smaller model dim."""
-    key = ("one_tower", model_dim)
-    if key not in _MODELS:
-        config = lcm_fast.get_arch("one_tower_diffusion_lcm_1_6B")
-        config.model_dim = config.timestep_embed_dim = model_dim
-        config.lcm.num_attn_heads, config.lcm.ffn_inner_dim = model_dim // 64, 4 * model_dim
-        config.max_seq_len = 512
-        torch.manual_seed(0)
-        _MODELS[key] = lcm_fast.build_model(config).eval()
-    return _MODELS[key]
+    _interleaved_case(benchmark, "base_lcm", scaled_model("base_lcm_1_6B", model_dim), batch, BASE_SENTENCES)
 
 
 @pytest.mark.parametrize("model_dim", [256, 512])
 def test_generate_one_tower_interleaved(benchmark, model_dim):
-    """One-Tower, one sentence after 50 (the paper's sampling: 50 executed steps with CFG), both engines
-    alternated in one window (median of REPEATS each)."""
-    model = one_tower(model_dim)
-    prompts = torch.randn(1, 50, model.sonar_dim) * 0.01
-    options = lcm_fast.GenerationOptions.recommended(seed=1, eos_threshold=None)
-    engines = {e: lcm_fast.Generator(model, options, engine=e) for e in ("reference", "fast")}
-    median = _interleaved(engines, prompts, 1, 1 if benchmark.disabled else REPEATS)
-    fast, reference = median["fast"], median["reference"]
-    benchmark.group = f"generate/one_tower/d{model_dim}/c50/b1/interleaved"
-    benchmark.pedantic(engines["fast"], args=(prompts,), kwargs=dict(max_gen_len=1), rounds=1, iterations=1)
-    benchmark.extra_info.update(engine="fast", device="cpu", model_dim=model_dim, context=50, batch=1,
-                                dtype="float32", sentences_per_s=1 / fast, reference_s=reference, fast_s=fast,
-                                ratio=reference / fast)
+    _interleaved_case(benchmark, "one_tower", scaled_model("one_tower_diffusion_lcm_1_6B", model_dim), 1, 1)
 
 
 # GPU: the 1.6B recipe's shape, random weights; the reference engine in fp32 (the official setting), the

@@ -148,12 +148,7 @@ at::Tensor decoder_layers_decode_cpu(const at::Tensor& h, const c10::List<std::o
       layer_decode<T>(hidden.data_ptr<T>(), R, D, Layer<T>{op, params, l * kNumParams, rms, float(eps)}, keys[l],
                       values[l], length, row_ptr, num_cond, cos, sin, act, post_norms, qk_norm, scratch, ones.data());
   };
-  switch (h.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kBFloat16: run(c10::BFloat16{}); break;
-    case at::kHalf: run(c10::Half{}); break;
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", h.scalar_type(), " (float32, bfloat16, float16)");
-  }
+  dispatch_dtype(op, h.scalar_type(), run);
   return hidden;
 }
 

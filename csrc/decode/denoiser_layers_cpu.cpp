@@ -167,12 +167,7 @@ at::Tensor denoiser_layers_decode_cpu(const at::Tensor& h, const at::Tensor& mod
       stages.linear(scratch.y, R, kOutW, out.data_ptr<T>());
     }
   };
-  switch (h.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kBFloat16: run(c10::BFloat16{}); break;
-    case at::kHalf: run(c10::Half{}); break;
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", h.scalar_type(), " (float32, bfloat16, float16)");
-  }
+  dispatch_dtype(op, h.scalar_type(), run);
   return out;
 }
 

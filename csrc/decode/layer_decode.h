@@ -200,6 +200,17 @@ struct Scratch {
   }
 };
 
+// f(T{}) for the decode ops' dtypes (fp32, bf16, fp16), else an error naming op.
+template <typename F>
+void dispatch_dtype(const char* op, at::ScalarType dtype, F f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", dtype, " (float32, bfloat16, float16)");
+  }
+}
+
 // A layer's FFN entries, from ffn_layer_norm.weight on (FFN_PARAMS in python/lcm_fast/ops/denoiser.py).
 enum FfnParam : int {
   kFfNormW, kFfNormB, kGateW, kGateB, kInnerW, kInnerB, kActW, kInnerNormW, kInnerNormB, kFfOutW, kFfOutB, kNumFfnParams
