@@ -79,22 +79,12 @@ at::Tensor decoder_layers_decode_cpu(const at::Tensor& h, const c10::List<std::o
                                      c10::string_view activation, bool post_norms, bool qk_norm) {
   const char* op = "decoder_layers_decode";
   const int64_t L = int64_t(keys.size());
-  TORCH_CHECK(L > 0 && int64_t(values.size()) == L, op, ": one keys and one values tensor per layer, got ", L,
-              " and ", values.size());
-  TORCH_CHECK(int64_t(params.size()) == L * kNumParams, op, ": params needs ", kNumParams, " entries per layer (",
-              L * kNumParams, "), got ", params.size());
   TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), op, ": h must be a contiguous [R, D] tensor, got ", h.sizes());
   const int64_t R = h.size(0), D = h.size(1);
+  check_caches(op, keys, values, D, h.scalar_type());
+  TORCH_CHECK(int64_t(params.size()) == L * kNumParams, op, ": params needs ", kNumParams, " entries per layer (",
+              L * kNumParams, "), got ", params.size());
   TORCH_CHECK(0 <= num_cond && num_cond <= R, op, ": num_cond ", num_cond, " outside [0, ", R, "]");
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor &k = keys[l], &v = values[l];
-    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous() &&
-                    k.size(1) * k.size(3) == D && k.sizes() == keys[0].sizes(),
-                op, ": keys/values of every layer must be contiguous [B, H, capacity, D / H] of one shape, layer ", l,
-                " has ", k.sizes(), " and ", v.sizes());
-    TORCH_CHECK(k.scalar_type() == h.scalar_type() && v.scalar_type() == h.scalar_type(), op,
-                ": keys and values must be ", h.scalar_type());
-  }
   TORCH_CHECK(0 <= length && length < keys[0].size(2), op, ": length ", length, " outside [0, ", keys[0].size(2),
               "): the caches need room for the new position");
   const int64_t batch = keys[0].size(0), hd = keys[0].size(3);
@@ -120,12 +110,7 @@ at::Tensor decoder_layers_decode_cpu(const at::Tensor& h, const c10::List<std::o
     TORCH_CHECK(length < rope->size(1), op, ": position ", length, " has no RoPE entry (", rope->size(1), " positions)");
   }
   const Act act = parse_activation(op, std::string_view(activation.data(), activation.size()));
-  for (int64_t i = 0; i < int64_t(params.size()); ++i) {
-    const std::optional<at::Tensor> p = params.get(i);
-    if (!p || !p->defined()) continue;
-    TORCH_CHECK(p->is_contiguous() && p->device() == h.device() && p->scalar_type() == h.scalar_type(), op,
-                ": params[", i, "] must be contiguous, ", h.scalar_type(), " and on ", h.device());
-  }
+  check_params(op, "params", params, h);
   int64_t inner = 0;
   for (int64_t l = 0; l < L; ++l) {
     for (int w : {int(kQW), int(kKW), int(kVW), int(kOutW), kFfn + kInnerW, kFfn + kFfOutW,

@@ -74,8 +74,6 @@ at::Tensor denoiser_layers_decode_cpu(const at::Tensor& h, const at::Tensor& mod
                                       const c10::List<std::optional<at::Tensor>>& io_params) {
   const char* op = "denoiser_layers_decode";
   const int64_t L = int64_t(keys.size());
-  TORCH_CHECK(L > 0 && int64_t(values.size()) == L, op, ": one keys and one values tensor per layer, got ", L,
-              " and ", values.size());
   TORCH_CHECK(int64_t(params.size()) == L * kNumParams, op, ": params needs ", int(kNumParams), " entries per layer (",
               L * kNumParams, "), got ", params.size());
   TORCH_CHECK(io_params.empty() || int64_t(io_params.size()) == kNumIoParams, op, ": io_params must be empty or have ",
@@ -101,15 +99,7 @@ at::Tensor denoiser_layers_decode_cpu(const at::Tensor& h, const at::Tensor& mod
   TORCH_CHECK(uncond_cross.sizes() == at::IntArrayRef({L, D}) && uncond_cross.is_contiguous(), op,
               ": uncond_cross must be a contiguous [", L, ", ", D, "], got ", uncond_cross.sizes());
   TORCH_CHECK(0 <= num_cond && num_cond <= R, op, ": num_cond ", num_cond, " outside [0, ", R, "]");
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor &k = keys[l], &v = values[l];
-    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous() &&
-                    k.size(1) * k.size(3) == D && k.sizes() == keys[0].sizes(),
-                op, ": keys/values of every layer must be contiguous [B, H, capacity, D / H] of one shape, layer ", l,
-                " has ", k.sizes(), " and ", v.sizes());
-    TORCH_CHECK(k.scalar_type() == h.scalar_type() && v.scalar_type() == h.scalar_type(), op,
-                ": keys and values must be ", h.scalar_type());
-  }
+  check_caches(op, keys, values, D, h.scalar_type());
   TORCH_CHECK(0 < length && length <= keys[0].size(2), op, ": length ", length, " outside [1, ", keys[0].size(2), "]");
   at::Tensor row_index;
   if (rows) {
@@ -124,14 +114,8 @@ at::Tensor denoiser_layers_decode_cpu(const at::Tensor& h, const at::Tensor& mod
                 keys[0].size(0));
   }
   const Act act = parse_activation(op, std::string_view(activation.data(), activation.size()));
-  for (const auto* list : {&params, &io_params})
-    for (int64_t i = 0; i < int64_t(list->size()); ++i) {
-      const std::optional<at::Tensor> p = list->get(i);
-      if (!p || !p->defined()) continue;
-      TORCH_CHECK(p->is_contiguous() && p->device() == h.device() && p->scalar_type() == h.scalar_type(), op, ": ",
-                  list == &params ? "params[" : "io_params[", i, "] must be contiguous, ", h.scalar_type(), " and on ",
-                  h.device());
-    }
+  check_params(op, "params", params, h);
+  check_params(op, "io_params", io_params, h);
   int64_t inner = 0;
   for (int64_t l = 0; l < L; ++l) {
     for (int w : {int(kVW), int(kQW), int(kCaOutW), kFfn + kInnerW, kFfn + kFfOutW,

@@ -200,6 +200,32 @@ struct Scratch {
   }
 };
 
+// The layers' caches: one keys and one values tensor per layer, each contiguous [B, H, capacity, D / H] of one
+// shape and of the activations' dtype.
+inline void check_caches(const char* op, at::TensorList keys, at::TensorList values, int64_t D, at::ScalarType dtype) {
+  TORCH_CHECK(!keys.empty() && values.size() == keys.size(), op, ": one keys and one values tensor per layer, got ",
+              keys.size(), " and ", values.size());
+  for (size_t l = 0; l < keys.size(); ++l) {
+    const at::Tensor &k = keys[l], &v = values[l];
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous() &&
+                    k.size(1) * k.size(3) == D && k.sizes() == keys[0].sizes(),
+                op, ": keys/values of every layer must be contiguous [B, H, capacity, D / H] of one shape, layer ", l,
+                " has ", k.sizes(), " and ", v.sizes());
+    TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, op, ": keys and values must be ", dtype);
+  }
+}
+
+// Every tensor of a parameter list (`name` in errors) contiguous, of h's dtype and on its device.
+inline void check_params(const char* op, const char* name, const c10::List<std::optional<at::Tensor>>& list,
+                         const at::Tensor& h) {
+  for (int64_t i = 0; i < int64_t(list.size()); ++i) {
+    const std::optional<at::Tensor> p = list.get(i);
+    if (!p || !p->defined()) continue;
+    TORCH_CHECK(p->is_contiguous() && p->device() == h.device() && p->scalar_type() == h.scalar_type(), op, ": ",
+                name, "[", i, "] must be contiguous, ", h.scalar_type(), " and on ", h.device());
+  }
+}
+
 // f(T{}) for the decode ops' dtypes (fp32, bf16, fp16), else an error naming op.
 template <typename F>
 void dispatch_dtype(const char* op, at::ScalarType dtype, F f) {

@@ -37,7 +37,7 @@ from torch import Tensor
 from .. import _ext
 from ._dispatch import OpSpec, register
 from .adaln import adaln_gated_residual_norm_modulate
-from .denoiser import ACTIVATIONS, FFN_PARAMS, ffn_ref, plain_norm
+from .denoiser import FFN_PARAMS, check_layer_lists, ffn_ref, plain_norm
 from .linear import skinny_linear
 
 #: one layer's entries of ``params`` (``csrc/decode/decoder_layers_cpu.cpp`` ``Param``), ``DecoderLayer`` keys:
@@ -60,14 +60,8 @@ SPEC = register(OpSpec("decoder_layers_decode", devices=("cpu",)))
 
 def _check_args(h: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor], values: Sequence[Tensor],
                 num_cond: int, rope: Optional[Tensor], activation: str) -> None:
-    op, layers = "decoder_layers_decode", len(keys)
-    if layers == 0 or len(values) != layers:
-        raise ValueError(f"{op}: one keys and one values tensor per layer, got {len(keys)} and {len(values)}")
-    if len(params) != layers * len(DECODER_LAYER_PARAMS):
-        raise ValueError(f"{op}: params needs {len(DECODER_LAYER_PARAMS)} entries per layer (DECODER_LAYER_PARAMS), "
-                         f"{layers * len(DECODER_LAYER_PARAMS)} for {layers} layers, got {len(params)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: unknown activation '{activation}'; expected one of {sorted(ACTIVATIONS)}")
+    op = "decoder_layers_decode"
+    check_layer_lists(op, params, keys, values, "DECODER_LAYER_PARAMS", len(DECODER_LAYER_PARAMS), activation)
     if h.dim() != 2 or keys[0].dim() != 4 or not 0 <= num_cond <= h.shape[0]:
         raise ValueError(f"{op}: h must be [R, D], the caches [B, H, capacity, D / H] and num_cond in [0, R], got "
                          f"{tuple(h.shape)}, {tuple(keys[0].shape)} and {num_cond}")

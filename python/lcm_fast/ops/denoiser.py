@@ -85,20 +85,28 @@ ACTIVATIONS = {
 SPEC = register(OpSpec("denoiser_layers_decode", devices=("cpu",)))
 
 
+def check_layer_lists(op: str, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor], values: Sequence[Tensor],
+                      names: str, per_layer: int, activation: str) -> None:
+    """What the decode ops share: one keys and one values tensor per layer, ``per_layer`` params each (the
+    constant ``names``), a known activation."""
+    layers = len(keys)
+    if layers == 0 or len(values) != layers:
+        raise ValueError(f"{op}: one keys and one values tensor per layer, got {len(keys)} and {len(values)}")
+    if len(params) != layers * per_layer:
+        raise ValueError(f"{op}: params needs {per_layer} entries per layer ({names}), {layers * per_layer} for "
+                         f"{layers} layers, got {len(params)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation '{activation}'; expected one of {sorted(ACTIVATIONS)}")
+
+
 def _check_args(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor],
                 values: Sequence[Tensor], uncond_cross: Tensor, activation: str,
                 io_params: Sequence[Optional[Tensor]]) -> None:
     op, layers = "denoiser_layers_decode", len(keys)
-    if layers == 0 or len(values) != layers:
-        raise ValueError(f"{op}: one keys and one values tensor per layer, got {len(keys)} and {len(values)}")
-    if len(params) != layers * len(LAYER_PARAMS):
-        raise ValueError(f"{op}: params needs {len(LAYER_PARAMS)} entries per layer (LAYER_PARAMS), "
-                         f"{layers * len(LAYER_PARAMS)} for {layers} layers, got {len(params)}")
+    check_layer_lists(op, params, keys, values, "LAYER_PARAMS", len(LAYER_PARAMS), activation)
     if io_params and (len(io_params) != len(IO_PARAMS) or io_params[0] is None or io_params[5] is None):
         raise ValueError(f"{op}: io_params must be empty or the {len(IO_PARAMS)} IO_PARAMS with both projection "
                          f"weights, got {len(io_params)} entries")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: unknown activation '{activation}'; expected one of {sorted(ACTIVATIONS)}")
     dim = io_params[0].shape[0] if io_params else h.shape[-1]
     if io_params and h.shape[-1] != io_params[0].shape[1]:
         raise ValueError(f"{op}: latents h [R, {h.shape[-1]}] do not match the input projection "
