@@ -13,10 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lcm_fast
+from lcm_fast.inference import graphs
+from lcm_fast.inference.graphs import batch_bucket, pad_batch
+from lcm_fast.nn.attention import KVCache
 from lcm_fast.ops.denoiser import LAYER_PARAMS
 
 from .conftest import random_model, tiny_config
-from .tolerances import FAST_ENGINE_ATOL, FAST_ENGINE_ERR_FACTOR
+from .tolerances import CUDA_GRAPHS_VS_EAGER, FAST_ENGINE_ATOL, FAST_ENGINE_ERR_FACTOR
 
 _MODELS: dict = {}
 
@@ -176,6 +179,64 @@ def test_cuda_graphs_need_the_fast_engine_and_a_graphable_model():
         lcm_fast.Generator(_base_model((2, 1, True, True, "post", False, None)), cuda_graphs=True)
     with pytest.raises(ValueError, match="and a OneTowerLCM"):
         lcm_fast.Generator(random_model(tiny_config("one_tower_diffusion_lcm")), cuda_graphs=True)
+
+
+@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])
+def test_static_shapes_run_finishing_batches_in_buckets(family, monkeypatch):
+    """cuda_graphs (static shapes; on CPU without graphs): as documents finish, the active rows run padded to
+    their power-of-two bucket on caches compacted in place; each bucket is captured at its second sentence
+    and replayed after later finishes, and the outputs are the per-step fast engine's."""
+    captured = []
+
+    class RecordedCapture(graphs.CapturedCall):
+        def __init__(self, fn, *inputs):
+            captured.append(inputs[0].shape[0])
+            super().__init__(fn, *inputs)
+
+    monkeypatch.setattr(graphs, "CapturedCall", RecordedCapture)
+    model = random_model(tiny_config(family), seed=4)
+    options = lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=6,
+                                                     eos_threshold=None, lcm_temperature=0.3)
+    prompts = torch.randn(5, 5, model.sonar_dim, generator=torch.Generator().manual_seed(0))
+    # documents 3 and 4 finish after positions 6 and 8; positions 1-4 teacher-force some rows (Two-Tower
+    # denoises those sentences step by step), 5-6 run 5 rows in the bucket of 8, 7-10 4 and then 3 rows in
+    # the bucket of 4, the last two after compacting the caches under the captured bucket
+    lens = torch.tensor([5, 5, 5, 1, 3])
+    static, eager = (lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=6, cuda_graphs=graphs_)
+                     for graphs_ in (True, False))
+    assert captured == [8, 4]
+    assert static.lengths.tolist() == eager.lengths.tolist() == [11, 11, 11, 7, 9]
+    for a, b in zip(static.sequences, eager.sequences):
+        torch.testing.assert_close(a, b, **CUDA_GRAPHS_VS_EAGER)
+
+
+def test_kv_cache_with_batch_capacity_compacts_in_place():
+    cache = KVCache(6, zeroed=True, batch_capacity=4)
+    k = torch.randn(3, 2, 2, 5)
+    keys, _ = cache.append(k, -k)
+    assert cache.k.shape == (4, 2, 6, 5) and keys.shape == (3, 2, 2, 5) and cache.batch == 3
+    storage = cache.k.data_ptr()
+    cache.reorder(torch.tensor([2, 0]))  # document 1 finished
+    assert cache.k.data_ptr() == storage and cache.batch == 2
+    assert torch.equal(cache.k[:2, :, :2], k[[2, 0]]) and torch.equal(cache.v[:2, :, :2], -k[[2, 0]])
+    new = torch.randn(2, 2, 1, 5)
+    keys, values = cache.append(new, new)
+    assert torch.equal(keys, torch.cat((k[[2, 0]], new), 2)) and torch.equal(values[:, :, 2], new[:, :, 0])
+    with pytest.raises(ValueError, match="appending 3 rows to a cache of 2"):
+        cache.append(k[:, :, :1], k[:, :, :1])
+    with pytest.raises(ValueError, match="a batch of 5 rows > batch_capacity 4"):
+        KVCache(6, batch_capacity=4).append(torch.randn(5, 2, 1, 5), torch.randn(5, 2, 1, 5))
+    plain = KVCache(6)
+    plain.append(k, k)
+    plain.reorder(torch.tensor([1]))  # without batch_capacity the storage shrinks to the kept rows
+    assert plain.k.shape == (1, 2, 6, 5) and torch.equal(plain.k[:, :, :2], k[[1]])
+
+
+def test_batch_buckets():
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 33, 64, 65)] == [1, 2, 4, 4, 8, 8, 16, 64, 64, 128]
+    x = torch.randn(3, 2)
+    assert pad_batch(x, 3) is x and torch.equal(pad_batch(x, 4), torch.cat((x, torch.zeros(1, 2))))
+    assert pad_batch(x, 5, dim=1).shape == (3, 5)
 
 
 def test_fast_engine_skips_teacher_forced_rows():

@@ -113,13 +113,14 @@ def test_base_lcm_decoder_graph_replays_eager_bit_for_bit():
 
 @pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])
 def test_generation_with_cuda_graphs_matches_the_eager_fast_engine(family):
-    """Generator(cuda_graphs=True) (sentences 2+ of a batch replayed) against the per-step fast engine."""
+    """Generator(cuda_graphs=True) (sentences 2+ of a batch bucket replayed, also after documents finish and the
+    caches are compacted under a captured graph) against the per-step fast engine."""
     from ..conftest import random_model, tiny_config
 
     model = random_model(tiny_config(family)).cuda()
     options = lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=12, eos_threshold=None)
-    prompts, lens = torch.randn(4, 5, model.sonar_dim, device="cuda"), torch.tensor([5, 5, 3, 5])
-    runs = [lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=4, cuda_graphs=graphs)
+    prompts, lens = torch.randn(5, 5, model.sonar_dim, device="cuda"), torch.tensor([5, 5, 5, 1, 3])
+    runs = [lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=6, cuda_graphs=graphs)
             for graphs in (True, False)]
     assert runs[0].lengths.tolist() == runs[1].lengths.tolist()
     for a, b in zip(runs[0].sequences, runs[1].sequences):

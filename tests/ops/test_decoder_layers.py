@@ -72,7 +72,7 @@ def _caches(layers, batch, length, capacity, seed=0, dtype=None) -> list[KVCache
     for _ in layers:
         cache = KVCache(capacity)
         cache.k, cache.v = (torch.randn(batch, heads, capacity, dim // heads, generator=g).to(dtype) for _ in "kv")
-        cache.length = length
+        cache.length, cache.batch = length, batch
         caches.append(cache)
     return caches
 

@@ -47,6 +47,7 @@ from ..ops.adaln import norm_args
 from ..ops.decoder import DECODER_LAYER_PARAMS, decoder_layers_decode_for, decoder_layers_decode_ref
 from ..ops.denoiser import LAYER_PARAMS, denoiser_layers_decode_for, denoiser_layers_decode_ref
 from ..ops.linear import skinny_linear
+from .graphs import batch_bucket
 
 
 @dataclass
@@ -149,7 +150,8 @@ class FastDenoiser:
         capacity: the most context rows any document will have (the zero key is added on top).
         static_shapes: every step has the same shapes whatever the context length (for CUDA graphs):
             cross-attention reads the caches' whole capacity, masked past ``self.length``, a device
-            tensor (the composed ops of :func:`denoiser_layers_decode_ref`; the CPU kernel takes an int).
+            tensor (the composed ops of :func:`denoiser_layers_decode_ref`; the CPU kernel takes an int). The
+            caches hold rows for the first batch's :func:`batch_bucket`, and keep their storage on :meth:`reorder`.
     """
 
     def __init__(self, model: TwoTowerLCM, timesteps: list[int], capacity: int, static_shapes: bool = False) -> None:
@@ -171,7 +173,10 @@ class FastDenoiser:
         """rows: [B, n, D] new context rows (contextualizer outputs) for every layer's cross-attention
         cache; the first call starts the caches, the zero key first (projected in the same GEMM)."""
         if not self.caches:
-            self.caches = [KVCache(self.capacity, zeroed=self.static_shapes) for _ in self.denoiser.layers]
+            # static shapes: rows for the batch's bucket, compacted in place as documents finish
+            rows_capacity = batch_bucket(rows.shape[0]) if self.static_shapes else None
+            self.caches = [KVCache(self.capacity, zeroed=self.static_shapes, batch_capacity=rows_capacity)
+                           for _ in self.denoiser.layers]
             rows = torch.cat((rows.new_zeros(rows.shape[0], 1, rows.shape[2]), rows), dim=1)
         with torch.no_grad():
             for layer, cache in zip(self.denoiser.layers, self.caches):

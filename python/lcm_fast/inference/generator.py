@@ -33,7 +33,7 @@ from ..nn.position import check_positions
 from ..ops import sampler_params, skinny_linear
 from ..ops.guided_ddim import PREDICTION_TYPES, guided_ddim_step_for
 from .fast import FastDecoder, FastDenoiser, fast_decoder_unsupported
-from .graphs import CapturedCall
+from .graphs import BatchGraphs, batch_bucket, pad_batch
 from .noise import NoiseSource, TorchNoise
 
 StepCallback = Callable[[int, int, SchedulerOutput, Tensor], None]
@@ -195,19 +195,19 @@ class _FastBaseLCMStepper(_BaseLCMStepper):
     """The fast engine's Base-LCM: the prefill as the reference, then each step's new position through
     :class:`FastDecoder` (every layer in one op call, on the same cache).
 
-    With ``cuda_graphs`` the decoder runs in static shapes on zeroed caches: a batch size's first step eagerly,
-    the next ones as a replay of its CUDA graph (:class:`CapturedCall`; on CPU the same call without a graph).
-    The latent noise and the (de)normalization stay outside the graph."""
+    With ``cuda_graphs`` the decoder runs in static shapes on zeroed caches, the active rows padded to their
+    :func:`batch_bucket` (finished rows leave the caches in place): a bucket's first step eagerly, the next ones
+    as a replay of its CUDA graph (:class:`BatchGraphs`; on CPU the same calls without a graph). The latent noise
+    and the (de)normalization stay outside the graph."""
 
     def __init__(self, model: BaseLCM, options: GenerationOptions, temperature: float, capacity: int,
-                 noise: NoiseSource, cuda_graphs: bool = False) -> None:
+                 noise: NoiseSource, batch: int, cuda_graphs: bool = False) -> None:
         super().__init__(model, options, temperature, True, capacity, noise)
         self.linear = skinny_linear  # the prompt's prefill too: the kernel wherever it beats BLAS
         if cuda_graphs:
-            self.cache = [KVCache(capacity, zeroed=True) for _ in model.lcm.layers]
+            self.cache = [KVCache(capacity, zeroed=True, batch_capacity=batch_bucket(batch)) for _ in model.lcm.layers]
         self.decoder = FastDecoder(model, self.cache, static_shapes=cuda_graphs)
-        # batch size -> its captured decoder call (None: its first step ran eagerly); None without graphs
-        self.graphs: Optional[dict[int, Optional[CapturedCall]]] = {} if cuda_graphs else None
+        self.graphs = BatchGraphs(lambda x, out: out.copy_(self.decoder(x))) if cuda_graphs else None
 
     def prefill(self, prefix: Tensor) -> None:
         super().prefill(prefix)
@@ -219,21 +219,12 @@ class _FastBaseLCMStepper(_BaseLCMStepper):
         self.decoder.advance()
         return out
 
-    def _decode(self, x: Tensor) -> Tensor:  # x: [B, 1, sonar_dim] normalized -> [B, 1, out_dim]
-        B = x.shape[0]
-        if self.graphs is None or B not in self.graphs:
-            if self.graphs is not None:
-                self.graphs[B] = None
+    def _decode(self, x: Tensor) -> Tensor:  # x: [n, 1, sonar_dim] normalized -> [n, 1, out_dim]
+        if self.graphs is None:
             return self.decoder(x)
-        if self.graphs[B] is None:
-            out = x.new_empty(B, 1, self.model.postnet.fc.weight.shape[0])
-            self.graphs[B] = CapturedCall(lambda x, out: out.copy_(self.decoder(x)), x, out)
-        return self.graphs[B](x)[1]
-
-    def reorder(self, index: Tensor) -> None:
-        super().reorder(index)  # new cache tensors: graphs recorded on the old ones are stale
-        if self.graphs is not None:
-            self.graphs.clear()
+        n, size = x.shape[0], batch_bucket(x.shape[0])
+        out = x.new_empty(size, 1, self.model.postnet.fc.weight.shape[0])
+        return self.graphs(pad_batch(x, size), out)[1][:n]
 
 
 class _TwoTowerStepper:
@@ -370,35 +361,32 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
     diffusion for teacher-forced rows.
 
     With ``cuda_graphs`` a sentence's whole DDIM loop runs on static buffers (noise drawn up front, in the
-    official order; the denoiser in static shapes): the first sentence of a batch size eagerly, the next
-    ones as a replay of its CUDA graph (:class:`CapturedCall`; on CPU the same loop runs without a graph).
-    Sentences with teacher-forced rows, a step callback or dynamic thresholding take the per-step loop."""
+    official order; the denoiser in static shapes), the active rows padded to their :func:`batch_bucket`: a
+    bucket's first sentence eagerly, the next ones as a replay of its CUDA graph (:class:`BatchGraphs`; on CPU
+    the same loop runs without a graph). Finished rows leave the cross-attention caches in place, so the graphs
+    stay valid. Sentences with teacher-forced rows, a step callback or dynamic thresholding take the per-step
+    loop."""
 
     def __init__(self, model: TwoTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
                  cuda_graphs: bool = False) -> None:
         super().__init__(model, options, True, capacity, noise)
         self.linear = skinny_linear  # the contextualizer too: the kernel wherever it beats BLAS
         self.fast = FastDenoiser(model, self.timesteps, capacity, static_shapes=cuda_graphs)
-        # batch size -> its captured sentence loop (None: its first sentence ran eagerly); None without graphs
-        self.graphs: Optional[dict[int, Optional[CapturedCall]]] = {} if cuda_graphs else None
+        self.graphs = BatchGraphs(self._sentence) if cuda_graphs else None
 
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
         if self.graphs is None or callback is not None or self.scheduler.config.thresholding or bool(forced.any()):
             return super().step(seqs, step, forced, callback)
-        opt, B, D, device = self.options, seqs.shape[0], self.model.sonar_dim, seqs.device
+        opt, n, D, device = self.options, seqs.shape[0], self.model.sonar_dim, seqs.device
         self._extend_context(seqs, step)
-        latents = self._initial_latents(B, device)
-        noise = (torch.stack([self.noise.randn((B, 1, D), site="ddim_variance", device=device) for _ in self.timesteps])
-                 if opt.ddim_eta > 0 else None)  # [steps, B, 1, D]
-        x0 = torch.zeros_like(latents)
-        if B not in self.graphs:
-            self.graphs[B] = None
-            self._sentence(latents, x0, noise)
-        else:
-            if self.graphs[B] is None:
-                self.graphs[B] = CapturedCall(self._sentence, latents, x0, noise)
-            _, x0, _ = self.graphs[B](latents, x0, noise)
-        return self.model.normalizer.denormalize(x0.to(self.dtype))[:, -1]
+        latents = self._initial_latents(n, device)
+        noise = (torch.stack([self.noise.randn((n, 1, D), site="ddim_variance", device=device) for _ in self.timesteps])
+                 if opt.ddim_eta > 0 else None)  # [steps, n, 1, D]
+        size = batch_bucket(n)  # rows [n, size) are padding
+        latents = pad_batch(latents, size)
+        noise = pad_batch(noise, size, dim=1) if noise is not None else None
+        _, x0, _ = self.graphs(latents, torch.zeros_like(latents), noise)
+        return self.model.normalizer.denormalize(x0[:n].to(self.dtype))[:, -1]
 
     def _sentence(self, latents: Tensor, x0: Tensor, noise: Optional[Tensor]) -> None:
         """Every DDIM step of one sentence, in place: latents, x0 [B, 1, D] fp32; noise [steps, B, 1, D] or None."""
@@ -423,9 +411,7 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
 
     def reorder(self, index: Tensor) -> None:
         super().reorder(index)
-        self.fast.reorder(index)  # new cache tensors: graphs recorded on the old ones are stale
-        if self.graphs is not None:
-            self.graphs.clear()
+        self.fast.reorder(index)  # in place in static shapes: the graphs stay valid
 
 
 class _OneTowerStepper(_TwoTowerStepper):
@@ -528,7 +514,9 @@ class Generator:
         engine: ``"fast"`` (default) or ``"reference"`` (see the module docstring).
         cuda_graphs: fast engine, Two-Tower and Base-LCM: run each sentence's DDIM loop (Two-Tower) or
             decoder pass (Base-LCM) on static buffers and replay it as a CUDA graph from the second sentence of
-            a batch size on (same outputs, one replay per sentence instead of ~1k launches). Off by default
+            a batch size on (same outputs, one replay per sentence instead of ~1k launches). The active batch
+            runs padded to the next power of two, so finishing documents cost at most log2(batch) + 1 captures
+            (:func:`~lcm_fast.inference.graphs.batch_bucket`). Off by default
             until it has been measured on a GPU (the tests/ops/test_cuda.py checks). On CPU it runs the static
             path without graphs (slower than the CPU kernel; what the CPU tests exercise).
     """
@@ -615,7 +603,7 @@ class Generator:
         elif isinstance(model, TwoTowerLCM):
             stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise)
         elif self.engine == "fast" and not disable_cache and fast_decoder_unsupported(model) is None:
-            stepper = _FastBaseLCMStepper(model, opt, temperature, total, noise, self.cuda_graphs)
+            stepper = _FastBaseLCMStepper(model, opt, temperature, total, noise, B, self.cuda_graphs)
         else:
             stepper = _BaseLCMStepper(model, opt, temperature, not disable_cache, total, noise)
         stepper.prefill(seqs[:, :P_min])  # every document's prompt covers these: contextualized in one pass

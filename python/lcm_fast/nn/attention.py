@@ -19,45 +19,61 @@ class KVCache:
 
     Rows can be dropped or reordered with :meth:`reorder` (finished documents leave the batch). ``zeroed``:
     positions past ``length`` hold zeros, not garbage (for attention over the whole capacity under a mask).
+    ``batch_capacity``: rows to allocate (default: the first append's batch); with it, :meth:`reorder` moves the
+    kept rows to the front in place, so the storage, and CUDA graphs recorded on it, stay put. The active rows
+    are ``[0, batch)`` of ``k`` and ``v``; rows past them are stale but finite (padding for batch-size buckets).
     """
 
-    def __init__(self, capacity: int, zeroed: bool = False) -> None:
-        self.capacity, self.zeroed = capacity, zeroed
+    def __init__(self, capacity: int, zeroed: bool = False, batch_capacity: Optional[int] = None) -> None:
+        self.capacity, self.zeroed, self.batch_capacity = capacity, zeroed, batch_capacity
         self.length = 0
-        self.k: Optional[Tensor] = None  # [B, H, capacity, head_dim]
+        self.batch = 0
+        self.k: Optional[Tensor] = None  # [batch_capacity or batch, H, capacity, head_dim]
         self.v: Optional[Tensor] = None
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """k, v: [B, H, S, head_dim] -> all cached keys/values [B, H, length + S, head_dim]."""
-        end = self.length + k.shape[2]
+        """k, v: [batch, H, S, head_dim] -> all cached keys/values [batch, H, length + S, head_dim]."""
+        B, end = k.shape[0], self.length + k.shape[2]
         if end > self.capacity:
             raise ValueError(f"KV cache overflow: {end} positions > capacity {self.capacity}")
         if self.k is None:
-            shape = (*k.shape[:2], self.capacity, k.shape[3])
+            rows = self.batch_capacity or B
+            if B > rows:
+                raise ValueError(f"KV cache: a batch of {B} rows > batch_capacity {rows}")
+            shape = (rows, k.shape[1], self.capacity, k.shape[3])
             new = k.new_zeros if self.zeroed else k.new_empty
-            self.k, self.v = new(shape), new(shape)
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
+            self.k, self.v, self.batch = new(shape), new(shape), B
+        elif B != self.batch:
+            raise ValueError(f"KV cache: appending {B} rows to a cache of {self.batch}")
+        self.k[:B, :, self.length : end] = k
+        self.v[:B, :, self.length : end] = v
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:B, :, :end], self.v[:B, :, :end]
 
     def extended(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Cached keys/values followed by k, v ([B, H, S, head_dim]) without storing the new ones."""
         if self.k is None:
             return k, v
-        return torch.cat((self.k[:, :, : self.length], k), 2), torch.cat((self.v[:, :, : self.length], v), 2)
+        cached = slice(0, self.batch), slice(None), slice(0, self.length)
+        return torch.cat((self.k[cached], k), 2), torch.cat((self.v[cached], v), 2)
 
     def select(self, index: Tensor) -> "KVCache":
         """A new cache holding rows ``index`` ([n]) of this one (for a subset of the batch)."""
         out = KVCache(self.capacity, self.zeroed)
         out.length = self.length
         if self.k is not None:
-            out.k, out.v = self.k.index_select(0, index), self.v.index_select(0, index)
+            out.k, out.v, out.batch = self.k.index_select(0, index), self.v.index_select(0, index), index.numel()
         return out
 
-    def reorder(self, index: Tensor) -> None:  # index: [B_new] rows to keep, in order
-        if self.k is not None:
+    def reorder(self, index: Tensor) -> None:  # index: [B_new] active rows to keep, in order
+        if self.k is None:
+            return
+        if self.batch_capacity is None:
             self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        else:
+            self.k[: index.numel()] = self.k.index_select(0, index)
+            self.v[: index.numel()] = self.v.index_select(0, index)
+        self.batch = index.numel()
 
 
 class MultiheadAttention(nn.Module):

@@ -115,7 +115,8 @@ def decoder_layers_decode_ref(
             q, k = plain_norm(q, qn_w, qn_b, rms, eps, backend), plain_norm(k, kn_w, kn_b, rms, eps, backend)
         q, k, v = heads(q), heads(k), v.unflatten(-1, (keys[0].shape[1], -1))[:, :, None]  # [R, H, 1, hd]
         k_cache[batch, :, length], v_cache[batch, :, length] = k[:C, :, 0], v[:C, :, 0]
-        k_all, v_all = k_cache[batch], v_cache[batch]  # [C, H, capacity, hd]
+        # [C, H, capacity, hd]; rows [0, C) as a view, not a gather of the whole cache
+        k_all, v_all = (k_cache[batch], v_cache[batch]) if rows is not None else (k_cache[:C], v_cache[:C])
         if not static:
             k_all, v_all = k_all[:, :, : length + 1], v_all[:, :, : length + 1]
         o = torch.cat((F.scaled_dot_product_attention(q[:C], k_all, v_all, attn_mask=mask), v[C:]))  # [R, H, 1, hd]
