@@ -142,7 +142,8 @@ def test_generate_one_tower_interleaved(benchmark, model_dim):
 
 # GPU: the 1.6B recipe's shape, random weights; the reference engine in fp32 (the official setting), the
 # fast one in bf16 with and without CUDA-graph replay. Each call generates GPU_SENTENCES sentences per
-# document (graphs replay from the second sentence of a batch size on).
+# document; with graphs, the warm-up call captures them and every sentence of the timed calls replays (the
+# generator keeps its buffers and graphs for calls of the same batch bucket and length bucket).
 GPU_SENTENCES = 4
 _GPU_MODELS: dict = {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import warnings
 import zlib
@@ -208,6 +209,53 @@ def test_static_shapes_run_finishing_batches_in_buckets(family, monkeypatch):
     assert static.lengths.tolist() == eager.lengths.tolist() == [11, 11, 11, 7, 9]
     for a, b in zip(static.sequences, eager.sequences):
         torch.testing.assert_close(a, b, **CUDA_GRAPHS_VS_EAGER)
+
+
+@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])
+def test_static_buffers_and_graphs_are_reused_by_later_calls(family, monkeypatch):
+    """cuda_graphs: a call that fits the last call's buffers (its batch bucket, its length rounded up to 64) restarts
+    that call's stepper on the same storage, captures nothing new and returns what a fresh generator returns; other
+    options or an in-place weight update get a new stepper."""
+    captured = []
+
+    class RecordedCapture(graphs.CapturedCall):
+        def __init__(self, fn, *inputs):
+            captured.append(inputs[0].shape[0])
+            super().__init__(fn, *inputs)
+
+    monkeypatch.setattr(graphs, "CapturedCall", RecordedCapture)
+    model = random_model(tiny_config(family), seed=5)
+    options = lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=6, eos_threshold=None)
+    generator = lcm_fast.Generator(model, options, cuda_graphs=True)
+    g = torch.Generator().manual_seed(1)
+    generator(torch.randn(5, 5, model.sonar_dim, generator=g), torch.tensor([5, 5, 5, 1, 3]), max_gen_len=6)
+    stepper = generator._static[1]
+    caches = stepper.fast.caches if family.startswith("two_tower") else stepper.cache
+    storage = [c.k.data_ptr() for c in caches]
+    assert captured == [8, 4]
+
+    def call(generator: lcm_fast.Generator) -> list:  # 6 documents (the bucket of 8), 16 positions (within 64)
+        prompts = torch.randn(6, 7, model.sonar_dim, generator=torch.Generator().manual_seed(2))
+        out = generator(prompts, torch.tensor([7, 7, 2, 7, 7, 7]), max_gen_len=9, temperature=0.4,
+                        noise=lcm_fast.TorchNoise(9))
+        return out.sequences
+
+    again = call(generator)
+    assert generator._static[1] is stepper and [c.k.data_ptr() for c in caches] == storage
+    assert captured == [8, 4]  # every sentence of the second call replayed a graph of the first
+    fresh = call(lcm_fast.Generator(model, options, cuda_graphs=True))
+    assert all(torch.equal(a, b) for a, b in zip(again, fresh))
+
+    generator.options = dataclasses.replace(options, guidance_scale=2.0)
+    call(generator)
+    assert generator._static[1] is not stepper
+    stepper = generator._static[1]
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)
+    updated = call(generator)
+    assert generator._static[1] is not stepper
+    fresh = call(lcm_fast.Generator(model, generator.options, cuda_graphs=True))
+    assert all(torch.equal(a, b) for a, b in zip(updated, fresh))
 
 
 def test_kv_cache_with_batch_capacity_compacts_in_place():

@@ -177,6 +177,7 @@ class FastDenoiser:
             rows_capacity = batch_bucket(rows.shape[0]) if self.static_shapes else None
             self.caches = [KVCache(self.capacity, zeroed=self.static_shapes, batch_capacity=rows_capacity)
                            for _ in self.denoiser.layers]
+        if self.caches[0].length == 0:
             rows = torch.cat((rows.new_zeros(rows.shape[0], 1, rows.shape[2]), rows), dim=1)
         with torch.no_grad():
             for layer, cache in zip(self.denoiser.layers, self.caches):
@@ -191,6 +192,12 @@ class FastDenoiser:
         for cache in self.caches:
             cache.reorder(index)
         self._list_tensors()
+
+    def reset(self) -> None:
+        """Empty caches for a new batch, on the same storage (static shapes: the graphs recorded on it stay valid)."""
+        for cache in self.caches:
+            cache.reset()
+        self.length.zero_()
 
     @torch.no_grad()
     def __call__(self, x: Tensor, step: int, num_cond: int, rows: Optional[Tensor] = None) -> Tensor:

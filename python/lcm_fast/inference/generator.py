@@ -38,6 +38,8 @@ from .noise import NoiseSource, TorchNoise
 
 StepCallback = Callable[[int, int, SchedulerOutput, Tensor], None]
 ENGINES = ("fast", "reference")
+# cuda_graphs: caches hold a multiple of this many positions, so that calls of similar lengths share buffers and graphs
+STATIC_LENGTH_STEP = 64
 
 
 @dataclass
@@ -163,15 +165,17 @@ class _BaseLCMStepper:
 
     def __init__(self, model: BaseLCM, options: GenerationOptions, temperature: float, use_cache: bool,
                  capacity: int, noise: NoiseSource) -> None:
-        self.model, self.options, self.temperature = model, options, temperature
+        self.model, self.options, self.temperature, self.noise = model, options, temperature, noise
         self.cache = model.new_cache(capacity) if use_cache else None
-        self.randn = lambda shape: noise.randn(shape, site="latent_sample", device=model_device(model))
         self.linear: Optional[LinearFn] = None  # the modules' GEMM (None: their own)
+
+    def _randn(self, shape: tuple[int, ...]) -> Tensor:
+        return self.noise.randn(shape, site="latent_sample", device=model_device(self.model))
 
     def _predict(self, seqs: Tensor, forward: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
         return self.model.predict_next_sentence(
             seqs, cache=self.cache, sample=self.options.sample_latent_variable,
-            temperature=self.temperature, randn=self.randn, linear=self.linear, forward=forward,
+            temperature=self.temperature, randn=self._randn, linear=self.linear, forward=forward,
         )
 
     def prefill(self, prefix: Tensor) -> None:  # prefix: [B, Pmin, D] raw
@@ -209,6 +213,13 @@ class _FastBaseLCMStepper(_BaseLCMStepper):
         self.decoder = FastDecoder(model, self.cache, static_shapes=cuda_graphs)
         self.graphs = BatchGraphs(lambda x, out: out.copy_(self.decoder(x))) if cuda_graphs else None
 
+    def restart(self, noise: NoiseSource, temperature: float) -> None:
+        """cuda_graphs: ready for another generation call on the same caches and graphs (emptied, not freed)."""
+        self.noise, self.temperature = noise, temperature
+        for cache in self.cache:
+            cache.reset()
+        self.decoder.length.zero_()
+
     def prefill(self, prefix: Tensor) -> None:
         super().prefill(prefix)
         self.decoder.length.fill_(self.cache[0].length)  # the positions the module path cached
@@ -236,7 +247,7 @@ class _TwoTowerStepper:
 
     def __init__(self, model: TwoTowerLCM, options: GenerationOptions, use_cache: bool, capacity: int,
                  noise: NoiseSource) -> None:
-        self.model, self.options, self.noise = model, options, noise
+        self.model, self.options, self.noise, self.capacity = model, options, noise, capacity
         self.cache = model.new_cache(capacity) if use_cache else None
         overrides = {}
         if options.thresholding:
@@ -373,6 +384,12 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
         self.linear = skinny_linear  # the contextualizer too: the kernel wherever it beats BLAS
         self.fast = FastDenoiser(model, self.timesteps, capacity, static_shapes=cuda_graphs)
         self.graphs = BatchGraphs(self._sentence) if cuda_graphs else None
+
+    def restart(self, noise: NoiseSource, temperature: float) -> None:
+        """cuda_graphs: ready for another generation call on the same caches and graphs (emptied, not freed).
+        temperature: unused (the signature of every stepper a call may reuse)."""
+        self.noise, self.cache, self.context = noise, self.model.new_cache(self.capacity), None
+        self.fast.reset()
 
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
         if self.graphs is None or callback is not None or self.scheduler.config.thresholding or bool(forced.any()):
@@ -516,7 +533,9 @@ class Generator:
             decoder pass (Base-LCM) on static buffers and replay it as a CUDA graph from the second sentence of
             a batch size on (same outputs, one replay per sentence instead of ~1k launches). The active batch
             runs padded to the next power of two, so finishing documents cost at most log2(batch) + 1 captures
-            (:func:`~lcm_fast.inference.graphs.batch_bucket`). Off by default
+            (:func:`~lcm_fast.inference.graphs.batch_bucket`). The generator keeps the last call's buffers and
+            graphs (the caches at the batch's bucket and the length rounded up to 64 positions) for the next call
+            that fits them, whose sentences then all replay; ``del`` the generator to free them. Off by default
             until it has been measured on a GPU (the tests/ops/test_cuda.py checks). On CPU it runs the static
             path without graphs (slower than the CPU kernel; what the CPU tests exercise).
     """
@@ -535,6 +554,7 @@ class Generator:
         self.engine = engine
         self.model = model.eval()
         self.cuda_graphs = cuda_graphs
+        self._static: Optional[tuple[tuple, _FastTwoTowerStepper | _FastBaseLCMStepper]] = None  # see _static_stepper
         self.options = options or GenerationOptions()
         if self.options.min_seq_len < 1:
             raise ValueError(f"min_seq_len must be >= 1, got {self.options.min_seq_len}")
@@ -598,12 +618,14 @@ class Generator:
         elif isinstance(model, OneTowerLCM):  # always cached: its context cache is the model's state
             fast = self.engine == "fast" and fast_decoder_unsupported(model) is None
             stepper = (_FastOneTowerStepper if fast else _OneTowerStepper)(model, opt, total, noise)
+        elif self.cuda_graphs and not disable_cache:
+            stepper = self._static_stepper(B, total, noise, temperature)
         elif isinstance(model, TwoTowerLCM) and self.engine == "fast" and not disable_cache:
-            stepper = _FastTwoTowerStepper(model, opt, total, noise, self.cuda_graphs)
+            stepper = _FastTwoTowerStepper(model, opt, total, noise)
         elif isinstance(model, TwoTowerLCM):
             stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise)
         elif self.engine == "fast" and not disable_cache and fast_decoder_unsupported(model) is None:
-            stepper = _FastBaseLCMStepper(model, opt, temperature, total, noise, B, self.cuda_graphs)
+            stepper = _FastBaseLCMStepper(model, opt, temperature, total, noise, B)
         else:
             stepper = _BaseLCMStepper(model, opt, temperature, not disable_cache, total, noise)
         stepper.prefill(seqs[:, :P_min])  # every document's prompt covers these: contextualized in one pass
@@ -639,6 +661,27 @@ class Generator:
                 stepper.reorder(keep)
         bar.close()
         return GenerationOutput(results)  # type: ignore[arg-type]  (every row finishes by max_gen_len)
+
+
+    def _static_stepper(self, batch: int, length: int, noise: NoiseSource,
+                        temperature: float) -> _FastTwoTowerStepper | _FastBaseLCMStepper:
+        """cuda_graphs: the last call's stepper where this call fits it (the same batch bucket and length bucket,
+        unchanged options and weights), restarted on its buffers so that its captured graphs replay from this
+        call's first sentence; else a new one, after the old one's buffers are freed."""
+        model, opt = self.model, self.options
+        capacity = -(-length // STATIC_LENGTH_STEP) * STATIC_LENGTH_STEP
+        weights = tuple((p.data_ptr(), p._version) for p in model.parameters())  # in-place updates bump _version
+        key = (batch_bucket(batch), capacity, repr(opt), weights)
+        if self._static is not None and self._static[0] == key:
+            self._static[1].restart(noise, temperature)
+            return self._static[1]
+        self._static = None
+        if isinstance(model, TwoTowerLCM):
+            stepper = _FastTwoTowerStepper(model, opt, capacity, noise, cuda_graphs=True)
+        else:
+            stepper = _FastBaseLCMStepper(model, opt, temperature, capacity, noise, batch, cuda_graphs=True)
+        self._static = (key, stepper)
+        return stepper
 
 
 def generate(model: BaseLCM | TwoTowerLCM, prompts: Tensor, seq_lens: Optional[Tensor] = None, *,

@@ -37,18 +37,24 @@ class KVCache:
         if end > self.capacity:
             raise ValueError(f"KV cache overflow: {end} positions > capacity {self.capacity}")
         if self.k is None:
-            rows = self.batch_capacity or B
-            if B > rows:
-                raise ValueError(f"KV cache: a batch of {B} rows > batch_capacity {rows}")
-            shape = (rows, k.shape[1], self.capacity, k.shape[3])
+            shape = (self.batch_capacity or B, k.shape[1], self.capacity, k.shape[3])
             new = k.new_zeros if self.zeroed else k.new_empty
-            self.k, self.v, self.batch = new(shape), new(shape), B
+            self.k, self.v = new(shape), new(shape)
+        if self.length == 0:  # the first append (or the first after reset) sets the batch
+            if B > self.k.shape[0]:
+                raise ValueError(f"KV cache: a batch of {B} rows > batch_capacity {self.k.shape[0]}")
+            self.batch = B
         elif B != self.batch:
             raise ValueError(f"KV cache: appending {B} rows to a cache of {self.batch}")
         self.k[:B, :, self.length : end] = k
         self.v[:B, :, self.length : end] = v
         self.length = end
         return self.k[:B, :, :end], self.v[:B, :, :end]
+
+    def reset(self) -> None:
+        """Empty, keeping the storage (and graphs recorded on it): stale positions stay finite, and a zeroed cache's
+        attention masks them."""
+        self.length = self.batch = 0
 
     def extended(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Cached keys/values followed by k, v ([B, H, S, head_dim]) without storing the new ones."""
