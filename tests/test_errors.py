@@ -80,6 +80,9 @@ def test_lengths_and_eos_vec(two_tower):
         lcm_fast.generate(two_tower, _prompts(two_tower), max_gen_len=300)
     with pytest.raises(ValueError, match=r"exceed the model's max_seq_len=32"):
         lcm_fast.generate(two_tower, _prompts(two_tower, length=30), max_gen_len=5)
+    for name, value in (("max_gen_len", 0), ("max_gen_len", -1), ("max_gen_len", 2.5), ("min_gen_len", 0)):
+        with pytest.raises(ValueError, match=rf"{name} must be an int >= 1 \(None: the options' default\), got {value}"):
+            lcm_fast.generate(two_tower, _prompts(two_tower), **{name: value})
     with pytest.raises(ValueError, match=r"eos_vec must have shape \[24\]"):
         lcm_fast.Generator(two_tower, eos_vec=torch.zeros(25))
 

@@ -593,12 +593,13 @@ class Generator:
         """
         opt, model = self.options, self.model
         seq_lens = _validate_prompts(prompts, seq_lens, model.sonar_dim)
-        max_gen_len = max_gen_len or opt.max_seq_len
+        max_gen_len = opt.max_seq_len if max_gen_len is None else max_gen_len
+        min_gen_len = opt.min_seq_len if min_gen_len is None else min_gen_len
+        for name, value in (("max_gen_len", max_gen_len), ("min_gen_len", min_gen_len)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1 (None: the options' default), got {value!r}")
         if max_gen_len > opt.max_seq_len:
             raise ValueError(f"max_gen_len={max_gen_len} exceeds options.max_seq_len={opt.max_seq_len}")
-        min_gen_len = min_gen_len or opt.min_seq_len
-        if min_gen_len < 1:
-            raise ValueError(f"min_gen_len must be >= 1, got {min_gen_len}")
         noise = noise if noise is not None else TorchNoise(opt.seed)
         temperature = temperature or opt.lcm_temperature
 
