@@ -70,8 +70,9 @@ def test_fast_engine_sentence_graph_replays_eager_bit_for_bit():
 
     model = random_model(tiny_config("two_tower_diffusion_lcm")).cuda()
     options = lcm_fast.GenerationOptions.recommended(seed=0, ddim_eta=0.3, inference_timesteps=12)
-    stepper = _FastTwoTowerStepper(model, options, 16, lcm_fast.TorchNoise(0), cuda_graphs=True)
-    B, D, steps = 3, model.sonar_dim, len(stepper.timesteps)
+    B = 3
+    stepper = _FastTwoTowerStepper(model, options, 16, lcm_fast.TorchNoise(0), static_batch=B)
+    D, steps = model.sonar_dim, len(stepper.timesteps)
     stepper.prefill(torch.randn(B, 5, D, device="cuda"))
     inputs = [(torch.randn(B, 1, D, device="cuda"), torch.zeros(B, 1, D, device="cuda"),
                torch.randn(steps, B, 1, D, device="cuda")) for _ in range(2)]

@@ -199,22 +199,24 @@ class _FastBaseLCMStepper(_BaseLCMStepper):
     """The fast engine's Base-LCM: the prefill as the reference, then each step's new position through
     :class:`FastDecoder` (every layer in one op call, on the same cache).
 
-    With ``cuda_graphs`` the decoder runs in static shapes on zeroed caches, the active rows padded to their
-    :func:`batch_bucket` (finished rows leave the caches in place): a bucket's first step eagerly, the next ones
-    as a replay of its CUDA graph (:class:`BatchGraphs`; on CPU the same calls without a graph). The latent noise
-    and the (de)normalization stay outside the graph."""
+    With ``static_batch`` (cuda_graphs: the call's batch) the decoder runs in static shapes on zeroed caches with
+    rows for that batch's bucket, the active rows padded to their :func:`batch_bucket` (finished rows leave the
+    caches in place): a bucket's first step eagerly, the next ones as a replay of its CUDA graph
+    (:class:`BatchGraphs`; on CPU the same calls without a graph). The latent noise and the (de)normalization stay
+    outside the graph."""
 
     def __init__(self, model: BaseLCM, options: GenerationOptions, temperature: float, capacity: int,
-                 noise: NoiseSource, batch: int, cuda_graphs: bool = False) -> None:
+                 noise: NoiseSource, static_batch: Optional[int] = None) -> None:
         super().__init__(model, options, temperature, True, capacity, noise)
         self.linear = skinny_linear  # the prompt's prefill too: the kernel wherever it beats BLAS
-        if cuda_graphs:
-            self.cache = [KVCache(capacity, zeroed=True, batch_capacity=batch_bucket(batch)) for _ in model.lcm.layers]
-        self.decoder = FastDecoder(model, self.cache, static_shapes=cuda_graphs)
-        self.graphs = BatchGraphs(lambda x, out: out.copy_(self.decoder(x))) if cuda_graphs else None
+        static = static_batch is not None
+        if static:
+            self.cache = [KVCache(capacity, zeroed=True, batch_capacity=batch_bucket(static_batch)) for _ in self.cache]
+        self.decoder = FastDecoder(model, self.cache, static_shapes=static)
+        self.graphs = BatchGraphs(lambda x, out: out.copy_(self.decoder(x))) if static else None
 
     def restart(self, noise: NoiseSource, temperature: float) -> None:
-        """cuda_graphs: ready for another generation call on the same caches and graphs (emptied, not freed)."""
+        """Static shapes: ready for another generation call on the same caches and graphs (emptied, not freed)."""
         self.noise, self.temperature = noise, temperature
         for cache in self.cache:
             cache.reset()
@@ -371,24 +373,29 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
     constant unconditional cross-attention, no unconditional pass at the first CFG step), and no
     diffusion for teacher-forced rows.
 
-    With ``cuda_graphs`` a sentence's whole DDIM loop runs on static buffers (noise drawn up front, in the
-    official order; the denoiser in static shapes), the active rows padded to their :func:`batch_bucket`: a
-    bucket's first sentence eagerly, the next ones as a replay of its CUDA graph (:class:`BatchGraphs`; on CPU
-    the same loop runs without a graph). Finished rows leave the cross-attention caches in place, so the graphs
-    stay valid. Sentences with teacher-forced rows, a step callback or dynamic thresholding take the per-step
-    loop."""
+    With ``static_batch`` (cuda_graphs: the call's batch) a sentence's whole DDIM loop runs on static buffers
+    (caches with rows for that batch's bucket, noise drawn up front, in the official order; the denoiser in static
+    shapes), the active rows padded to their :func:`batch_bucket`: a bucket's first sentence eagerly, the next ones
+    as a replay of its CUDA graph (:class:`BatchGraphs`; on CPU the same loop runs without a graph). Finished rows
+    leave the caches in place, so the graphs stay valid. Sentences with teacher-forced rows, a step callback or
+    dynamic thresholding take the per-step loop."""
 
     def __init__(self, model: TwoTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
-                 cuda_graphs: bool = False) -> None:
+                 static_batch: Optional[int] = None) -> None:
         super().__init__(model, options, True, capacity, noise)
         self.linear = skinny_linear  # the contextualizer too: the kernel wherever it beats BLAS
-        self.fast = FastDenoiser(model, self.timesteps, capacity, static_shapes=cuda_graphs)
-        self.graphs = BatchGraphs(self._sentence) if cuda_graphs else None
+        static = static_batch is not None
+        if static:  # the contextualizer's caches too keep their storage, for the next call (restart)
+            self.cache = [KVCache(capacity, batch_capacity=batch_bucket(static_batch)) for _ in self.cache]
+        self.fast = FastDenoiser(model, self.timesteps, capacity, static_shapes=static)
+        self.graphs = BatchGraphs(self._sentence) if static else None
 
     def restart(self, noise: NoiseSource, temperature: float) -> None:
-        """cuda_graphs: ready for another generation call on the same caches and graphs (emptied, not freed).
+        """Static shapes: ready for another generation call on the same caches and graphs (emptied, not freed).
         temperature: unused (the signature of every stepper a call may reuse)."""
-        self.noise, self.cache, self.context = noise, self.model.new_cache(self.capacity), None
+        self.noise, self.context = noise, None
+        for cache in self.cache:
+            cache.reset()
         self.fast.reset()
 
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
@@ -626,7 +633,7 @@ class Generator:
         elif isinstance(model, TwoTowerLCM):
             stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise)
         elif self.engine == "fast" and not disable_cache and fast_decoder_unsupported(model) is None:
-            stepper = _FastBaseLCMStepper(model, opt, temperature, total, noise, B)
+            stepper = _FastBaseLCMStepper(model, opt, temperature, total, noise)
         else:
             stepper = _BaseLCMStepper(model, opt, temperature, not disable_cache, total, noise)
         stepper.prefill(seqs[:, :P_min])  # every document's prompt covers these: contextualized in one pass
@@ -678,9 +685,9 @@ class Generator:
             return self._static[1]
         self._static = None
         if isinstance(model, TwoTowerLCM):
-            stepper = _FastTwoTowerStepper(model, opt, capacity, noise, cuda_graphs=True)
+            stepper = _FastTwoTowerStepper(model, opt, capacity, noise, static_batch=batch)
         else:
-            stepper = _FastBaseLCMStepper(model, opt, temperature, capacity, noise, batch, cuda_graphs=True)
+            stepper = _FastBaseLCMStepper(model, opt, temperature, capacity, noise, static_batch=batch)
         self._static = (key, stepper)
         return stepper
 
