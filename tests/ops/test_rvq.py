@@ -45,7 +45,9 @@ def assert_codes_match(codes: torch.Tensor, expected: torch.Tensor, x: torch.Ten
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,m,k,d", [(1, 1, 1, 1), (5, 2, 3, 7), (67, 3, 100, 33), (130, 4, 700, 385),
-                                     (64, 2, 256, 1024), (3, 2, 513, 1025), (200, 1, 2048, 8)])
+                                     (64, 2, 256, 1024), (3, 2, 513, 1025), (200, 1, 2048, 8),
+                                     # CPU from 256 rows: BLAS blocks of distances, over rows and centroids
+                                     (300, 2, 1500, 65), (2700, 2, 100, 5)])
 def test_kernel_matches_reference(device, n, m, k, d):
     x = clustered(n, d, seed=n + d).to(device)
     cb = (0.5 * torch.randn(m, k, d, generator=torch.Generator().manual_seed(k))).to(device)
@@ -68,12 +70,14 @@ def test_kernel_matches_reference_property(n, m, k, d, seed):
     assert torch.equal(rvq_decode(codes, cb, backend="ext"), rvq_decode_ref(codes, cb))
 
 
-def test_small_batches_split_k_across_threads():
-    """One vector against a large codebook: the K axis is split over threads and merged in order."""
+@pytest.mark.parametrize("rows", [4, 300])
+def test_ties_go_to_the_lowest_index_across_splits_and_blocks(rows):
+    """A centroid duplicated far away in the codebook: in another thread's split of K (a few vectors) or in
+    another BLAS block of distances (many vectors), the lower index still wins."""
     torch.manual_seed(0)
     cb = torch.randn(3, 4096, 64)
-    cb[0, 3000] = cb[0, 100]  # an exact duplicate in another split: the lower index must win
-    x = torch.cat([cb[0, 100:101] + 1e-3 * torch.randn(1, 64), torch.randn(3, 64)])
+    cb[0, 3000] = cb[0, 100]
+    x = torch.cat([cb[0, 100:101] + 1e-3 * torch.randn(1, 64), torch.randn(rows - 1, 64)])
     codes = rvq_encode(x, cb, backend="ext")
     assert torch.equal(codes, rvq_encode_ref(x, cb, sq_norms(cb)))
     assert codes[0, 0] == 100
