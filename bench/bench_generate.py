@@ -14,7 +14,8 @@ without CUDA graphs, at (batch, context) (1, 50) and (64, 200); the fast rows al
 bytes streamed per second and a device-copy peak to compare them with (the issue's bandwidth floor).
 
 ``test_generate_base_lcm_interleaved``: Base-LCM, 16 sentences after a prompt of 50, both engines alternated;
-``test_generate_one_tower_interleaved``: One-Tower, one sentence after 50, likewise.
+``test_generate_one_tower_interleaved`` and ``test_generate_quant_lcm_interleaved``: One-Tower and Quant-LCM-D,
+one sentence after 50, likewise.
 
 ``test_target_ratio_interleaved`` measures the issue's CPU target case (C = 50, batch 1) with the two
 engines alternated A/B/A/B in one window, median of ``REPEATS`` each, so the ratio does not depend on which
@@ -138,6 +139,13 @@ def test_generate_base_lcm_interleaved(benchmark, model_dim, batch):
 @pytest.mark.parametrize("model_dim", [256, 512])
 def test_generate_one_tower_interleaved(benchmark, model_dim):
     _interleaved_case(benchmark, "one_tower", scaled_model("one_tower_diffusion_lcm_1_6B", model_dim), 1, 1)
+
+
+# Quant-LCM-D in the paper's shape (the One-Tower 1.6B stack over 64 x 8192 codebooks): one sentence after 50,
+# 64 codebook passes with CFG on the logits.
+@pytest.mark.parametrize("model_dim", [256, 512])
+def test_generate_quant_lcm_interleaved(benchmark, model_dim):
+    _interleaved_case(benchmark, "quant_lcm", scaled_model("quant_lcm_1_6B", model_dim), 1, 1)
 
 
 # GPU: the 1.6B recipe's shape, random weights; the reference engine in fp32 (the official setting), the

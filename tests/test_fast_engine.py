@@ -167,6 +167,23 @@ def test_fast_one_tower_equals_reference(model_key, lens, guidance, eta, steps, 
     _assert_as_close_to_float64(fast, ref, oracle, lens)
 
 
+@pytest.mark.parametrize("target", ["discrete", "continuous"])
+@pytest.mark.parametrize("stack", [{}, dict(layer_normalization_style="rms", use_swiglu=True, norm_order_style="normformer",
+                                            enable_qk_layernorm=True, num_attn_heads=1, num_layers=3)])
+@pytest.mark.parametrize("sampling", [dict(top_k=1), dict(top_k=5, top_p=0.9, lcm_temperature=0.7, guidance_scale=2.5)])
+def test_fast_quant_lcm_equals_reference(target, stack, sampling):
+    """Quant-LCM: every codebook pass's tokens (and their CFG twins) in one decoder_layers_decode call, teacher-forced
+    rows skipped through a row index: the same units as the module path (the scores differ by fp32 rounding only,
+    far from a tie here), hence bit-identical sentences."""
+    model = random_model(tiny_config("quant_lcm", target=target, lcm=stack), seed=len(stack))
+    model.set_codebooks(0.3 * torch.randn(model.rvq_codebooks.shape, generator=torch.Generator().manual_seed(1)))
+    prompts = torch.randn(3, 4, model.sonar_dim, generator=torch.Generator().manual_seed(2))
+    options = lcm_fast.GenerationOptions(seed=5, eos_threshold=None, **sampling)
+    ref, fast = (lcm_fast.generate(model, prompts, torch.tensor([4, 1, 3]), options=options, max_gen_len=3,
+                                   engine=engine) for engine in ("reference", "fast"))
+    assert all(torch.equal(a, b) for a, b in zip(ref.sequences, fast.sequences))
+
+
 def test_unknown_engine():
     with pytest.raises(ValueError, match="unknown engine 'turbo'"):
         lcm_fast.Generator(_model((2, 1, False, False, "sample")), engine="turbo")

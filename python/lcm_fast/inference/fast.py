@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models import BaseLCM, OneTowerLCM, TwoTowerLCM
+from ..models import BaseLCM, TwoTowerLCM
+from ..models.one_tower import OneTowerBackbone
 from ..models.two_tower import Denoiser, DenoiserLayer
 from ..nn.activation import ACTIVATION_NAMES
 from ..nn.attention import KVCache
@@ -220,8 +221,8 @@ class FastDenoiser:
         return h[:, None]
 
 
-def fast_decoder_unsupported(model: BaseLCM | OneTowerLCM) -> Optional[str]:
-    """Why :class:`FastDecoder` cannot run this Base-LCM or One-Tower model (None: it can)."""
+def fast_decoder_unsupported(model: BaseLCM | OneTowerBackbone) -> Optional[str]:
+    """Why :class:`FastDecoder` cannot run this Base-LCM, One-Tower or Quant-LCM model (None: it can)."""
     layer = model.lcm.layers[0]
     if layer.order == "post":
         return "post-norm layers"
@@ -231,12 +232,12 @@ def fast_decoder_unsupported(model: BaseLCM | OneTowerLCM) -> Optional[str]:
 
 
 class FastDecoder:
-    """A Base-LCM's prediction, or a One-Tower model's denoising step, for one new position per document on the
-    model's KV cache.
+    """A Base-LCM's prediction, or a One-Tower model's denoising step (Quant-LCM's codebook pass), for one new
+    position per document on the model's KV cache.
 
     Args:
-        model: the Base-LCM or One-Tower model (its modules are used, not copied); :func:`fast_decoder_unsupported`
-            is None.
+        model: the Base-LCM, or a One-Tower backbone (One-Tower, Quant-LCM); its modules are used, not copied;
+            :func:`fast_decoder_unsupported` is None.
         cache: the model's cache (``model.new_cache``), possibly filled by a prefill. A call writes the new
             position's keys/values; :meth:`advance` then counts it.
         static_shapes: every call has the same shapes whatever the position (for CUDA graphs): the position is
@@ -244,7 +245,7 @@ class FastDecoder:
             composed ops of :func:`decoder_layers_decode_ref`; the caches must be ``zeroed``).
     """
 
-    def __init__(self, model: BaseLCM | OneTowerLCM, cache: list[KVCache], static_shapes: bool = False) -> None:
+    def __init__(self, model: BaseLCM | OneTowerBackbone, cache: list[KVCache], static_shapes: bool = False) -> None:
         self.model, self.cache, self.static_shapes = model, cache, static_shapes
         self.layers_args = layers_decode_args(model.lcm.layers)
         weight = model.frontend.pre_linear.weight
@@ -267,10 +268,11 @@ class FastDecoder:
 
     @torch.no_grad()
     def denoise(self, latents: Tensor, t: int, rows: Optional[Tensor], cfg: bool) -> Tensor:
-        """One-Tower. latents: [n, 1, sonar_dim] at timestep t, the noisy token after the cached context of batch
-        rows ``rows`` ([n], None: all) -> [n, 1, sonar_dim] predictions, followed with ``cfg`` by n unconditional
-        ones (each token attending to itself only): the model's ``denoise_step``. The token's keys/values go to
-        the caches' next position, which is not counted (the next step overwrites them)."""
+        """One-Tower backbone. latents: [n, 1, sonar_dim] at condition t (a timestep, or Quant-LCM's codebook index),
+        the token after the cached context of batch rows ``rows`` ([n], None: all) -> [n, 1, out_dim] predictions,
+        followed with ``cfg`` by n unconditional ones (each token attending to itself only): the model's
+        ``denoise_step``. The token's keys/values go to the caches' next position, which is not counted (the next
+        step overwrites them)."""
         t_emb = self.model.condition(torch.full((1, 1), t, device=latents.device))[:, 0].to(latents.dtype)
         h = self._frontend(torch.cat((latents[:, 0], t_emb.expand(latents.shape[0], -1)), dim=-1))
         n = h.shape[0]

@@ -7,8 +7,8 @@ are teacher-forced; finished rows leave the batch. Every random draw goes throug
 
 Two engines compute the Two-Tower denoising: ``"reference"`` evaluates the denoiser as the official
 code does (a readable port: every row, both CFG halves, every step), ``"fast"`` (the default) gets the
-same outputs without the waste (see :mod:`lcm_fast.inference.fast`). Base-LCM and One-Tower use their
-KV-cached decoder in both; the fast engine runs each new position's layers in one op call
+same outputs without the waste (see :mod:`lcm_fast.inference.fast`). Base-LCM, One-Tower and Quant-LCM use
+their KV-cached decoder in both; the fast engine runs each new position's layers in one op call
 (:class:`FastDecoder`; post-norm layers and ``scale_residual`` keep the modules).
 """
 
@@ -490,16 +490,31 @@ class _QuantStepper:
         self.model, self.options, self.noise = model, options, noise
         self.cache = model.new_cache(capacity)
         self.cfg = options.guidance_scale != 1.0
+        self.linear: Optional[LinearFn] = None  # the context's GEMM (None: the modules' own)
 
     def prefill(self, prefix: Tensor) -> None:
-        _encode_into_cache(self.model, self.cache, prefix, prefix.shape[1])
+        _encode_into_cache(self.model, self.cache, prefix, prefix.shape[1], self.linear)
+
+    def _context(self, rows: Optional[Tensor]) -> Optional[list[KVCache]]:
+        """The cache a sentence's passes attend to: its rows ``rows`` (None: all)."""
+        return self.cache if rows is None else [c.select(rows) for c in self.cache]
+
+    def _guided(self, x: Tensor, k: int, rows: Optional[Tensor], context: Optional[list[KVCache]]) -> Tensor:
+        """The (CFG-guided) model output for x [n, 1, sonar_dim] (normalized intermediate representations) at
+        codebook index k, on ``context`` (batch rows ``rows``) -> [n, 1, out_dim]."""
+        m, opt = self.model, self.options
+        out = m.denoise_step(x, k, context)
+        if not self.cfg:
+            return out
+        uncond = m.denoise_step(x, k, context, conditional=False)
+        return uncond + opt.guidance_scale * (out - uncond)
 
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
         m, opt = self.model, self.options
-        _encode_into_cache(m, self.cache, seqs, step)
+        _encode_into_cache(m, self.cache, seqs, step, self.linear)
         B, D, device, dtype = seqs.shape[0], m.sonar_dim, seqs.device, seqs.dtype
         rows = None if not forced.any() else (~forced).nonzero().flatten()
-        cache = self.cache if rows is None else [c.select(rows) for c in self.cache]
+        context = self._context(rows)
         n = B if rows is None else rows.numel()
         inter = torch.zeros(n, D, device=device, dtype=m.rvq_codebooks.dtype)
         sampling = opt.top_k != 1 and opt.lcm_temperature != 0
@@ -508,11 +523,7 @@ class _QuantStepper:
                        if sampling else None)
             if n == 0:
                 continue
-            x = _normalize(m, inter.to(dtype))[:, None]
-            out = m.denoise_step(x, k, cache)
-            if self.cfg:
-                uncond = m.denoise_step(x, k, cache, conditional=False)
-                out = uncond + opt.guidance_scale * (out - uncond)
+            out = self._guided(_normalize(m, inter.to(dtype))[:, None], k, rows, context)
             scores = m.unit_scores(out[:, 0], inter, k)
             pick = normals if normals is None or rows is None else normals.index_select(0, rows)
             units = sample_units(scores, opt.lcm_temperature, opt.top_k, opt.top_p, pick)
@@ -525,6 +536,26 @@ class _QuantStepper:
     def reorder(self, index: Tensor) -> None:
         for c in self.cache:
             c.reorder(index)
+
+
+class _FastQuantStepper(_QuantStepper):
+    """The fast engine's Quant-LCM: each codebook pass's tokens (and their CFG twins) through :class:`FastDecoder`
+    (every layer in one op call, on the context cache, no cache copies for row subsets)."""
+
+    def __init__(self, model: QuantLCM, options: GenerationOptions, capacity: int, noise: NoiseSource) -> None:
+        super().__init__(model, options, capacity, noise)
+        self.linear = skinny_linear  # the context's encoding too: the kernel wherever it beats BLAS
+        self.fast = FastDecoder(model, self.cache)
+
+    def _context(self, rows: Optional[Tensor]) -> None:
+        return None  # the op reads the rows of the cache in place
+
+    def _guided(self, x: Tensor, k: int, rows: Optional[Tensor], context: Optional[list[KVCache]]) -> Tensor:
+        out = self.fast.denoise(x, k, rows, self.cfg)
+        if not self.cfg:
+            return out
+        cond, uncond = out.chunk(2)
+        return uncond + self.options.guidance_scale * (cond - uncond)
 
 
 class Generator:
@@ -621,11 +652,12 @@ class Generator:
         rows = torch.arange(B, device=device)  # original index of each active row
         results: list[Optional[Tensor]] = [None] * B
 
-        if isinstance(model, QuantLCM):
-            stepper = _QuantStepper(model, opt, total, noise)
-        elif isinstance(model, OneTowerLCM):  # always cached: its context cache is the model's state
+        if isinstance(model, (OneTowerLCM, QuantLCM)):  # always cached: the context cache is the model's state
             fast = self.engine == "fast" and fast_decoder_unsupported(model) is None
-            stepper = (_FastOneTowerStepper if fast else _OneTowerStepper)(model, opt, total, noise)
+            if isinstance(model, QuantLCM):
+                stepper = (_FastQuantStepper if fast else _QuantStepper)(model, opt, total, noise)
+            else:
+                stepper = (_FastOneTowerStepper if fast else _OneTowerStepper)(model, opt, total, noise)
         elif self.cuda_graphs and not disable_cache:
             stepper = self._static_stepper(B, total, noise, temperature)
         elif isinstance(model, TwoTowerLCM) and self.engine == "fast" and not disable_cache:
