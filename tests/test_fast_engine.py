@@ -197,6 +197,8 @@ def test_cuda_graphs_need_the_fast_engine_and_a_graphable_model():
         lcm_fast.Generator(_base_model((2, 1, True, True, "post", False, None)), cuda_graphs=True)
     with pytest.raises(ValueError, match="and a OneTowerLCM"):
         lcm_fast.Generator(random_model(tiny_config("one_tower_diffusion_lcm")), cuda_graphs=True)
+    with pytest.warns(UserWarning, match="the static-shape path runs without graphs"):
+        lcm_fast.Generator(_model((2, 1, False, False, "sample")), cuda_graphs=True)
 
 
 @pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])

@@ -15,6 +15,7 @@ their KV-cached decoder in both; the fast engine runs each new position's layers
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -589,6 +590,9 @@ class Generator:
         if cuda_graphs and (engine != "fast" or not graphable):
             raise ValueError(f"cuda_graphs needs the fast engine and a Two-Tower or Base-LCM model (without post-norm "
                              f"layers or scale_residual), got engine '{engine}' and a {type(model).__name__}")
+        if cuda_graphs and model_device(model).type != "cuda":
+            warnings.warn("cuda_graphs=True on a model that is not on a GPU: the static-shape path runs without graphs, "
+                          "slower than the default fast engine (what the CPU tests exercise)", stacklevel=2)
         self.engine = engine
         self.model = model.eval()
         self.cuda_graphs = cuda_graphs
