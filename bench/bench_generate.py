@@ -51,7 +51,10 @@ def scaled_model(arch: str, model_dim: int) -> torch.nn.Module:
                 owner.timestep_embed_dim = model_dim
         config.max_seq_len = 512
         torch.manual_seed(0)
-        _MODELS[arch, model_dim] = lcm_fast.build_model(config).eval()
+        model = lcm_fast.build_model(config).eval()
+        if isinstance(model, lcm_fast.QuantLCM):  # random RVQ codebooks (generation needs installed ones)
+            model.rvq_codebooks.normal_(0, 0.03)
+        _MODELS[arch, model_dim] = model
     return _MODELS[arch, model_dim]
 
 

@@ -118,6 +118,8 @@ def test_errors(tmp_path, toy):
         Trainer(model, TrainConfig(variant="quant_d", out_dir=str(tmp_path)), data)
     with pytest.raises(ValueError, match="target='continuous'"):
         Trainer(_model("quant_d", rq), TrainConfig(variant="quant_c", out_dir=str(tmp_path)), data)
+    with pytest.raises(ValueError, match=r"the Quant-LCM has no RVQ codebooks: .* model.set_codebooks\("):
+        lcm_fast.generate(lcm_fast.build_model(tiny_config("quant_lcm")), torch.randn(1, 2, DIM), max_gen_len=1)
     with pytest.raises(ValueError, match="do not fit this Quant-LCM"):
         model.set_codebooks(torch.zeros(4, 8, DIM))
     with pytest.raises(ValueError, match="target must be"):

@@ -590,6 +590,8 @@ class Generator:
         if cuda_graphs and (engine != "fast" or not graphable):
             raise ValueError(f"cuda_graphs needs the fast engine and a Two-Tower or Base-LCM model (without post-norm "
                              f"layers or scale_residual), got engine '{engine}' and a {type(model).__name__}")
+        if isinstance(model, QuantLCM):
+            model.require_codebooks()
         if cuda_graphs and model_device(model).type != "cuda":
             warnings.warn("cuda_graphs=True on a model that is not on a GPU: the static-shape path runs without graphs, "
                           "slower than the default fast engine (what the CPU tests exercise)", stacklevel=2)

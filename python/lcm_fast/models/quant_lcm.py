@@ -50,6 +50,13 @@ class QuantLCM(OneTowerBackbone):
         self.rvq_codebooks.copy_(codebooks)
         return self
 
+    def require_codebooks(self) -> None:
+        """Raises unless RVQ codebooks are installed (the buffer starts all zero; each codebook's first centroid,
+        [M, d], is enough to tell)."""
+        if not bool(self.rvq_codebooks[:, 0].any()):
+            raise ValueError("the Quant-LCM has no RVQ codebooks: install the ones it was trained with, "
+                             "model.set_codebooks(ResidualQuantizer.load(path).codebooks) (CLI: --rvq PATH)")
+
     def quantize(self, x: Tensor) -> Tensor:
         """Codes [..., M] int64 of raw embeddings x [..., sonar_dim] (greedy RVQ, fused kernel)."""
         cb = self.rvq_codebooks.float()

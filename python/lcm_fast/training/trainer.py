@@ -137,9 +137,7 @@ class Trainer:
             if model.config.target != target:
                 raise ValueError(f"variant '{config.variant}' needs a Quant-LCM with target='{target}', "
                                  f"got target='{model.config.target}'")
-            if not model.rvq_codebooks.any():
-                raise ValueError("the Quant-LCM has no RVQ codebooks: model.set_codebooks(ResidualQuantizer.load(path)"
-                                 ".codebooks) (CLI: --rvq PATH)")
+            model.require_codebooks()
         if config.validate_every and valid is None:
             raise ValueError("validate_every is set but no validation data was given (valid=DataConfig(...))")
         if config.precision not in PRECISIONS:
