@@ -201,19 +201,25 @@ def test_cuda_graphs_need_the_fast_engine_and_a_graphable_model():
         lcm_fast.Generator(_model((2, 1, False, False, "sample")), cuda_graphs=True)
 
 
-@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])
-def test_static_shapes_run_finishing_batches_in_buckets(family, monkeypatch):
-    """cuda_graphs (static shapes; on CPU without graphs): as documents finish, the active rows run padded to
-    their power-of-two bucket on caches compacted in place; each bucket is captured at its second sentence
-    and replayed after later finishes, and the outputs are the per-step fast engine's."""
-    captured = []
+@pytest.fixture
+def captured(monkeypatch) -> list[int]:
+    """The batch size of every graph captured from here on (on CPU: every CapturedCall made)."""
+    sizes: list[int] = []
 
     class RecordedCapture(graphs.CapturedCall):
         def __init__(self, fn, *inputs):
-            captured.append(inputs[0].shape[0])
+            sizes.append(inputs[0].shape[0])
             super().__init__(fn, *inputs)
 
     monkeypatch.setattr(graphs, "CapturedCall", RecordedCapture)
+    return sizes
+
+
+@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])
+def test_static_shapes_run_finishing_batches_in_buckets(family, captured):
+    """cuda_graphs (static shapes; on CPU without graphs): as documents finish, the active rows run padded to
+    their power-of-two bucket on caches compacted in place; each bucket is captured at its second sentence
+    and replayed after later finishes, and the outputs are the per-step fast engine's."""
     model = random_model(tiny_config(family), seed=4)
     options = lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=6,
                                                      eos_threshold=None, lcm_temperature=0.3)
@@ -231,18 +237,10 @@ def test_static_shapes_run_finishing_batches_in_buckets(family, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])
-def test_static_buffers_and_graphs_are_reused_by_later_calls(family, monkeypatch):
+def test_static_buffers_and_graphs_are_reused_by_later_calls(family, captured):
     """cuda_graphs: a call that fits the last call's buffers (its batch bucket, its length rounded up to 64) restarts
     that call's stepper on the same storage, captures nothing new and returns what a fresh generator returns; other
     options or an in-place weight update get a new stepper."""
-    captured = []
-
-    class RecordedCapture(graphs.CapturedCall):
-        def __init__(self, fn, *inputs):
-            captured.append(inputs[0].shape[0])
-            super().__init__(fn, *inputs)
-
-    monkeypatch.setattr(graphs, "CapturedCall", RecordedCapture)
     model = random_model(tiny_config(family), seed=5)
     options = lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=6, eos_threshold=None)
     generator = lcm_fast.Generator(model, options, cuda_graphs=True)
