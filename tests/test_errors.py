@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -80,11 +81,17 @@ def test_lengths_and_eos_vec(two_tower):
         lcm_fast.generate(two_tower, _prompts(two_tower), max_gen_len=300)
     with pytest.raises(ValueError, match=r"exceed the model's max_seq_len=32"):
         lcm_fast.generate(two_tower, _prompts(two_tower, length=30), max_gen_len=5)
-    for name, value in (("max_gen_len", 0), ("max_gen_len", -1), ("max_gen_len", 2.5), ("min_gen_len", 0)):
+    for name, value in (("max_gen_len", 0), ("max_gen_len", -1), ("max_gen_len", 2.5), ("max_gen_len", True),
+                        ("min_gen_len", 0)):
         with pytest.raises(ValueError, match=rf"{name} must be an int >= 1 \(None: the options' default\), got {value}"):
             lcm_fast.generate(two_tower, _prompts(two_tower), **{name: value})
     with pytest.raises(ValueError, match=r"eos_vec must have shape \[24\]"):
         lcm_fast.Generator(two_tower, eos_vec=torch.zeros(25))
+
+
+def test_numpy_lengths_are_accepted(two_tower):
+    out = lcm_fast.generate(two_tower, _prompts(two_tower), max_gen_len=np.int64(2), min_gen_len=np.int32(1))
+    assert out.lengths.tolist() == [6, 6]  # 4 prompt sentences + 2
 
 
 def test_replay_noise_mismatch(two_tower):

@@ -14,6 +14,7 @@ their KV-cached decoder in both; the fast engine runs each new position's layers
 
 from __future__ import annotations
 
+import numbers
 import sys
 import warnings
 from dataclasses import dataclass
@@ -640,8 +641,9 @@ class Generator:
         max_gen_len = opt.max_seq_len if max_gen_len is None else max_gen_len
         min_gen_len = opt.min_seq_len if min_gen_len is None else min_gen_len
         for name, value in (("max_gen_len", max_gen_len), ("min_gen_len", min_gen_len)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1 (None: the options' default), got {value!r}")
+        max_gen_len, min_gen_len = int(max_gen_len), int(min_gen_len)
         if max_gen_len > opt.max_seq_len:
             raise ValueError(f"max_gen_len={max_gen_len} exceeds options.max_seq_len={opt.max_seq_len}")
         noise = noise if noise is not None else TorchNoise(opt.seed)
@@ -708,7 +710,6 @@ class Generator:
         bar.close()
         return GenerationOutput(results)  # type: ignore[arg-type]  (every row finishes by max_gen_len)
 
-
     def _static_stepper(self, batch: int, length: int, noise: NoiseSource,
                         temperature: float) -> _FastTwoTowerStepper | _FastBaseLCMStepper:
         """cuda_graphs: the last call's stepper where this call fits it (the same batch bucket and length bucket,
@@ -730,7 +731,7 @@ class Generator:
         return stepper
 
 
-def generate(model: BaseLCM | TwoTowerLCM, prompts: Tensor, seq_lens: Optional[Tensor] = None, *,
+def generate(model: BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM, prompts: Tensor, seq_lens: Optional[Tensor] = None, *,
              options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None, engine: str = "fast",
              cuda_graphs: bool = False, **call_kwargs: Any) -> GenerationOutput:
     """One-shot helper: ``Generator(model, options, eos_vec, engine, cuda_graphs)(prompts, seq_lens,
