@@ -8,7 +8,7 @@ import torch
 
 from lcm_fast.quant import ResidualQuantizer, kmeans, train_residual_kmeans
 
-from .ops.test_rvq import clustered
+from .ops.test_rvq import assert_codes_match, clustered
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,18 @@ def test_streaming_from_memmap_equals_in_memory(data, tmp_path):
     assert torch.equal(cb, ref_cb) and torch.equal(codes, ref_codes)
     rq = ResidualQuantizer.from_codebooks(cb)
     assert torch.equal(rq.encode(data), codes)  # training codes are the greedy codes of the final codebooks
+
+
+def test_encode_search_modes(data):
+    """bf16 candidate search = fp32 search up to near-ties, also after retraining (no stale bf16 copy)."""
+    rq = ResidualQuantizer(48, 3, 32)
+    for seed in (1, 2):
+        rq.train(data, seed=seed, progress=False)
+        exact = rq.encode(data, search="exact")
+        for search in ("bf16", "auto"):
+            assert_codes_match(rq.encode(data, search=search), exact, data, rq.codebooks)
+    with pytest.raises(ValueError, match="unknown RVQ search 'fast'"):
+        rq.encode(data, search="fast")
 
 
 def test_training_does_not_modify_the_data(data):

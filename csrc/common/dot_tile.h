@@ -34,16 +34,17 @@ inline Vec load_f32(const W* p, int64_t n) {
   return Vec::loadu(buf);
 }
 
-// dot[r * C + c] = x_r . w_c over d elements, for R rows of x (stride ldx) and C rows of w (stride ldw).
+// dot[r * C + c] = x_r . w[c] over d elements, for R rows of x (stride ldx) and C rows of w given by
+// pointers (rows anywhere: the RVQ shortlist's centroids).
 template <int R, int C, typename W>
-void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t d, float* dot) {
+void dot_tile_rows(const float* x, int64_t ldx, const W* const* w, int64_t d, float* dot) {
   Vec acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = Vec(0.f);
   int64_t i = 0;
   for (; i + Vec::size() <= d; i += Vec::size()) {
     Vec wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = load_f32(w + c * ldw + i);
+    for (int c = 0; c < C; ++c) wv[c] = load_f32(w[c] + i);
     for (int r = 0; r < R; ++r) {
       const Vec xv = Vec::loadu(x + r * ldx + i);
       for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], acc[r][c]);
@@ -52,7 +53,7 @@ void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t d, f
   if (i < d) {
     const int64_t n = d - i;
     Vec wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = load_f32(w + c * ldw + i, n);
+    for (int c = 0; c < C; ++c) wv[c] = load_f32(w[c] + i, n);
     for (int r = 0; r < R; ++r) {
       const Vec xv = Vec::loadu(x + r * ldx + i, n);
       for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], acc[r][c]);
@@ -60,6 +61,14 @@ void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t d, f
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) dot[r * C + c] = hsum(acc[r][c]);
+}
+
+// The same for C rows of w with stride ldw.
+template <int R, int C, typename W>
+void dot_tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t d, float* dot) {
+  const W* rows[C];
+  for (int c = 0; c < C; ++c) rows[c] = w + c * ldw;
+  dot_tile_rows<R, C, W>(x, ldx, rows, d, dot);
 }
 
 template <typename W>

@@ -32,6 +32,14 @@ inline void check_rvq_encode_args(const at::Tensor& x, const at::Tensor& codeboo
               codebooks.size(1), "] tensor on ", x.device(), ", got ", sq_norms.scalar_type(), " ", sq_norms.sizes());
 }
 
+inline void check_search_codebooks(const at::Tensor& search, const at::Tensor& codebooks) {
+  TORCH_CHECK(search.sizes() == codebooks.sizes() && search.scalar_type() == at::kBFloat16 && search.is_contiguous() &&
+                  search.device() == codebooks.device(),
+              "rvq_encode: search_codebooks must be the codebooks in contiguous bfloat16 [M, K, d] = ",
+              codebooks.sizes(), " on ", codebooks.device(), ", got ", search.scalar_type(), " ", search.sizes(),
+              " (lcm_fast.ops.rvq.search_codebooks makes them)");
+}
+
 inline CodeType check_rvq_decode_args(const at::Tensor& codes, const at::Tensor& codebooks, int64_t prefix) {
   check_codebooks("rvq_decode", codebooks, codes);
   TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous(), "rvq_decode: codes must be a contiguous [N, M] tensor, got ",

@@ -11,17 +11,23 @@
 // From kGemmRows rows on, a stage's distances go through BLAS instead, one cache-sized block of
 // kGemmBlock distances at a time, each reduced to the rows' running minimum before the next: a packed
 // GEMM then outruns the register tiles (L2-bound: 115-137 vs 156-165 GFLOP/s at 256 rows, bench/RESULTS.md).
+//
+// With search codebooks (bf16) every batch size takes the candidate search instead (csrc/rvq/rvq.h): the
+// bf16 scores come from BLAS (oneDNN: 2-3x the fp32 GEMM rate on CPUs with bf16 dot products) in
+// cache-sized blocks, each folded into the rows' shortlists of kRvqCandidates, which are re-ranked in fp32.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "common/dot_tile.h"
@@ -38,6 +44,8 @@ constexpr int64_t kMinSplitCents = 256; // fewer centroids per task than this is
 constexpr int64_t kGemmRows = 256;      // rows from which BLAS computes the distances
 constexpr int64_t kGemmCents = 1024;    // centroids per BLAS block
 constexpr int64_t kGemmBlock = 1 << 18; // distances per BLAS block (1 MB): at least kGemmRows rows, more for small K
+constexpr int64_t kSearchCents = 8192;   // centroids per bf16 score block
+constexpr int64_t kSearchBlock = 1 << 21; // bf16 scores per block (1 MB): 128 rows at K >= 4096, more for small K
 
 // The running argmin of rows [r0, r1) over centroids [k0, k1) of one codebook (C [K, d], sq [K]);
 // best / best_idx are indexed by row.
@@ -93,8 +101,97 @@ void argmin_gemm(const at::Tensor& residual, const at::Tensor& cb, const at::Ten
   }
 }
 
-at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& sq_norms) {
+// The kRvqCandidates smallest (score, index) offered so far, ascending. Offers come in increasing index and
+// an equal score queues behind, so ties keep the lowest index; a NaN score never enters.
+struct Shortlist {
+  float score[kRvqCandidates];
+  int32_t idx[kRvqCandidates];
+
+  void clear() {
+    std::fill(score, score + kRvqCandidates, std::numeric_limits<float>::infinity());
+    std::fill(idx, idx + kRvqCandidates, -1);
+  }
+  void offer(float s, int32_t k) {
+    if (!(s < score[kRvqCandidates - 1])) return;
+    int i = kRvqCandidates - 1;
+    for (; i > 0 && s < score[i - 1]; --i) {
+      score[i] = score[i - 1];
+      idx[i] = idx[i - 1];
+    }
+    score[i] = s;
+    idx[i] = k;
+  }
+};
+
+// Offers the scores |C|^2 - 2 dot of `n` centroids (bf16 dots, their squared norms sq) to a row's
+// shortlist. A vector of scores is compared with the shortlist's worst at once: after the first few
+// vectors almost none gets in, so the loop costs a load, a convert, an FMA and a compare per vector.
+void shortlist_scan(const at::BFloat16* dots, const float* sq, int64_t n, int32_t k0, Shortlist& list) {
+  constexpr int64_t kLanes = Vec::size();
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    Vec dot;
+    at::vec::load_to_float(dots + k, dot);
+    const Vec s = at::vec::fmadd(dot, Vec(-2.f), Vec::loadu(sq + k));
+    const int below = ~(s < Vec(list.score[kRvqCandidates - 1])).zero_mask() & ((1 << kLanes) - 1);
+    if (below == 0) continue;
+    float lane[kLanes];
+    s.store(lane);
+    for (int i = 0; i < kLanes; ++i)
+      if (below >> i & 1) list.offer(lane[i], k0 + int32_t(k + i));
+  }
+  for (; k < n; ++k) list.offer(sq[k] - 2.f * float(dots[k]), k0 + int32_t(k));
+}
+
+// Rows [r0, r1) of one stage through the candidate search: bf16 scores |C|^2 - 2 r.C of blocks of at most
+// kSearchCents centroids (written to `block`) fold into the rows' shortlists, then each row's code is the
+// fp32 argmin over its shortlist (ties: lowest index; no finite candidate, a NaN row: index 0).
+void argmin_candidates(const at::Tensor& residual, const at::Tensor& cb, const at::Tensor& search_cb, const float* sq,
+                       int64_t r0, int64_t r1, at::BFloat16* block, Shortlist* lists, int32_t* best_idx) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const int64_t K = cb.size(0), d = cb.size(1), rows = r1 - r0;
+  const at::Tensor res = residual.narrow(0, r0, rows);
+  const at::Tensor res_bf16 = res.to(at::kBFloat16);
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) lists[r].clear();
+  });
+  for (int64_t k0 = 0; k0 < K; k0 += kSearchCents) {
+    const int64_t cents = std::min(kSearchCents, K - k0);
+    at::Tensor dots = at::from_blob(block, {rows, cents}, res_bf16.options());
+    at::mm_out(dots, res_bf16, search_cb.narrow(0, k0, cents).t());
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) shortlist_scan(block + r * cents, sq + k0, cents, int32_t(k0), lists[r]);
+    });
+  }
+  const float* res_ptr = res.const_data_ptr<float>();
+  const float* cb_ptr = cb.const_data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int32_t* cand = lists[r].idx;
+      const int32_t fill = std::max(cand[0], 0);  // empty slots (K < kRvqCandidates, a NaN row) read a valid row
+      const float* cents[kRvqCandidates];
+      for (int i = 0; i < kRvqCandidates; ++i) cents[i] = cb_ptr + int64_t(cand[i] < 0 ? fill : cand[i]) * d;
+      float dots[kRvqCandidates];
+      dot_tile_rows<1, kRvqCandidates, float>(res_ptr + r * d, d, cents, d, dots);
+      float best = std::numeric_limits<float>::infinity();
+      int32_t idx = 0;
+      for (int i = 0; i < kRvqCandidates && cand[i] >= 0; ++i) {
+        const int32_t k = cand[i];
+        const float dist = sq[k] - 2.f * dots[i];
+        if (dist < best || (dist == best && k < idx)) {
+          best = dist;
+          idx = k;
+        }
+      }
+      best_idx[r0 + r] = idx;
+    }
+  });
+}
+
+at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& sq_norms,
+                          const std::optional<at::Tensor>& search_codebooks) {
   check_rvq_encode_args(x, codebooks, sq_norms);
+  if (search_codebooks) check_search_codebooks(*search_codebooks, codebooks);
   const int64_t N = x.size(0), M = codebooks.size(0), K = codebooks.size(1), d = codebooks.size(2);
   at::Tensor codes = at::empty({N, M}, x.options().dtype(at::kInt));
   if (N == 0) return codes;
@@ -109,21 +206,29 @@ at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, cons
   const int64_t per_thread = (N + threads - 1) / threads;
   const int64_t row_block = std::clamp<int64_t>((per_thread + kTileRows - 1) / kTileRows * kTileRows, kTileRows, kRowBlock);
   const int64_t row_blocks = (N + row_block - 1) / row_block;
-  const bool gemm = N >= kGemmRows;
-  const int64_t splits =
-      gemm ? 1 : std::max<int64_t>(1, std::min((threads + row_blocks - 1) / row_blocks, K / kMinSplitCents));
+  const bool search = search_codebooks.has_value();
+  const bool gemm = !search && N >= kGemmRows;
+  const int64_t splits = gemm || search ? 1
+      : std::max<int64_t>(1, std::min((threads + row_blocks - 1) / row_blocks, K / kMinSplitCents));
   const int64_t split_len = (K + splits - 1) / splits;
   std::vector<float> best(splits * N);
   std::vector<int32_t> best_idx(splits * N);
   const int64_t gemm_rows = kGemmBlock / std::min(K, kGemmCents);
   std::vector<float> block(gemm ? kGemmBlock : 0);
+  const int64_t search_rows = std::min(N, kSearchBlock / std::min(K, kSearchCents));
+  std::vector<at::BFloat16> search_block(search ? search_rows * std::min(K, kSearchCents) : 0);
+  std::vector<Shortlist> lists(search ? search_rows : 0);
 
   for (int64_t m = 0; m < M; ++m) {
     const float* cb = cbs + m * K * d;
     const float* sq = sqs + m * K;
     std::fill(best.begin(), best.end(), std::numeric_limits<float>::infinity());
     std::fill(best_idx.begin(), best_idx.end(), 0);  // a NaN row keeps index 0 (inputs are checked in Python)
-    if (gemm) {
+    if (search) {
+      for (int64_t r0 = 0; r0 < N; r0 += search_rows)
+        argmin_candidates(residual, codebooks[m], (*search_codebooks)[m], sq, r0, std::min(N, r0 + search_rows),
+                          search_block.data(), lists.data(), best_idx.data());
+    } else if (gemm) {
       for (int64_t r0 = 0; r0 < N; r0 += gemm_rows)
         argmin_gemm(residual, codebooks[m], sq_norms[m], r0, std::min(N, r0 + gemm_rows), block.data(), best.data(),
                     best_idx.data());

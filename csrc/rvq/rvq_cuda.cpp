@@ -6,13 +6,18 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
+
 #include "rvq/rvq_checks.h"
 
 namespace lcm_fast {
 namespace {
 
-at::Tensor rvq_encode_cuda(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& sq_norms) {
+at::Tensor rvq_encode_cuda(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& sq_norms,
+                           const std::optional<at::Tensor>& search_codebooks) {
   check_rvq_encode_args(x, codebooks, sq_norms);
+  TORCH_CHECK(!search_codebooks.has_value(), "rvq_encode: the bf16 candidate search has no CUDA kernel; pass "
+              "search_codebooks=None (the fp32 search)");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), M = codebooks.size(0), K = codebooks.size(1), d = codebooks.size(2);
   at::Tensor codes = at::empty({N, M}, x.options().dtype(at::kInt));

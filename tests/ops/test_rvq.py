@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcm_fast.ops import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
-from lcm_fast.ops.rvq import ENCODE_SPEC, sq_norms
+from lcm_fast.ops.rvq import ENCODE_SPEC, RVQ_CANDIDATES, native_bf16, search_codebooks, sq_norms
 from lcm_fast.quant import ResidualQuantizer
 
 from ..tolerances import RVQ_TIE_GAP
@@ -83,6 +83,61 @@ def test_ties_go_to_the_lowest_index_across_splits_and_blocks(rows):
     assert codes[0, 0] == 100
 
 
+# the candidate search: codes of the fp32 search except near-ties, on every path of the kernel
+@pytest.mark.parametrize("n,m,k,d", [(1, 1, 1, 1), (5, 2, 3, 7), (9, 2, RVQ_CANDIDATES, 16),
+                                     (67, 3, RVQ_CANDIDATES + 1, 33), (130, 4, 700, 385), (64, 2, 256, 1024),
+                                     (1100, 2, 2000, 24),   # two blocks of rows
+                                     (3, 2, 8300, 40)])     # two blocks of centroids
+def test_candidate_search_matches_reference(n, m, k, d):
+    x = clustered(n, d, seed=n + d)
+    cb = 0.5 * torch.randn(m, k, d, generator=torch.Generator().manual_seed(k))
+    scb = search_codebooks(cb, "bf16")
+    codes = rvq_encode(x, cb, search_codebooks=scb, backend="ext")
+    assert codes.dtype == torch.int32 and codes.shape == (n, m)
+    assert_codes_match(codes, rvq_encode_ref(x.double(), cb.double(), sq_norms(cb.double())), x, cb)
+    assert_codes_match(codes, rvq_encode_ref(x, cb, sq_norms(cb), search_codebooks=scb), x, cb)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(0, 70), m=st.integers(1, 4), k=st.integers(1, 600), d=st.integers(1, 70), seed=st.integers(0, 99))
+def test_candidate_search_matches_reference_property(n, m, k, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, cb = torch.randn(n, d, generator=g), torch.randn(m, k, d, generator=g)
+    codes = rvq_encode(x, cb, search_codebooks=search_codebooks(cb, "bf16"), backend="ext")
+    assert_codes_match(codes, rvq_encode_ref(x.double(), cb.double(), sq_norms(cb.double())), x, cb)
+
+
+def test_candidate_search_ties_and_nan_rows():
+    """Duplicates of the nearest centroid, more of them than the shortlist holds and one in another block of
+    centroids: the lowest index wins, as in the fp32 search; a NaN row gets index 0 on every path."""
+    torch.manual_seed(0)
+    cb = torch.randn(2, 8300, 64)
+    cb[0, 8250] = cb[0, 100]
+    cb[0, 2000:2000 + 2 * RVQ_CANDIDATES] = cb[0, 100]
+    x = torch.cat([cb[0, 100:101] + 1e-3 * torch.randn(1, 64), torch.randn(4, 64), torch.full((1, 64), float("nan"))])
+    scb = search_codebooks(cb, "bf16")
+    for codes in (rvq_encode(x, cb, search_codebooks=scb, backend="ext"),
+                  rvq_encode_ref(x, cb, sq_norms(cb), search_codebooks=scb)):
+        assert torch.equal(codes[:5], rvq_encode_ref(x[:5], cb, sq_norms(cb)))
+        assert codes[0, 0] == 100 and codes[5].tolist() == [0, 0]
+
+
+def test_candidate_search_errors_and_modes():
+    x, cb = torch.randn(4, 8), torch.randn(2, 16, 8)
+    with pytest.raises(RuntimeError, match="search_codebooks must be the codebooks in contiguous bfloat16"):
+        torch.ops.lcm_fast.rvq_encode(x, cb, sq_norms(cb), cb)
+    with pytest.raises(RuntimeError, match="search_codebooks must be"):
+        torch.ops.lcm_fast.rvq_encode(x, cb, sq_norms(cb), cb[:1].bfloat16())
+    with pytest.raises(ValueError, match="greedy"):
+        rvq_encode(x, cb, beam=2, search_codebooks=cb.bfloat16())
+    with pytest.raises(ValueError, match="unknown RVQ search 'fast'"):
+        search_codebooks(cb, "fast")
+    assert search_codebooks(cb, "exact") is None
+    assert search_codebooks(cb, "bf16").dtype == torch.bfloat16
+    assert (search_codebooks(cb, "auto") is None) == (not native_bf16("cpu"))
+    assert "CPU kernel only" in "; ".join(ENCODE_SPEC.reasons("cuda", torch.float32, search=True))
+
+
 def _faiss_codes(rq: faiss.ResidualQuantizer, x: torch.Tensor, m: int, nbits: int) -> torch.Tensor:
     return torch.from_numpy(faiss.unpack_bitstrings(rq.compute_codes(x.numpy()), m, nbits).astype(np.int64))
 
@@ -98,8 +153,10 @@ def test_codes_match_faiss_compute_codes(d, m, nbits):
     frq.max_beam_size = 1
     frq.train(train.numpy())
     rq = ResidualQuantizer.from_faiss(frq)
-    ours, theirs = rq.encode(test, backend="ext"), _faiss_codes(frq, test, m, nbits)
-    assert_codes_match(ours, theirs, test, rq.codebooks, min_rate=0.999)
+    theirs = _faiss_codes(frq, test, m, nbits)
+    for search in ("exact", "bf16"):
+        ours = rq.encode(test, search=search, backend="ext")
+        assert_codes_match(ours, theirs, test, rq.codebooks, min_rate=0.999)
     packed = faiss.pack_bitstrings(ours.numpy(), nbits)
     np.testing.assert_array_equal(rq.decode(ours, backend="ext").numpy(), frq.decode(packed))
 
@@ -125,6 +182,8 @@ def test_opcheck(device):
     for n, m, k, d in [(7, 2, 9, 5), (64, 3, 300, 129)]:
         x, cb = torch.randn(n, d, generator=g).to(device), torch.randn(m, k, d, generator=g).to(device)
         torch.library.opcheck(torch.ops.lcm_fast.rvq_encode.default, (x, cb, sq_norms(cb)))
+        if device == "cpu":
+            torch.library.opcheck(torch.ops.lcm_fast.rvq_encode.default, (x, cb, sq_norms(cb), cb.bfloat16()))
         codes = rvq_encode(x, cb)
         torch.library.opcheck(torch.ops.lcm_fast.rvq_decode.default, (codes, cb, m))
 

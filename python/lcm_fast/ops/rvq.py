@@ -6,6 +6,12 @@ the running residual and subtracts it. The kernels fuse the distance GEMM with t
 ``beam_search_encode_step``). Decoding sums the chosen centroids of the first ``k`` codebooks in
 codebook order (the coarse-to-fine prefix), which reproduces faiss's decode bit for bit.
 Layouts: ``csrc/rvq/rvq.h``.
+
+Candidate search: given ``search_codebooks`` (the codebooks in bf16, :func:`search_codebooks`), each
+step ranks all K centroids by a bf16 GEMM (fp32 accumulation) and takes the fp32 nearest among the
+``RVQ_CANDIDATES`` best. The code is the fp32 one whenever the fp32 nearest ranks among them in bf16;
+it ranked at most 3rd in every measured case (bench/RESULTS.md). On CPUs with bf16 dot-product
+instructions that GEMM runs at 2-3x the fp32 rate, and ``search="auto"`` takes it there.
 """
 
 from __future__ import annotations
@@ -20,6 +26,26 @@ from ._dispatch import OpSpec, register
 
 # rows per chunk of the reference's [chunk, K] distance matrix (64 MB at K = 8192 in fp32)
 _REF_CHUNK = 2048
+RVQ_CANDIDATES = 8  # csrc/rvq/rvq.h kRvqCandidates
+SEARCHES = ("auto", "exact", "bf16")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` is a CPU with bf16 dot-product instructions (AVX512-BF16 or AMX), where the
+    candidate search pays off; elsewhere a bf16 GEMM is no faster than an fp32 one."""
+    return torch.device(device).type == "cpu" and (torch.cpu._is_avx512_bf16_supported()
+                                                   or torch.cpu._is_amx_tile_supported())
+
+
+def search_codebooks(codebooks: Tensor, search: str = "auto") -> Optional[Tensor]:
+    """The ``search_codebooks`` argument of :func:`rvq_encode` for codebooks [M, K, d]: their bf16 copy
+    for the candidate search (``search="bf16"``, or ``"auto"`` on a CPU with :func:`native_bf16`), else
+    None (``"exact"``: the fp32 search). Make it once per codebooks: the copy costs a pass over them."""
+    if search not in SEARCHES:
+        raise ValueError(f"unknown RVQ search {search!r}; expected one of {SEARCHES}")
+    if search == "exact" or (search == "auto" and not native_bf16(codebooks.device)):
+        return None
+    return codebooks.detach().to(torch.bfloat16).contiguous()
 
 
 def _distances(r: Tensor, cb: Tensor, sq: Tensor) -> Tensor:
@@ -27,28 +53,47 @@ def _distances(r: Tensor, cb: Tensor, sq: Tensor) -> Tensor:
     return torch.addmm(sq, r, cb.T, beta=1.0, alpha=-2.0)
 
 
-def rvq_encode_ref(x: Tensor, codebooks: Tensor, codebook_sq_norms: Tensor, beam: int = 1) -> Tensor:
-    """Plain-PyTorch twin (the specification). x: [N, d]; codebooks: [M, K, d]; codebook_sq_norms: [M, K].
+def rvq_encode_ref(x: Tensor, codebooks: Tensor, codebook_sq_norms: Tensor, beam: int = 1,
+                   search_codebooks: Optional[Tensor] = None) -> Tensor:
+    """Plain-PyTorch twin (the specification). x: [N, d]; codebooks: [M, K, d]; codebook_sq_norms: [M, K];
+    search_codebooks: None or the codebooks in bf16 [M, K, d] (the candidate search, greedy only).
     Returns codes [N, M] int32 (the beam's best path for beam > 1). Computed in the codebooks' dtype
     (fp64 codebooks make it the high-precision oracle of the tests)."""
+    if beam != 1 and search_codebooks is not None:
+        raise ValueError("rvq_encode: the candidate search is greedy (beam 1); pass search_codebooks=None")
     N, d = x.shape
     M, K, _ = codebooks.shape
     codes = torch.empty(N, M, dtype=torch.int32, device=x.device)
     for start in range(0, N, _REF_CHUNK):
         chunk = x[start:start + _REF_CHUNK].to(codebooks.dtype)
-        codes[start:start + _REF_CHUNK] = (_greedy if beam == 1 else _beam_search)(chunk, codebooks,
-                                                                                   codebook_sq_norms, beam)
+        codes[start:start + _REF_CHUNK] = (
+            _greedy(chunk, codebooks, codebook_sq_norms, search_codebooks) if beam == 1
+            else _beam_search(chunk, codebooks, codebook_sq_norms, beam))
     return codes
 
 
-def _greedy(x: Tensor, codebooks: Tensor, sq: Tensor, beam: int) -> Tensor:
+def _greedy(x: Tensor, codebooks: Tensor, sq: Tensor, search: Optional[Tensor]) -> Tensor:
     r = x.clone()
     out = []
     for m in range(codebooks.shape[0]):
-        idx = _distances(r, codebooks[m], sq[m]).argmin(1)
+        if search is None:
+            idx = _distances(r, codebooks[m], sq[m]).argmin(1)
+        else:
+            idx = _shortlist_argmin(r, codebooks[m], sq[m], search[m])
         r -= codebooks[m][idx]
         out.append(idx)
     return torch.stack(out, 1).to(torch.int32)
+
+
+def _shortlist_argmin(r: Tensor, cb: Tensor, sq: Tensor, search_cb: Tensor) -> Tensor:
+    """The candidate search of one step: the RVQ_CANDIDATES best bf16 scores (ties: lowest index), then
+    the exact argmin among them (ties: lowest index; a row with no finite distance: index 0)."""
+    scores = sq - 2 * torch.mm(r.to(torch.bfloat16), search_cb.T).to(sq.dtype)
+    cand = scores.sort(dim=1, stable=True).indices[:, :RVQ_CANDIDATES]
+    dist = sq[cand] - 2 * torch.bmm(cb[cand], r[:, :, None])[..., 0]
+    K = cb.shape[0]
+    idx = torch.where(dist == dist.min(1, keepdim=True).values, cand, K).min(1).values
+    return idx.masked_fill(idx == K, 0)
 
 
 def _beam_search(x: Tensor, codebooks: Tensor, sq: Tensor, beam: int) -> Tensor:
@@ -87,8 +132,11 @@ def sq_norms(codebooks: Tensor) -> Tensor:
     return (codebooks * codebooks).sum(-1)
 
 
-def _encode_reasons(device_type: str, dtype, *, beam: int = 1, **_) -> list[str]:
-    return [f"beam={beam} (the kernel is greedy, beam 1)"] if beam != 1 else []
+def _encode_reasons(device_type: str, dtype, *, beam: int = 1, search: bool = False, **_) -> list[str]:
+    reasons = [f"beam={beam} (the kernel is greedy, beam 1)"] if beam != 1 else []
+    if search and device_type != "cpu":
+        reasons.append("search_codebooks on CUDA (the candidate search has a CPU kernel only)")
+    return reasons
 
 
 ENCODE_SPEC = register(OpSpec("rvq_encode", dtypes=(torch.float32,), extra=_encode_reasons))
@@ -97,7 +145,7 @@ DECODE_SPEC = register(OpSpec("rvq_decode", dtypes=(torch.float32,)))
 if _ext.EXT_AVAILABLE:
 
     @torch.library.register_fake("lcm_fast::rvq_encode")
-    def _rvq_encode_fake(x, codebooks, codebook_sq_norms):
+    def _rvq_encode_fake(x, codebooks, codebook_sq_norms, search_codebooks=None):
         torch._check(x.shape[1] == codebooks.shape[2])
         return x.new_empty((x.shape[0], codebooks.shape[0]), dtype=torch.int32)
 
@@ -107,15 +155,18 @@ if _ext.EXT_AVAILABLE:
 
 
 def rvq_encode(x: Tensor, codebooks: Tensor, codebook_sq_norms: Optional[Tensor] = None, beam: int = 1, *,
-               backend: Optional[str] = None) -> Tensor:
+               search_codebooks: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """Codes [N, M] int32 of x [N, d] (any float dtype; encoded in fp32) against codebooks [M, K, d]
-    fp32; codebook_sq_norms [M, K] (computed when None: pass them when encoding repeatedly)."""
+    fp32; codebook_sq_norms [M, K] (computed when None: pass them when encoding repeatedly);
+    search_codebooks: None (fp32 search) or :func:`search_codebooks`'s bf16 [M, K, d] (candidate search)."""
     if codebook_sq_norms is None:
         codebook_sq_norms = sq_norms(codebooks)
     x = x.float()
-    if ENCODE_SPEC.choose(x.device.type, codebooks.dtype, backend, beam=beam) == "ref":
-        return rvq_encode_ref(x, codebooks, codebook_sq_norms, beam)
-    return torch.ops.lcm_fast.rvq_encode(x.contiguous(), codebooks.contiguous(), codebook_sq_norms.contiguous())
+    search = search_codebooks is not None
+    if ENCODE_SPEC.choose(x.device.type, codebooks.dtype, backend, beam=beam, search=search) == "ref":
+        return rvq_encode_ref(x, codebooks, codebook_sq_norms, beam, search_codebooks)
+    return torch.ops.lcm_fast.rvq_encode(x.contiguous(), codebooks.contiguous(), codebook_sq_norms.contiguous(),
+                                         search_codebooks)
 
 
 def rvq_decode(codes: Tensor, codebooks: Tensor, k: Optional[int] = None, *, backend: Optional[str] = None) -> Tensor:
