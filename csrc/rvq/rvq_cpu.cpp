@@ -14,7 +14,8 @@
 //
 // With search codebooks (bf16) every batch size takes the candidate search instead (csrc/rvq/rvq.h): the
 // bf16 scores come from BLAS (oneDNN: 2-3x the fp32 GEMM rate on CPUs with bf16 dot products) in
-// cache-sized blocks, each folded into the rows' shortlists of kRvqCandidates, which are re-ranked in fp32.
+// cache-sized blocks, each folded into the rows' shortlists of kRvqCandidates, which are re-ranked in fp32
+// and certified (argmin_candidates).
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
@@ -25,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <limits>
 #include <optional>
@@ -101,15 +103,37 @@ void argmin_gemm(const at::Tensor& residual, const at::Tensor& cb, const at::Ten
   }
 }
 
+float squared_norm(const float* x, int64_t d) {
+  return at::vec::map_reduce_all<float>([](Vec v) { return v * v; }, [](Vec a, Vec b) { return a + b; }, x, d);
+}
+
+// |x - y|^2 of fp32 x and bf16 y over d elements.
+float squared_distance(const float* x, const at::BFloat16* y, int64_t d) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= d; i += Vec::size()) {
+    const Vec diff = Vec::loadu(x + i) - load_f32(y + i);
+    acc = at::vec::fmadd(diff, diff, acc);
+  }
+  if (i < d) {
+    const Vec diff = Vec::loadu(x + i, d - i) - load_f32(y + i, d - i);
+    acc = at::vec::fmadd(diff, diff, acc);
+  }
+  return hsum(acc);
+}
+
 // The kRvqCandidates smallest (score, index) offered so far, ascending. Offers come in increasing index and
-// an equal score queues behind, so ties keep the lowest index; a NaN score never enters.
+// an equal score queues behind, so ties keep the lowest index; a NaN score never enters. max_dot is the
+// largest |bf16 dot| scanned (it bounds the rounding of every score, see shortlist_bound).
 struct Shortlist {
   float score[kRvqCandidates];
   int32_t idx[kRvqCandidates];
+  float max_dot;
 
   void clear() {
     std::fill(score, score + kRvqCandidates, std::numeric_limits<float>::infinity());
     std::fill(idx, idx + kRvqCandidates, -1);
+    max_dot = 0.f;
   }
   void offer(float s, int32_t k) {
     if (!(s < score[kRvqCandidates - 1])) return;
@@ -128,10 +152,12 @@ struct Shortlist {
 // vectors almost none gets in, so the loop costs a load, a convert, an FMA and a compare per vector.
 void shortlist_scan(const at::BFloat16* dots, const float* sq, int64_t n, int32_t k0, Shortlist& list) {
   constexpr int64_t kLanes = Vec::size();
+  Vec max_dot(list.max_dot);
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
     Vec dot;
     at::vec::load_to_float(dots + k, dot);
+    max_dot = at::vec::maximum(max_dot, dot.abs());
     const Vec s = at::vec::fmadd(dot, Vec(-2.f), Vec::loadu(sq + k));
     const int below = ~(s < Vec(list.score[kRvqCandidates - 1])).zero_mask() & ((1 << kLanes) - 1);
     if (below == 0) continue;
@@ -140,14 +166,32 @@ void shortlist_scan(const at::BFloat16* dots, const float* sq, int64_t n, int32_
     for (int i = 0; i < kLanes; ++i)
       if (below >> i & 1) list.offer(lane[i], k0 + int32_t(k + i));
   }
-  for (; k < n; ++k) list.offer(sq[k] - 2.f * float(dots[k]), k0 + int32_t(k));
+  list.max_dot = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, max_dot);
+  for (; k < n; ++k) {
+    list.max_dot = std::max(list.max_dot, std::abs(float(dots[k])));  // NaN stays NaN, as in the vector part
+    list.offer(sq[k] - 2.f * float(dots[k]), k0 + int32_t(k));
+  }
+}
+
+// A bound on |score - exact score| for every centroid of a row: the rounding of the bf16 dot (max_dot),
+// of r and of C to bf16 (u relative each, by Cauchy-Schwarz against the largest centroid norm c_max) and
+// of the fp32 accumulation over d. Rigorous, and slack by ~sqrt(d) in practice (the roundings are not aligned).
+float shortlist_bound(float max_dot, float r_norm, float r_err_norm, float c_max, int64_t d) {
+  constexpr double u = 1.0 / 256;  // bf16 unit roundoff (round to nearest)
+  const double gamma = double(d) * 0x1p-24 / (1 - double(d) * 0x1p-24);
+  const double r_hat = r_norm * (1 + u);
+  const double dot_err = u / (1 - u) * max_dot + (r_err_norm + u * r_hat) * c_max + gamma * r_hat * c_max * (1 + u);
+  return float(2 * dot_err * (1 + 0x1p-10));  // a score is |C|^2 - 2 dot; the slack covers the fp32 score arithmetic
 }
 
 // Rows [r0, r1) of one stage through the candidate search: bf16 scores |C|^2 - 2 r.C of blocks of at most
 // kSearchCents centroids (written to `block`) fold into the rows' shortlists, then each row's code is the
-// fp32 argmin over its shortlist (ties: lowest index; no finite candidate, a NaN row: index 0).
+// fp32 argmin over its shortlist (ties: lowest index). That is the fp32 argmin (up to its own rounding)
+// when the shortlist's worst score exceeds the winner's exact score by the score error bound: every
+// centroid left out is then farther. A row without that certificate (centroids closer together than bf16
+// resolves, a NaN row) is searched again in fp32 over all K.
 void argmin_candidates(const at::Tensor& residual, const at::Tensor& cb, const at::Tensor& search_cb, const float* sq,
-                       int64_t r0, int64_t r1, at::BFloat16* block, Shortlist* lists, int32_t* best_idx) {
+                       float c_max, int64_t r0, int64_t r1, at::BFloat16* block, Shortlist* lists, int32_t* best_idx) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const int64_t K = cb.size(0), d = cb.size(1), rows = r1 - r0;
   const at::Tensor res = residual.narrow(0, r0, rows);
@@ -164,15 +208,17 @@ void argmin_candidates(const at::Tensor& residual, const at::Tensor& cb, const a
     });
   }
   const float* res_ptr = res.const_data_ptr<float>();
+  const at::BFloat16* res_bf16_ptr = res_bf16.const_data_ptr<at::BFloat16>();
   const float* cb_ptr = cb.const_data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
+      const float* row = res_ptr + r * d;
       const int32_t* cand = lists[r].idx;
       const int32_t fill = std::max(cand[0], 0);  // empty slots (K < kRvqCandidates, a NaN row) read a valid row
       const float* cents[kRvqCandidates];
       for (int i = 0; i < kRvqCandidates; ++i) cents[i] = cb_ptr + int64_t(cand[i] < 0 ? fill : cand[i]) * d;
       float dots[kRvqCandidates];
-      dot_tile_rows<1, kRvqCandidates, float>(res_ptr + r * d, d, cents, d, dots);
+      dot_tile_rows<1, kRvqCandidates, float>(row, d, cents, d, dots);
       float best = std::numeric_limits<float>::infinity();
       int32_t idx = 0;
       for (int i = 0; i < kRvqCandidates && cand[i] >= 0; ++i) {
@@ -181,6 +227,29 @@ void argmin_candidates(const at::Tensor& residual, const at::Tensor& cb, const a
         if (dist < best || (dist == best && k < idx)) {
           best = dist;
           idx = k;
+        }
+      }
+      const float bound = shortlist_bound(lists[r].max_dot, std::sqrt(squared_norm(row, d)),
+                                          std::sqrt(squared_distance(row, res_bf16_ptr + r * d, d)), c_max, d);
+      if (!(lists[r].score[kRvqCandidates - 1] > best + bound)) {
+        if (K <= kSearchCents && best + bound < std::numeric_limits<float>::infinity()) {
+          // the row's scores are all still in `block`: only centroids scoring within the bound can be nearer
+          const at::BFloat16* scores = block + r * K;
+          const float limit = best + bound;
+          for (int64_t k = 0; k < K; ++k) {
+            if (!(sq[k] - 2.f * float(scores[k]) <= limit)) continue;
+            float dot;
+            dot_tile<1, 1, float>(row, d, cb_ptr + k * d, d, d, &dot);
+            const float dist = sq[k] - 2.f * dot;
+            if (dist < best || (dist == best && int32_t(k) < idx)) {
+              best = dist;
+              idx = int32_t(k);
+            }
+          }
+        } else {
+          best = std::numeric_limits<float>::infinity();
+          idx = 0;
+          argmin_block(row, d, 0, 1, cb_ptr, sq, 0, K, &best, &idx);
         }
       }
       best_idx[r0 + r] = idx;
@@ -225,8 +294,9 @@ at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, cons
     std::fill(best.begin(), best.end(), std::numeric_limits<float>::infinity());
     std::fill(best_idx.begin(), best_idx.end(), 0);  // a NaN row keeps index 0 (inputs are checked in Python)
     if (search) {
+      const float c_max = std::sqrt(*std::max_element(sq, sq + K)) * (1 + 0x1p-20f);
       for (int64_t r0 = 0; r0 < N; r0 += search_rows)
-        argmin_candidates(residual, codebooks[m], (*search_codebooks)[m], sq, r0, std::min(N, r0 + search_rows),
+        argmin_candidates(residual, codebooks[m], (*search_codebooks)[m], sq, c_max, r0, std::min(N, r0 + search_rows),
                           search_block.data(), lists.data(), best_idx.data());
     } else if (gemm) {
       for (int64_t r0 = 0; r0 < N; r0 += gemm_rows)

@@ -8,10 +8,11 @@ codebook order (the coarse-to-fine prefix), which reproduces faiss's decode bit 
 Layouts: ``csrc/rvq/rvq.h``.
 
 Candidate search: given ``search_codebooks`` (the codebooks in bf16, :func:`search_codebooks`), each
-step ranks all K centroids by a bf16 GEMM (fp32 accumulation) and takes the fp32 nearest among the
-``RVQ_CANDIDATES`` best. The code is the fp32 one whenever the fp32 nearest ranks among them in bf16;
-it ranked at most 3rd in every measured case (bench/RESULTS.md). On CPUs with bf16 dot-product
-instructions that GEMM runs at 2-3x the fp32 rate, and ``search="auto"`` takes it there.
+step ranks all K centroids by a bf16 GEMM (fp32 accumulation) and re-ranks the ``RVQ_CANDIDATES`` best
+in fp32; a rigorous bound on the bf16 error certifies the result, and the rare rows it does not
+certify are searched again in fp32 (``csrc/rvq/rvq.h``). The codes are those of the fp32 search, so
+the reference twin is the fp32 search. On CPUs with bf16 dot-product instructions the bf16 GEMM runs at
+2-3x the fp32 rate, and ``search="auto"`` takes it there.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def _distances(r: Tensor, cb: Tensor, sq: Tensor) -> Tensor:
 def rvq_encode_ref(x: Tensor, codebooks: Tensor, codebook_sq_norms: Tensor, beam: int = 1,
                    search_codebooks: Optional[Tensor] = None) -> Tensor:
     """Plain-PyTorch twin (the specification). x: [N, d]; codebooks: [M, K, d]; codebook_sq_norms: [M, K];
-    search_codebooks: None or the codebooks in bf16 [M, K, d] (the candidate search, greedy only).
+    search_codebooks: None or the codebooks in bf16 [M, K, d], which only speed up the kernel (its codes
+    are the fp32 search's), so the twin runs the full search either way (greedy only).
     Returns codes [N, M] int32 (the beam's best path for beam > 1). Computed in the codebooks' dtype
     (fp64 codebooks make it the high-precision oracle of the tests)."""
     if beam != 1 and search_codebooks is not None:
@@ -66,34 +68,19 @@ def rvq_encode_ref(x: Tensor, codebooks: Tensor, codebook_sq_norms: Tensor, beam
     codes = torch.empty(N, M, dtype=torch.int32, device=x.device)
     for start in range(0, N, _REF_CHUNK):
         chunk = x[start:start + _REF_CHUNK].to(codebooks.dtype)
-        codes[start:start + _REF_CHUNK] = (
-            _greedy(chunk, codebooks, codebook_sq_norms, search_codebooks) if beam == 1
-            else _beam_search(chunk, codebooks, codebook_sq_norms, beam))
+        codes[start:start + _REF_CHUNK] = (_greedy if beam == 1 else _beam_search)(chunk, codebooks,
+                                                                                   codebook_sq_norms, beam)
     return codes
 
 
-def _greedy(x: Tensor, codebooks: Tensor, sq: Tensor, search: Optional[Tensor]) -> Tensor:
+def _greedy(x: Tensor, codebooks: Tensor, sq: Tensor, beam: int) -> Tensor:
     r = x.clone()
     out = []
     for m in range(codebooks.shape[0]):
-        if search is None:
-            idx = _distances(r, codebooks[m], sq[m]).argmin(1)
-        else:
-            idx = _shortlist_argmin(r, codebooks[m], sq[m], search[m])
+        idx = _distances(r, codebooks[m], sq[m]).argmin(1)
         r -= codebooks[m][idx]
         out.append(idx)
     return torch.stack(out, 1).to(torch.int32)
-
-
-def _shortlist_argmin(r: Tensor, cb: Tensor, sq: Tensor, search_cb: Tensor) -> Tensor:
-    """The candidate search of one step: the RVQ_CANDIDATES best bf16 scores (ties: lowest index), then
-    the exact argmin among them (ties: lowest index; a row with no finite distance: index 0)."""
-    scores = sq - 2 * torch.mm(r.to(torch.bfloat16), search_cb.T).to(sq.dtype)
-    cand = scores.sort(dim=1, stable=True).indices[:, :RVQ_CANDIDATES]
-    dist = sq[cand] - 2 * torch.bmm(cb[cand], r[:, :, None])[..., 0]
-    K = cb.shape[0]
-    idx = torch.where(dist == dist.min(1, keepdim=True).values, cand, K).min(1).values
-    return idx.masked_fill(idx == K, 0)
 
 
 def _beam_search(x: Tensor, codebooks: Tensor, sq: Tensor, beam: int) -> Tensor:
