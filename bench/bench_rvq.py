@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from lcm_fast.ops.rvq import search_codebooks
 from lcm_fast.quant import ResidualQuantizer
 
 D = 1024
@@ -68,23 +69,27 @@ def equal_threads():
     faiss.omp_set_num_threads(torch.get_num_threads())
 
 
+@pytest.mark.parametrize("search", ["exact", "auto"])
 @pytest.mark.parametrize("batch", ["1", "64", "large"])
 @pytest.mark.parametrize("M,K", SHAPES)
-def test_encode_vs_faiss(benchmark, M, K, batch):
+def test_encode_vs_faiss(benchmark, M, K, batch, search):
+    """``search="auto"`` is the bf16 candidate search on CPUs with bf16 dot products (``extra_info``
+    ``search_resolved``), else the fp32 search again."""
     # the smoke run (--benchmark-disable, as in CI) keeps the throughput case small
     n = (64 if benchmark.disabled else _large_batch(M, K)) if batch == "large" else int(batch)
     rq, frq = _quantizers(M, K)
     x = _data(n)
     xn, nbits = x.numpy(), K.bit_length() - 1
-    ours = lambda: rq.encode(x)
+    ours = lambda: rq.encode(x, search=search)
     theirs = lambda: _faiss_encode(frq, xn, M, nbits)
     t_ours, t_faiss = _alternate(benchmark, ours, theirs)
     match = float((ours().numpy() == theirs()).all(1).mean())
-    benchmark.group = f"rvq_encode/d{D}/{M}x{K}/n{n}"
+    benchmark.group = f"rvq_encode/d{D}/{M}x{K}/n{n}/{search}"
     benchmark.pedantic(ours, rounds=1 if benchmark.disabled else REPEATS, iterations=1)
     flop = 2 * M * K * D * n
     benchmark.extra_info.update(
         op="rvq_encode", M=M, K=K, d=D, n=n, threads=torch.get_num_threads(), faiss=faiss.__version__,
+        search=search, search_resolved="exact" if search_codebooks(rq.codebooks[:1, :1], search) is None else "bf16",
         ours_s=t_ours, faiss_s=t_faiss, ours_vps=n / t_ours, faiss_vps=n / t_faiss,
         ours_gflops=flop / t_ours / 1e9, faiss_gflops=flop / t_faiss / 1e9, ratio=t_faiss / t_ours,
         vector_match=match)

@@ -30,7 +30,7 @@ TORCH_LIBRARY(lcm_fast, m) {
   // Greedy residual vector quantization (beam 1): codes [N, M] int32 of x [N, d] fp32 against codebooks
   // [M, K, d] fp32 with their squared norms [M, K]; ties go to the lowest index. The [N, K] distance
   // matrix is never materialised (csrc/rvq/rvq.h). With search_codebooks (the codebooks in bf16) each
-  // step re-ranks the best kRvqCandidates of a bf16 search in fp32 (CPU only).
+  // step re-ranks the best kRvqCandidates of a certified bf16 search in fp32 (CPU only; from N K = 2^14).
   m.def("rvq_encode(Tensor x, Tensor codebooks, Tensor codebook_sq_norms, Tensor? search_codebooks=None) -> Tensor");
   // Coarse-to-fine reconstruction: [N, d] fp32 sum of C[j, codes[:, j]] over the first k codebooks,
   // accumulated in codebook order. codes [N, >=k] int16/int32/int64.

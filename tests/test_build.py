@@ -12,6 +12,7 @@ import torch
 
 from lcm_fast import _ext
 from lcm_fast.info import report
+from lcm_fast.ops.rvq import native_bf16
 
 
 def test_extension_loaded():
@@ -39,6 +40,7 @@ def test_info_report():
     assert "SIMD:" in text and "OpenMP:" in text and "CUDA kernels:" in text
     for op in ("guided_ddim_step_", "adaln_norm_modulate", "adaln_gated_residual_norm_modulate"):
         assert re.search(rf"^  {op} +cpu +ext$", text, re.M), text
+    assert "rvq encode search='auto' on cpu: " + ("bf16" if native_bf16("cpu") else "fp32") in text
     out = subprocess.run([sys.executable, "-m", "lcm_fast.info"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == text
 

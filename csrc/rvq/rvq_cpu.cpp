@@ -12,7 +12,7 @@
 // kGemmBlock distances at a time, each reduced to the rows' running minimum before the next: a packed
 // GEMM then outruns the register tiles (L2-bound: 115-137 vs 156-165 GFLOP/s at 256 rows, bench/RESULTS.md).
 //
-// With search codebooks (bf16) every batch size takes the candidate search instead (csrc/rvq/rvq.h): the
+// With search codebooks (bf16) and from kSearchMinScores scores per stage, the candidate search runs instead (csrc/rvq/rvq.h): the
 // bf16 scores come from BLAS (oneDNN: 2-3x the fp32 GEMM rate on CPUs with bf16 dot products) in
 // cache-sized blocks, each folded into the rows' shortlists of kRvqCandidates, which are re-ranked in fp32
 // and certified (argmin_candidates).
@@ -46,6 +46,7 @@ constexpr int64_t kMinSplitCents = 256; // fewer centroids per task than this is
 constexpr int64_t kGemmRows = 256;      // rows from which BLAS computes the distances
 constexpr int64_t kGemmCents = 1024;    // centroids per BLAS block
 constexpr int64_t kGemmBlock = 1 << 18; // distances per BLAS block (1 MB): at least kGemmRows rows, more for small K
+constexpr int64_t kSearchMinScores = 1 << 14;  // N K from which the candidate search beats the fp32 tiles
 constexpr int64_t kSearchCents = 8192;   // centroids per bf16 score block
 constexpr int64_t kSearchBlock = 1 << 21; // bf16 scores per block (1 MB): 128 rows at K >= 4096, more for small K
 
@@ -103,23 +104,34 @@ void argmin_gemm(const at::Tensor& residual, const at::Tensor& cb, const at::Ten
   }
 }
 
-float squared_norm(const float* x, int64_t d) {
-  return at::vec::map_reduce_all<float>([](Vec v) { return v * v; }, [](Vec a, Vec b) { return a + b; }, x, d);
-}
-
-// |x - y|^2 of fp32 x and bf16 y over d elements.
-float squared_distance(const float* x, const at::BFloat16* y, int64_t d) {
-  Vec acc(0.f);
-  int64_t i = 0;
-  for (; i + Vec::size() <= d; i += Vec::size()) {
-    const Vec diff = Vec::loadu(x + i) - load_f32(y + i);
-    acc = at::vec::fmadd(diff, diff, acc);
+// out = bf16(x) (round to nearest) for rows [begin, end) of x [., d], with each row's |x|^2 and |x - out|^2:
+// the residual's norm and rounding error, inputs of the shortlist's bound.
+void round_rows_bf16(const float* x, int64_t d, int64_t begin, int64_t end, at::BFloat16* out, float* norm2,
+                     float* err2) {
+  using VecB = at::vec::Vectorized<at::BFloat16>;
+  for (int64_t r = begin; r < end; ++r) {
+    const float* row = x + r * d;
+    at::BFloat16* dst = out + r * d;
+    Vec n2(0.f), e2(0.f);
+    int64_t i = 0;
+    for (; i + VecB::size() <= d; i += VecB::size()) {
+      const Vec a = Vec::loadu(row + i), b = Vec::loadu(row + i + Vec::size());
+      const VecB rounded = at::vec::convert_from_float<at::BFloat16>(a, b);
+      rounded.store(dst + i);
+      const auto [ra, rb] = at::vec::convert_to_float<at::BFloat16>(rounded);
+      n2 = at::vec::fmadd(b, b, at::vec::fmadd(a, a, n2));
+      e2 = at::vec::fmadd(b - rb, b - rb, at::vec::fmadd(a - ra, a - ra, e2));
+    }
+    float n2_tail = 0.f, e2_tail = 0.f;
+    for (; i < d; ++i) {
+      dst[i] = at::BFloat16(row[i]);
+      const float e = row[i] - float(dst[i]);
+      n2_tail += row[i] * row[i];
+      e2_tail += e * e;
+    }
+    norm2[r] = hsum(n2) + n2_tail;
+    err2[r] = hsum(e2) + e2_tail;
   }
-  if (i < d) {
-    const Vec diff = Vec::loadu(x + i, d - i) - load_f32(y + i, d - i);
-    acc = at::vec::fmadd(diff, diff, acc);
-  }
-  return hsum(acc);
 }
 
 // The kRvqCandidates smallest (score, index) offered so far, ascending. Offers come in increasing index and
@@ -184,21 +196,37 @@ float shortlist_bound(float max_dot, float r_norm, float r_err_norm, float c_max
   return float(2 * dot_err * (1 + 0x1p-10));  // a score is |C|^2 - 2 dot; the slack covers the fp32 score arithmetic
 }
 
+// Buffers of the candidate search for a block of `rows` rows: their bf16 residuals [rows, d], |r|^2 and
+// |r - bf16(r)|^2, shortlists, and bf16 scores [rows, min(K, kSearchCents)].
+struct SearchScratch {
+  std::vector<at::BFloat16> residual, scores;
+  std::vector<float> norm2, err2;
+  std::vector<Shortlist> lists;
+
+  SearchScratch(int64_t rows, int64_t d, int64_t cents)
+      : residual(rows * d), scores(rows * cents), norm2(rows), err2(rows), lists(rows) {}
+};
+
 // Rows [r0, r1) of one stage through the candidate search: bf16 scores |C|^2 - 2 r.C of blocks of at most
 // kSearchCents centroids (written to `block`) fold into the rows' shortlists, then each row's code is the
 // fp32 argmin over its shortlist (ties: lowest index). That is the fp32 argmin (up to its own rounding)
 // when the shortlist's worst score exceeds the winner's exact score by the score error bound: every
 // centroid left out is then farther. A row without that certificate (centroids closer together than bf16
 // resolves, a NaN row) is searched again in fp32 over all K.
+// `scratch` holds the rows' bf16 residuals and norms (SearchScratch).
 void argmin_candidates(const at::Tensor& residual, const at::Tensor& cb, const at::Tensor& search_cb, const float* sq,
-                       float c_max, int64_t r0, int64_t r1, at::BFloat16* block, Shortlist* lists, int32_t* best_idx) {
+                       float c_max, int64_t r0, int64_t r1, SearchScratch& scratch, int32_t* best_idx) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const int64_t K = cb.size(0), d = cb.size(1), rows = r1 - r0;
-  const at::Tensor res = residual.narrow(0, r0, rows);
-  const at::Tensor res_bf16 = res.to(at::kBFloat16);
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+  const float* res_ptr = residual.const_data_ptr<float>() + r0 * d;
+  at::BFloat16* res_bf16_ptr = scratch.residual.data();
+  Shortlist* lists = scratch.lists.data();
+  at::BFloat16* block = scratch.scores.data();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    round_rows_bf16(res_ptr, d, begin, end, res_bf16_ptr, scratch.norm2.data(), scratch.err2.data());
     for (int64_t r = begin; r < end; ++r) lists[r].clear();
   });
+  const at::Tensor res_bf16 = at::from_blob(res_bf16_ptr, {rows, d}, residual.options().dtype(at::kBFloat16));
   for (int64_t k0 = 0; k0 < K; k0 += kSearchCents) {
     const int64_t cents = std::min(kSearchCents, K - k0);
     at::Tensor dots = at::from_blob(block, {rows, cents}, res_bf16.options());
@@ -207,31 +235,32 @@ void argmin_candidates(const at::Tensor& residual, const at::Tensor& cb, const a
       for (int64_t r = begin; r < end; ++r) shortlist_scan(block + r * cents, sq + k0, cents, int32_t(k0), lists[r]);
     });
   }
-  const float* res_ptr = res.const_data_ptr<float>();
-  const at::BFloat16* res_bf16_ptr = res_bf16.const_data_ptr<at::BFloat16>();
   const float* cb_ptr = cb.const_data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = res_ptr + r * d;
-      const int32_t* cand = lists[r].idx;
-      const int32_t fill = std::max(cand[0], 0);  // empty slots (K < kRvqCandidates, a NaN row) read a valid row
-      const float* cents[kRvqCandidates];
-      for (int i = 0; i < kRvqCandidates; ++i) cents[i] = cb_ptr + int64_t(cand[i] < 0 ? fill : cand[i]) * d;
+      const Shortlist& list = lists[r];
+      const float bound =
+          shortlist_bound(list.max_dot, std::sqrt(scratch.norm2[r]), std::sqrt(scratch.err2[r]), c_max, d);
+      // a candidate scoring over 2 bounds above the first is farther than it: re-rank the others (mostly one)
+      int count = 0;
+      while (count < kRvqCandidates && list.idx[count] >= 0 && list.score[count] <= list.score[0] + 2 * bound) ++count;
       float dots[kRvqCandidates];
-      dot_tile_rows<1, kRvqCandidates, float>(row, d, cents, d, dots);
+      const float* cents[kRvqCandidates];
+      for (int i = 0; i < kRvqCandidates; ++i) cents[i] = cb_ptr + int64_t(std::max(list.idx[i < count ? i : 0], 0)) * d;
+      if (count == 1) dot_tile_rows<1, 1, float>(row, d, cents, d, dots);
+      else if (count > 1) dot_tile_rows<1, kRvqCandidates, float>(row, d, cents, d, dots);
       float best = std::numeric_limits<float>::infinity();
       int32_t idx = 0;
-      for (int i = 0; i < kRvqCandidates && cand[i] >= 0; ++i) {
-        const int32_t k = cand[i];
+      for (int i = 0; i < count; ++i) {
+        const int32_t k = list.idx[i];
         const float dist = sq[k] - 2.f * dots[i];
         if (dist < best || (dist == best && k < idx)) {
           best = dist;
           idx = k;
         }
       }
-      const float bound = shortlist_bound(lists[r].max_dot, std::sqrt(squared_norm(row, d)),
-                                          std::sqrt(squared_distance(row, res_bf16_ptr + r * d, d)), c_max, d);
-      if (!(lists[r].score[kRvqCandidates - 1] > best + bound)) {
+      if (!(list.score[kRvqCandidates - 1] > best + bound)) {
         if (K <= kSearchCents && best + bound < std::numeric_limits<float>::infinity()) {
           // the row's scores are all still in `block`: only centroids scoring within the bound can be nearer
           const at::BFloat16* scores = block + r * K;
@@ -275,7 +304,7 @@ at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, cons
   const int64_t per_thread = (N + threads - 1) / threads;
   const int64_t row_block = std::clamp<int64_t>((per_thread + kTileRows - 1) / kTileRows * kTileRows, kTileRows, kRowBlock);
   const int64_t row_blocks = (N + row_block - 1) / row_block;
-  const bool search = search_codebooks.has_value();
+  const bool search = search_codebooks.has_value() && N * K >= kSearchMinScores;
   const bool gemm = !search && N >= kGemmRows;
   const int64_t splits = gemm || search ? 1
       : std::max<int64_t>(1, std::min((threads + row_blocks - 1) / row_blocks, K / kMinSplitCents));
@@ -284,9 +313,8 @@ at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, cons
   std::vector<int32_t> best_idx(splits * N);
   const int64_t gemm_rows = kGemmBlock / std::min(K, kGemmCents);
   std::vector<float> block(gemm ? kGemmBlock : 0);
-  const int64_t search_rows = std::min(N, kSearchBlock / std::min(K, kSearchCents));
-  std::vector<at::BFloat16> search_block(search ? search_rows * std::min(K, kSearchCents) : 0);
-  std::vector<Shortlist> lists(search ? search_rows : 0);
+  const int64_t search_rows = search ? std::min(N, kSearchBlock / std::min(K, kSearchCents)) : 0;
+  SearchScratch scratch(search_rows, d, std::min(K, kSearchCents));
 
   for (int64_t m = 0; m < M; ++m) {
     const float* cb = cbs + m * K * d;
@@ -297,7 +325,7 @@ at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, cons
       const float c_max = std::sqrt(*std::max_element(sq, sq + K)) * (1 + 0x1p-20f);
       for (int64_t r0 = 0; r0 < N; r0 += search_rows)
         argmin_candidates(residual, codebooks[m], (*search_codebooks)[m], sq, c_max, r0, std::min(N, r0 + search_rows),
-                          search_block.data(), lists.data(), best_idx.data());
+                          scratch, best_idx.data());
     } else if (gemm) {
       for (int64_t r0 = 0; r0 < N; r0 += gemm_rows)
         argmin_gemm(residual, codebooks[m], sq_norms[m], r0, std::min(N, r0 + gemm_rows), block.data(), best.data(),

@@ -13,6 +13,7 @@ from . import __version__
 from . import _ext
 from .ops import OPS
 from .ops._dispatch import requested_backend
+from .ops.rvq import native_bf16
 
 
 def report() -> str:
@@ -41,6 +42,9 @@ def report() -> str:
             backend = "ref" if reasons or requested_backend() == "ref" else "ext"
             why = f"  ({'; '.join(reasons)})" if reasons else ""
             lines.append(f"  {name:<{width}} {device:<5} {backend}{why}")
+    search = ("bf16 candidates, certified fp32 re-rank (the CPU has bf16 dot products)" if native_bf16("cpu")
+              else "fp32 (no bf16 dot-product instructions)")
+    lines.append(f"rvq encode search='auto' on cpu: {search}")
     lines.append(f"backend request: {requested_backend()} (LCM_FAST_BACKEND / lcm_fast.set_backend)")
     return "\n".join(lines)
 

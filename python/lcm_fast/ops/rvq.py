@@ -28,6 +28,7 @@ from ._dispatch import OpSpec, register
 # rows per chunk of the reference's [chunk, K] distance matrix (64 MB at K = 8192 in fp32)
 _REF_CHUNK = 2048
 RVQ_CANDIDATES = 8  # csrc/rvq/rvq.h kRvqCandidates
+RVQ_SEARCH_MIN_SCORES = 1 << 14  # csrc/rvq/rvq_cpu.cpp: below N K = 2^14 the fp32 tiles are faster, and run
 SEARCHES = ("auto", "exact", "bf16")
 
 
