@@ -48,7 +48,8 @@ constexpr int64_t kGemmCents = 1024;    // centroids per BLAS block
 constexpr int64_t kGemmBlock = 1 << 18; // distances per BLAS block (1 MB): at least kGemmRows rows, more for small K
 constexpr int64_t kSearchMinScores = 1 << 14;  // N K from which the candidate search beats the fp32 tiles
 constexpr int64_t kSearchCents = 8192;   // centroids per bf16 score block
-constexpr int64_t kSearchBlock = 1 << 21; // bf16 scores per block (1 MB): 128 rows at K >= 4096, more for small K
+constexpr int64_t kSearchBlock = 1 << 18; // bf16 scores per block (512 KB): rows for small K, from kSearchMinRows
+constexpr int64_t kSearchMinRows = 256;   // rows per block at least (fewer slow the bf16 GEMM down)
 
 // The running argmin of rows [r0, r1) over centroids [k0, k1) of one codebook (C [K, d], sq [K]);
 // best / best_idx are indexed by row.
@@ -160,10 +161,23 @@ struct Shortlist {
 };
 
 // Offers the scores |C|^2 - 2 dot of `n` centroids (bf16 dots, their squared norms sq) to a row's
-// shortlist. A vector of scores is compared with the shortlist's worst at once: after the first few
-// vectors almost none gets in, so the loop costs a load, a convert, an FMA and a compare per vector.
+// shortlist. A vector of scores is compared with the shortlist's worst at once, so the loop costs a load,
+// a convert, an FMA and a compare per vector, plus the offers that get in. Those dominate (90 % of the
+// scan at K = 256), so an empty shortlist first takes a cheap bound on its worst score: the largest of
+// the lanes' minima, as kLanes >= kRvqCandidates scores are at most that. It keeps out most early offers.
 void shortlist_scan(const at::BFloat16* dots, const float* sq, int64_t n, int32_t k0, Shortlist& list) {
   constexpr int64_t kLanes = Vec::size();
+  if (kLanes >= kRvqCandidates && n >= kLanes && list.idx[0] < 0) {
+    Vec lane_min(std::numeric_limits<float>::infinity());
+    for (int64_t k = 0; k + kLanes <= n; k += kLanes) {
+      Vec dot;
+      at::vec::load_to_float(dots + k, dot);
+      lane_min = at::vec::minimum(lane_min, at::vec::fmadd(dot, Vec(-2.f), Vec::loadu(sq + k)));
+    }
+    const float worst = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, lane_min);
+    if (worst == worst)  // not NaN; every slot, so that insertions shift the bound down the list
+      std::fill(list.score, list.score + kRvqCandidates, std::nextafter(worst, std::numeric_limits<float>::infinity()));
+  }
   Vec max_dot(list.max_dot);
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
@@ -213,12 +227,12 @@ struct SearchScratch {
 // when the shortlist's worst score exceeds the winner's exact score by the score error bound: every
 // centroid left out is then farther. A row without that certificate (centroids closer together than bf16
 // resolves, a NaN row) is searched again in fp32 over all K.
+// Each row's code goes to code[row * M] and is subtracted from its residual at once (the row is in cache).
 // `scratch` holds the rows' bf16 residuals and norms (SearchScratch).
-void argmin_candidates(const at::Tensor& residual, const at::Tensor& cb, const at::Tensor& search_cb, const float* sq,
-                       float c_max, int64_t r0, int64_t r1, SearchScratch& scratch, int32_t* best_idx) {
+void argmin_candidates(float* res_ptr, const at::Tensor& cb, const at::Tensor& search_cb, const float* sq, float c_max,
+                       int64_t rows, SearchScratch& scratch, int32_t* code, int64_t M) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const int64_t K = cb.size(0), d = cb.size(1), rows = r1 - r0;
-  const float* res_ptr = residual.const_data_ptr<float>() + r0 * d;
+  const int64_t K = cb.size(0), d = cb.size(1);
   at::BFloat16* res_bf16_ptr = scratch.residual.data();
   Shortlist* lists = scratch.lists.data();
   at::BFloat16* block = scratch.scores.data();
@@ -226,7 +240,7 @@ void argmin_candidates(const at::Tensor& residual, const at::Tensor& cb, const a
     round_rows_bf16(res_ptr, d, begin, end, res_bf16_ptr, scratch.norm2.data(), scratch.err2.data());
     for (int64_t r = begin; r < end; ++r) lists[r].clear();
   });
-  const at::Tensor res_bf16 = at::from_blob(res_bf16_ptr, {rows, d}, residual.options().dtype(at::kBFloat16));
+  const at::Tensor res_bf16 = at::from_blob(res_bf16_ptr, {rows, d}, search_cb.options());
   for (int64_t k0 = 0; k0 < K; k0 += kSearchCents) {
     const int64_t cents = std::min(kSearchCents, K - k0);
     at::Tensor dots = at::from_blob(block, {rows, cents}, res_bf16.options());
@@ -238,7 +252,7 @@ void argmin_candidates(const at::Tensor& residual, const at::Tensor& cb, const a
   const float* cb_ptr = cb.const_data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = res_ptr + r * d;
+      float* row = res_ptr + r * d;
       const Shortlist& list = lists[r];
       const float bound =
           shortlist_bound(list.max_dot, std::sqrt(scratch.norm2[r]), std::sqrt(scratch.err2[r]), c_max, d);
@@ -281,9 +295,28 @@ void argmin_candidates(const at::Tensor& residual, const at::Tensor& cb, const a
           argmin_block(row, d, 0, 1, cb_ptr, sq, 0, K, &best, &idx);
         }
       }
-      best_idx[r0 + r] = idx;
+      code[r * M] = idx;
+      at::vec::map2([](Vec a, Vec c) { return a - c; }, row, row, cb_ptr + int64_t(idx) * d, d);
     }
   });
+}
+
+// rvq_encode through the candidate search. Blocks of rows go through all M stages before the next block, so
+// their residuals stay in cache from one stage's update to the next stage's rounding and re-rank.
+void encode_candidates(at::Tensor& residual, const at::Tensor& codebooks, const at::Tensor& search_codebooks,
+                       const at::Tensor& sq_norms, int32_t* out) {
+  const int64_t N = residual.size(0), M = codebooks.size(0), K = codebooks.size(1), d = codebooks.size(2);
+  const int64_t cents = std::min(K, kSearchCents);
+  const int64_t rows = std::min(N, std::max(kSearchMinRows, kSearchBlock / cents));
+  const float* sqs = sq_norms.const_data_ptr<float>();
+  std::vector<float> c_max(M);
+  for (int64_t m = 0; m < M; ++m) c_max[m] = std::sqrt(*std::max_element(sqs + m * K, sqs + (m + 1) * K)) * (1 + 0x1p-20f);
+  SearchScratch scratch(rows, d, cents);
+  float* res = residual.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < N; r0 += rows)
+    for (int64_t m = 0; m < M; ++m)
+      argmin_candidates(res + r0 * d, codebooks[m], search_codebooks[m], sqs + m * K, c_max[m], std::min(rows, N - r0),
+                        scratch, out + r0 * M + m, M);
 }
 
 at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& sq_norms,
@@ -294,39 +327,35 @@ at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, cons
   at::Tensor codes = at::empty({N, M}, x.options().dtype(at::kInt));
   if (N == 0) return codes;
   at::Tensor residual = x.contiguous().clone();
+  int32_t* out = codes.data_ptr<int32_t>();
+  if (search_codebooks && N * K >= kSearchMinScores) {
+    encode_candidates(residual, codebooks, *search_codebooks, sq_norms, out);
+    return codes;
+  }
   float* res = residual.data_ptr<float>();
   const float* cbs = codebooks.const_data_ptr<float>();
   const float* sqs = sq_norms.const_data_ptr<float>();
-  int32_t* out = codes.data_ptr<int32_t>();
 
   // small batches: smaller row blocks first (one per thread), then split K for what is left
   const int64_t threads = at::get_num_threads();
   const int64_t per_thread = (N + threads - 1) / threads;
   const int64_t row_block = std::clamp<int64_t>((per_thread + kTileRows - 1) / kTileRows * kTileRows, kTileRows, kRowBlock);
   const int64_t row_blocks = (N + row_block - 1) / row_block;
-  const bool search = search_codebooks.has_value() && N * K >= kSearchMinScores;
-  const bool gemm = !search && N >= kGemmRows;
-  const int64_t splits = gemm || search ? 1
-      : std::max<int64_t>(1, std::min((threads + row_blocks - 1) / row_blocks, K / kMinSplitCents));
+  const bool gemm = N >= kGemmRows;
+  const int64_t splits =
+      gemm ? 1 : std::max<int64_t>(1, std::min((threads + row_blocks - 1) / row_blocks, K / kMinSplitCents));
   const int64_t split_len = (K + splits - 1) / splits;
   std::vector<float> best(splits * N);
   std::vector<int32_t> best_idx(splits * N);
   const int64_t gemm_rows = kGemmBlock / std::min(K, kGemmCents);
   std::vector<float> block(gemm ? kGemmBlock : 0);
-  const int64_t search_rows = search ? std::min(N, kSearchBlock / std::min(K, kSearchCents)) : 0;
-  SearchScratch scratch(search_rows, d, std::min(K, kSearchCents));
 
   for (int64_t m = 0; m < M; ++m) {
     const float* cb = cbs + m * K * d;
     const float* sq = sqs + m * K;
     std::fill(best.begin(), best.end(), std::numeric_limits<float>::infinity());
     std::fill(best_idx.begin(), best_idx.end(), 0);  // a NaN row keeps index 0 (inputs are checked in Python)
-    if (search) {
-      const float c_max = std::sqrt(*std::max_element(sq, sq + K)) * (1 + 0x1p-20f);
-      for (int64_t r0 = 0; r0 < N; r0 += search_rows)
-        argmin_candidates(residual, codebooks[m], (*search_codebooks)[m], sq, c_max, r0, std::min(N, r0 + search_rows),
-                          scratch, best_idx.data());
-    } else if (gemm) {
+    if (gemm) {
       for (int64_t r0 = 0; r0 < N; r0 += gemm_rows)
         argmin_gemm(residual, codebooks[m], sq_norms[m], r0, std::min(N, r0 + gemm_rows), block.data(), best.data(),
                     best_idx.data());
