@@ -12,10 +12,10 @@
 // kGemmBlock distances at a time, each reduced to the rows' running minimum before the next: a packed
 // GEMM then outruns the register tiles (L2-bound: 115-137 vs 156-165 GFLOP/s at 256 rows, bench/RESULTS.md).
 //
-// With search codebooks (bf16) and from kSearchMinScores scores per stage, the candidate search runs instead (csrc/rvq/rvq.h): the
-// bf16 scores come from BLAS (oneDNN: 2-3x the fp32 GEMM rate on CPUs with bf16 dot products) in
-// cache-sized blocks, each folded into the rows' shortlists of kRvqCandidates, which are re-ranked in fp32
-// and certified (argmin_candidates).
+// With search codebooks (bf16) and from kSearchMinScores scores per stage, the candidate search runs
+// instead (csrc/rvq/rvq.h): the bf16 scores come from BLAS (oneDNN: 2-3x the fp32 GEMM rate on CPUs with
+// bf16 dot products) in cache-sized blocks, each folded into the rows' shortlists of kRvqCandidates, which
+// are re-ranked in fp32 and certified (argmin_candidates).
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
@@ -26,8 +26,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -221,14 +221,13 @@ struct SearchScratch {
       : residual(rows * d), scores(rows * cents), norm2(rows), err2(rows), lists(rows) {}
 };
 
-// Rows [r0, r1) of one stage through the candidate search: bf16 scores |C|^2 - 2 r.C of blocks of at most
-// kSearchCents centroids (written to `block`) fold into the rows' shortlists, then each row's code is the
-// fp32 argmin over its shortlist (ties: lowest index). That is the fp32 argmin (up to its own rounding)
-// when the shortlist's worst score exceeds the winner's exact score by the score error bound: every
-// centroid left out is then farther. A row without that certificate (centroids closer together than bf16
-// resolves, a NaN row) is searched again in fp32 over all K.
-// Each row's code goes to code[row * M] and is subtracted from its residual at once (the row is in cache).
-// `scratch` holds the rows' bf16 residuals and norms (SearchScratch).
+// One stage of the candidate search for `rows` residual rows at res_ptr [rows, d]: bf16 scores |C|^2 - 2 r.C
+// of blocks of at most kSearchCents centroids (in scratch.scores) fold into the rows' shortlists, then each
+// row's code is the fp32 argmin over its shortlist (ties: lowest index). That is the fp32 argmin (up to its
+// own rounding) when the shortlist's worst score exceeds the winner's exact score by the score error
+// bound: every centroid left out is then farther. A row without that certificate (centroids closer
+// together than bf16 resolves, a NaN row) is searched again in fp32. Each row's code goes to code[row * M]
+// and is subtracted from its residual at once (the row is in cache).
 void argmin_candidates(float* res_ptr, const at::Tensor& cb, const at::Tensor& search_cb, const float* sq, float c_max,
                        int64_t rows, SearchScratch& scratch, int32_t* code, int64_t M) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
@@ -261,7 +260,8 @@ void argmin_candidates(float* res_ptr, const at::Tensor& cb, const at::Tensor& s
       while (count < kRvqCandidates && list.idx[count] >= 0 && list.score[count] <= list.score[0] + 2 * bound) ++count;
       float dots[kRvqCandidates];
       const float* cents[kRvqCandidates];
-      for (int i = 0; i < kRvqCandidates; ++i) cents[i] = cb_ptr + int64_t(std::max(list.idx[i < count ? i : 0], 0)) * d;
+      for (int i = 0; i < kRvqCandidates; ++i)  // slots past `count` recompute a valid row
+        cents[i] = cb_ptr + int64_t(std::max(list.idx[i < count ? i : 0], 0)) * d;
       if (count == 1) dot_tile_rows<1, 1, float>(row, d, cents, d, dots);
       else if (count > 1) dot_tile_rows<1, kRvqCandidates, float>(row, d, cents, d, dots);
       float best = std::numeric_limits<float>::infinity();
@@ -310,7 +310,8 @@ void encode_candidates(at::Tensor& residual, const at::Tensor& codebooks, const 
   const int64_t rows = std::min(N, std::max(kSearchMinRows, kSearchBlock / cents));
   const float* sqs = sq_norms.const_data_ptr<float>();
   std::vector<float> c_max(M);
-  for (int64_t m = 0; m < M; ++m) c_max[m] = std::sqrt(*std::max_element(sqs + m * K, sqs + (m + 1) * K)) * (1 + 0x1p-20f);
+  for (int64_t m = 0; m < M; ++m)
+    c_max[m] = std::sqrt(*std::max_element(sqs + m * K, sqs + (m + 1) * K)) * (1 + 0x1p-20f);
   SearchScratch scratch(rows, d, cents);
   float* res = residual.data_ptr<float>();
   for (int64_t r0 = 0; r0 < N; r0 += rows)

@@ -28,7 +28,7 @@ from ._dispatch import OpSpec, register
 # rows per chunk of the reference's [chunk, K] distance matrix (64 MB at K = 8192 in fp32)
 _REF_CHUNK = 2048
 RVQ_CANDIDATES = 8  # csrc/rvq/rvq.h kRvqCandidates
-RVQ_SEARCH_MIN_SCORES = 1 << 14  # csrc/rvq/rvq_cpu.cpp: below N K = 2^14 the fp32 tiles are faster, and run
+RVQ_SEARCH_MIN_SCORES = 1 << 14  # csrc/rvq/rvq_cpu.cpp kSearchMinScores: below this N K the fp32 search runs
 SEARCHES = ("auto", "exact", "bf16")
 
 
@@ -39,15 +39,19 @@ def native_bf16(device: torch.device | str) -> bool:
                                                    or torch.cpu._is_amx_tile_supported())
 
 
-def search_codebooks(codebooks: Tensor, search: str = "auto") -> Optional[Tensor]:
-    """The ``search_codebooks`` argument of :func:`rvq_encode` for codebooks [M, K, d]: their bf16 copy
-    for the candidate search (``search="bf16"``, or ``"auto"`` on a CPU with :func:`native_bf16`), else
-    None (``"exact"``: the fp32 search). Make it once per codebooks: the copy costs a pass over them."""
+def bf16_search(search: str, device: torch.device | str) -> bool:
+    """Whether ``search`` (``"auto"``, ``"exact"`` or ``"bf16"``) is the candidate search on ``device``:
+    ``"bf16"`` always, ``"auto"`` on a CPU with :func:`native_bf16`."""
     if search not in SEARCHES:
         raise ValueError(f"unknown RVQ search {search!r}; expected one of {SEARCHES}")
-    if search == "exact" or (search == "auto" and not native_bf16(codebooks.device)):
-        return None
-    return codebooks.detach().to(torch.bfloat16).contiguous()
+    return search == "bf16" or (search == "auto" and native_bf16(device))
+
+
+def search_codebooks(codebooks: Tensor, search: str = "auto") -> Optional[Tensor]:
+    """The ``search_codebooks`` argument of :func:`rvq_encode` for codebooks [M, K, d]: their bf16 copy
+    when ``search`` is the candidate search (:func:`bf16_search`), else None (the fp32 search). Make it
+    once per codebooks: the copy costs a pass over them."""
+    return codebooks.detach().to(torch.bfloat16).contiguous() if bf16_search(search, codebooks.device) else None
 
 
 def _distances(r: Tensor, cb: Tensor, sq: Tensor) -> Tensor:
