@@ -206,6 +206,9 @@ def test_compiles_without_graph_breaks():
     x, cb = torch.randn(9, 16), torch.randn(2, 40, 16)
     fn = torch.compile(lambda x: rvq_decode(rvq_encode(x, cb), cb, 1), fullgraph=True)
     assert torch.equal(fn(x), rvq_decode(rvq_encode(x, cb), cb, 1))
+    x, scb = torch.randn(_search_rows(40), 16), cb.bfloat16()
+    fn = torch.compile(lambda x: rvq_encode(x, cb, search_codebooks=scb), fullgraph=True)
+    assert torch.equal(fn(x), rvq_encode(x, cb, search_codebooks=scb))
 
 
 def test_beam_falls_back_to_reference():
