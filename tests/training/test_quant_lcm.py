@@ -91,9 +91,22 @@ def test_loss_uses_every_codebook_index(toy):
     x = torch.randn(5, DIM)
     codes = model.quantize(x)
     assert torch.equal(codes, rq.encode(x).long())
+    assert model.rvq_tables() is model.rvq_tables()  # made once while the codebooks stay
     for k in range(5):
         want = rq.decode(codes, k) if k else torch.zeros(5, DIM)
         assert torch.allclose(model.intermediate(codes, torch.full((5,), k)), want, atol=1e-6)
+
+
+def test_quantize_follows_new_codebooks(toy):
+    """Codes come from the codebooks installed now, also after an in-place update, with many enough rows
+    for the candidate search where the CPU has it."""
+    _, rq = toy
+    model = _model("quant_d", rq)
+    x = torch.randn(4096, DIM, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.quantize(x), rq.encode(x, search="exact").long())
+    other = ResidualQuantizer.from_codebooks(rq.codebooks.flip(1))
+    model.set_codebooks(other.codebooks)
+    assert torch.equal(model.quantize(x), other.encode(x, search="exact").long())
 
 
 def test_sample_units():

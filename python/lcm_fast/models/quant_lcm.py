@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import NormalizerConfig, QuantLCMConfig
-from ..ops.rvq import rvq_encode, sq_norms
+from ..ops.rvq import rvq_encode, search_codebooks, sq_norms
 from .one_tower import OneTowerBackbone
 
 
@@ -33,6 +33,7 @@ class QuantLCM(OneTowerBackbone):
         self.register_buffer("rvq_codebooks",
                              torch.zeros(config.n_codebooks, config.codebook_size, config.sonar_embed_dim))
         self.clean_index = config.n_codebooks
+        self._rvq_tables: tuple = ((), None)  # (key of the buffer, its encoder tables): see rvq_tables
 
     @property
     def discrete(self) -> bool:
@@ -57,10 +58,22 @@ class QuantLCM(OneTowerBackbone):
             raise ValueError("the Quant-LCM has no RVQ codebooks: install the ones it was trained with, "
                              "model.set_codebooks(ResidualQuantizer.load(path).codebooks) (CLI: --rvq PATH)")
 
+    def rvq_tables(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The fp32 codebooks [M, K, d], their squared norms [M, K] and the bf16 copy of the candidate
+        search (None where ``search="auto"`` is the fp32 search), made again only when the codebook
+        buffer changes: at 64 x 8192 x 1024 they cost a pass over 2 GB, and quantize runs every batch."""
+        buf = self.rvq_codebooks
+        key = (buf.data_ptr(), buf._version, buf.device, buf.dtype)
+        if self._rvq_tables[0] != key:
+            cb = buf.detach().float()
+            self._rvq_tables = (key, (cb, sq_norms(cb), search_codebooks(cb)))
+        return self._rvq_tables[1]
+
     def quantize(self, x: Tensor) -> Tensor:
-        """Codes [..., M] int64 of raw embeddings x [..., sonar_dim] (greedy RVQ, fused kernel)."""
-        cb = self.rvq_codebooks.float()
-        codes = rvq_encode(x.reshape(-1, x.shape[-1]).float(), cb, sq_norms(cb))
+        """Codes [..., M] int64 of raw embeddings x [..., sonar_dim] (greedy RVQ, fused kernel; the certified
+        bf16 candidate search on CPUs with bf16 dot products, which gives the fp32 search's codes)."""
+        cb, sq, search_cb = self.rvq_tables()
+        codes = rvq_encode(x.reshape(-1, x.shape[-1]).float(), cb, sq, search_codebooks=search_cb)
         return codes.long().view(*x.shape[:-1], -1)
 
     def intermediate(self, codes: Tensor, k: Tensor) -> Tensor:
