@@ -109,6 +109,15 @@ def test_candidate_search_matches_reference(n, m, k, d):
                        min_rate=0.9 if d == 1 else 1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_candidate_search_input_dtypes(dtype):
+    """Any float input is encoded as its fp32 value, by either search."""
+    cb = 0.5 * torch.randn(3, 300, 48, generator=torch.Generator().manual_seed(3))
+    x = clustered(_search_rows(300), 48, seed=5).to(dtype)
+    codes = rvq_encode(x, cb, search_codebooks=search_codebooks(cb, "bf16"), backend="ext")
+    assert_codes_match(codes, rvq_encode(x.float(), cb, backend="ext"), x.float(), cb)
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(0, 70), m=st.integers(1, 4), k=st.integers(1, 600), d=st.integers(1, 70), seed=st.integers(0, 99))
 def test_candidate_search_matches_reference_property(n, m, k, d, seed):
