@@ -283,8 +283,8 @@ class FastDecoder:
         front = self.model.frontend
         h = x * front.embed_scale if front.embed_scale != 1.0 else x
         h = skinny_linear(h, front.pre_linear.weight, front.pre_linear.bias)
-        if self.positions is not None:
-            h = h + self.positions[self.length]
+        if self.positions is not None:  # index_select: indexing with the 0-d length would read it on the host
+            h = h + self.positions.index_select(0, self.length.reshape(1))
         elif front.pos_encoder is not None:
             h = front.pos_encoder(h[:, None], self.cache[0].length)[:, 0]
         return h

@@ -7,14 +7,102 @@ Python between them, happen once per capture instead of once per sentence.
 
 A graph has fixed shapes, so the active batch runs padded to its :func:`batch_bucket`: as documents finish,
 a batch of 64 replays at most the graphs of 64, 32, ..., 1 rows instead of capturing one per batch size.
+
+Capture safety is checked on every device: the warm-up run before a capture (on CPU, where there is no
+graph, the run that stands in for it) goes through :class:`CaptureGuard`, which fails at the first operation
+a CUDA graph cannot hold (a host sync, a data-dependent shape, a tensor made from Python data), naming it
+and the line that issued it. So the CPU tests of the static path catch what would break the capture on a GPU.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_SYNC = "reads a tensor's value on the host (.item(), int/float/bool of a tensor, a 0-d tensor as a Python index)"
+_DATA_SHAPE = "has an output shape that depends on the data (nonzero, torch.where(mask), boolean-mask indexing)"
+_FROM_PYTHON = ("makes a tensor from Python data (torch.tensor, a Python scalar assigned by index): on CUDA a "
+                "host-to-device copy")
+#: aten ops that a CUDA graph cannot capture, and why
+UNCAPTURABLE = {
+    "_local_scalar_dense": _SYNC,
+    "item": _SYNC,  # what inference mode dispatches instead of _local_scalar_dense
+    "is_nonzero": _SYNC,
+    "equal": "compares two tensors on the host (torch.equal)",
+    "nonzero": _DATA_SHAPE,
+    "masked_select": _DATA_SHAPE,
+    "_unique": _DATA_SHAPE,
+    "_unique2": _DATA_SHAPE,
+    "unique_dim": _DATA_SHAPE,
+    "unique_consecutive": _DATA_SHAPE,
+    "bincount": _DATA_SHAPE,
+    "lift_fresh": _FROM_PYTHON,
+    "lift_fresh_copy": _FROM_PYTHON,
+}
+_INDEX_OPS = ("index", "index_put", "index_put_", "_index_put_impl_")
+_COPY_OPS = ("_to_copy", "copy_", "copy")
+_HERE = Path(__file__).resolve()
+
+
+class CaptureUnsafeError(RuntimeError):
+    """An operation that a CUDA graph cannot capture ran inside a function meant for capture."""
+
+
+class CaptureGuard(TorchDispatchMode):
+    """Raises :class:`CaptureUnsafeError` at the first dispatched operation that a CUDA graph cannot hold
+    (:data:`UNCAPTURABLE`, indexing with a boolean mask, a copy between devices), on any device. The check is
+    by operation, not by device, so a CPU run of a step finds what would break its capture on a GPU. Views
+    and ops inside the extension's kernels are not seen; ``Tensor.tolist()`` dispatches nothing on CPU."""
+
+    def __init__(self, what: str = "a captured function") -> None:
+        super().__init__()
+        self.what = what
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if func.namespace == "aten":
+            why = _uncapturable(func.overloadpacket.__name__, args, kwargs)
+            if why is not None:
+                raise CaptureUnsafeError(f"{self.what} cannot be captured in a CUDA graph: aten.{func.name().split('::')[1]} "
+                                         f"{why}, at {_caller()}")
+        return func(*args, **kwargs)
+
+
+def _uncapturable(name: str, args: tuple, kwargs: dict) -> Optional[str]:
+    """Why aten op ``name`` on these arguments cannot be captured (None: it can)."""
+    if name in UNCAPTURABLE:
+        return UNCAPTURABLE[name]
+    if name in _INDEX_OPS and len(args) > 1:
+        if any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
+            return _DATA_SHAPE
+    if name in _COPY_OPS:
+        devices = {t.device.type for t in (*args, *kwargs.values()) if isinstance(t, Tensor)}
+        if "device" in kwargs and kwargs["device"] is not None:
+            devices.add(torch.device(kwargs["device"]).type)
+        if len(devices) > 1:
+            return f"copies between devices ({' and '.join(sorted(devices))}): a host sync, or host memory read at replay"
+    return None
+
+
+def _caller() -> str:
+    """The innermost source line outside torch and this module: the one that issued the operation."""
+    for frame in reversed(traceback.extract_stack()):
+        path = Path(frame.filename).resolve()
+        if path != _HERE and "torch" not in path.parts:
+            return f"{frame.filename}:{frame.lineno} ({(frame.line or '').strip()})"
+    return "an unknown line"
+
+
+def capture_guard(what: str = "a captured function") -> CaptureGuard:
+    """``with capture_guard(): step(...)`` fails at the first operation of ``step`` that a CUDA graph cannot
+    capture (:class:`CaptureGuard`)."""
+    return CaptureGuard(what)
 
 
 def batch_bucket(n: int) -> int:
@@ -28,8 +116,9 @@ class CapturedCall:
     replays, and returns the buffers (which fn updates in place; the next call overwrites them).
 
     fn must only read its buffers and tensors whose storage stays put (weights, caches written in place),
-    with shapes that do not depend on values, and never synchronise with the host. On CPU there is no
-    graph: a call runs fn on the buffers (the same computation, for testing the static-buffer path).
+    with shapes that do not depend on values, and never synchronise with the host: the warm-up run before
+    the capture checks that under :class:`CaptureGuard` (also on CPU, where there is no graph and a call runs
+    fn on the buffers: the same computation, for testing the static-buffer path).
 
     Args:
         fn: the function; what it returns is ignored.
@@ -39,18 +128,17 @@ class CapturedCall:
     def __init__(self, fn: Callable[..., object], *inputs: Optional[Tensor]) -> None:
         self.fn, self.buffers = fn, tuple(x.clone() if x is not None else None for x in inputs)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
-        if self.buffers[0].device.type != "cuda":
-            return
+        device, name = self.buffers[0].device, getattr(fn, "__qualname__", repr(fn))
         # Lazy initialisation (cuBLAS workspaces, allocator pools) must not happen inside the capture:
         # one warm-up run on a side stream, on copies, since fn writes its buffers (PyTorch's recipe).
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext(), capture_guard(name):
             fn(*(x.clone() if x is not None else None for x in inputs))
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            fn(*self.buffers)
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = _capture(fn, self.buffers, name)
 
     def __call__(self, *inputs: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
         for buffer, x in zip(self.buffers, inputs):
@@ -61,6 +149,44 @@ class CapturedCall:
         else:
             self.fn(*self.buffers)
         return self.buffers
+
+
+def _capture(fn: Callable[..., object], buffers: tuple[Optional[Tensor], ...], name: str) -> torch.cuda.CUDAGraph:
+    """fn(*buffers) recorded on a side stream. A capture that fails leaves no state behind, and says so: torch
+    would leave the stream's capture open, the current stream switched, the allocator routing to the graph's
+    pool and the device's generator in capture mode (every later random draw of the process then fails)."""
+    device = buffers[0].device
+    with torch.cuda.device(device):
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]
+        rng, pool = generator.clone_state(), torch.cuda.graph_pool_handle()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool)
+            ended = False
+            try:
+                fn(*buffers)
+                ended = True
+                graph.capture_end()
+            except BaseException as error:
+                if not ended:
+                    with contextlib.suppress(RuntimeError):  # ends the stream's capture, invalid by now
+                        graph.capture_end()
+                _release_pool(pool)
+                generator.graphsafe_set_state(rng)
+                raise RuntimeError(f"CUDA graph capture of {name} failed, nothing was captured and the process's CUDA "
+                                   f"state is as before: {type(error).__name__}: {error}") from error
+        torch.cuda.current_stream().wait_stream(stream)
+    return graph
+
+
+def _release_pool(pool: tuple[int, int]) -> None:
+    """Stops routing allocations to a failed capture's memory pool and frees it (private torch API: skipped
+    where it is missing; what remains then is the pool's memory, not a wrong result)."""
+    index = torch.cuda.current_device()
+    with contextlib.suppress(AttributeError, RuntimeError, TypeError):
+        torch._C._cuda_endAllocateToPool(index, pool)
+        torch._C._cuda_releasePool(index, pool)
 
 
 class BatchGraphs:

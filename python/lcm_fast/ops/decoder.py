@@ -21,8 +21,9 @@ What one layer computes for rows ``h`` [R, D], the new position being ``length``
 A row's new key stays in the cache; whether position ``length`` counts as filled afterwards is the caller's
 (Base-LCM advances; One-Tower's noisy token is overwritten by the next step).
 
-``length`` may be a 0-d int64 tensor (composed path only, for CUDA graphs): the new keys go in with
-``index_copy_`` and attention reads the caches' whole capacity with the positions past ``length`` masked.
+``length`` may be a 0-d int64 tensor (composed path only, for CUDA graphs): the new keys go in at a 1-d index
+tensor (never the length's value read on the host) and attention reads the caches' whole capacity with the
+positions past ``length`` masked.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def decoder_layers_decode_ref(
     n, one, C = len(DECODER_LAYER_PARAMS), torch.ones_like(h), num_cond
     capacity, static = keys[0].shape[2], isinstance(length, Tensor)
     mask = (torch.arange(capacity, device=h.device) <= length)[None, None, None] if static else None
-    position = length.reshape(1) if static else slice(length, length + 1)
-    cos_sin = rope[:, position] if rope is not None else None  # [2, 1, hd / 2]
+    # a 1-d index tensor: indexing with the 0-d length would read its value on the host (no CUDA graph then)
+    position = length.reshape(1) if static else length
+    cos_sin = rope[:, position].reshape(2, 1, -1) if rope is not None else None  # [2, 1, hd / 2]
     batch = rows if rows is not None else torch.arange(C, device=h.device)  # the conditional rows' cache rows
 
     def linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
@@ -114,7 +116,7 @@ def decoder_layers_decode_ref(
         if qk_norm:
             q, k = plain_norm(q, qn_w, qn_b, rms, eps, backend), plain_norm(k, kn_w, kn_b, rms, eps, backend)
         q, k, v = heads(q), heads(k), v.unflatten(-1, (keys[0].shape[1], -1))[:, :, None]  # [R, H, 1, hd]
-        k_cache[batch, :, length], v_cache[batch, :, length] = k[:C, :, 0], v[:C, :, 0]
+        k_cache[batch, :, position], v_cache[batch, :, position] = k[:C, :, 0], v[:C, :, 0]
         # [C, H, capacity, hd]; rows [0, C) as a view, not a gather of the whole cache
         k_all, v_all = (k_cache[batch], v_cache[batch]) if rows is not None else (k_cache[:C], v_cache[:C])
         if not static:
