@@ -21,6 +21,12 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// x clamped to [lo, hi], NaN kept (as torch.clamp and the CPU kernels' at::vec::clamp): fminf/fmaxf alone would
+// return the bound, turning a NaN into a finite value.
+__device__ __forceinline__ float clamp_nan(float x, float lo, float hi) {
+  return isnan(x) ? x : fminf(fmaxf(x, lo), hi);
+}
+
 // VEC consecutive elements moved as one (128-bit when VEC * sizeof(T) == 16).
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) guided_ddim_step_kernel(
           eps = sa * z[j] + sb * x[j];
         }
         eps = eps / scaling;  // after x0: only the direction term is affected
-        x0[j] = fminf(fmaxf(x0j, -clip_sample), clip_sample);
+        x0[j] = clamp_nan(x0j, -clip_sample, clip_sample);
         prev[j] = sap * x0[j] + direction * eps;
       }
       if (noise != nullptr) {
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) guided_ddim_step_kernel(
         for (int j = 0; j < VEC; ++j) prev[j] += sigma * z[j];
       }
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) prev[j] = fminf(fmaxf(prev[j], -clip_noise), clip_noise);
+      for (int j = 0; j < VEC; ++j) prev[j] = clamp_nan(prev[j], -clip_noise, clip_noise);
       store<T, VEC>(latents + row * dim + i, prev);
       store<T, VEC>(pred_x0 + row * dim + i, x0);
     }

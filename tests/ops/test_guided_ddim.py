@@ -93,6 +93,36 @@ def test_batch_sizes_and_clips(device, B):
     assert lat.abs().max() <= 0.8 and x0.abs().max() <= 0.5
 
 
+def _non_finite(t: torch.Tensor) -> tuple:
+    return torch.isnan(t), torch.isposinf(t), torch.isneginf(t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_finite_values_propagate_alike(device, dtype):
+    """Every backend gives the reference's non-finite pattern (NaN, +inf, -inf per element): a NaN passes both
+    clips (torch.clamp keeps it) and is never turned into +-clip. The degenerate D = 1 rescale (std of one value:
+    0/0) is NaN at every guided step, as in the official code; the first CFG step, which takes no guidance, and
+    steps without CFG stay finite."""
+    params = sampler_params(3.0, 0.7, 1.00045, 100.0, device=device)
+    latents, model_out, coef, noise = _inputs(3, 64, dtype, device, cfg=True, row=4, noise=True)
+    model_out[0, 5], model_out[1, 7], model_out[4, 9] = math.nan, math.inf, -math.inf
+    latents[2, 3] = math.nan
+    for cfg_out in (model_out, model_out[:3]):
+        ext = _run(guided_ddim_step_, latents, cfg_out, coef, params, noise, 0, backend="ext")
+        ref = _run(guided_ddim_step_ref, latents, cfg_out, coef, params, noise, 0)
+        for got, want in zip(ext, ref):
+            assert not torch.isfinite(want).all()
+            assert all(torch.equal(a, b) for a, b in zip(_non_finite(got), _non_finite(want)))
+    params = sampler_params(3.0, 0.0, None, 100.0, device=device)  # rescale 0: the ratio is still formed
+    for row, finite in ((0, True), (4, False)):
+        latents, model_out, coef, _ = _inputs(2, 1, dtype, device, cfg=True, row=row, noise=False)
+        for backend in ("ext", "ref"):
+            lat, x0 = _run(guided_ddim_step_, latents, model_out, coef, params, None, 0, backend=backend)
+            assert bool(torch.isfinite(lat).all()) == bool(torch.isfinite(x0).all()) == finite
+            assert finite or (torch.isnan(lat).all() and torch.isnan(x0).all())
+
+
 @settings(max_examples=500, deadline=None)
 @given(
     B=st.integers(1, 9),

@@ -8,6 +8,12 @@ the x0 clip, the DDIM update (Eq. 12) with optional eta noise, and the ``clip_no
 guidance, as the official code does because ``a_{T-1} = 0``: chosen by data, never by a host branch.
 Without CFG (``model_out`` has B rows) it is the plain DDIM step.
 
+Non-finite values propagate alike on every backend: the clips keep NaN (as ``torch.clamp`` does), so a NaN
+latent is never disguised as ``+-clip``. The rescale divides ``std(eps_c)`` by ``std(g)`` over the row: with
+D = 1 that is 0/0 (the unbiased std of one value) and, as in the official code, which forms the ratio even at
+rescale 0, every guided step is NaN; a row whose guided epsilon is constant divides by zero likewise. The first
+CFG step (no guidance) and steps without CFG are unaffected.
+
 ``coef`` is one row of :meth:`lcm_fast.DDIMScheduler.coefficient_table`; ``params`` comes from
 :func:`sampler_params`. Layouts: ``csrc/sampler/guided_ddim.h``.
 """
