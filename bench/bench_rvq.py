@@ -1,6 +1,8 @@
-"""RVQ encode/decode: lcm_fast's fused kernels vs faiss ``ResidualQuantizer`` on the same codebooks.
+"""RVQ encode/decode: lcm_fast's fused kernels vs faiss ``ResidualQuantizer`` on the same codebooks; on a GPU,
+encode, decode and codebook training (no faiss there: throughput alone).
 
-Run: ``python -m pytest bench/bench_rvq.py -q --benchmark-json=rvq.json``.
+Run: ``python -m pytest bench/bench_rvq.py -q --benchmark-json=rvq.json``. The faiss comparisons skip where faiss
+is not installed.
 
 Protocol (../shared/notes/faiss-rvq.md section 6): same codebooks (random: speed does not depend on
 their values), same held-out fp32 data, one process, equal thread counts, the two implementations
@@ -15,7 +17,6 @@ import functools
 import statistics
 import time
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -42,6 +43,13 @@ def _quantizers(M: int, K: int):
     return rq, rq.to_faiss()
 
 
+@pytest.fixture
+def faiss(faiss):
+    """faiss (skips without it), at lcm_fast's thread count."""
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    return faiss
+
+
 def _data(n: int) -> torch.Tensor:
     return torch.randn(n, D, generator=torch.Generator().manual_seed(n)) / D**0.5
 
@@ -59,20 +67,15 @@ def _alternate(benchmark, ours, theirs) -> tuple[float, float]:
     return statistics.median(t_ours), statistics.median(t_theirs)
 
 
-def _faiss_encode(frq, x: np.ndarray, M: int, nbits: int) -> np.ndarray:
+def _faiss_encode(faiss, frq, x: np.ndarray, M: int, nbits: int) -> np.ndarray:
     return np.concatenate([faiss.unpack_bitstrings(frq.compute_codes(x[i:i + FAISS_CHUNK]), M, nbits)
                            for i in range(0, len(x), FAISS_CHUNK)])
-
-
-@pytest.fixture(autouse=True)
-def equal_threads():
-    faiss.omp_set_num_threads(torch.get_num_threads())
 
 
 @pytest.mark.parametrize("search", ["exact", "auto"])
 @pytest.mark.parametrize("batch", ["1", "64", "large"])
 @pytest.mark.parametrize("M,K", SHAPES)
-def test_encode_vs_faiss(benchmark, M, K, batch, search):
+def test_encode_vs_faiss(benchmark, faiss, M, K, batch, search):
     """``search="auto"`` is the bf16 candidate search on CPUs with bf16 dot products (``extra_info``
     ``search_resolved``), else the fp32 search again."""
     # the smoke run (--benchmark-disable, as in CI) keeps the throughput case small
@@ -81,7 +84,7 @@ def test_encode_vs_faiss(benchmark, M, K, batch, search):
     x = _data(n)
     xn, nbits = x.numpy(), K.bit_length() - 1
     ours = lambda: rq.encode(x, search=search)
-    theirs = lambda: _faiss_encode(frq, xn, M, nbits)
+    theirs = lambda: _faiss_encode(faiss, frq, xn, M, nbits)
     t_ours, t_faiss = _alternate(benchmark, ours, theirs)
     match = float((ours().numpy() == theirs()).all(1).mean())
     benchmark.group = f"rvq_encode/d{D}/{M}x{K}/n{n}/{search}"
@@ -97,7 +100,7 @@ def test_encode_vs_faiss(benchmark, M, K, batch, search):
 
 @pytest.mark.parametrize("batch", ["1", "64", "4096"])
 @pytest.mark.parametrize("M,K", SHAPES)
-def test_decode_vs_faiss(benchmark, M, K, batch):
+def test_decode_vs_faiss(benchmark, faiss, M, K, batch):
     n = int(batch)
     rq, frq = _quantizers(M, K)
     codes = torch.randint(K, (n, M), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
@@ -112,3 +115,66 @@ def test_decode_vs_faiss(benchmark, M, K, batch):
         op="rvq_decode", M=M, K=K, d=D, n=n, threads=torch.get_num_threads(), ours_s=t_ours, faiss_s=t_faiss,
         ours_vps=n / t_ours, faiss_vps=n / t_faiss, ratio=t_faiss / t_ours,
         ours_gbps=n * M * D * 4 / t_ours / 1e9)
+
+
+# GPU: no faiss-gpu to compare with; what a reader needs is vectors per second and the distance GEMM's rate
+# (2 M K d FLOP per encoded vector) against the H200's ~67 TFLOP/s fp32 and ~790 measured bf16 TFLOP/s
+GPU_ENCODE_FLOP = 4e12  # per call: about 0.1-0.2 s at the fp32 kernel's rate
+
+
+def _gpu_quantizer(M: int, K: int) -> ResidualQuantizer:
+    g = torch.Generator("cuda").manual_seed(M * K)
+    return ResidualQuantizer.from_codebooks(torch.randn(M, K, D, device="cuda", generator=g) / D**0.5)
+
+
+def _gpu_data(n: int) -> torch.Tensor:
+    return torch.randn(n, D, device="cuda", generator=torch.Generator("cuda").manual_seed(n)) / D**0.5
+
+
+def _gpu_timed(benchmark, fn, rounds: int = 3) -> float:
+    """Median seconds of fn (synchronised) over ``rounds`` after one warm-up."""
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
+    return benchmark.stats.stats.median if benchmark.stats else float("nan")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("M,K", SHAPES)
+def test_encode_gpu(benchmark, M, K):
+    n = int(min(262144, max(4096, GPU_ENCODE_FLOP // (2 * M * K * D))))
+    rq, x = _gpu_quantizer(M, K), _gpu_data(n)
+    benchmark.group = f"rvq_encode_gpu/d{D}/{M}x{K}/n{n}"
+    median = _gpu_timed(benchmark, lambda: rq.encode(x))
+    benchmark.extra_info.update(op="rvq_encode", device=torch.cuda.get_device_name(), M=M, K=K, d=D, n=n,
+                                search_resolved="bf16" if bf16_search("auto", rq.device) else "exact",
+                                vectors_per_s=n / median, tflops=2 * M * K * D * n / median / 1e12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("M,K", [(8, 256), (64, 8192)])
+def test_decode_gpu(benchmark, M, K):
+    n = 65536
+    rq = _gpu_quantizer(M, K)
+    codes = torch.randint(K, (n, M), device="cuda", dtype=torch.int32)
+    benchmark.group = f"rvq_decode_gpu/d{D}/{M}x{K}/n{n}"
+    median = _gpu_timed(benchmark, lambda: rq.decode(codes))
+    benchmark.extra_info.update(op="rvq_decode", device=torch.cuda.get_device_name(), M=M, K=K, d=D, n=n,
+                                vectors_per_s=n / median, gbps=n * D * 4 / median / 1e9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_train_gpu(benchmark):
+    """The torch k-means trainer on the GPU: 8 x 1024 codebooks, 10 Lloyd iterations per stage, on 131072
+    vectors (every point used: 128 per centroid)."""
+    M, K, n, n_iter = 8, 1024, 131072, 10
+    x = _gpu_data(n)
+    benchmark.group = f"rvq_train_gpu/d{D}/{M}x{K}/n{n}"
+    median = _gpu_timed(benchmark, lambda: ResidualQuantizer(D, M, K).train(x, device="cuda", n_iter=n_iter,
+                                                                              progress=False), rounds=2)
+    benchmark.extra_info.update(op="rvq_train", device=torch.cuda.get_device_name(), M=M, K=K, d=D, n=n,
+                                n_iter=n_iter, train_s=median, vectors_per_s=n / median,
+                                assignment_tflops=2 * M * K * D * n * n_iter / median / 1e12)

@@ -1,3 +1,3 @@
 """pytest-benchmark suites (not part of the default test run: ``python -m pytest bench``)."""
 
-from tests.conftest import reference_dir  # noqa: F401  (the shared fixture-directory fixture)
+from tests.conftest import faiss, reference_dir  # noqa: F401  (the shared fixtures)

@@ -72,6 +72,13 @@ def write_official(directory: Path, model, state: dict | None = None, card_overr
 
 
 @pytest.fixture(scope="session")
+def faiss():
+    """The faiss module, for the tests that compare with faiss; they skip where it is not installed (the GPU machine
+    has none), and every other test of their module still runs."""
+    return pytest.importorskip("faiss")
+
+
+@pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not (REFERENCE / "manifest.json").is_file():
         pytest.fail(f"reference fixtures not found at {REFERENCE}; set LCM_FAST_REFERENCE_FIXTURES")

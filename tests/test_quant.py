@@ -18,13 +18,15 @@ def data() -> torch.Tensor:
 
 @pytest.mark.parametrize("backend,init", [("torch", "random"), ("torch", "kmeans++"), ("faiss", "random")])
 def test_training_reduces_error_per_prefix(data, backend, init):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
     rq = ResidualQuantizer(48, 4, 32).train(data, backend=backend, init=init, progress=False)
     err = rq.prefix_errors(data)
     assert list(err) == [1, 2, 4]
     assert err[1] < 0.5 and err[4] < err[2] < err[1], err  # coarse-to-fine: every prefix helps
 
 
-def test_torch_and_faiss_codebooks_are_comparable(data):
+def test_torch_and_faiss_codebooks_are_comparable(data, faiss):
     """Either backend's codebooks: the torch trainer's error is within 15 % of faiss IRVQ's."""
     errs = {b: ResidualQuantizer(48, 4, 32).train(data, backend=b, progress=False).prefix_errors(data)[4]
             for b in ("torch", "faiss")}
@@ -69,7 +71,7 @@ def test_kmeans_refills_empty_clusters():
     assert torch.unique(c, dim=0).shape[0] == 16
 
 
-def test_save_load_and_faiss_roundtrip(data, tmp_path):
+def test_save_load_and_faiss_roundtrip(data, tmp_path, faiss):
     rq = ResidualQuantizer(48, 2, 16).train(data, progress=False)
     path = rq.save(tmp_path / "rq.safetensors")
     back = ResidualQuantizer.load(path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -161,12 +160,13 @@ def test_candidate_search_errors_and_modes():
     assert "CPU kernel only" in "; ".join(ENCODE_SPEC.reasons("cuda", torch.float32, search=True))
 
 
-def _faiss_codes(rq: faiss.ResidualQuantizer, x: torch.Tensor, m: int, nbits: int) -> torch.Tensor:
+def _faiss_codes(faiss, rq, x: torch.Tensor, m: int, nbits: int) -> torch.Tensor:
+    """Codes [N, m] int64 of x by ``faiss.ResidualQuantizer`` rq."""
     return torch.from_numpy(faiss.unpack_bitstrings(rq.compute_codes(x.numpy()), m, nbits).astype(np.int64))
 
 
 @pytest.mark.parametrize("d,m,nbits", [(64, 4, 6), (128, 8, 8), (33, 3, 5)])
-def test_codes_match_faiss_compute_codes(d, m, nbits):
+def test_codes_match_faiss_compute_codes(faiss, d, m, nbits):
     """faiss-trained codebooks (plain k-means per step, fast): our codes match faiss's on >= 99.9 %
     of held-out vectors and every mismatch is a float64 near-tie; decode matches faiss bit for bit."""
     K = 1 << nbits
@@ -176,7 +176,7 @@ def test_codes_match_faiss_compute_codes(d, m, nbits):
     frq.max_beam_size = 1
     frq.train(train.numpy())
     rq = ResidualQuantizer.from_faiss(frq)
-    theirs = _faiss_codes(frq, test, m, nbits)
+    theirs = _faiss_codes(faiss, frq, test, m, nbits)
     for search in ("exact", "bf16"):
         ours = rq.encode(test, search=search, backend="ext")
         assert_codes_match(ours, theirs, test, rq.codebooks, min_rate=0.999)
@@ -184,7 +184,7 @@ def test_codes_match_faiss_compute_codes(d, m, nbits):
     np.testing.assert_array_equal(rq.decode(ours, backend="ext").numpy(), frq.decode(packed))
 
 
-def test_beam_search_matches_faiss():
+def test_beam_search_matches_faiss(faiss):
     """The reference beam search is faiss's: identical codes at beam 4 (greedy kernel not involved)."""
     d, m, nbits = 32, 4, 5
     train, test = clustered(2000, d, seed=3), clustered(500, d, seed=4)
@@ -194,7 +194,7 @@ def test_beam_search_matches_faiss():
     frq.train(train.numpy())
     rq = ResidualQuantizer.from_faiss(frq)
     beam = rq.encode(test, beam=4)
-    assert_codes_match(beam, _faiss_codes(frq, test, m, nbits), test, rq.codebooks, min_rate=0.99)
+    assert_codes_match(beam, _faiss_codes(faiss, frq, test, m, nbits), test, rq.codebooks, min_rate=0.99)
     err = lambda c: float(((test - rq.decode(c)) ** 2).sum())
     assert err(beam) <= err(rq.encode(test)) * (1 + 1e-6)
 

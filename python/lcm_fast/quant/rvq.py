@@ -130,10 +130,10 @@ class ResidualQuantizer:
         return self
 
     def _train_faiss(self, data, device, n_iter: int, max_points_per_centroid: int, seed: int, verbose: bool) -> Tensor:
-        faiss = _import_faiss()
         nbits = int(math.log2(self.codebook_size))
         if 1 << nbits != self.codebook_size:
             raise ValueError(f"the faiss backend needs K = 2^nbits, got K={self.codebook_size}; use backend='torch'")
+        faiss = _import_faiss()
         rq = faiss.ResidualQuantizer(self.d, self.n_codebooks, nbits)
         # IRVQ = progressive-dim clustering; the codebook cross-product tables (K^2 M^2 / 2 floats,
         # 541 GB at 64 x 8192) are only needed for beam LUTs, which greedy encoding never uses
