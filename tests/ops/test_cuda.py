@@ -112,6 +112,30 @@ def test_base_lcm_decoder_graph_replays_eager_bit_for_bit():
         assert torch.equal(got, eager) and all(torch.equal(c.k, k) for c, k in zip(cache, eager_keys))
 
 
+def test_a_failed_capture_leaves_no_state_behind():
+    """A capture that fails (here on a host sync that the guard cannot see: torch.cuda.synchronize is no aten op)
+    raises an error naming what was captured, and the process is as before: the current stream, random draws
+    (torch left the generator in capture mode: "Offset increment outside graph capture encountered
+    unexpectedly" at every later draw) and later captures."""
+    from lcm_fast.inference.graphs import CapturedCall
+
+    def noisy_step(x: torch.Tensor) -> None:
+        x.add_(torch.randn_like(x))
+        torch.cuda.synchronize()
+
+    stream = torch.cuda.current_stream()
+    with pytest.raises(RuntimeError, match=r"CUDA graph capture of .*noisy_step failed, nothing was captured"):
+        CapturedCall(noisy_step, torch.zeros(4, device="cuda"))
+    assert torch.cuda.current_stream() == stream
+    torch.manual_seed(0)
+    first = torch.randn(3, device="cuda")
+    torch.manual_seed(0)
+    assert torch.equal(torch.randn(3, device="cuda"), first)
+    call = CapturedCall(lambda x: x.mul_(2), torch.ones(3, device="cuda"))
+    assert call.graph is not None
+    assert torch.equal(call(torch.ones(3, device="cuda"))[0], torch.full((3,), 2.0, device="cuda"))
+
+
 @pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])
 def test_generation_with_cuda_graphs_matches_the_eager_fast_engine(family):
     """Generator(cuda_graphs=True) against the per-step fast engine: in a first call sentences 2+ of a batch bucket

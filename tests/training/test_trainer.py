@@ -172,6 +172,16 @@ def test_bad_configuration(tmp_path):
         Trainer(_model("two_tower"), TrainConfig(parallel="zero3"), data)
     with pytest.raises(NotImplementedError, match="ema_decay with parallel='fsdp'"):
         Trainer(_model("two_tower"), TrainConfig(parallel="fsdp", ema_decay=0.99), data)
+    with pytest.raises(ValueError, match=r"save_every must be >= 0 \(0: no checkpoints\), got -1"):
+        Trainer(_model("two_tower"), TrainConfig(save_every=-1), data)
+
+
+def test_save_every_zero_writes_no_checkpoint(tmp_path):
+    """A throughput run (the training benchmark) keeps nothing: a 1.6B checkpoint is ~19 GB."""
+    data = _dataset(tmp_path / "train.parquet", n_docs=4)
+    cfg = TrainConfig(variant="two_tower", steps=2, warmup_steps=1, save_every=0, out_dir=str(tmp_path / "run"))
+    Trainer(_model("two_tower"), cfg, data).train(progress=False)
+    assert not (tmp_path / "run/checkpoints").exists() and (tmp_path / "run/metrics.jsonl").is_file()
 
 
 def test_bf16_autocast_keeps_fp32_state_and_resumes_exactly(tmp_path):

@@ -85,6 +85,7 @@ class TrainConfig:
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999); every checkpoint
     then also holds it as a native model in ``ema/`` (``lcm_fast.from_pretrained(ckpt / "ema")``)."""
     save_every: int = 100
+    """Checkpoint every N steps and after the last; 0: never, not even at the end (throughput runs: nothing is kept)."""
     log_every: int = 10
     validate_every: int = 0
     """Every N steps, score held-out documents (l2, CA, PAR; needs ``valid`` data); 0: never."""
@@ -128,6 +129,8 @@ class Trainer:
                  valid: Optional[DataConfig] = None) -> None:
         if config.variant not in LOSSES:
             raise ValueError(f"unknown variant '{config.variant}'; expected one of {sorted(LOSSES)}")
+        if config.save_every < 0:
+            raise ValueError(f"save_every must be >= 0 (0: no checkpoints), got {config.save_every}")
         expected = {"base": BaseLCM, "two_tower": TwoTowerLCM, "one_tower": OneTowerLCM, "quant_d": QuantLCM,
                     "quant_c": QuantLCM}[config.variant]
         if not isinstance(model, expected):
@@ -402,7 +405,7 @@ class Trainer:
                         metrics.write(json.dumps(dict(step=self.step, split="valid", **scores)) + "\n")
                         metrics.flush()
                         self._board(board, "valid", scores)
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
                     self.save()
         bar.close()
         if board is not None:
