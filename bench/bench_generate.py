@@ -164,7 +164,7 @@ def gpu_two_tower(dtype: torch.dtype) -> lcm_fast.TwoTowerLCM:
         torch.manual_seed(0)
         config = lcm_fast.get_arch("two_tower_diffusion_lcm_1_6B")
         config.max_seq_len = 512
-        _GPU_MODELS[dtype] = lcm_fast.build_model(config).eval().to("cuda", dtype)
+        _GPU_MODELS[dtype] = lcm_fast.build_model(config, device="cuda", dtype=dtype).eval()
     return _GPU_MODELS[dtype]
 
 
@@ -181,10 +181,16 @@ def _device_copy_bandwidth() -> float:
     return 2 * src.numel() * 10 / (time.perf_counter() - start)
 
 
+def _gpu_cases():
+    for batch, context in ((1, 50), (64, 200)):
+        for engine, dtype, graphs in (("reference", torch.float32, False), ("fast", torch.bfloat16, False),
+                                      ("fast", torch.bfloat16, True)):
+            heavy = engine == "reference" and batch > 1  # ~30 s a call on an H200
+            yield pytest.param(engine, dtype, graphs, batch, context, marks=[pytest.mark.slow] if heavy else [])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("engine,dtype,graphs", [("reference", torch.float32, False), ("fast", torch.bfloat16, False),
-                                                 ("fast", torch.bfloat16, True)])
-@pytest.mark.parametrize("batch,context", [(1, 50), (64, 200)])
+@pytest.mark.parametrize("engine,dtype,graphs,batch,context", list(_gpu_cases()))
 def test_generate_two_tower_gpu(benchmark, engine, dtype, graphs, batch, context):
     from lcm_fast.inference.fast import decoding_tables
 
