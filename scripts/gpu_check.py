@@ -122,7 +122,8 @@ def _rvq(log: str, out: Path) -> str:
     for b in _benchmarks(out, "rvq"):
         e = b["extra_info"]
         rate = f", {e['tflops']:.1f} TFLOP/s" if "tflops" in e else ""
-        rows.append(f"{e['op'].removeprefix('rvq_')} {e['M']}x{e['K']}: {e['vectors_per_s'] / 1e3:.0f}k vectors/s{rate}")
+        op = e["op"].removeprefix("rvq_")
+        rows.append(f"{op} {e['M']}x{e['K']}: {e['vectors_per_s'] / 1e3:.0f}k vectors/s{rate}")
     return "; ".join(rows) or _pytest_counts(log, out)
 
 
@@ -155,7 +156,8 @@ STAGES = [  # priority order
     Stage("train", _bench("bench/bench_train.py", "gpu", "train"), 240, True, _train),
     Stage("generate", _bench("bench/bench_generate.py", "gpu", "generate"), 240, True, _generate),
     Stage("rvq", _bench("bench/bench_rvq.py", "gpu", "rvq"), 120, True, _rvq),
-    Stage("ops", _bench("bench/bench_ops.py", "cuda and not compile", "ops", "--benchmark-max-time=0.05"), 150, True, _ops),
+    Stage("ops", _bench("bench/bench_ops.py", "cuda and not compile", "ops", "--benchmark-max-time=0.05"), 150, True,
+          _ops),
 ]
 
 

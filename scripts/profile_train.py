@@ -27,7 +27,8 @@ VARIANTS = {"base_lcm_1_6B": "base", "two_tower_diffusion_lcm_1_6B": "two_tower"
 
 def _busy_us(events) -> float:
     """Microseconds during which at least one GPU kernel ran (overlapping kernels counted once)."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    cuda = torch.autograd.DeviceType.CUDA
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == cuda)
     busy, end = 0.0, float("-inf")
     for start, stop in spans:
         if stop > end:

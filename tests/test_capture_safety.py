@@ -10,7 +10,7 @@ import torch
 import lcm_fast
 from lcm_fast.inference.fast import FastDecoder
 from lcm_fast.inference.generator import _FastTwoTowerStepper
-from lcm_fast.inference.graphs import CapturedCall, CaptureUnsafeError, capture_guard
+from lcm_fast.inference.graphs import CapturedCall, CaptureGuard, CaptureUnsafeError
 from lcm_fast.nn.attention import KVCache
 
 from .conftest import random_model, tiny_config
@@ -28,17 +28,17 @@ def test_the_guard_names_what_a_cuda_graph_cannot_capture(step, op):
     x, index = torch.randn(4), torch.tensor(2)
     with pytest.raises(CaptureUnsafeError, match=rf"my step cannot be captured in a CUDA graph: aten\.{op}\b.* at "
                                                   rf".*test_capture_safety\.py"):
-        with capture_guard("my step"):
+        with CaptureGuard("my step"):
             step(x, index)
     with pytest.raises(CaptureUnsafeError, match="cannot be captured"), torch.inference_mode():
-        with capture_guard():  # inference mode dispatches aten.item, not _local_scalar_dense
+        with CaptureGuard():  # inference mode dispatches aten.item, not _local_scalar_dense
             float(torch.randn(2).sum())
 
 
 def test_the_guard_lets_capturable_indexing_and_factories_through():
     x, cache = torch.randn(4, 3), torch.zeros(2, 8, 3)
     length = torch.tensor(5)
-    with capture_guard():
+    with CaptureGuard():
         cache[torch.arange(2), length.reshape(1)] = x[:2]  # a 1-d index tensor: index_put_ on the device
         cache.index_copy_(1, length.reshape(1), x[:2, None])
         x.index_select(0, length.reshape(1) - 4)
@@ -75,7 +75,7 @@ def test_base_lcm_decoder_step_is_capture_safe(positions):
         decoder.length.fill_(5)
         x = torch.randn(3, 1, model.sonar_dim)
         eager = FastDecoder(model, cache)(x)  # the per-step engine writes the same position
-        with capture_guard("base-LCM decoder step"):
+        with CaptureGuard("base-LCM decoder step"):
             out = decoder(x)
     torch.testing.assert_close(out, eager)
 
@@ -92,6 +92,6 @@ def test_two_tower_sentence_loop_is_capture_safe(guidance, eta):
         stepper.prefill(torch.randn(4, 5, D))
         latents, x0 = torch.randn(4, 1, D), torch.zeros(4, 1, D)
         noise = torch.randn(steps, 4, 1, D) if eta > 0 else None
-        with capture_guard("two-tower sentence"):
+        with CaptureGuard("two-tower sentence"):
             stepper._sentence(latents, x0, noise)
     assert torch.isfinite(x0).all() and x0.abs().sum() > 0

@@ -65,7 +65,7 @@ def _guided_ddim(device: str) -> None:
     coef = torch.tensor([0.8, 0.6, 0.9, 0.4, 0.1, 0.0], device=device)
     for D in DIMS:
         for rows in (3, 6):  # plain DDIM, CFG
-            latents, out, noise = _randn(3, D, device=device), _randn(rows, D, device=device), _randn(3, D, device=device)
+            latents, noise, out = _randn(3, D, device=device), _randn(3, D, device=device), _randn(rows, D, device=device)
             got, want = (latents.clone(), torch.empty_like(latents)), (latents.clone(), torch.empty_like(latents))
             guided_ddim_step_(*got, out, coef, params, noise, 0, backend="ext")
             guided_ddim_step_ref(*want, out, coef, params, noise, 0)

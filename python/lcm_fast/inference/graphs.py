@@ -55,7 +55,8 @@ class CaptureUnsafeError(RuntimeError):
 
 
 class CaptureGuard(TorchDispatchMode):
-    """Raises :class:`CaptureUnsafeError` at the first dispatched operation that a CUDA graph cannot hold
+    """``with CaptureGuard("my step"): step(...)`` raises :class:`CaptureUnsafeError` at the first dispatched
+    operation that a CUDA graph cannot hold
     (:data:`UNCAPTURABLE`, indexing with a boolean mask, a copy between devices), on any device. The check is
     by operation, not by device, so a CPU run of a step finds what would break its capture on a GPU. Views
     and ops inside the extension's kernels are not seen; ``Tensor.tolist()`` dispatches nothing on CPU."""
@@ -69,8 +70,9 @@ class CaptureGuard(TorchDispatchMode):
         if func.namespace == "aten":
             why = _uncapturable(func.overloadpacket.__name__, args, kwargs)
             if why is not None:
-                raise CaptureUnsafeError(f"{self.what} cannot be captured in a CUDA graph: aten.{func.name().split('::')[1]} "
-                                         f"{why}, at {_caller()}")
+                op = func.name().split("::")[1]
+                raise CaptureUnsafeError(f"{self.what} cannot be captured in a CUDA graph: aten.{op} {why}, "
+                                         f"at {_caller()}")
         return func(*args, **kwargs)
 
 
@@ -86,7 +88,8 @@ def _uncapturable(name: str, args: tuple, kwargs: dict) -> Optional[str]:
         if "device" in kwargs and kwargs["device"] is not None:
             devices.add(torch.device(kwargs["device"]).type)
         if len(devices) > 1:
-            return f"copies between devices ({' and '.join(sorted(devices))}): a host sync, or host memory read at replay"
+            return (f"copies between devices ({' and '.join(sorted(devices))}): a host sync, or host memory read at "
+                    "replay")
     return None
 
 
@@ -97,12 +100,6 @@ def _caller() -> str:
         if path != _HERE and "torch" not in path.parts:
             return f"{frame.filename}:{frame.lineno} ({(frame.line or '').strip()})"
     return "an unknown line"
-
-
-def capture_guard(what: str = "a captured function") -> CaptureGuard:
-    """``with capture_guard(): step(...)`` fails at the first operation of ``step`` that a CUDA graph cannot
-    capture (:class:`CaptureGuard`)."""
-    return CaptureGuard(what)
 
 
 def batch_bucket(n: int) -> int:
@@ -134,7 +131,7 @@ class CapturedCall:
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext(), capture_guard(name):
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext(), CaptureGuard(name):
             fn(*(x.clone() if x is not None else None for x in inputs))
         if side is not None:
             torch.cuda.current_stream(device).wait_stream(side)
