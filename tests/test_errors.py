@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import shutil
 
 import numpy as np
@@ -183,3 +185,77 @@ def test_native_format_version(tmp_path, base_lcm):
         lcm_fast.from_pretrained(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="not an lcm_fast model directory"):
         lcm_fast.from_pretrained(tmp_path / "empty")
+
+
+def test_native_model_that_cannot_be_trusted(tmp_path, base_lcm):
+    """A model_type other than the family's, a truncated safetensors file and NaN weights each name the file
+    and what is wrong, at load (NaN weights would otherwise generate NaN silently)."""
+    base_lcm.save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m/config.json").read_text())
+    meta["config"]["model_type"] = "vae_lcm"
+    (tmp_path / "m/config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"config.json: model_type 'vae_lcm' does not match the model family"):
+        lcm_fast.from_pretrained(tmp_path / "m")
+    base_lcm.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m/model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(CheckpointError, match=r"m/model.safetensors: not a readable safetensors file .* corrupt or"):
+        lcm_fast.from_pretrained(tmp_path / "m")
+    broken = copy.deepcopy(base_lcm)
+    with torch.no_grad():
+        broken.postnet.fc.weight[1, 2] = float("nan")
+    broken.save_pretrained(tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'postnet.fc.weight' holds NaN values"):
+        lcm_fast.from_pretrained(tmp_path / "m")
+
+
+# ---- options and configs ------------------------------------------------------------------------------
+
+#: (option, bad value, the message's end)
+OPTION_CATALOGUE = [
+    ("guidance_scale", float("nan"), "guidance_scale must be a finite number, got nan"),
+    ("guidance_rescale", float("nan"), "guidance_rescale must be in [0, 1], got nan"),
+    ("guidance_rescale", 1.5, "guidance_rescale must be in [0, 1], got 1.5"),
+    ("ddim_eta", float("nan"), "ddim_eta must be a finite number >= 0, got nan"),
+    ("ddim_eta", -0.1, "ddim_eta must be a finite number >= 0, got -0.1"),
+    ("initial_noise_scale", float("inf"), "initial_noise_scale must be a finite number >= 0, got inf"),
+    ("epsilon_scaling", 0.0, "epsilon_scaling must be a finite number > 0 or None, got 0.0"),
+    ("clip_noise", 0, "clip_noise must be a finite number > 0, got 0"),
+    ("top_p", 0.0, "top_p must be in (0, 1], got 0.0"),
+    ("top_k", 0, "top_k must be an integer >= 1, got 0"),
+    ("inference_timesteps", 2.5, "inference_timesteps must be an integer >= 1, got 2.5"),
+    ("min_seq_len", 0, "min_seq_len must be an integer >= 1, got 0"),
+    ("seed", "7", "seed must be an integer or None, got '7'"),
+    ("eos_threshold", 1.5, "eos_threshold must be a cosine in [-1, 1] or None, got 1.5"),
+]
+
+
+@pytest.mark.parametrize("name,value,message", OPTION_CATALOGUE, ids=[f"{c[0]}={c[1]}" for c in OPTION_CATALOGUE])
+def test_generation_options_are_validated_up_front(two_tower, name, value, message):
+    with pytest.raises(ValueError, match=re.escape(f"GenerationOptions.{message}")):
+        lcm_fast.GenerationOptions(**{name: value})
+    options = lcm_fast.GenerationOptions()
+    setattr(options, name, value)  # changed in place after it was made: the generator checks again
+    with pytest.raises(ValueError, match=re.escape(f"GenerationOptions.{message}")):
+        lcm_fast.generate(two_tower, _prompts(two_tower), max_gen_len=1, options=options)
+
+
+#: (key, value, message): YAML 1.1 reads `1e-3` as a string, which becomes a float where a float is expected
+CONFIG_CATALOGUE = [
+    ("lr", "1e-3x", "config key 'lr' expects float, got '1e-3x' (str)"),
+    ("steps", "10", "config key 'steps' expects int, got '10' (str)"),
+    ("steps", 2.5, "config key 'steps' expects int, got 2.5 (float)"),
+    ("tensorboard", "yes", "config key 'tensorboard' expects bool, got 'yes' (str)"),
+    ("variant", 3, "config key 'variant' expects str, got 3 (int)"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", CONFIG_CATALOGUE, ids=[f"{c[0]}={c[1]}" for c in CONFIG_CATALOGUE])
+def test_config_values_of_the_wrong_kind(key, value, message):
+    from lcm_fast.config import ConfigError, merge_into
+    from lcm_fast.training import TrainConfig
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        merge_into(TrainConfig(), {key: value})
+    assert merge_into(TrainConfig(), {"lr": "1e-3"}).lr == 1e-3

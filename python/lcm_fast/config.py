@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -250,15 +251,44 @@ def merge_into(config: T, overrides: Mapping[str, Any], path: str = "") -> T:
         elif sub is not None and value is not None and not dataclasses.is_dataclass(value):
             raise ConfigError(f"config key '{where}' expects a mapping, got {type(value).__name__}")
         else:
-            setattr(config, key, value)
+            setattr(config, key, _checked(value, hints[key], where))
     return config
 
 
+def _checked(value: Any, hint: Any, where: str) -> Any:
+    """``value`` for a field typed ``hint``: numbers, bools and strings must be of their kind (YAML 1.1 reads
+    ``1e-3`` as a string: a numeric string becomes a float where a float is expected); other types unchecked."""
+    kind = _scalar(hint)
+    if kind is None or value is None:
+        return value
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    elif kind in (int, str, bool) and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key '{where}' expects {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _scalar(hint: Any) -> Optional[type]:
+    """float, int, bool or str for a field of that type (or Optional of it), else None."""
+    args = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, types.UnionType) else [hint]
+    return args[0] if len(args) == 1 and args[0] in (float, int, bool, str) else None
+
+
 def config_from_dict(family: str, mapping: Mapping[str, Any]) -> ModelConfig:
-    """Builds the config of ``family`` from its defaults overridden by ``mapping`` (strict)."""
+    """Builds the config of ``family`` from its defaults overridden by ``mapping`` (strict: a ``model_type``
+    other than the family's is an error)."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown model family '{family}'; lcm_fast supports {sorted(FAMILIES)}")
-    return merge_into(FAMILIES[family](), mapping)
+    config = merge_into(FAMILIES[family](), mapping)
+    if config.model_type != FAMILIES[family]().model_type:
+        raise ConfigError(f"model_type '{config.model_type}' does not match the model family '{family}' (expected "
+                          f"'{FAMILIES[family]().model_type}')")
+    return config
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

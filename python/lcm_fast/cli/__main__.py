@@ -1,5 +1,8 @@
 """``lcm-fast {generate, eval, info, prepare, train, fit-normalizer, fit-rvq, flops}``: defaults come from the config
-dataclasses."""
+dataclasses.
+
+An error caused by the user's input or files (a ``ValueError``, an ``OSError``, bad YAML) prints one message on
+stderr and exits with status 2, without a traceback; ``--debug`` (or ``LCM_FAST_DEBUG=1``) shows the traceback."""
 
 from __future__ import annotations
 
@@ -16,6 +19,34 @@ import yaml
 # --help does not import torch (a test keeps them equal)
 BANK_INDEXES = ("auto", "flat", "hnsw", "ivf", "torch")
 MI_MODEL_ENV = "LCM_FAST_MI_MODEL"
+#: errors that the user's input or files cause: one message, no traceback (unless --debug)
+USER_ERRORS = (ValueError, OSError, yaml.YAMLError)
+
+
+def _device(name: Optional[str]) -> Optional[str]:
+    """--device, checked: a CUDA device on a machine without CUDA is a clear error, not an assertion in torch."""
+    import torch
+
+    if name is not None and torch.device(name).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch has no usable CUDA device (torch {torch.__version__}); "
+                         "use --device cpu")
+    return name
+
+
+def _data_dim(files: Sequence[str]) -> tuple[int, Optional[str]]:
+    """(embedding dim, encoder name or None) of the training files: their vectors' size, and the encoder that
+    ``lcm-fast prepare`` recorded beside them (prepare.json). Files of different dims are an error."""
+    import json
+
+    from lcm_fast.training.data import embedding_dim
+
+    dims = {file: embedding_dim(file) for file in files}
+    if len(set(dims.values())) > 1:
+        raise ValueError("--data files hold embeddings of different dims: "
+                         + ", ".join(f"{file}: {dim}" for file, dim in dims.items()))
+    manifest = Path(files[0]).parent / "prepare.json"
+    encoder = json.loads(manifest.read_text()).get("encoder") if manifest.is_file() else None
+    return next(iter(dims.values())), encoder
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -31,6 +62,8 @@ def _train(args: argparse.Namespace) -> None:
                          "one_tower": "toy_one_tower_diffusion_lcm", "quant_d": "toy_quant_lcm",
                          "quant_c": "toy_quant_lcm"}[args.variant]
     model_cfg = lcm_fast.get_arch(arch)
+    data_dim, data_encoder = _data_dim(args.data)
+    model_cfg.sonar_embed_dim = data_dim  # the data's embeddings (prepare's MiniLM: 384; SONAR: 1024)
     rq = None
     if args.variant in ("quant_d", "quant_c"):
         if not args.rvq and not args.init:
@@ -45,6 +78,12 @@ def _train(args: argparse.Namespace) -> None:
     elif args.rvq:
         raise SystemExit("--rvq is only for --variant quant_d or quant_c")
     model_cfg = merge_into(model_cfg, overrides.get("model", {}))
+    if model_cfg.sonar_embed_dim != data_dim:
+        source = "the --rvq codebooks" if args.rvq and "sonar_embed_dim" not in overrides.get("model", {}) else (
+            f"model.sonar_embed_dim in {args.config}")
+        raise ValueError(f"--data holds {data_dim}-d embeddings ({args.data[0]}) but {source} say(s) "
+                         f"{model_cfg.sonar_embed_dim}: make them agree (the model is built for the data's dim unless "
+                         "told otherwise)")
     train_cfg = merge_into(TrainConfig(variant=args.variant, out_dir=args.out), overrides.get("train", {}))
     for name in ("steps", "precision", "parallel"):  # flags override the config file
         if getattr(args, name) is not None:
@@ -53,14 +92,16 @@ def _train(args: argparse.Namespace) -> None:
     if args.eot:  # the paper's end-of-text concept, appended to every document
         from lcm_fast.text import load_encoder
 
-        eot = load_encoder(args.encoder).encode([args.eot])[0]
+        encoder = args.encoder or data_encoder or "minilm"
+        eot = load_encoder(encoder).encode([args.eot])[0]
         if eot.shape[0] != model_cfg.sonar_embed_dim:
-            raise SystemExit(f"--eot: the {args.encoder} encoder gives {eot.shape[0]}-d embeddings but the model "
+            raise SystemExit(f"--eot: the {encoder} encoder gives {eot.shape[0]}-d embeddings but the model "
                              f"works on {model_cfg.sonar_embed_dim}-d ones")
         data_cfg.eot = eot
     if args.init:
         model = lcm_fast.from_pretrained(args.init)
     else:
+        torch.manual_seed(train_cfg.seed)  # the initial weights: the same command twice, the same checkpoints
         model = lcm_fast.build_model(model_cfg)
     if args.normalizer:
         if model.normalizer is None:
@@ -71,10 +112,13 @@ def _train(args: argparse.Namespace) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # launched by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    Trainer(model.to(device), train_cfg, data_cfg).train(resume=args.resume)
+    trainer = Trainer(model.to(device), train_cfg, data_cfg)
+    trainer.train(resume={None: False, "latest": True, "must": "must"}[args.resume])
     if dist.is_initialized():
         dist.destroy_process_group()
-    print(f"checkpoints in {Path(train_cfg.out_dir) / 'checkpoints'}")
+    latest = Trainer.latest_checkpoint(train_cfg.out_dir)
+    print(f"trained to step {trainer.step}; " + (f"latest checkpoint {latest}" if latest is not None else
+                                                 "no checkpoint written (save_every 0)"))
 
 
 def _weighted(item: str) -> tuple[str, float]:
@@ -159,6 +203,9 @@ def _generate(args: argparse.Namespace) -> None:
     from lcm_fast.text import RetrievalDecoder, SonarDecoder, load_encoder
     from lcm_fast.text.pipeline import DEMO_DIR, continue_text
 
+    # the options first: a bad one fails before any model or encoder is loaded
+    generation = lcm_fast.GenerationOptions.recommended(inference_timesteps=args.steps, guidance_scale=args.guidance,
+                                                        seed=args.seed)
     model_dir = Path(args.model) if args.model else DEMO_DIR
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"lcm-fast generate: {model_dir} is not a model directory (save_pretrained / lcm-fast train)")
@@ -175,8 +222,6 @@ def _generate(args: argparse.Namespace) -> None:
             raise SystemExit(f"lcm-fast generate: no sentence bank at {bank}: pass --decoder BANK_DIR "
                              "(lcm-fast prepare writes one) or --decoder sonar")
         decoder = RetrievalDecoder.load(bank, args.bank_index)
-    generation = lcm_fast.GenerationOptions.recommended(inference_timesteps=args.steps, guidance_scale=args.guidance,
-                                                        seed=args.seed)
     try:
         result = continue_text(" ".join(args.text), model, encoder, decoder, n_sentences=args.sentences,
                                options=generation)
@@ -225,7 +270,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from lcm_fast.archs import ARCHS
     from lcm_fast.training import LOSSES, TrainConfig
 
-    parser = argparse.ArgumentParser(prog="lcm-fast", description="Large Concept Models: train, inspect.")
+    parser = argparse.ArgumentParser(prog="lcm-fast", description="Large Concept Models: prepare text into concept "
+                                     "embeddings, train every LCM variant, generate and evaluate; fast kernels.")
+    parser.add_argument("--debug", action="store_true", default=os.environ.get("LCM_FAST_DEBUG") == "1",
+                        help="show the traceback of an input error (also LCM_FAST_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="build, environment and op backends (paste into bug reports)")
     train = sub.add_parser(
@@ -241,7 +289,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train.add_argument("--init", help="start from a model saved with save_pretrained instead of random weights")
     train.add_argument("--out", default="lcm_run", help="output directory (checkpoints/, metrics.jsonl)")
     train.add_argument("--steps", type=int, help="optimizer steps (overrides the config)")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--resume", nargs="?", const="latest", choices=["latest", "must"],
+                       help="continue from the latest checkpoint in --out (or start, saying so, when there is none); "
+                       "--resume must: fail without one")
     train.add_argument("--normalizer", help="normalizer statistics (.pt from fit-normalizer or an official one)")
     train.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu")
     train.add_argument("--precision", choices=["auto", "fp32", "bf16"],
@@ -250,7 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                        help="under torchrun: ddp (default) or fsdp (FSDP2: weights, gradients, optimizer state sharded)")
     train.add_argument("--eot", help='append this sentence\'s embedding to every document: "End of text." '
                        '(pre-training), "End of response." (instruction fine-tuning); encoded with --encoder')
-    train.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"], help="encoder for --eot")
+    train.add_argument("--encoder", choices=["minilm", "sonar"],
+                       help="encoder for --eot (default: the one prepare.json beside the data names, else minilm)")
     train.add_argument("--rvq", help="Quant-LCM: RVQ codebooks (.safetensors from fit-rvq); sets the quantizer shape")
     fit = sub.add_parser("fit-normalizer", help="fit the SONAR normalizer on a weighted mix of parquet files")
     fit.add_argument("--data", nargs="+", required=True, help="parquet files, each optionally FILE:WEIGHT (default 1)")
@@ -329,24 +380,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ev.add_argument("--device", help="default cpu")
     ev.add_argument("--json", help="write the metrics as JSON")
     args = parser.parse_args(argv)
-    if args.command == "info":
-        from lcm_fast.info import main as info
+    command = {"info": _info, "train": _train, "fit-normalizer": _fit_normalizer, "fit-rvq": _fit_rvq,
+               "flops": _flops, "prepare": _prepare, "generate": _generate, "eval": _eval}[args.command]
+    try:
+        _device(getattr(args, "device", None))
+        command(args)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"lcm-fast {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
-        info()
-    elif args.command == "fit-normalizer":
-        _fit_normalizer(args)
-    elif args.command == "fit-rvq":
-        _fit_rvq(args)
-    elif args.command == "flops":
-        _flops(args)
-    elif args.command == "prepare":
-        _prepare(args)
-    elif args.command == "generate":
-        _generate(args)
-    elif args.command == "eval":
-        _eval(args)
-    else:
-        _train(args)
+
+def _info(args: argparse.Namespace) -> None:
+    from lcm_fast.info import main as info
+
+    info()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ their KV-cached decoder in both; the fast engine runs each new position's layers
 
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 import warnings
@@ -42,6 +43,31 @@ StepCallback = Callable[[int, int, SchedulerOutput, Tensor], None]
 ENGINES = ("fast", "reference")
 # cuda_graphs: caches hold a multiple of this many positions, so that calls of similar lengths share buffers and graphs
 STATIC_LENGTH_STEP = 64
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+#: GenerationOptions.validate: (names, check, what the check wants, None allowed)
+_OPTION_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str, bool], ...] = (
+    (("max_seq_len", "min_seq_len", "top_k", "inference_timesteps"), lambda v: _integer(v) and v >= 1,
+     "an integer >= 1", False),
+    (("seed",), _integer, "an integer", True),
+    (("guidance_scale",), _real, "a finite number", False),
+    (("lcm_temperature", "ddim_eta", "initial_noise_scale", "sample_max_value"), lambda v: _real(v) and v >= 0,
+     "a finite number >= 0", False),
+    (("guidance_rescale", "dynamic_thresholding_ratio"), lambda v: _real(v) and 0 <= v <= 1, "in [0, 1]", False),
+    (("top_p",), lambda v: _real(v) and 0 < v <= 1, "in (0, 1]", False),
+    (("clip_noise",), lambda v: _real(v) and v > 0, "a finite number > 0", False),
+    (("epsilon_scaling",), lambda v: _real(v) and v > 0, "a finite number > 0", True),
+    (("eos_threshold", "stop_on_repetition_cosine_threshold"), lambda v: _real(v) and -1 <= v <= 1,
+     "a cosine in [-1, 1]", True),
+)
 
 
 @dataclass
@@ -85,6 +111,19 @@ class GenerationOptions:
     sample_max_value: float = 6.0
     official_timestep_stride: bool = True
     """Reproduce the official integer-stride timestep quirk (T=100, 40 requested steps run 50)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first option out of its range; NaN and inf never are in range (NaN
+        guidance would otherwise generate NaN sentences silently)."""
+        for names, check, wanted, optional in _OPTION_RULES:
+            for name in names:
+                value = getattr(self, name)
+                if not (value is None and optional or check(value)):
+                    raise ValueError(f"GenerationOptions.{name} must be {wanted}{' or None' if optional else ''}, "
+                                     f"got {value!r}")
 
     @classmethod
     def recommended(cls, **overrides: Any) -> "GenerationOptions":
@@ -601,8 +640,7 @@ class Generator:
         self.cuda_graphs = cuda_graphs
         self._static: Optional[tuple[tuple, _FastTwoTowerStepper | _FastBaseLCMStepper]] = None  # see _static_stepper
         self.options = options or GenerationOptions()
-        if self.options.min_seq_len < 1:
-            raise ValueError(f"min_seq_len must be >= 1, got {self.options.min_seq_len}")
+        self.options.validate()  # also on an options object changed in place since it was made
         if eos_vec is not None and eos_vec.shape != (model.sonar_dim,):
             raise ValueError(f"eos_vec must have shape [{model.sonar_dim}], got {list(eos_vec.shape)}")
         self.eos_vec = eos_vec
@@ -637,6 +675,7 @@ class Generator:
             terminal and for at least 64 sentences.
         """
         opt, model = self.options, self.model
+        opt.validate()
         seq_lens = _validate_prompts(prompts, seq_lens, model.sonar_dim)
         max_gen_len = opt.max_seq_len if max_gen_len is None else max_gen_len
         min_gen_len = opt.min_seq_len if min_gen_len is None else min_gen_len

@@ -59,7 +59,11 @@ def from_pretrained(
         normalizer = merge_into(NormalizerConfig(), meta["normalizer"]) if meta.get("normalizer") else None
     except (ConfigError, KeyError) as e:
         raise CheckpointError(f"{cfg_path}: {e}") from e
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error type, which names no file
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e}); the file is "
+                              "corrupt or truncated: write it again with save_pretrained") from e
     saved_dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     model = build_model(config, normalizer=normalizer, device="meta")
     load_weights(model, state, source=str(weights))

@@ -191,6 +191,10 @@ def load_weights(model: BaseLCM | TwoTowerLCM, state: Mapping[str, Tensor], *, s
         problems.append(f"shape mismatches: {'; '.join(shapes)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the {type(model).__name__} config:\n  " + "\n  ".join(problems))
+    # NaN weights would generate NaN silently (inf is legitimate: a normalizer's open clip bounds)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())), None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: tensor '{bad}' holds NaN values")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                           strict=True, assign=True)
 

@@ -76,6 +76,28 @@ def _embeddings_of(column: pa.ChunkedArray, dim: int, where: str) -> tuple[np.nd
     return offsets, values
 
 
+def embedding_dim(path: str | Path) -> int:
+    """The dimension of the sentence embeddings in a parquet file (from its schema, else its first vector).
+
+    Raises:
+        DataError: unreadable file, no ``embeddings`` column, no embedding at all.
+    """
+    try:
+        pf = pq.ParquetFile(path, memory_map=True)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from e
+    if EMBEDDINGS not in pf.schema_arrow.names:
+        raise DataError(f"{path}: missing column '{EMBEDDINGS}' (columns: {pf.schema_arrow.names})")
+    kind = pf.schema_arrow.field(EMBEDDINGS).type
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_fixed_size_list(kind.value_type):
+        return kind.value_type.list_size
+    for group in range(pf.metadata.num_row_groups):
+        vectors = pf.read_row_group(group, columns=[EMBEDDINGS]).column(EMBEDDINGS).combine_chunks().values
+        if len(vectors):
+            return len(vectors[0])
+    raise DataError(f"{path}: no sentence embeddings to take the dimension from")
+
+
 def read_documents(path: str | Path, dim: int) -> Iterator[tuple[int, Document]]:
     """Yields (row, document) of one parquet file, one row group at a time.
 

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,6 +106,9 @@ class TrainConfig:
     valid_diffusion_steps: int = 10
     """Two-Tower validation samples with this many DDIM steps (and the paper's guidance settings)."""
     seed: int = 2
+    """Seeds the batch order, each batch's noise, and (on a fresh start) torch's global RNG, which dropout draws
+    from; ``lcm-fast train`` also seeds the initial weights with it. The same run twice gives bit-identical
+    checkpoints on the same machine, thread count and world size (GPU kernels may not be deterministic)."""
     out_dir: str = "lcm_run"
 
 
@@ -129,6 +133,8 @@ class Trainer:
                  valid: Optional[DataConfig] = None) -> None:
         if config.variant not in LOSSES:
             raise ValueError(f"unknown variant '{config.variant}'; expected one of {sorted(LOSSES)}")
+        if config.steps < 1:
+            raise ValueError(f"steps must be >= 1 (optimizer steps to train), got {config.steps}")
         if config.save_every < 0:
             raise ValueError(f"save_every must be >= 0 (0: no checkpoints), got {config.save_every}")
         expected = {"base": BaseLCM, "two_tower": TwoTowerLCM, "one_tower": OneTowerLCM, "quant_d": QuantLCM,
@@ -334,17 +340,36 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------
 
-    def train(self, *, resume: bool = False, progress: Optional[bool] = None) -> BaseLCM | TwoTowerLCM:
-        """Runs until ``config.steps`` optimizer steps; returns the model (in train mode)."""
+    def train(self, *, resume: bool | str = False, progress: Optional[bool] = None) -> BaseLCM | TwoTowerLCM:
+        """Runs until ``config.steps`` optimizer steps; returns the model (in train mode).
+
+        resume: True continues from the latest complete checkpoint in ``out_dir`` when there is one (and says
+        which, or that there is none); ``"must"`` requires one. A checkpoint already at ``config.steps`` or
+        beyond is an error (nothing would be trained). progress: a bar with loss, learning rate and concepts/s;
+        None: on a terminal, else one log line on stderr every ``log_every`` steps; False: silent."""
         cfg = self.config
-        if resume and (latest := self.latest_checkpoint(self.out)) is not None:
+        if resume not in (False, True, "must"):
+            raise ValueError(f"resume must be False, True or 'must', got {resume!r}")
+        latest = self.latest_checkpoint(self.out) if resume else None
+        if latest is not None:
             self.load(latest)
+            if self.step >= cfg.steps:
+                raise ValueError(f"{latest} is at step {self.step} and steps={cfg.steps}: nothing to train; raise "
+                                 f"steps (--steps) above {self.step} to continue")
+            self._say(f"resuming from {latest} (step {self.step} of {cfg.steps})", progress)
+        elif resume == "must":
+            raise FileNotFoundError(f"no complete checkpoint in {self.out / 'checkpoints'} to resume from")
+        elif resume:
+            self._say(f"no checkpoint in {self.out / 'checkpoints'}: starting from step 0", progress)
+        if self.step == 0:
+            torch.manual_seed(cfg.seed)  # dropout: the same run twice gives the same weights
         self.out.mkdir(parents=True, exist_ok=True)
         loss_fn = LOSSES[cfg.variant]
         self.model.train()
         stream = self._stream()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.variant}", unit="step",
                    disable=self.rank != 0 or (not progress if progress is not None else None))
+        log_lines = self.rank == 0 and progress is None and bar.disable  # not a terminal: a line per log record
         board = self._tensorboard()
         with (self.out / "metrics.jsonl").open("a") as metrics:
             while self.step < cfg.steps:
@@ -391,14 +416,17 @@ class Trainer:
                 bar.update(1)
                 # rank 0 logs, validates and checkpoints for everyone (the others take part in gathering
                 # FSDP shards)
+                lr = self.schedule.get_last_lr()[0]
                 if self.rank == 0:
-                    bar.set_postfix(loss=f"{total:.4f}", concepts_per_s=f"{rate:.0f}", refresh=False)
+                    bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", concepts_per_s=f"{rate:.0f}", refresh=False)
                 if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    record = dict(step=self.step, loss=total, lr=self.schedule.get_last_lr()[0],
-                                  grad_norm=grad_norm, concepts_per_s=rate)
+                    record = dict(step=self.step, loss=total, lr=lr, grad_norm=grad_norm, concepts_per_s=rate)
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                     self._board(board, "train", record)
+                    if log_lines:
+                        print(f"train {cfg.variant} step {self.step}/{cfg.steps}: loss {total:.4f}, lr {lr:.2e}, "
+                              f"{rate:.0f} concepts/s", file=sys.stderr, flush=True)
                 if cfg.validate_every and self.step % cfg.validate_every == 0:
                     scores = self.validate()
                     if self.rank == 0:
@@ -411,6 +439,11 @@ class Trainer:
         if board is not None:
             board.close()
         return self.model
+
+    def _say(self, message: str, progress: Optional[bool]) -> None:
+        """A status line on stderr (rank 0, unless progress is False)."""
+        if self.rank == 0 and progress is not False:
+            print(message, file=sys.stderr, flush=True)
 
     def _tensorboard(self):
         if not self.config.tensorboard or self.rank != 0:

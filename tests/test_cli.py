@@ -1,0 +1,134 @@
+"""``lcm-fast`` as a new user meets it: a bad input is one message on stderr and exit status 2 (no traceback,
+unless --debug); training says what it does, and the same command twice gives the same checkpoints.
+
+The catalogue below lists each bad input with the message it must get."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lcm_fast
+from lcm_fast.cli.__main__ import main
+from lcm_fast.training import Trainer, write_documents
+
+DIM = 24
+# a tiny Two-Tower (the toy arch's 1024-d stacks take minutes on CPU) and a quick schedule
+CONFIG = ("model: {model_dim: 16, max_seq_len: 32, context_encoder: {num_layers: 1, num_attn_heads: 2, "
+          "ffn_inner_dim: 32}, denoiser: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32, timestep_embed_dim: 16}}\n"
+          "train: {warmup_steps: 1, save_every: 2, log_every: 1}\n"
+          "data: {max_concepts: 48, max_sentences: 16}\n")
+
+
+@pytest.fixture
+def run(tmp_path) -> Callable[..., list[str]]:
+    """run(*train flags) -> the argv of `lcm-fast train` on tiny data with the tiny config."""
+    g = torch.Generator().manual_seed(0)
+    write_documents(tmp_path / "train.parquet", [torch.randn(6, DIM, generator=g) for _ in range(4)])
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+
+    def argv(*flags: str, out: str = "run") -> list[str]:
+        return ["train", "--variant", "two_tower", "--data", str(tmp_path / "train.parquet"), "--config",
+                str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / out), *flags]
+
+    return argv
+
+
+def _fails(argv: list[str], capsys) -> str:
+    """Runs the CLI, which must exit with status 2 and no traceback; -> its stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+def _yaml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+#: (what the user does, the flags added to a valid `train` call, the message they must see)
+TRAIN_CATALOGUE = [
+    ("zero steps", ["--steps", "0"], r"steps must be >= 1 \(optimizer steps to train\), got 0"),
+    ("negative steps", ["--steps", "-5"], r"steps must be >= 1 \(optimizer steps to train\), got -5"),
+    ("--resume must without a checkpoint", ["--resume", "must"],
+     r"no complete checkpoint in .*run/checkpoints to resume from"),
+    ("a missing --config file", ["--config", "/nonexistent/cfg.yaml"], r"No such file or directory: '/nonexistent/cfg.yaml'"),
+    ("a learning rate that is no number", ["--config", "{lr_abc}"], r"config key 'lr' expects float, got 'abc' \(str\)"),
+    ("a model dim other than the data's", ["--config", "{dim_25}"],
+     r"--data holds 24-d embeddings \(.*train.parquet\) but model.sonar_embed_dim in .*bad.yaml say\(s\) 25"),
+    ("an unknown model field", ["--config", "{unknown}"], r"unknown config key 'model_dims' for TwoTowerConfig"),
+]
+
+
+@pytest.mark.parametrize("flags,message", [case[1:] for case in TRAIN_CATALOGUE], ids=[c[0] for c in TRAIN_CATALOGUE])
+def test_train_input_errors(run, tmp_path, capsys, flags, message):
+    configs = {"{lr_abc}": "train: {lr: abc}\n", "{dim_25}": "model: {sonar_embed_dim: 25}\n",
+               "{unknown}": "model: {model_dims: 16}\n"}
+    flags = [_yaml(tmp_path, configs[f]) if f in configs else f for f in flags]
+    err = _fails(run(*flags), capsys)
+    assert err.startswith("lcm-fast train: error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+
+
+def test_resume_beyond_the_requested_steps_is_an_error(run, capsys):
+    main(run("--steps", "3"))
+    capsys.readouterr()
+    err = _fails(run("--steps", "2", "--resume"), capsys)
+    assert "checkpoints/step_3 is at step 3 and steps=2: nothing to train; raise steps (--steps) above 3" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
+def test_cuda_device_without_cuda(run, capsys):
+    err = _fails(run("--device", "cuda"), capsys)
+    assert "--device cuda: this torch has no usable CUDA device" in err and "use --device cpu" in err
+
+
+def test_debug_shows_the_traceback(run):
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        main(["--debug", *run("--steps", "0")])
+
+
+def test_generate_rejects_nan_guidance_before_any_work(capsys):
+    err = _fails(["generate", "--guidance", "nan", "Some text."], capsys)
+    assert "GenerationOptions.guidance_scale must be a finite number, got nan" in err
+
+
+def test_train_says_what_it_does_and_reproduces(run, tmp_path, capsys):
+    """A fresh run logs a line per log_every step when stderr is not a terminal, and ends with what it wrote;
+    --resume says what it found; the same command twice gives bit-identical checkpoints (initial weights,
+    dropout and batches all come from train.seed). The YAML's `lr: 1e-3` (a string to YAML 1.1) is a float."""
+    (tmp_path / "cfg.yaml").write_text(CONFIG.replace("log_every: 1", "log_every: 1, lr: 1e-3"))
+    main(run("--steps", "3", "--resume"))
+    captured = capsys.readouterr()
+    assert "no checkpoint in" in captured.err and "starting from step 0" in captured.err
+    assert "train two_tower step 3/3: loss" in captured.err and "lr " in captured.err
+    assert "trained to step 3; latest checkpoint" in captured.out
+    main(run("--steps", "4", "--resume"))
+    assert "resuming from" in capsys.readouterr().err
+    main(run("--steps", "3", out="again"))
+    first, second = (load_file(tmp_path / name / "checkpoints/step_3/model.safetensors") for name in ("run", "again"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    lr = [json.loads(line)["lr"] for line in (tmp_path / "again/metrics.jsonl").read_text().splitlines()]
+    assert max(lr) == pytest.approx(1e-3)
+    assert Trainer.latest_checkpoint(tmp_path / "run").name == "step_4"
+
+
+def test_train_builds_the_model_for_the_datas_dim(tmp_path, capsys):
+    """Data prepared with a 384-d encoder trains without a model section: the model takes the data's dim."""
+    g = torch.Generator().manual_seed(0)
+    write_documents(tmp_path / "shard.parquet", [torch.randn(5, 40, generator=g) for _ in range(3)])
+    (tmp_path / "cfg.yaml").write_text("model: {model_dim: 16, lcm: {num_layers: 1, num_attn_heads: 2, "
+                                       "ffn_inner_dim: 32}}\ndata: {max_concepts: 48, max_sentences: 16}\n")
+    main(["train", "--variant", "base", "--data", str(tmp_path / "shard.parquet"), "--out", str(tmp_path / "run"),
+          "--steps", "1", "--config", str(tmp_path / "cfg.yaml")])
+    model = lcm_fast.from_pretrained(tmp_path / "run/checkpoints/step_1")
+    assert model.sonar_dim == 40
