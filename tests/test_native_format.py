@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -42,3 +44,19 @@ def test_normalizer_options_round_trip(tmp_path):
     model.save_pretrained(tmp_path / "m")
     again = lcm_fast.from_pretrained(tmp_path / "m")
     assert again.normalizer.clip_min is not None and "sonar_normalizer.clip_max" in again.state_dict()
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """safetensors creates 0600 files; ours get the process umask's permissions like every other file."""
+    from lcm_fast.quant import ResidualQuantizer
+    from lcm_fast.text import RetrievalDecoder
+
+    old = os.umask(0o022)
+    try:
+        random_model(tiny_config("base_lcm")).save_pretrained(tmp_path / "m")
+        ResidualQuantizer.from_codebooks(torch.randn(2, 4, 8)).save(tmp_path / "rq.safetensors")
+        RetrievalDecoder(["a.", "b."], torch.randn(2, 8)).save(tmp_path / "bank")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "m/model.safetensors", tmp_path / "rq.safetensors", tmp_path / "bank/bank.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

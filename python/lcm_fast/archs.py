@@ -40,6 +40,31 @@ def base_lcm_1_6B() -> BaseLCMConfig:
     )
 
 
+# A first run's size (``lcm-fast train``'s default): model dim 256, 2 layers per stack, ~3-5M parameters besides the
+# input and output projections; a few hundred steps on small data take about a minute on a laptop CPU.
+_SMALL_STACK: dict[str, Any] = dict(num_layers=2, num_attn_heads=4, ffn_inner_dim=1024)
+
+
+def small_base_lcm() -> BaseLCMConfig:
+    return BaseLCMConfig(model_dim=256, sonar_normalizer_name="dummy_sonar_normalizer",
+                         lcm=TransformerConfig(**_SMALL_STACK))
+
+
+def small_two_tower() -> TwoTowerConfig:
+    return TwoTowerConfig(model_dim=256, sonar_normalizer_name="dummy_sonar_normalizer",
+                          context_encoder=TransformerConfig(**_SMALL_STACK),
+                          denoiser=DenoiserConfig(**_SMALL_STACK, timestep_embed_dim=256),
+                          noise_scheduler=SchedulerConfig(num_diffusion_train_steps=100))
+
+
+def small_one_tower() -> OneTowerConfig:
+    return OneTowerConfig(model_dim=256, lcm=TransformerConfig(**_SMALL_STACK))
+
+
+def small_quant_lcm() -> QuantLCMConfig:
+    return QuantLCMConfig(model_dim=256, n_codebooks=8, codebook_size=256, lcm=TransformerConfig(**_SMALL_STACK))
+
+
 def toy_two_tower() -> TwoTowerConfig:
     return TwoTowerConfig(
         sonar_normalizer_name="dummy_sonar_normalizer",
@@ -99,6 +124,10 @@ def quant_lcm_1_6B() -> QuantLCMConfig:
 
 #: preset name -> config factory; the official arch names (and ours for One-Tower).
 ARCHS: dict[str, Callable[[], ModelConfig]] = {
+    "small_base_lcm": small_base_lcm,
+    "small_two_tower_diffusion_lcm": small_two_tower,
+    "small_one_tower_diffusion_lcm": small_one_tower,
+    "small_quant_lcm": small_quant_lcm,
     "toy_base_lcm": toy_base_lcm,
     "base_lcm_1_6B": base_lcm_1_6B,
     "toy_two_tower_diffusion_lcm": toy_two_tower,

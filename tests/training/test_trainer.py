@@ -176,6 +176,15 @@ def test_bad_configuration(tmp_path):
         Trainer(_model("two_tower"), TrainConfig(save_every=-1), data)
 
 
+def test_keep_the_newest_checkpoints(tmp_path):
+    data = _dataset(tmp_path / "train.parquet", n_docs=4)
+    cfg = TrainConfig(variant="base", steps=5, warmup_steps=1, save_every=1, keep=2, out_dir=str(tmp_path / "run"))
+    Trainer(_model("base"), cfg, data).train(progress=False)
+    assert [p.name for p in Trainer.complete_checkpoints(tmp_path / "run")] == ["step_4", "step_5"]
+    with pytest.raises(ValueError, match=r"keep must be >= 0 \(0: every checkpoint\), got -1"):
+        Trainer(_model("base"), TrainConfig(variant="base", keep=-1), data)
+
+
 def test_save_every_zero_writes_no_checkpoint(tmp_path):
     """A throughput run (the training benchmark) keeps nothing: a 1.6B checkpoint is ~19 GB."""
     data = _dataset(tmp_path / "train.parquet", n_docs=4)

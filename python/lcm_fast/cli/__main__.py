@@ -45,7 +45,7 @@ def _data_dim(files: Sequence[str]) -> tuple[int, Optional[str]]:
         raise ValueError("--data files hold embeddings of different dims: "
                          + ", ".join(f"{file}: {dim}" for file, dim in dims.items()))
     manifest = Path(files[0]).parent / "prepare.json"
-    encoder = json.loads(manifest.read_text()).get("encoder") if manifest.is_file() else None
+    encoder = json.loads(manifest.read_text()).get("options", {}).get("encoder") if manifest.is_file() else None
     return next(iter(dims.values())), encoder
 
 
@@ -58,9 +58,9 @@ def _train(args: argparse.Namespace) -> None:
     from lcm_fast.training import DataConfig, TrainConfig, Trainer
 
     overrides = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    arch = args.arch or {"base": "toy_base_lcm", "two_tower": "toy_two_tower_diffusion_lcm",
-                         "one_tower": "toy_one_tower_diffusion_lcm", "quant_d": "toy_quant_lcm",
-                         "quant_c": "toy_quant_lcm"}[args.variant]
+    arch = args.arch or {"base": "small_base_lcm", "two_tower": "small_two_tower_diffusion_lcm",
+                         "one_tower": "small_one_tower_diffusion_lcm", "quant_d": "small_quant_lcm",
+                         "quant_c": "small_quant_lcm"}[args.variant]
     model_cfg = lcm_fast.get_arch(arch)
     data_dim, data_encoder = _data_dim(args.data)
     model_cfg.sonar_embed_dim = data_dim  # the data's embeddings (prepare's MiniLM: 384; SONAR: 1024)
@@ -85,7 +85,7 @@ def _train(args: argparse.Namespace) -> None:
                          f"{model_cfg.sonar_embed_dim}: make them agree (the model is built for the data's dim unless "
                          "told otherwise)")
     train_cfg = merge_into(TrainConfig(variant=args.variant, out_dir=args.out), overrides.get("train", {}))
-    for name in ("steps", "precision", "parallel"):  # flags override the config file
+    for name in ("steps", "keep", "precision", "parallel"):  # flags override the config file
         if getattr(args, name) is not None:
             setattr(train_cfg, name, getattr(args, name))
     data_cfg = merge_into(DataConfig(files=args.data, dim=model_cfg.sonar_embed_dim), overrides.get("data", {}))
@@ -106,7 +106,11 @@ def _train(args: argparse.Namespace) -> None:
     if args.normalizer:
         if model.normalizer is None:
             raise SystemExit(f"--normalizer given but the {arch} model has none (set sonar_normalizer_name)")
-        model.normalizer.load_state_dict(lcm_fast.load_normalizer(args.normalizer).state_dict())
+        normalizer = lcm_fast.load_normalizer(args.normalizer)
+        if normalizer.dim != model.sonar_dim:
+            raise ValueError(f"--normalizer {args.normalizer} is fitted on {normalizer.dim}-d embeddings, the model "
+                             f"takes {model.sonar_dim}-d ones: fit it on this data (lcm-fast fit-normalizer)")
+        model.normalizer.load_state_dict(normalizer.state_dict())
     if rq is not None:
         model.set_codebooks(rq.codebooks)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # launched by torchrun
@@ -134,7 +138,8 @@ def _fit_normalizer(args: argparse.Namespace) -> None:
     from lcm_fast.nn.normalizer import SonarNormalizer
     from lcm_fast.training.data import sample_embeddings
 
-    sample = sample_embeddings([_weighted(item) for item in args.data], args.dim, args.sample, seed=args.seed)
+    mix = [_weighted(item) for item in args.data]
+    sample = sample_embeddings(mix, args.dim or _data_dim([f for f, _ in mix])[0], args.sample, seed=args.seed)
     SonarNormalizer.fit(sample, args.method).save(args.out)
     print(f"fitted on {sample.shape[0]} sentence embeddings ({args.method}) -> {args.out}")
 
@@ -143,7 +148,9 @@ def _fit_rvq(args: argparse.Namespace) -> None:
     from lcm_fast.quant import ResidualQuantizer
     from lcm_fast.training.data import sample_embeddings
 
-    x = sample_embeddings([_weighted(item) for item in args.data], args.dim, args.sample, seed=args.seed)
+    mix = [_weighted(item) for item in args.data]
+    dim = args.dim or _data_dim([f for f, _ in mix])[0]
+    x = sample_embeddings(mix, dim, args.sample, seed=args.seed)
     held_out = max(1, min(len(x) // 10, 10_000))  # the summary is measured on vectors not trained on
     train, test = x[held_out:], x[:held_out]
     if len(train) < args.size:
@@ -152,7 +159,7 @@ def _fit_rvq(args: argparse.Namespace) -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() and args.backend == "torch" else None)
-    rq = ResidualQuantizer(args.dim, args.codebooks, args.size)
+    rq = ResidualQuantizer(dim, args.codebooks, args.size)
     rq.train(train, backend=args.backend, device=device, n_iter=args.iters, init=args.init, seed=args.seed)
     rq.save(args.out)
     print(f"{args.codebooks} x {args.size} codebooks ({args.backend}) trained on {len(train)} vectors -> {args.out}")
@@ -244,6 +251,9 @@ def _eval(args: argparse.Namespace) -> None:
     from lcm_fast.text import MutualInformation, RetrievalDecoder, load_encoder
     from lcm_fast.text.evaluate import evaluate
 
+    for name in ("max_docs", "prompt_sentences", "generate_sentences", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     model = lcm_fast.from_pretrained(args.model, dtype=torch.float32, device=args.device)
     bank = Path(args.decoder) if args.decoder else Path(args.model) / "bank"
     has_bank = args.decoder != "none" and (bank / "bank.json").is_file()
@@ -284,11 +294,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     train.add_argument("--variant", choices=sorted(LOSSES), required=True, help="which LCM variant to train")
     train.add_argument("--data", nargs="+", required=True, help="parquet files (column 'embeddings', optional 'prompt_len')")
-    train.add_argument("--arch", choices=sorted(ARCHS), help="model preset (default: the variant's toy arch)")
+    train.add_argument("--arch", choices=sorted(ARCHS), metavar="ARCH",
+                       help="model preset (the embedding dim always follows the data): small_* (model dim 256, 2 "
+                       "layers per stack; the default, for a first run), toy_* (the official toy archs, model dim "
+                       "1024), *_1_6B and two_tower_diffusion_lcm_7B (the paper's). One of: " + ", ".join(sorted(ARCHS)))
     train.add_argument("--config", help="YAML with optional sections model:, train:, data: overriding the defaults")
     train.add_argument("--init", help="start from a model saved with save_pretrained instead of random weights")
     train.add_argument("--out", default="lcm_run", help="output directory (checkpoints/, metrics.jsonl)")
     train.add_argument("--steps", type=int, help="optimizer steps (overrides the config)")
+    train.add_argument("--keep", type=int, help="keep only the newest N checkpoints (default: all)")
     train.add_argument("--resume", nargs="?", const="latest", choices=["latest", "must"],
                        help="continue from the latest checkpoint in --out (or start, saying so, when there is none); "
                        "--resume must: fail without one")
@@ -305,14 +319,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train.add_argument("--rvq", help="Quant-LCM: RVQ codebooks (.safetensors from fit-rvq); sets the quantizer shape")
     fit = sub.add_parser("fit-normalizer", help="fit the SONAR normalizer on a weighted mix of parquet files")
     fit.add_argument("--data", nargs="+", required=True, help="parquet files, each optionally FILE:WEIGHT (default 1)")
-    fit.add_argument("--dim", type=int, default=1024, help="embedding dim")
+    fit.add_argument("--dim", type=int, help="embedding dim (default: the data's)")
     fit.add_argument("--sample", type=int, default=1_000_000, help="sentence embeddings to sample in total")
     fit.add_argument("--method", choices=["gaussian_robust", "robust", "standard"], default="gaussian_robust")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--out", required=True, help="output .pt (official normalizer format)")
     rvq = sub.add_parser("fit-rvq", help="train residual vector quantization codebooks on parquet embeddings")
     rvq.add_argument("--data", nargs="+", required=True, help="parquet files, each optionally FILE:WEIGHT (default 1)")
-    rvq.add_argument("--dim", type=int, default=1024, help="embedding dim")
+    rvq.add_argument("--dim", type=int, help="embedding dim (default: the data's)")
     rvq.add_argument("--codebooks", type=int, default=64, help="number of codebooks M (paper: 64)")
     rvq.add_argument("--size", type=int, default=8192, help="units per codebook K (paper: 8192)")
     rvq.add_argument("--backend", choices=["torch", "faiss"], default="torch",

@@ -168,7 +168,8 @@ def _validate_prompts(prompts: Tensor, seq_lens: Optional[Tensor], dim: int) -> 
     else:
         seq_lens = torch.as_tensor(seq_lens, device=prompts.device)
         if seq_lens.shape != (B,) or seq_lens.is_floating_point():
-            raise ValueError(f"seq_lens must be an integer tensor of shape [{B}], got {tuple(seq_lens.shape)}")
+            raise ValueError(f"seq_lens must be an integer tensor of shape [{B}], got a {seq_lens.dtype} tensor of "
+                             f"shape {tuple(seq_lens.shape)}")
         seq_lens = seq_lens.long()
         if int(seq_lens.max()) > P:
             i = int(seq_lens.argmax())

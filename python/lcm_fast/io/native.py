@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -35,9 +36,19 @@ def save_pretrained(model: BaseLCM | TwoTowerLCM, directory: str | Path) -> Path
         ),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(state, directory / "model.safetensors", metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return directory
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict[str, str]] = None
+                     ) -> None:
+    """``safetensors.torch.save_file``, with the permissions of any file the process writes (the umask's):
+    safetensors creates its files 0600, unreadable to the group a shared run directory is for."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def from_pretrained(

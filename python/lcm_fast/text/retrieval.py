@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from ..io.native import save_safetensors
 
 INDEXES = ("auto", "flat", "hnsw", "ivf", "torch")
 #: ``auto`` switches from the exact index to HNSW above this many sentences
@@ -108,7 +110,7 @@ class RetrievalDecoder:
         """Writes ``bank.json`` (sentences, format) and ``bank.safetensors`` (embeddings, fp16)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"embeddings": self.embeddings.half().contiguous()}, str(directory / "bank.safetensors"))
+        save_safetensors({"embeddings": self.embeddings.half().contiguous()}, directory / "bank.safetensors")
         meta = {"format_version": FORMAT_VERSION, "dim": self.dim, "sentences": self.sentences}
         (directory / "bank.json").write_text(json.dumps(meta, ensure_ascii=False) + "\n")
         return directory

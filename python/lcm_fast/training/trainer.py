@@ -45,7 +45,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..evaluation import prediction_metrics, teacher_forced_predictions
+from ..config import config_to_dict
 from ..io.native import from_pretrained, save_pretrained
+from ..io.official import CheckpointError
 from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 from ..models.two_tower import DenoiserLayer
 from ..nn.transformer import DecoderLayer
@@ -87,6 +89,8 @@ class TrainConfig:
     then also holds it as a native model in ``ema/`` (``lcm_fast.from_pretrained(ckpt / "ema")``)."""
     save_every: int = 100
     """Checkpoint every N steps and after the last; 0: never, not even at the end (throughput runs: nothing is kept)."""
+    keep: int = 0
+    """Keep only the newest N checkpoints (older ones are deleted once a new one is complete); 0: keep all."""
     log_every: int = 10
     validate_every: int = 0
     """Every N steps, score held-out documents (l2, CA, PAR; needs ``valid`` data); 0: never."""
@@ -137,6 +141,8 @@ class Trainer:
             raise ValueError(f"steps must be >= 1 (optimizer steps to train), got {config.steps}")
         if config.save_every < 0:
             raise ValueError(f"save_every must be >= 0 (0: no checkpoints), got {config.save_every}")
+        if config.keep < 0:
+            raise ValueError(f"keep must be >= 0 (0: every checkpoint), got {config.keep}")
         expected = {"base": BaseLCM, "two_tower": TwoTowerLCM, "one_tower": OneTowerLCM, "quant_d": QuantLCM,
                     "quant_c": QuantLCM}[config.variant]
         if not isinstance(model, expected):
@@ -260,24 +266,39 @@ class Trainer:
         torch.save(self._state(optimizer), tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        if self.config.keep:  # only after the new one is complete: a kill never leaves fewer than keep
+            for old in Trainer.complete_checkpoints(self.out)[: -self.config.keep]:
+                shutil.rmtree(old, ignore_errors=True)
         return final
+
+    @staticmethod
+    def complete_checkpoints(out_dir: str | Path) -> list[Path]:
+        """The complete checkpoints in out_dir, oldest step first (temporary directories are ignored)."""
+        root = Path(out_dir) / "checkpoints"
+        done = [p for p in root.glob("step_*") if p.name.split("_")[1].isdigit() and (p / "trainer_state.pt").exists()]
+        return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
     @staticmethod
     def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:
         """The complete checkpoint with the highest step (temporary directories are ignored)."""
-        root = Path(out_dir) / "checkpoints"
-        done = [p for p in root.glob("step_*") if p.name.split("_")[1].isdigit() and (p / "trainer_state.pt").exists()]
-        return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+        done = Trainer.complete_checkpoints(out_dir)
+        return done[-1] if done else None
 
     def load(self, checkpoint: str | Path) -> None:
         """Restores model weights, optimizer, schedule, RNG states and data position."""
         checkpoint = Path(checkpoint)
-        weights = from_pretrained(checkpoint, dtype=next(self.model.parameters()).dtype).state_dict()
+        saved = from_pretrained(checkpoint, dtype=next(self.model.parameters()).dtype)
+        _check_same_model(checkpoint, saved, self.model)
+        weights = saved.state_dict()
         if self.sharded:
             set_model_state_dict(self.model, weights, options=_FULL)
         else:
             self.model.load_state_dict(weights)
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+        try:
+            state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as e:  # a truncated file: torch names neither it nor the cause
+            raise CheckpointError(f"{checkpoint / 'trainer_state.pt'}: not a readable trainer state ({e}); resume "
+                                  "from an earlier checkpoint (delete this one) or train into a new --out") from e
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=_FULL)
         self.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
@@ -459,6 +480,19 @@ class Trainer:
             for name, value in values.items():
                 if name != "step":
                     board.add_scalar(f"{split}/{name}", value, self.step)
+
+
+def _check_same_model(checkpoint: Path, saved: nn.Module, model: nn.Module) -> None:
+    """A checkpoint resumes only into the model it was trained as: else a CheckpointError listing the differences
+    (not torch's size mismatches)."""
+    if type(saved) is not type(model):
+        raise CheckpointError(f"{checkpoint} holds a {type(saved).__name__}, this run trains a {type(model).__name__}: "
+                              "resume with the checkpoint's variant, or train into a new --out")
+    ours, theirs = config_to_dict(model.config), config_to_dict(saved.config)
+    changed = [f"{key}: {theirs[key]!r} -> {ours[key]!r}" for key in ours if ours[key] != theirs.get(key)]
+    if changed:
+        raise CheckpointError(f"{checkpoint} was trained with another model config ({'; '.join(changed)}): resume "
+                              "with the checkpoint's --arch/--config, or train into a new --out")
 
 
 def _fully_shard(model: nn.Module) -> None:
