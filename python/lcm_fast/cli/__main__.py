@@ -100,6 +100,9 @@ def _train(args: argparse.Namespace) -> None:
         data_cfg.eot = eot
     if args.init:
         model = lcm_fast.from_pretrained(args.init)
+        if model.sonar_dim != data_dim:
+            raise ValueError(f"--init {args.init} takes {model.sonar_dim}-d embeddings, --data holds {data_dim}-d "
+                             "ones: train on data of the model's encoder")
     else:
         torch.manual_seed(train_cfg.seed)  # the initial weights: the same command twice, the same checkpoints
         model = lcm_fast.build_model(model_cfg)
