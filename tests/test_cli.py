@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 import lcm_fast
 from lcm_fast.cli.__main__ import main
+from lcm_fast.nn.normalizer import SonarNormalizer
+from lcm_fast.text import RetrievalDecoder
 from lcm_fast.training import Trainer, write_documents
 
 DIM = 24
@@ -153,3 +155,37 @@ def test_the_readme_own_data_path_end_to_end(tmp_path, monkeypatch, capsys):
     assert "teacher_forced: l2=" in out and "generation: rouge_l=" in out
     assert [p.name for p in Trainer.complete_checkpoints("run")] == ["step_100"]
     assert lcm_fast.from_pretrained("run/checkpoints/step_100").sonar_dim == 384  # the data's (MiniLM) dim
+
+
+def test_resume_into_another_model_or_from_a_broken_checkpoint(run, tmp_path, capsys):
+    main(run("--steps", "2"))
+    (tmp_path / "cfg.yaml").write_text(CONFIG.replace("context_encoder: {num_layers: 1", "context_encoder: {num_layers: 2"))
+    err = _fails(run("--steps", "4", "--resume"), capsys)
+    assert "step_2 was trained with another model config (context_encoder: {'num_layers': 1" in err
+    assert "-> {'num_layers': 2" in err and "new --out" in err
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    state = tmp_path / "run/checkpoints/step_2/trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    err = _fails(run("--steps", "4", "--resume"), capsys)
+    assert "step_2/trainer_state.pt: not a readable trainer state" in err and "earlier checkpoint" in err
+
+
+def test_normalizer_of_another_dim(run, tmp_path, capsys):
+    SonarNormalizer.fit(torch.randn(100, DIM + 1)).save(tmp_path / "norm.pt")
+    err = _fails(run("--normalizer", str(tmp_path / "norm.pt")), capsys)
+    assert "is fitted on 25-d embeddings, the model takes 24-d ones: fit it on this data" in err
+
+
+def test_eval_with_nothing_to_score(run, tmp_path, capsys):
+    main(run("--steps", "2"))
+    model = str(tmp_path / "run/checkpoints/step_2")
+    RetrievalDecoder(["a.", "b."], torch.randn(2, DIM)).save(tmp_path / "bank")
+    flags = ["eval", "--model", model, "--data", str(tmp_path / "train.parquet"), "--decoder", str(tmp_path / "bank")]
+    assert "--max-docs must be >= 1, got 0" in _fails([*flags, "--max-docs", "0"], capsys)
+    err = _fails(flags, capsys)
+    assert "--encoder minilm gives 384-d embeddings, the model takes 24-d ones: pass the encoder its data" in err
+    from lcm_fast.text.evaluate import evaluate
+
+    with pytest.raises(ValueError, match=r"no document has more than 6 sentences \(the prompt and one to compare"):
+        evaluate(lcm_fast.from_pretrained(model), [str(tmp_path / "train.parquet")], prompt_sentences=6,
+                 decoder=RetrievalDecoder.load(tmp_path / "bank"))  # the documents have 6 sentences

@@ -262,6 +262,9 @@ def _eval(args: argparse.Namespace) -> None:
     has_bank = args.decoder != "none" and (bank / "bank.json").is_file()
     decoder = RetrievalDecoder.load(bank, args.bank_index) if has_bank else None
     encoder = load_encoder(args.encoder) if decoder is not None else None
+    if encoder is not None and encoder.dim != model.sonar_dim:
+        raise ValueError(f"--encoder {args.encoder} gives {encoder.dim}-d embeddings, the model takes "
+                         f"{model.sonar_dim}-d ones: pass the encoder its data was prepared with")
     if args.mi_model and decoder is None:
         raise SystemExit(f"lcm-fast eval: MI scores decoded sentences, but there is no sentence bank at {bank}: "
                          "pass --decoder BANK_DIR")
