@@ -70,6 +70,7 @@ TRAIN_CATALOGUE = [
     ("a model dim other than the data's", ["--config", "{dim_25}"],
      r"--data holds 24-d embeddings \(.*train.parquet\) but model.sonar_embed_dim in .*bad.yaml say\(s\) 25"),
     ("an unknown model field", ["--config", "{unknown}"], r"unknown config key 'model_dims' for TwoTowerConfig"),
+    ("--out under a regular file", ["--out", "{file}/run"], r"--out .*cfg.yaml/run: .*cfg.yaml is a file, not a directory"),
 ]
 
 
@@ -77,7 +78,8 @@ TRAIN_CATALOGUE = [
 def test_train_input_errors(run, tmp_path, capsys, flags, message):
     configs = {"{lr_abc}": "train: {lr: abc}\n", "{dim_25}": "model: {sonar_embed_dim: 25}\n",
                "{unknown}": "model: {model_dims: 16}\n"}
-    flags = [_yaml(tmp_path, configs[f]) if f in configs else f for f in flags]
+    flags = [_yaml(tmp_path, configs[f]) if f in configs else f.replace("{file}", str(tmp_path / "cfg.yaml"))
+             for f in flags]
     err = _fails(run(*flags), capsys)
     assert err.startswith("lcm-fast train: error: ") and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
@@ -101,9 +103,17 @@ def test_debug_shows_the_traceback(run):
         main(["--debug", *run("--steps", "0")])
 
 
-def test_generate_rejects_nan_guidance_before_any_work(capsys):
+def test_generate_rejects_bad_flags_before_any_work(capsys):
     err = _fails(["generate", "--guidance", "nan", "Some text."], capsys)
     assert "GenerationOptions.guidance_scale must be a finite number, got nan" in err
+    assert "--sentences must be >= 1, got 0" in _fails(["generate", "--sentences", "0", "Some text."], capsys)
+
+
+def test_fit_rvq_faiss_with_fewer_vectors_than_dims(tmp_path, capsys, faiss):
+    write_documents(tmp_path / "few.parquet", [torch.randn(6, DIM) for _ in range(4)])
+    err = _fails(["fit-rvq", "--data", str(tmp_path / "few.parquet"), "--backend", "faiss", "--codebooks", "2",
+                  "--size", "4", "--out", str(tmp_path / "rq.safetensors")], capsys)
+    assert "progressive-dim training (a PCA) needs at least d = 24 vectors, got 22" in err  # 24 less the held-out tenth
 
 
 def test_train_says_what_it_does_and_reproduces(run, tmp_path, capsys):

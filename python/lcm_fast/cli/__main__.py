@@ -57,6 +57,9 @@ def _train(args: argparse.Namespace) -> None:
     from lcm_fast.config import merge_into
     from lcm_fast.training import DataConfig, TrainConfig, Trainer
 
+    blocking = next((p for p in (Path(args.out), *Path(args.out).parents) if p.is_file()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {args.out}: {blocking} is a file, not a directory: choose another --out")
     overrides = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     arch = args.arch or {"base": "small_base_lcm", "two_tower": "small_two_tower_diffusion_lcm",
                          "one_tower": "small_one_tower_diffusion_lcm", "quant_d": "small_quant_lcm",
@@ -214,6 +217,8 @@ def _generate(args: argparse.Namespace) -> None:
     from lcm_fast.text.pipeline import DEMO_DIR, continue_text
 
     # the options first: a bad one fails before any model or encoder is loaded
+    if args.sentences < 1:
+        raise ValueError(f"--sentences must be >= 1, got {args.sentences}")
     generation = lcm_fast.GenerationOptions.recommended(inference_timesteps=args.steps, guidance_scale=args.guidance,
                                                         seed=args.seed)
     model_dir = Path(args.model) if args.model else DEMO_DIR

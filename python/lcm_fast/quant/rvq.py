@@ -134,6 +134,9 @@ class ResidualQuantizer:
         nbits = int(math.log2(self.codebook_size))
         if 1 << nbits != self.codebook_size:
             raise ValueError(f"the faiss backend needs K = 2^nbits, got K={self.codebook_size}; use backend='torch'")
+        if len(data) < self.d:  # faiss fails deep in its PCA otherwise
+            raise ValueError(f"the faiss backend's progressive-dim training (a PCA) needs at least d = {self.d} vectors, "
+                             f"got {len(data)}: give more data or use backend='torch'")
         faiss = _import_faiss()
         rq = faiss.ResidualQuantizer(self.d, self.n_codebooks, nbits)
         # IRVQ = progressive-dim clustering; the codebook cross-product tables (K^2 M^2 / 2 floats,
