@@ -45,3 +45,12 @@ def test_one_tower_preset_is_1_6b():
     """The paper's One-Tower ablation model (section 2.4) has ~1.6B parameters."""
     model = lcm_fast.build_model(lcm_fast.get_arch("one_tower_diffusion_lcm_1_6B"), device="meta")
     assert 1.55e9 < sum(p.numel() for p in model.parameters()) < 1.7e9
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(lcm_fast.ARCHS) if n.startswith("small_")])
+def test_small_presets_are_a_first_runs_size(name):
+    """lcm-fast train's defaults: model dim 256, 2-6M parameters for 384-d (MiniLM) data; they train on CPU."""
+    config = lcm_fast.get_arch(name)
+    config.sonar_embed_dim = 384
+    model = lcm_fast.build_model(config)
+    assert config.model_dim == 256 and 2e6 < sum(p.numel() for p in model.parameters()) < 6e6

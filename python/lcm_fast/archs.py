@@ -40,8 +40,8 @@ def base_lcm_1_6B() -> BaseLCMConfig:
     )
 
 
-# A first run's size (``lcm-fast train``'s default): model dim 256, 2 layers per stack, ~3-5M parameters besides the
-# input and output projections; a few hundred steps on small data take about a minute on a laptop CPU.
+# A first run's size (``lcm-fast train``'s default): model dim 256, 2 layers per stack. Measured on the 2-core dev
+# VM: the README's own-data example (Two-Tower, 100 steps on 24 short documents) trains in 23 s.
 _SMALL_STACK: dict[str, Any] = dict(num_layers=2, num_attn_heads=4, ffn_inner_dim=1024)
 
 

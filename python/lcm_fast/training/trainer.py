@@ -44,8 +44,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..evaluation import prediction_metrics, teacher_forced_predictions
 from ..config import config_to_dict
+from ..evaluation import prediction_metrics, teacher_forced_predictions
 from ..io.native import from_pretrained, save_pretrained
 from ..io.official import CheckpointError
 from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
