@@ -1,5 +1,5 @@
-"""Builds python/lcm_fast/data/jargon/jargon.jsonl, the demo corpus: a cleaned excerpt of the Jargon File
-4.4.7 (public domain; Eric S. Raymond et al.), one lexicon entry per line ({"title", "text"}).
+"""Builds python/lcm_fast/data/corpus/jargon.jsonl, one source of the offline corpus: a cleaned excerpt of
+the Jargon File 4.4.7 (public domain; Eric S. Raymond et al.), one lexicon entry per line ({"title", "text"}).
 
 Source: Debian's jargon-text package (`apt-get download jargon-text && dpkg-deb -x jargon-text_*.deb x`,
 then x/usr/share/doc/jargon-text/jargon.txt.gz). Cleaning: entries are the ":headword: ..." blocks of the
@@ -7,7 +7,7 @@ lexicon; the pronunciation line, sense numbers, bracketed etymologies and {cross
 removed and the paragraphs of an entry joined. Entries with fewer than 3 sentences are skipped; entries
 are taken in lexicon order until the excerpt reaches --max-bytes.
 
-    python scripts/jargon_excerpt.py PATH/jargon.txt.gz python/lcm_fast/data/jargon/jargon.jsonl
+    python scripts/jargon_excerpt.py PATH/jargon.txt.gz python/lcm_fast/data/corpus/jargon.jsonl
 """
 
 from __future__ import annotations

@@ -83,3 +83,28 @@ def reference_dir() -> Path:
     if not (REFERENCE / "manifest.json").is_file():
         pytest.fail(f"reference fixtures not found at {REFERENCE}; set LCM_FAST_REFERENCE_FIXTURES")
     return REFERENCE
+
+
+CLI_DIM = 24
+# a tiny Two-Tower (the toy arch's 1024-d stacks take minutes on CPU) and a quick schedule
+CLI_CONFIG = ("model: {model_dim: 16, max_seq_len: 32, context_encoder: {num_layers: 1, num_attn_heads: 2, "
+              "ffn_inner_dim: 32}, denoiser: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32, "
+              "timestep_embed_dim: 16}}\ntrain: {warmup_steps: 1, save_every: 2, log_every: 1}\n"
+              "data: {max_concepts: 48, max_sentences: 16}\n")
+
+
+@pytest.fixture
+def run(tmp_path):
+    """run(*train flags, out="run") -> the argv of `lcm-fast train` on tiny data (tmp_path/train.parquet: 4
+    documents of 6 random 24-d sentences) with the tiny config (tmp_path/cfg.yaml)."""
+    from lcm_fast.training import write_documents
+
+    g = torch.Generator().manual_seed(0)
+    write_documents(tmp_path / "train.parquet", [torch.randn(6, CLI_DIM, generator=g) for _ in range(4)])
+    (tmp_path / "cfg.yaml").write_text(CLI_CONFIG)
+
+    def argv(*flags: str, out: str = "run") -> list[str]:
+        return ["train", "--variant", "two_tower", "--data", str(tmp_path / "train.parquet"), "--config",
+                str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / out), *flags]
+
+    return argv

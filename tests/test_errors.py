@@ -1,4 +1,8 @@
-"""Bad input gets a clear error that names what is wrong."""
+"""The catalogue of bad inputs: each gets a clear error that names what is wrong, where, and how to fix it.
+
+Sections: generation inputs, checkpoints, generation options and configs (Python API), and the CLI (one
+line on stderr, ``lcm-fast COMMAND: error: ...``, exit status 2, no traceback unless --debug). Each
+catalogue is a table of (the bad input, the message it must get)."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import copy
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +19,12 @@ import yaml
 
 import lcm_fast
 from lcm_fast import CheckpointError
+from lcm_fast.cli.__main__ import main
+from lcm_fast.nn.normalizer import SonarNormalizer
+from lcm_fast.text import RetrievalDecoder
+from lcm_fast.training import write_documents
 
-from .conftest import random_model, tiny_config, write_official
+from .conftest import CLI_CONFIG, CLI_DIM, random_model, tiny_config, write_official
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +268,130 @@ def test_config_values_of_the_wrong_kind(key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         merge_into(TrainConfig(), {key: value})
     assert merge_into(TrainConfig(), {"lr": "1e-3"}).lr == 1e-3
+
+
+def test_float_seq_lens_name_their_dtype(two_tower):
+    with pytest.raises(ValueError, match=r"seq_lens must be an integer tensor of shape \[2\], got a torch.float32"):
+        lcm_fast.generate(two_tower, _prompts(two_tower), torch.tensor([4.0, 3.0]), max_gen_len=1)
+
+
+def test_evaluation_prompt_beyond_every_document(tmp_path):
+    model = random_model(tiny_config("two_tower_diffusion_lcm"))
+    write_documents(tmp_path / "docs.parquet", [torch.randn(6, 24) for _ in range(2)], sentences=[["s."] * 6] * 2)
+    from lcm_fast.text.evaluate import evaluate
+
+    with pytest.raises(ValueError, match=r"no document has more than 6 sentences \(the prompt and one to compare"):
+        evaluate(model, [str(tmp_path / "docs.parquet")], prompt_sentences=6,
+                 decoder=RetrievalDecoder(["a.", "b."], torch.randn(2, 24)))
+
+
+# ---- the CLI --------------------------------------------------------------------------------------------
+
+T = "TRAIN"  # a valid `lcm-fast train` of the tiny Two-Tower on tiny data (the `run` fixture), plus the flags given
+CKPT = "{tmp}/run/checkpoints/step_2"
+#: files a case names: {tmp} is the test's directory (train.parquet and cfg.yaml are the valid ones)
+CLI_FILES = {
+    "lr_abc.yaml": CLI_CONFIG + "train: {lr: abc}\n",
+    "dim_25.yaml": "model: {sonar_embed_dim: 25}\n",
+    "unknown.yaml": "model: {model_dims: 16}\n",
+    "layers_2.yaml": CLI_CONFIG.replace("context_encoder: {num_layers: 1", "context_encoder: {num_layers: 2"),
+}
+
+#: (the bad input, the commands run before it, the command, the message it must get[, a mark])
+CLI_CATALOGUE = [
+    ("train --steps 0", [], [T, "--steps", "0"], r"steps must be >= 1 \(optimizer steps to train\), got 0"),
+    ("train --steps -5", [], [T, "--steps", "-5"], r"steps must be >= 1 \(optimizer steps to train\), got -5"),
+    ("--resume must without a checkpoint", [], [T, "--resume", "must"],
+     r"no complete checkpoint in .*run/checkpoints to resume from"),
+    ("--resume with --steps below the checkpoint's", [[T, "--steps", "3"]], [T, "--steps", "2", "--resume"],
+     r"checkpoints/step_3 is at step 3 and steps=2: nothing to train; raise steps \(--steps\) above 3"),
+    ("a missing --config file", [], [T, "--config", "/nonexistent/cfg.yaml"],
+     r"No such file or directory: '/nonexistent/cfg.yaml'"),
+    ("a learning rate that is no number", [], [T, "--config", "{tmp}/lr_abc.yaml"],
+     r"config key 'lr' expects float, got 'abc' \(str\)"),
+    ("a model dim other than the data's", [], [T, "--config", "{tmp}/dim_25.yaml"],
+     r"--data holds 24-d embeddings \(.*train.parquet\) but model.sonar_embed_dim in .*dim_25.yaml say\(s\) 25"),
+    ("an unknown model field", [], [T, "--config", "{tmp}/unknown.yaml"],
+     r"unknown config key 'model_dims' for TwoTowerConfig"),
+    ("--out under a regular file", [], [T, "--out", "{tmp}/cfg.yaml/run"],
+     r"--out .*cfg.yaml/run: .*cfg.yaml is a file, not a directory"),
+    ("--resume into another model config", [[T, "--steps", "2"]], [T, "--steps", "4", "--resume", "--config",
+     "{tmp}/layers_2.yaml"], r"step_2 was trained with another model config \(context_encoder: \{'num_layers': 1.*"
+     r"-> \{'num_layers': 2.*new --out"),
+    ("--resume from a truncated trainer state", [[T, "--steps", "2"], ["truncate", f"{CKPT}/trainer_state.pt"]],
+     [T, "--steps", "4", "--resume"], r"step_2/trainer_state.pt: not a readable trainer state.*earlier checkpoint"),
+    ("a normalizer of another dim", [["normalizer", "{tmp}/norm.pt", "25"]], [T, "--normalizer", "{tmp}/norm.pt"],
+     r"is fitted on 25-d embeddings, the model takes 24-d ones: fit it on this data"),
+    ("--threads 0", [], ["--threads", "0", T], r"--threads must be >= 1, got 0"),
+    ("--device cuda without CUDA", [], [T, "--device", "cuda"],
+     r"--device cuda: this torch has no usable CUDA device .*use --device cpu",
+     pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")),
+    ("generate --guidance nan", [], ["generate", "--guidance", "nan", "Some text."],
+     r"GenerationOptions.guidance_scale must be a finite number, got nan"),
+    ("generate --sentences 0", [], ["generate", "--sentences", "0", "Some text."], r"--sentences must be >= 1, got 0"),
+    ("generate more sentences than the model's context", [], ["generate", "--sentences", "70", "Some text."],
+     r"1 prompt \+ 70 new sentences exceed the model's max_seq_len=64"),
+    ("generate --model that is no model", [], ["generate", "--model", "{tmp}", "Some text."],
+     r"is not a model directory \(save_pretrained / lcm-fast train\)"),
+    ("eval --max-docs 0", [[T, "--steps", "2"]],
+     ["eval", "--model", CKPT, "--data", "{tmp}/train.parquet", "--max-docs", "0"], r"--max-docs must be >= 1, got 0"),
+    ("eval with an encoder of another dim", [[T, "--steps", "2"], ["bank", "{tmp}/bank"]],
+     ["eval", "--model", CKPT, "--data", "{tmp}/train.parquet", "--decoder", "{tmp}/bank"],
+     r"--encoder minilm gives 384-d embeddings, the model takes 24-d ones: pass the encoder its data"),
+]
+
+
+def _cli(argv: list[str], run, tmp_path) -> list[str]:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if T in argv:
+        i = argv.index(T)
+        return argv[:i] + run(*argv[i + 1:])
+    return argv
+
+
+def _given(step: list[str], run, tmp_path) -> None:
+    kind, *rest = [a.replace("{tmp}", str(tmp_path)) for a in step]
+    if kind == T:
+        main(run(*rest))
+    elif kind == "truncate":
+        Path(rest[0]).write_bytes(Path(rest[0]).read_bytes()[:1000])
+    elif kind == "normalizer":
+        SonarNormalizer.fit(torch.randn(100, int(rest[1]))).save(rest[0])
+    elif kind == "bank":
+        RetrievalDecoder(["a.", "b."], torch.randn(2, CLI_DIM)).save(rest[0])
+    else:
+        raise AssertionError(f"unknown step {kind}")
+
+
+def cli_fails(argv: list[str], capsys) -> str:
+    """Runs the CLI, which must exit with status 2 and print one line, no traceback; -> that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    assert err.startswith(f"lcm-fast {next(a for a in argv if not a.startswith('-') and not a.isdigit())}: error: ")
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("given,argv,message", [pytest.param(*c[1:4], id=c[0], marks=c[4:]) for c in CLI_CATALOGUE])
+def test_cli_bad_input(run, tmp_path, capsys, given, argv, message):
+    for name, text in CLI_FILES.items():
+        (tmp_path / name).write_text(text)
+    for step in given:
+        _given(step, run, tmp_path)
+    err = cli_fails(_cli(argv, run, tmp_path), capsys)
+    assert re.search(message, err), err
+
+
+def test_cli_debug_shows_the_traceback(run):
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        main(["--debug", *run("--steps", "0")])
+
+
+def test_cli_fit_rvq_faiss_with_fewer_vectors_than_dims(tmp_path, capsys, faiss):
+    write_documents(tmp_path / "few.parquet", [torch.randn(6, CLI_DIM) for _ in range(4)])
+    err = cli_fails(["fit-rvq", "--data", str(tmp_path / "few.parquet"), "--backend", "faiss", "--codebooks", "2",
+                     "--size", "4", "--out", str(tmp_path / "rq.safetensors")], capsys)
+    assert "progressive-dim training (a PCA) needs at least d = 24 vectors, got 22" in err  # 24 less the held-out tenth

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from lcm_fast.text.mutual_information import CONTEXT_SENTENCES, MI_MODEL_ENV, MutualInformation, weighted_mean
+from lcm_fast.text.corpus import CORPUS_DIR
 from lcm_fast.text.pipeline import DEMO_DIR
 
 transformers = pytest.importorskip("transformers")
 N_POSITIONS = 64
-CORPUS = DEMO_DIR.parent / "jargon" / "jargon.jsonl"
+CORPUS = CORPUS_DIR / "jargon.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,22 @@ def _device(name: Optional[str]) -> Optional[str]:
     return name
 
 
+def _thread_count(requested: Optional[int]) -> Optional[int]:
+    """torch's CPU thread count for this command: ``--threads``, else None (torch's own choice) when
+    OMP_NUM_THREADS is set, else the cores of this process's affinity that the 1-minute load average leaves
+    idle, at least 1. Why: torch's OpenMP threads spin at their barriers, so a thread on a busy core costs
+    far more than it gives (measured on 2 cores, both busy: the demo model generates in 27 ms on 1 thread
+    and 2.7 s on 2)."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, cores - round(os.getloadavg()[0])))
+
+
 def _data_dim(files: Sequence[str]) -> tuple[int, Optional[str]]:
     """(embedding dim, encoder name or None) of the training files: their vectors' size, and the encoder that
     ``lcm-fast prepare`` recorded beside them (prepare.json). Files of different dims are an error."""
@@ -70,7 +86,7 @@ def _train(args: argparse.Namespace) -> None:
     rq = None
     if args.variant in ("quant_d", "quant_c"):
         if not args.rvq and not args.init:
-            raise SystemExit(f"--variant {args.variant} needs --rvq CODEBOOKS (from lcm-fast fit-rvq)")
+            raise ValueError(f"--variant {args.variant} needs --rvq CODEBOOKS (from lcm-fast fit-rvq)")
         if args.rvq:  # the codebooks fix the quantizer shape and the embedding dim
             from lcm_fast.quant import ResidualQuantizer
 
@@ -79,7 +95,7 @@ def _train(args: argparse.Namespace) -> None:
                 target="discrete" if args.variant == "quant_d" else "continuous", n_codebooks=rq.n_codebooks,
                 codebook_size=rq.codebook_size, sonar_embed_dim=rq.d))
     elif args.rvq:
-        raise SystemExit("--rvq is only for --variant quant_d or quant_c")
+        raise ValueError("--rvq is only for --variant quant_d or quant_c")
     model_cfg = merge_into(model_cfg, overrides.get("model", {}))
     if model_cfg.sonar_embed_dim != data_dim:
         source = "the --rvq codebooks" if args.rvq and "sonar_embed_dim" not in overrides.get("model", {}) else (
@@ -98,7 +114,7 @@ def _train(args: argparse.Namespace) -> None:
         encoder = args.encoder or data_encoder or "minilm"
         eot = load_encoder(encoder).encode([args.eot])[0]
         if eot.shape[0] != model_cfg.sonar_embed_dim:
-            raise SystemExit(f"--eot: the {encoder} encoder gives {eot.shape[0]}-d embeddings but the model "
+            raise ValueError(f"--eot: the {encoder} encoder gives {eot.shape[0]}-d embeddings but the model "
                              f"works on {model_cfg.sonar_embed_dim}-d ones")
         data_cfg.eot = eot
     if args.init:
@@ -111,7 +127,7 @@ def _train(args: argparse.Namespace) -> None:
         model = lcm_fast.build_model(model_cfg)
     if args.normalizer:
         if model.normalizer is None:
-            raise SystemExit(f"--normalizer given but the {arch} model has none (set sonar_normalizer_name)")
+            raise ValueError(f"--normalizer given but the {arch} model has none (set sonar_normalizer_name)")
         normalizer = lcm_fast.load_normalizer(args.normalizer)
         if normalizer.dim != model.sonar_dim:
             raise ValueError(f"--normalizer {args.normalizer} is fitted on {normalizer.dim}-d embeddings, the model "
@@ -160,7 +176,7 @@ def _fit_rvq(args: argparse.Namespace) -> None:
     held_out = max(1, min(len(x) // 10, 10_000))  # the summary is measured on vectors not trained on
     train, test = x[held_out:], x[:held_out]
     if len(train) < args.size:
-        raise SystemExit(f"{len(train)} training vectors for codebooks of {args.size} units: give more data "
+        raise ValueError(f"{len(train)} training vectors for codebooks of {args.size} units: give more data "
                          f"(--sample) or a smaller --size")
     import torch
 
@@ -192,17 +208,13 @@ def _flops(args: argparse.Namespace) -> None:
 def _prepare(args: argparse.Namespace) -> None:
     from lcm_fast.text import load_encoder
     from lcm_fast.text.prepare import prepare
-    from lcm_fast.training.data import DataError
 
     options = {"device": args.device} if args.device else {}
     if args.sonar_weights:
         options["weights_dir"] = args.sonar_weights
-    try:
-        manifest = prepare(args.input, args.output, load_encoder(args.encoder, **options), text_column=args.text_column,
-                           max_chars=args.max_chars, shard_docs=args.shard_docs, batch_size=args.batch_size,
-                           backend=args.backend, ray_workers=args.ray_workers)
-    except DataError as e:
-        raise SystemExit(f"lcm-fast prepare: {e}") from None
+    manifest = prepare(args.input, args.output, load_encoder(args.encoder, **options), text_column=args.text_column,
+                       max_chars=args.max_chars, shard_docs=args.shard_docs, batch_size=args.batch_size,
+                       backend=args.backend, ray_workers=args.ray_workers)
     print(f"{manifest['documents']} documents in {len(manifest['shards'])} shards, "
           f"{manifest['bank_sentences']} bank sentences -> {args.output}")
 
@@ -223,7 +235,7 @@ def _generate(args: argparse.Namespace) -> None:
                                                         seed=args.seed)
     model_dir = Path(args.model) if args.model else DEMO_DIR
     if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"lcm-fast generate: {model_dir} is not a model directory (save_pretrained / lcm-fast train)")
+        raise ValueError(f"{model_dir} is not a model directory (save_pretrained / lcm-fast train)")
     model = lcm_fast.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     options = {"device": args.device} if args.device else {}
     if args.sonar_weights:
@@ -234,14 +246,11 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         bank = Path(args.decoder) if args.decoder else model_dir / "bank"
         if not (bank / "bank.json").is_file():
-            raise SystemExit(f"lcm-fast generate: no sentence bank at {bank}: pass --decoder BANK_DIR "
+            raise ValueError(f"no sentence bank at {bank}: pass --decoder BANK_DIR "
                              "(lcm-fast prepare writes one) or --decoder sonar")
         decoder = RetrievalDecoder.load(bank, args.bank_index)
-    try:
-        result = continue_text(" ".join(args.text), model, encoder, decoder, n_sentences=args.sentences,
-                               options=generation)
-    except ValueError as e:
-        raise SystemExit(f"lcm-fast generate: {e}") from None
+    result = continue_text(" ".join(args.text), model, encoder, decoder, n_sentences=args.sentences,
+                           options=generation)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return
@@ -271,7 +280,7 @@ def _eval(args: argparse.Namespace) -> None:
         raise ValueError(f"--encoder {args.encoder} gives {encoder.dim}-d embeddings, the model takes "
                          f"{model.sonar_dim}-d ones: pass the encoder its data was prepared with")
     if args.mi_model and decoder is None:
-        raise SystemExit(f"lcm-fast eval: MI scores decoded sentences, but there is no sentence bank at {bank}: "
+        raise ValueError(f"MI scores decoded sentences, but there is no sentence bank at {bank}: "
                          "pass --decoder BANK_DIR")
     mi = MutualInformation(args.mi_model, device=args.device or "cpu") if args.mi_model else None
     options = lcm_fast.GenerationOptions.recommended(inference_timesteps=args.steps, seed=0)
@@ -295,6 +304,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                      "embeddings, train every LCM variant, generate and evaluate; fast kernels.")
     parser.add_argument("--debug", action="store_true", default=os.environ.get("LCM_FAST_DEBUG") == "1",
                         help="show the traceback of an input error (also LCM_FAST_DEBUG=1)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS when set, else the "
+                        "cores the load average leaves idle)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="build, environment and op backends (paste into bug reports)")
     train = sub.add_parser(
@@ -373,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                          description="Segments the text, encodes it, generates sentences with the fast engine and "
                          "decodes them; each line shows the decoder's similarity to its bank sentence.")
     gen.add_argument("text", nargs="+", help="the prompt text")
-    gen.add_argument("--model", help="model directory (default: the demo trained on the Jargon File excerpt)")
+    gen.add_argument("--model", help="model directory (default: the shipped demo, trained on lcm_fast.text.corpus)")
     gen.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"])
     gen.add_argument("--decoder", help="sentence bank directory (default: MODEL/bank), or 'sonar'")
     gen.add_argument("--bank-index", default="auto", choices=BANK_INDEXES,
@@ -407,7 +418,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     command = {"info": _info, "train": _train, "fit-normalizer": _fit_normalizer, "fit-rvq": _fit_rvq,
                "flops": _flops, "prepare": _prepare, "generate": _generate, "eval": _eval}[args.command]
+    import torch
+
+    threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(_thread_count(args.threads) or threads)
         _device(getattr(args, "device", None))
         command(args)
     except USER_ERRORS as error:
@@ -415,6 +430,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             raise
         print(f"lcm-fast {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        torch.set_num_threads(threads)  # main() called in-process (tests, notebooks) leaves the caller's setting
 
 
 def _info(args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ from ..inference import GenerationOptions, generate
 from .encoders import Decoder, Encoder
 from .segment import segment
 
-#: the shipped demo: a small Two-Tower trained on the Jargon File excerpt (scripts/make_demo.py)
+#: the shipped demo: a small Two-Tower trained on the offline corpus, lcm_fast.text.corpus (scripts/make_demo.py)
 DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
