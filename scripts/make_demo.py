@@ -2,9 +2,10 @@
 (lcm_fast.text.corpus: Jargon File, King James Bible, Python reference; about 1 document in 20 held out)
 with the default MiniLM encoder, trains a small Two-Tower LCM on it with lcm_fast's own trainer, writes the
 model (native format, fp16) and the sentence bank of the training documents, then scores it per domain on
-the held-out documents. Deterministic given the seed; about 15 minutes on 2 CPU cores.
+the held-out documents. Deterministic given the seed; about 10 minutes on 2 CPU cores (bench/RESULTS.md, "The
+shipped demo model").
 
-    python scripts/make_demo.py [--steps 4000] [--work /tmp/lcm_demo] [--compare OLD_DEMO_DIR]
+    python scripts/make_demo.py [--steps 3000] [--work /tmp/lcm_demo] [--compare OLD_DEMO_DIR]
 
 The report (markdown, printed) has, per domain: teacher-forced l2 and contrastive accuracy (CA), and for
 the first 3 sentences of each held-out document as a prompt, the generated sentences' cosine to their bank
@@ -88,7 +89,7 @@ def report(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--work", default="/tmp/lcm_demo")
     parser.add_argument("--out", default=str(DEMO_DIR))
     parser.add_argument("--compare", help="another demo directory to score on the same held-out documents")

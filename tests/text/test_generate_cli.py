@@ -46,3 +46,29 @@ def test_generate_errors(tmp_path):
     assert wrong.returncode != 0 and "the decoder on 16-d ones" in wrong.stderr
     empty = _run("   ")
     assert empty.returncode != 0 and "no sentences" in empty.stderr
+
+
+DOMAIN_PROMPTS = {
+    "jargon": PROMPT,
+    "kjv": "In the beginning the king gathered his servants. They went out to the field.",
+    "python_docs": "A class definition creates a new type. Its methods take self as the first argument.",
+}
+
+
+def test_demo_continues_each_domain_in_kind_and_seeds_differ():
+    """The demo is trained on three domains (lcm_fast.text.corpus): a prompt's first generated sentence comes from
+    its own domain's sentences, and five seeds do not all give the same sentence (bench/RESULTS.md measures both)."""
+    import lcm_fast
+    from lcm_fast.text import load_encoder
+    from lcm_fast.text.corpus import load_corpus
+    from lcm_fast.text.pipeline import continue_text
+
+    model, encoder = lcm_fast.from_pretrained(DEMO_DIR), load_encoder("minilm")
+    decoder = RetrievalDecoder.load(DEMO_DIR / "bank")
+    for source, prompt in DOMAIN_PROMPTS.items():
+        own = {s for doc in load_corpus([source]) for s in segment(doc.text)}
+        firsts = [continue_text(prompt, model, encoder, decoder, n_sentences=1,
+                                options=lcm_fast.GenerationOptions.recommended(seed=seed))["sentences"][0]["text"]
+                  for seed in range(5)]
+        assert all(text in own for text in firsts), (source, firsts)
+        assert len(set(firsts)) > 1, (source, firsts)
