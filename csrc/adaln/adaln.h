@@ -5,8 +5,9 @@
 //
 // norm is LayerNorm ((x - mean) * rstd [* weight] [+ bias]) or RMSNorm (x * rstd [* weight]),
 // rstd = 1 / sqrt(var + eps) (LayerNorm) or 1 / sqrt(mean(x^2) + eps) (RMSNorm), always in fp32.
-// Rows are the flattened leading dims: every activation is [N, D], contiguous, one dtype;
-// weight and bias are fp32 [D] (or null).
+// Rows are the flattened leading dims: every activation is [N, D], contiguous, one dtype; the modulations
+// (gate, shift, scale) are [N, D] too (mod_stride D) or one [D] row for every row (mod_stride 0: a decoding step's
+// timestep modulation, never expanded into a copy); weight and bias are fp32 [D] (or null).
 #pragma once
 
 #include <cstdint>
@@ -20,13 +21,15 @@ constexpr int64_t kMaxAdaLNCudaDim = 8192;
 // Forward. residual/branch/gate null: plain norm_modulate of `x`; else x is ignored and r is also
 // written to `residual_out`. Writes y.
 void launch_adaln_forward(const void* x, const void* residual, const void* branch, const void* gate, const void* shift,
-                          const void* scale, const float* weight, const float* bias, void* residual_out, void* y,
-                          int64_t rows, int64_t dim, bool rms, float eps, DType dtype, void* stream);
+                          const void* scale, int64_t mod_stride, const float* weight, const float* bias,
+                          void* residual_out, void* y, int64_t rows, int64_t dim, bool rms, float eps, DType dtype,
+                          void* stream);
 
 // The CPU implementation of launch_adaln_forward (stream unused); also called by the fused denoiser layer.
 void adaln_forward_cpu(const void* x, const void* residual, const void* branch, const void* gate, const void* shift,
-                       const void* scale, const float* weight, const float* bias, void* residual_out, void* y,
-                       int64_t rows, int64_t dim, bool rms, float eps, DType dtype, void* stream);
+                       const void* scale, int64_t mod_stride, const float* weight, const float* bias,
+                       void* residual_out, void* y, int64_t rows, int64_t dim, bool rms, float eps, DType dtype,
+                       void* stream);
 
 // Backward of y = norm(x) * (1 + scale) + shift w.r.t. x, scale (per element) and weight, bias
 // (fp32 [D], accumulated: zero them first). grad_shift is grad_y itself.

@@ -55,18 +55,18 @@ inline const float* as_float(const T* src, float* dst, int64_t n) {
 
 template <typename T>
 void forward_rows(const T* x, const T* residual, const T* branch, const T* gate, const T* shift, const T* scale,
-                  const float* weight, const float* bias, T* residual_out, T* y, int64_t rows, int64_t D, bool rms,
+                  int64_t mod_stride, const float* weight, const float* bias, T* residual_out, T* y, int64_t rows, int64_t D, bool rms,
                   float eps) {
   const bool gated = residual != nullptr;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
     float* f = row_scratch(7 * D);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t o = row * D;
+      const int64_t o = row * D, m = row * mod_stride;
       const float* r;
       if (gated) {  // r = residual + gate * branch
         const float* res = as_float(residual + o, f, D);
         const float* br = as_float(branch + o, f + D, D);
-        const float* g = as_float(gate + o, f + 2 * D, D);
+        const float* g = as_float(gate + m, f + 2 * D, D);
         at::vec::map3([](Vec a, Vec b, Vec c) { return a + c * b; }, f + 3 * D, res, br, g, D);
         r = f + 3 * D;
         at::vec::convert(r, residual_out + o, D);
@@ -74,8 +74,8 @@ void forward_rows(const T* x, const T* residual, const T* branch, const T* gate,
         r = as_float(x + o, f + 3 * D, D);
       }
       const auto [mean, rstd] = row_stats(r, D, rms, eps, f + 6 * D);
-      const float* sc = as_float(scale + o, f, D);
-      const float* sh = as_float(shift + o, f + D, D);
+      const float* sc = as_float(scale + m, f, D);
+      const float* sh = as_float(shift + m, f + D, D);
       float* out = f + 2 * D;
       for (int64_t i = 0; i < D; i += Vec::size()) {
         const int64_t n = std::min<int64_t>(Vec::size(), D - i);
@@ -182,13 +182,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_backwar
 }  // namespace
 
 void adaln_forward_cpu(const void* x, const void* residual, const void* branch, const void* gate, const void* shift,
-                       const void* scale, const float* weight, const float* bias, void* residual_out, void* y,
-                       int64_t rows, int64_t dim, bool rms, float eps, DType dtype, void* /*stream*/) {
+                       const void* scale, int64_t mod_stride, const float* weight, const float* bias,
+                       void* residual_out, void* y, int64_t rows, int64_t dim, bool rms, float eps, DType dtype,
+                       void* /*stream*/) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     forward_rows<T>(static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(branch),
-                    static_cast<const T*>(gate), static_cast<const T*>(shift), static_cast<const T*>(scale), weight,
-                    bias, static_cast<T*>(residual_out), static_cast<T*>(y), rows, dim, rms, eps);
+                    static_cast<const T*>(gate), static_cast<const T*>(shift), static_cast<const T*>(scale), mod_stride,
+                    weight, bias, static_cast<T*>(residual_out), static_cast<T*>(y), rows, dim, rms, eps);
   });
 }
 

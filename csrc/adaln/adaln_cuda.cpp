@@ -19,10 +19,10 @@ void check_dim(const at::Tensor& t) {
 }
 
 void cuda_forward(const void* x, const void* residual, const void* branch, const void* gate, const void* shift,
-                  const void* scale, const float* weight, const float* bias, void* residual_out, void* y, int64_t rows,
-                  int64_t dim, bool rms, float eps, DType dtype, void* stream) {
-  launch_adaln_forward(x, residual, branch, gate, shift, scale, weight, bias, residual_out, y, rows, dim, rms, eps,
-                       dtype, stream);
+                  const void* scale, int64_t mod_stride, const float* weight, const float* bias, void* residual_out,
+                  void* y, int64_t rows, int64_t dim, bool rms, float eps, DType dtype, void* stream) {
+  launch_adaln_forward(x, residual, branch, gate, shift, scale, mod_stride, weight, bias, residual_out, y, rows, dim,
+                       rms, eps, dtype, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -46,11 +46,11 @@ __device__ __forceinline__ void row_stats(const float* v, int64_t dim, bool rms,
 template <typename T, int VEC, bool GATED>
 __global__ void __launch_bounds__(kBlockThreads) adaln_forward_kernel(
     const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ branch, const T* __restrict__ gate,
-    const T* __restrict__ shift, const T* __restrict__ scale, const float* __restrict__ weight,
+    const T* __restrict__ shift, const T* __restrict__ scale, int64_t mod_stride, const float* __restrict__ weight,
     const float* __restrict__ bias, T* __restrict__ residual_out, T* __restrict__ y, int64_t dim, bool rms,
     float eps) {
   constexpr int kItems = kElems / VEC;
-  const int64_t base = int64_t(blockIdx.x) * dim;
+  const int64_t base = int64_t(blockIdx.x) * dim, mod = int64_t(blockIdx.x) * mod_stride;
   float v[kElems];
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kBlockThreads) adaln_forward_kernel(
         float res[VEC], br[VEC], g[VEC];
         load<T, VEC>(residual + base + i, res);
         load<T, VEC>(branch + base + i, br);
-        load<T, VEC>(gate + base + i, g);
+        load<T, VEC>(gate + mod + i, g);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) v[k * VEC + j] = res[j] + g[j] * br[j];
         store<T, VEC>(residual_out + base + i, v + k * VEC);
@@ -76,8 +76,8 @@ __global__ void __launch_bounds__(kBlockThreads) adaln_forward_kernel(
     const int64_t i = (threadIdx.x + int64_t(k) * blockDim.x) * VEC;
     if (i < dim) {
       float sh[VEC], sc[VEC], out[VEC];
-      load<T, VEC>(shift + base + i, sh);
-      load<T, VEC>(scale + base + i, sc);
+      load<T, VEC>(shift + mod + i, sh);
+      load<T, VEC>(scale + mod + i, sc);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         float n = (v[k * VEC + j] - mean) * rstd;
@@ -153,8 +153,8 @@ int threads_for(int64_t dim) {
 
 template <typename T>
 void forward_typed(const void* x, const void* residual, const void* branch, const void* gate, const void* shift,
-                   const void* scale, const float* weight, const float* bias, void* residual_out, void* y,
-                   int64_t rows, int64_t dim, bool rms, float eps, cudaStream_t stream) {
+                   const void* scale, int64_t mod_stride, const float* weight, const float* bias, void* residual_out,
+                   void* y, int64_t rows, int64_t dim, bool rms, float eps, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool gated = residual != nullptr;
   const bool vectorised = dim % kVec == 0 && aligned16(x) && aligned16(residual) && aligned16(branch) &&
@@ -163,8 +163,8 @@ void forward_typed(const void* x, const void* residual, const void* branch, cons
   auto c = [](const void* p) { return static_cast<const T*>(p); };
 #define LCM_FAST_LAUNCH(VEC_, GATED_)                                                                        \
   adaln_forward_kernel<T, VEC_, GATED_><<<rows, threads_for<T, VEC_>(dim), 0, stream>>>(                   \
-      c(x), c(residual), c(branch), c(gate), c(shift), c(scale), weight, bias, static_cast<T*>(residual_out), \
-      static_cast<T*>(y), dim, rms, eps)
+      c(x), c(residual), c(branch), c(gate), c(shift), c(scale), mod_stride, weight, bias,                    \
+      static_cast<T*>(residual_out), static_cast<T*>(y), dim, rms, eps)
   if (vectorised) {
     if (gated) LCM_FAST_LAUNCH(kVec, true); else LCM_FAST_LAUNCH(kVec, false);
   } else {
@@ -195,20 +195,23 @@ void backward_typed(const void* grad_y, const void* x, const void* scale, const 
 }  // namespace
 
 void launch_adaln_forward(const void* x, const void* residual, const void* branch, const void* gate, const void* shift,
-                          const void* scale, const float* weight, const float* bias, void* residual_out, void* y,
-                          int64_t rows, int64_t dim, bool rms, float eps, DType dtype, void* stream) {
+                          const void* scale, int64_t mod_stride, const float* weight, const float* bias,
+                          void* residual_out, void* y, int64_t rows, int64_t dim, bool rms, float eps, DType dtype,
+                          void* stream) {
   if (rows == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::kFloat32:
-      forward_typed<float>(x, residual, branch, gate, shift, scale, weight, bias, residual_out, y, rows, dim, rms, eps, s);
+      forward_typed<float>(x, residual, branch, gate, shift, scale, mod_stride, weight, bias, residual_out, y, rows, dim,
+                           rms, eps, s);
       break;
     case DType::kBFloat16:
-      forward_typed<__nv_bfloat16>(x, residual, branch, gate, shift, scale, weight, bias, residual_out, y, rows, dim,
-                                   rms, eps, s);
+      forward_typed<__nv_bfloat16>(x, residual, branch, gate, shift, scale, mod_stride, weight, bias, residual_out, y,
+                                   rows, dim, rms, eps, s);
       break;
     case DType::kFloat16:
-      forward_typed<__half>(x, residual, branch, gate, shift, scale, weight, bias, residual_out, y, rows, dim, rms, eps, s);
+      forward_typed<__half>(x, residual, branch, gate, shift, scale, mod_stride, weight, bias, residual_out, y, rows,
+                            dim, rms, eps, s);
       break;
   }
 }

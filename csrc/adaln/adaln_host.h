@@ -9,6 +9,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -25,16 +26,36 @@ inline DType adaln_dtype(const at::Tensor& t) {
   }
 }
 
-// Checks that every activation has x's shape, dtype, device and is contiguous.
+// Checks that every activation has ref's shape, dtype, device and is contiguous.
 inline void adaln_check_like(const char* op, const at::Tensor& ref, std::initializer_list<const at::Tensor*> others) {
   TORCH_CHECK(ref.dim() >= 1 && ref.size(-1) > 0, op, ": inputs need a non-empty last dim, got ", ref.sizes());
   for (const at::Tensor* t : others) {
-    TORCH_CHECK(t->sizes() == ref.sizes(), op, ": every activation must have shape ", ref.sizes(), ", got ", t->sizes(),
-                " (expand modulations to the input shape first)");
+    TORCH_CHECK(t->sizes() == ref.sizes(), op, ": every activation must have shape ", ref.sizes(), ", got ", t->sizes());
     TORCH_CHECK(t->scalar_type() == ref.scalar_type() && t->device() == ref.device(), op,
                 ": activations need one dtype and device (", ref.scalar_type(), " on ", ref.device(), ")");
     TORCH_CHECK(t->is_contiguous(), op, ": activations must be contiguous");
   }
+}
+
+// The modulations' row stride: D when each has ref's shape, 0 when each is one row of D elements for every row
+// (shape [D], [1, D], ...); checked like activations otherwise.
+inline int64_t adaln_mod_stride(const char* op, const at::Tensor& ref, std::initializer_list<const at::Tensor*> mods) {
+  const int64_t D = ref.size(-1);
+  bool broadcast = true;
+  for (const at::Tensor* t : mods) broadcast = broadcast && t->dim() >= 1 && t->numel() == D && t->size(-1) == D;
+  if (!broadcast) {
+    TORCH_CHECK(std::all_of(mods.begin(), mods.end(), [&](const at::Tensor* t) { return t->sizes() == ref.sizes(); }),
+                op, ": the modulations (gate, shift, scale) must all have the input's shape ", ref.sizes(),
+                " or all be one row of ", D, " for every row");
+    adaln_check_like(op, ref, mods);
+    return D;
+  }
+  for (const at::Tensor* t : mods) {
+    TORCH_CHECK(t->scalar_type() == ref.scalar_type() && t->device() == ref.device() && t->is_contiguous(), op,
+                ": a modulation row needs the input's dtype and device (", ref.scalar_type(), " on ", ref.device(),
+                ") and to be contiguous");
+  }
+  return 0;
 }
 
 // weight/bias as fp32 [D] on x's device (or an undefined tensor).
@@ -53,11 +74,12 @@ at::Tensor adaln_norm_modulate_host(Forward forward, const at::Tensor& x, const 
                                     const at::Tensor& scale, const std::optional<at::Tensor>& weight,
                                     const std::optional<at::Tensor>& bias, bool rms, double eps, void* stream) {
   const char* op = "adaln_norm_modulate";
-  adaln_check_like(op, x, {&x, &shift, &scale});
+  adaln_check_like(op, x, {&x});
+  const int64_t mod_stride = adaln_mod_stride(op, x, {&shift, &scale});
   const at::Tensor w = adaln_param(op, weight, x), b = adaln_param(op, bias, x);
   at::Tensor y = at::empty_like(x);
   const int64_t D = x.size(-1);
-  forward(x.const_data_ptr(), nullptr, nullptr, nullptr, shift.const_data_ptr(), scale.const_data_ptr(),
+  forward(x.const_data_ptr(), nullptr, nullptr, nullptr, shift.const_data_ptr(), scale.const_data_ptr(), mod_stride,
           ptr_or_null(w), ptr_or_null(b), nullptr, y.data_ptr(), x.numel() / D, D, rms, static_cast<float>(eps),
           adaln_dtype(x), stream);
   return y;
@@ -69,12 +91,13 @@ std::tuple<at::Tensor, at::Tensor> adaln_gated_residual_norm_modulate_host(
     const at::Tensor& shift, const at::Tensor& scale, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool rms, double eps, void* stream) {
   const char* op = "adaln_gated_residual_norm_modulate";
-  adaln_check_like(op, residual, {&residual, &branch, &gate, &shift, &scale});
+  adaln_check_like(op, residual, {&residual, &branch});
+  const int64_t mod_stride = adaln_mod_stride(op, residual, {&gate, &shift, &scale});
   const at::Tensor w = adaln_param(op, weight, residual), b = adaln_param(op, bias, residual);
   at::Tensor r = at::empty_like(residual), y = at::empty_like(residual);
   const int64_t D = residual.size(-1);
   forward(nullptr, residual.const_data_ptr(), branch.const_data_ptr(), gate.const_data_ptr(), shift.const_data_ptr(),
-          scale.const_data_ptr(), ptr_or_null(w), ptr_or_null(b), r.data_ptr(), y.data_ptr(), residual.numel() / D, D,
+          scale.const_data_ptr(), mod_stride, ptr_or_null(w), ptr_or_null(b), r.data_ptr(), y.data_ptr(), residual.numel() / D, D,
           rms, static_cast<float>(eps), adaln_dtype(residual), stream);
   return {r, y};
 }

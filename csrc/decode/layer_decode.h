@@ -127,12 +127,8 @@ struct Layer {
             T* y, const T* zeros) const {
     std::vector<float> widened;
     const float *weight = norm_param(w, D, widened), *bias = norm_param(w + 1, D, widened);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t o = r * D;
-      adaln_forward_cpu(x + o, branch ? x + o : nullptr, branch ? branch + o : nullptr, gate, shift ? shift : zeros,
-                        scale ? scale : zeros, weight, bias, branch ? x + o : nullptr, y + o, 1, D, rms, eps, kDType,
-                        nullptr);
-    }
+    adaln_forward_cpu(x, branch ? x : nullptr, branch, gate, shift ? shift : zeros, scale ? scale : zeros,
+                      /*mod_stride=*/0, weight, bias, branch ? x : nullptr, y, rows, D, rms, eps, kDType, nullptr);
   }
 
   // a norm's weight or bias as fp32 [D] (the AdaLN kernel's layout), or null: the parameter's own data, or

@@ -26,14 +26,16 @@ NORMS = {"layer": (False, True, True), "unit": (False, False, False), "layer_w":
          "rms": (True, True, False), "rms_plain": (True, False, False)}
 
 
-def _make(shape, dtype, device, norm, gated, seed=0):
+def _make(shape, dtype, device, norm, gated, seed=0, mod_row=False):
+    """mod_row: the modulations (gate, shift, scale) are one [D] row for every row, as in a decoding step."""
     g = torch.Generator().manual_seed(seed)
     mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
     D = shape[-1]
+    mod = (D,) if mod_row else shape
     rms, has_w, has_b = NORMS[norm]
-    acts = dict(shift=mk(*shape, scale=0.5), scale=mk(*shape, scale=0.3))
+    acts = dict(shift=mk(*mod, scale=0.5), scale=mk(*mod, scale=0.3))
     if gated:
-        acts.update(residual=mk(*shape) + 0.5, branch=mk(*shape), gate=mk(*shape, scale=0.5))
+        acts.update(residual=mk(*shape) + 0.5, branch=mk(*shape), gate=mk(*mod, scale=0.5))
     else:
         acts.update(x=mk(*shape) * 2 + 0.5)
     weight = (1 + mk(D, scale=0.2)) if has_w else None
@@ -67,8 +69,8 @@ def _compare(got, same_dtype, oracle, dtype, D):
         assert err <= 2 * err_ref + (tol if dtype == torch.float32 else ADALN_ATOL[str(dtype)]), (err, err_ref)
 
 
-def _check(shape, dtype, device, norm, gated, seed=0):
-    acts, weight, bias, rms = _make(shape, dtype, device, norm, gated, seed)
+def _check(shape, dtype, device, norm, gated, seed=0, mod_row=False):
+    acts, weight, bias, rms = _make(shape, dtype, device, norm, gated, seed, mod_row)
     got = _call(gated, acts, weight, bias, rms, "ext")
     ref = _call(gated, acts, weight, bias, rms, "ref")
     d64 = lambda t: t.double() if t is not None else None
@@ -82,8 +84,9 @@ def _check(shape, dtype, device, norm, gated, seed=0):
 @pytest.mark.parametrize("D", [1, 3, 1023, 1024, 1025, 2048, 4096])
 @pytest.mark.parametrize("norm", sorted(NORMS))
 @pytest.mark.parametrize("gated", [False, True], ids=["norm_modulate", "gated_residual"])
-def test_forward_matches_reference(device, dtype, D, norm, gated):
-    _check((2, 3, D), dtype, device, norm, gated, seed=D)
+@pytest.mark.parametrize("mod_row", [False, True], ids=["", "mod_row"])
+def test_forward_matches_reference(device, dtype, D, norm, gated, mod_row):
+    _check((2, 3, D), dtype, device, norm, gated, seed=D, mod_row=mod_row)
 
 
 @settings(max_examples=300, deadline=None)
@@ -91,10 +94,10 @@ def test_forward_matches_reference(device, dtype, D, norm, gated):
     # D >= 8: for tinier rows LayerNorm of nearly equal values is ill-conditioned and which fp32
     # rounding (FMA or not) lands closer to the fp64 oracle is luck; the grid covers D = 1 and 3.
     rows=st.integers(1, 40), D=st.integers(8, 300), dtype=st.sampled_from(DTYPES), norm=st.sampled_from(sorted(NORMS)),
-    gated=st.booleans(), seed=st.integers(0, 2**16),
+    gated=st.booleans(), seed=st.integers(0, 2**16), mod_row=st.booleans(),
 )
-def test_forward_fuzz(rows, D, dtype, norm, gated, seed):
-    _check((rows, D), dtype, "cpu", norm, gated, seed)
+def test_forward_fuzz(rows, D, dtype, norm, gated, seed, mod_row):
+    _check((rows, D), dtype, "cpu", norm, gated, seed, mod_row)
 
 
 def _grads(gated, acts, weight, bias, rms, backend):
@@ -112,8 +115,9 @@ def _grads(gated, acts, weight, bias, rms, backend):
 @pytest.mark.parametrize("D", [2, 7, 1024, 1025])  # D = 1 LayerNorm: the reference's own rounding noise x 1/sqrt(eps)
 @pytest.mark.parametrize("norm", sorted(NORMS))
 @pytest.mark.parametrize("gated", [False, True], ids=["norm_modulate", "gated_residual"])
-def test_gradients_match_reference(device, D, norm, gated):
-    acts, weight, bias, rms = _make((3, 5, D), torch.float32, device, norm, gated, seed=D)
+@pytest.mark.parametrize("mod_row", [False, True], ids=["", "mod_row"])
+def test_gradients_match_reference(device, D, norm, gated, mod_row):
+    acts, weight, bias, rms = _make((3, 5, D), torch.float32, device, norm, gated, seed=D, mod_row=mod_row)
     got = _grads(gated, acts, weight, bias, rms, "ext")
     ref = _grads(gated, acts, weight, bias, rms, "ref")
     assert got.keys() == ref.keys()
@@ -137,7 +141,8 @@ def test_gradient_fuzz(rows, D, norm, gated, seed):
 
 
 def test_broadcast_modulation_and_strided_inputs():
-    """Wrappers expand [B, 1, D] modulations and copy non-contiguous inputs before the kernel."""
+    """Wrappers expand [B, 1, D] modulations and copy non-contiguous inputs before the kernel (one [D] row for
+    every row goes in as it is: test_forward_matches_reference's mod_row)."""
     x = torch.randn(2, 5, 64)
     shift, scale = torch.randn(2, 1, 64), torch.randn(2, 1, 64)
     w = torch.randn(64)
@@ -150,8 +155,9 @@ def test_broadcast_modulation_and_strided_inputs():
 
 
 @pytest.mark.parametrize("norm", ["layer", "rms_plain"])
-def test_opcheck(norm):
-    acts, weight, bias, rms = _make((3, 24), torch.float32, "cpu", norm, gated=True)
+@pytest.mark.parametrize("mod_row", [False, True], ids=["", "mod_row"])
+def test_opcheck(norm, mod_row):
+    acts, weight, bias, rms = _make((3, 24), torch.float32, "cpu", norm, gated=True, mod_row=mod_row)
     acts = {k: v.requires_grad_() for k, v in acts.items()}
     torch.library.opcheck(
         torch.ops.lcm_fast.adaln_gated_residual_norm_modulate.default,
@@ -161,7 +167,8 @@ def test_opcheck(norm):
     torch.library.opcheck(torch.ops.lcm_fast.adaln_norm_modulate.default,
                           (x, acts["shift"], acts["scale"], weight, bias, rms, 1e-5))
     torch.library.opcheck(torch.ops.lcm_fast.adaln_norm_modulate_backward.default,
-                          (torch.randn(3, 24), x.detach(), acts["scale"].detach(), weight, bias, rms, 1e-5))
+                          (torch.randn(3, 24), x.detach(), acts["scale"].detach().expand_as(x).contiguous(), weight,
+                           bias, rms, 1e-5))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -190,8 +197,10 @@ def test_torch_compile_fullgraph_forward_and_backward():
 def test_argument_errors():
     x = torch.randn(3, 8)
     op = torch.ops.lcm_fast.adaln_norm_modulate
-    with pytest.raises(RuntimeError, match=r"every activation must have shape \[3, 8\]"):
+    with pytest.raises(RuntimeError, match=r"must all have the input's shape \[3, 8\] or all be one row of 8"):
         op(x, torch.randn(3, 1), x, None, None, False, 1e-5)
+    with pytest.raises(RuntimeError, match=r"must all have the input's shape \[3, 8\] or all be one row of 8"):
+        op(x, torch.randn(8), x, None, None, False, 1e-5)  # one row and one full: not a kernel layout
     with pytest.raises(RuntimeError, match=r"weight/bias must be \[8\]"):
         op(x, x, x, torch.randn(7), None, False, 1e-5)
     with pytest.raises(RuntimeError, match="one dtype and device"):

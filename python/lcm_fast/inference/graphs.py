@@ -16,6 +16,7 @@ and the line that issued it. So the CPU tests of the static path catch what woul
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import traceback
 from pathlib import Path
@@ -74,6 +75,26 @@ class CaptureGuard(TorchDispatchMode):
                 raise CaptureUnsafeError(f"{self.what} cannot be captured in a CUDA graph: aten.{op} {why}, "
                                          f"at {_caller()}")
         return func(*args, **kwargs)
+
+
+class OpCounter(TorchDispatchMode):
+    """``with OpCounter() as ops: step(...)``: ``ops.counts`` maps each dispatched non-view operation (aten's and
+    lcm_fast's ops, by overload name) to its number of calls, ``ops.total`` sums them. On a GPU each is a kernel
+    launch or more, so the count of a static-shape step on CPU bounds what its CUDA graph replays. Views are free;
+    a ``contiguous`` that copies shows as ``clone``; what runs inside an op's kernel is not seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        if not func.is_view:
+            self.counts[func.name()] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _uncapturable(name: str, args: tuple, kwargs: dict) -> Optional[str]:

@@ -8,6 +8,10 @@
 ``x * rstd [* weight]``), eps inside the square root. Both ops are differentiable: the compiled path
 has a fused backward (``adaln_norm_modulate_backward``) wired through ``register_autograd``; the
 reference path is plain autograd.
+
+The kernels take the modulations (gate, shift, scale) either with the input's shape or as one row of D for every
+row: a decoding step modulates all its rows with one timestep's row, which the kernels read in place (expanded
+into copies, they were a third of the operations a denoising step dispatched).
 """
 
 from __future__ import annotations
@@ -102,17 +106,22 @@ if _ext.EXT_AVAILABLE:
     def _param_grad(grad: Tensor, param: Optional[Tensor]) -> Optional[Tensor]:
         return grad.to(param.dtype) if param is not None else None
 
+    def _like(grad: Tensor, shape: torch.Size) -> Tensor:
+        """grad [..., D] summed over the rows that a one-row modulation of this shape was broadcast to."""
+        return grad if grad.shape == shape else grad.reshape(-1, grad.shape[-1]).sum(0).reshape(shape)
+
     def _norm_modulate_setup(ctx, inputs, output):
         x, shift, scale, weight, bias, rms, eps = inputs
         ctx.save_for_backward(x, scale, weight, bias)
-        ctx.rms, ctx.eps = rms, eps
+        ctx.shift_shape, ctx.rms, ctx.eps = shift.shape, rms, eps
 
     def _norm_modulate_backward(ctx, grad_y):
         x, scale, weight, bias = ctx.saved_tensors
         gx, gscale, gw, gb = torch.ops.lcm_fast.adaln_norm_modulate_backward(
-            grad_y.contiguous(), x, scale, weight, bias, ctx.rms, ctx.eps
+            grad_y.contiguous(), x, scale.expand_as(x).contiguous(), weight, bias, ctx.rms, ctx.eps
         )
-        return gx, grad_y, gscale, _param_grad(gw, weight), _param_grad(gb, bias), None, None
+        return (gx, _like(grad_y, ctx.shift_shape), _like(gscale, scale.shape), _param_grad(gw, weight),
+                _param_grad(gb, bias), None, None)
 
     torch.library.register_autograd(
         "lcm_fast::adaln_norm_modulate", _norm_modulate_backward, setup_context=_norm_modulate_setup
@@ -121,15 +130,16 @@ if _ext.EXT_AVAILABLE:
     def _gated_setup(ctx, inputs, output):
         residual, branch, gate, shift, scale, weight, bias, rms, eps = inputs
         ctx.save_for_backward(output[0], branch, gate, scale, weight, bias)
-        ctx.rms, ctx.eps = rms, eps
+        ctx.shift_shape, ctx.rms, ctx.eps = shift.shape, rms, eps
 
     def _gated_backward(ctx, grad_r, grad_y):
         r, branch, gate, scale, weight, bias = ctx.saved_tensors
         gx, gscale, gw, gb = torch.ops.lcm_fast.adaln_norm_modulate_backward(
-            grad_y.contiguous(), r, scale, weight, bias, ctx.rms, ctx.eps
+            grad_y.contiguous(), r, scale.expand_as(r).contiguous(), weight, bias, ctx.rms, ctx.eps
         )
         d_r = gx if grad_r is None else gx + grad_r  # r feeds both the output r and the norm
-        return d_r, d_r * gate, d_r * branch, grad_y, gscale, _param_grad(gw, weight), _param_grad(gb, bias), None, None
+        return (d_r, d_r * gate, _like(d_r * branch, gate.shape), _like(grad_y, ctx.shift_shape),
+                _like(gscale, scale.shape), _param_grad(gw, weight), _param_grad(gb, bias), None, None)
 
     torch.library.register_autograd(
         "lcm_fast::adaln_gated_residual_norm_modulate", _gated_backward, setup_context=_gated_setup
@@ -147,9 +157,7 @@ def adaln_norm_modulate(
     if NORM_MODULATE.choose(x.device.type, x.dtype, backend, dim=x.shape[-1]) == "ref":
         return adaln_norm_modulate_ref(x, shift, scale, weight, bias, rms, eps)
     x = x.contiguous()
-    return torch.ops.lcm_fast.adaln_norm_modulate(
-        x, shift.expand_as(x).contiguous(), scale.expand_as(x).contiguous(), weight, bias, rms, eps
-    )
+    return torch.ops.lcm_fast.adaln_norm_modulate(x, *_modulations(x, shift, scale), weight, bias, rms, eps)
 
 
 def adaln_gated_residual_norm_modulate(
@@ -163,5 +171,14 @@ def adaln_gated_residual_norm_modulate(
         return adaln_gated_residual_norm_modulate_ref(residual, branch, gate, shift, scale, weight, bias, rms, eps)
     like = residual.contiguous()
     return torch.ops.lcm_fast.adaln_gated_residual_norm_modulate(
-        like, *(t.expand_as(like).contiguous() for t in (branch, gate, shift, scale)), weight, bias, rms, eps
+        like, branch.expand_as(like).contiguous(), *_modulations(like, gate, shift, scale), weight, bias, rms, eps
     )
+
+
+def _modulations(x: Tensor, *mods: Tensor) -> tuple[Tensor, ...]:
+    """The modulations as the kernels take them: each one [D] row read in place when all are one row, else each
+    expanded to x's shape (a copy where it broadcasts)."""
+    D = x.shape[-1]
+    if all(m.numel() == D and m.shape[-1] == D for m in mods):
+        return tuple(m.contiguous() for m in mods)
+    return tuple(m.expand_as(x).contiguous() for m in mods)

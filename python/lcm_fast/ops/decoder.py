@@ -38,7 +38,7 @@ from torch import Tensor
 from .. import _ext
 from ._dispatch import OpSpec, register
 from .adaln import adaln_gated_residual_norm_modulate
-from .denoiser import FFN_PARAMS, check_layer_lists, ffn_ref, plain_norm
+from .denoiser import FFN_PARAMS, attention_bias, check_layer_lists, ffn_ref, plain_norm
 from .linear import skinny_linear
 
 #: one layer's entries of ``params`` (``csrc/decode/decoder_layers_cpu.cpp`` ``Param``), ``DecoderLayer`` keys:
@@ -89,29 +89,30 @@ def decoder_layers_decode_ref(
     sub-op: "ref" makes this plain PyTorch (the specification), None lets each sub-op take its fused kernel.
     """
     _check_args(h, params, keys, values, num_cond, rope, activation)
-    n, one, C = len(DECODER_LAYER_PARAMS), torch.ones_like(h), num_cond
+    n, layers, C, D = len(DECODER_LAYER_PARAMS), len(keys), num_cond, h.shape[-1]
     capacity, static = keys[0].shape[2], isinstance(length, Tensor)
-    mask = (torch.arange(capacity, device=h.device) <= length)[None, None, None] if static else None
+    mask = attention_bias(capacity, length, h.dtype, inclusive=True) if static else None
     # a 1-d index tensor: indexing with the 0-d length would read its value on the host (no CUDA graph then)
     position = length.reshape(1) if static else length
-    cos_sin = rope[:, position].reshape(2, 1, -1) if rope is not None else None  # [2, 1, hd / 2]
+    # RoPE at the new position as one complex multiply per q and k: cos + i sin, [hd / 2]
+    cis = torch.complex(*rope[:, position].reshape(2, -1)) if rope is not None else None
     batch = rows if rows is not None else torch.arange(C, device=h.device)  # the conditional rows' cache rows
+    one, zero = h.new_ones(D), h.new_zeros(D)  # the gate and modulation of a plain (unmodulated) norm
 
     def linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
         return skinny_linear(x, w, b, backend=backend)
 
     def heads(x: Tensor) -> Tensor:  # [R, D] -> [R, H, 1, hd], rotated to the new position
         x = x.unflatten(-1, (keys[0].shape[1], -1))[:, :, None]
-        if cos_sin is None:
+        if cis is None:
             return x
-        pairs = x.float().unflatten(-1, (-1, 2))
-        even, odd, (cos, sin) = pairs[..., 0], pairs[..., 1], cos_sin
-        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).type_as(x)
+        return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * cis).flatten(-2).type_as(x)
 
+    # Each layer's FFN residual is fused with the next layer's self-attention norm (the final norm is the caller's)
+    y = plain_norm(h, params[0], params[1], rms, eps, backend)
     for i, (k_cache, v_cache) in enumerate(zip(keys, values)):
-        (sa_w, sa_b, q_w, q_b, k_w, k_b, v_w, v_b, qn_w, qn_b, kn_w, kn_b, o_w, o_b, san_w, san_b, ff_w, ff_b,
+        (_, _, q_w, q_b, k_w, k_b, v_w, v_b, qn_w, qn_b, kn_w, kn_b, o_w, o_b, san_w, san_b, ff_w, ff_b,
          *ffn) = params[i * n : (i + 1) * n]
-        y = plain_norm(h, sa_w, sa_b, rms, eps, backend)
         q, k, v = linear(y, q_w, q_b), linear(y, k_w, k_b), linear(y, v_w, v_b)
         if qk_norm:
             q, k = plain_norm(q, qn_w, qn_b, rms, eps, backend), plain_norm(k, kn_w, kn_b, rms, eps, backend)
@@ -121,13 +122,19 @@ def decoder_layers_decode_ref(
         k_all, v_all = (k_cache[batch], v_cache[batch]) if rows is not None else (k_cache[:C], v_cache[:C])
         if not static:
             k_all, v_all = k_all[:, :, : length + 1], v_all[:, :, : length + 1]
-        o = torch.cat((F.scaled_dot_product_attention(q[:C], k_all, v_all, attn_mask=mask), v[C:]))  # [R, H, 1, hd]
+        o = F.scaled_dot_product_attention(q[:C], k_all, v_all, attn_mask=mask)  # [C, H, 1, hd]
+        if C < h.shape[0]:  # rows past num_cond attend to themselves only
+            o = torch.cat((o, v[C:]))
         a = linear(o.flatten(1), o_w, o_b)
         if post_norms:
             a = plain_norm(a, san_w, san_b, rms, eps, backend)
-        h, y = adaln_gated_residual_norm_modulate(h, a, one, torch.zeros_like(h), torch.zeros_like(h), ff_w, ff_b,
-                                                  rms=rms, eps=eps, backend=backend)
-        h = h + ffn_ref(y, ffn, rms, eps, activation, post_norms, backend)
+        h, y = adaln_gated_residual_norm_modulate(h, a, one, zero, zero, ff_w, ff_b, rms=rms, eps=eps, backend=backend)
+        f = ffn_ref(y, ffn, rms, eps, activation, post_norms, backend)
+        if i + 1 < layers:
+            h, y = adaln_gated_residual_norm_modulate(h, f, one, zero, zero, params[(i + 1) * n],
+                                                      params[(i + 1) * n + 1], rms=rms, eps=eps, backend=backend)
+        else:
+            h = h + f
     return h
 
 

@@ -135,27 +135,47 @@ def denoiser_layers_decode_ref(
     (the specification), None lets each sub-op take its fused kernel (the composed fallback).
     """
     _check_args(h, modulations, params, keys, values, uncond_cross, activation, io_params)
+    n, layers = len(LAYER_PARAMS), len(keys)
     if io_params:
         in_w, in_b, offset, norm_w, norm_b, out_w, out_b = io_params
         h = skinny_linear(h, in_w, in_b, backend=backend)
         h = h + offset if offset is not None else h
-    n = len(LAYER_PARAMS)
-    if isinstance(length, Tensor):  # [1, 1, 1, capacity]: True where a cached position is valid
-        length = (torch.arange(keys[0].shape[2], device=length.device) < length)[None, None, None]
+    if isinstance(length, Tensor):  # [1, 1, 1, capacity]: 0 where a cached position is valid, -inf past length
+        length = attention_bias(keys[0].shape[2], length, h.dtype)
+    # Each layer's FFN residual is fused with the next norm (the next layer's self-attention norm + modulate,
+    # or the final norm): one op per layer boundary instead of three.
+    sh_sa, sc_sa = modulations[0, 0], modulations[0, 1]
+    y = adaln_norm_modulate(h, sh_sa, sc_sa, params[0], params[1], rms=rms, eps=eps, backend=backend)
     for i, (mods, k, v, uncond) in enumerate(zip(modulations, keys, values, uncond_cross)):
-        h = _layer_ref(h, mods, params[i * n : (i + 1) * n], k, v, length, rows, num_cond, uncond, rms, eps,
-                       activation, post_norms, qk_norm, backend)
-    if io_params:
-        zero = torch.zeros_like(h)
-        h = adaln_norm_modulate(h, zero, zero, norm_w, norm_b, rms=rms, eps=eps, backend=backend)
-        h = skinny_linear(h, out_w, out_b, backend=backend)
+        h, f = _layer_ref(h, y, mods, params[i * n : (i + 1) * n], k, v, length, rows, num_cond, uncond, rms, eps,
+                          activation, post_norms, qk_norm, backend)
+        if i + 1 < layers:
+            nxt = modulations[i + 1]
+            h, y = adaln_gated_residual_norm_modulate(h, f, mods[8], nxt[0], nxt[1], params[(i + 1) * n],
+                                                      params[(i + 1) * n + 1], rms=rms, eps=eps, backend=backend)
+        elif io_params:
+            zero = uncond_cross.new_zeros(h.shape[-1])
+            _, y = adaln_gated_residual_norm_modulate(h, f, mods[8], zero, zero, norm_w, norm_b, rms=rms, eps=eps,
+                                                      backend=backend)
+            return skinny_linear(y, out_w, out_b, backend=backend)
+        else:
+            h = h + mods[8] * f
     return h
+
+
+def attention_bias(capacity: int, length: Tensor, dtype: torch.dtype, inclusive: bool = False) -> Tensor:
+    """[1, 1, 1, capacity] additive attention mask of a static-shape step: 0 at the cached positions < ``length``
+    (<= with ``inclusive``), -inf past them. Built once per step: SDPA turns a boolean mask into this in every layer."""
+    positions = torch.arange(capacity, device=length.device)
+    valid = positions <= length if inclusive else positions < length
+    bias = torch.zeros(capacity, dtype=dtype, device=length.device).masked_fill_(~valid, float("-inf"))
+    return bias[None, None, None]
 
 
 def plain_norm(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], rms: bool, eps: float,
                backend: Optional[str]) -> Tensor:
     """The layers' norm without modulation (the AdaLN op with zero shift and scale)."""
-    zero = torch.zeros_like(x)
+    zero = x.new_zeros(x.shape[-1])
     return adaln_norm_modulate(x, zero, zero, w, b, rms=rms, eps=eps, backend=backend)
 
 
@@ -177,34 +197,32 @@ def ffn_ref(y: Tensor, params: Sequence[Optional[Tensor]], rms: bool, eps: float
     return linear(u, out_w, out_b)
 
 
-def _layer_ref(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Tensor, values: Tensor,
-               length: int | Tensor, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor, rms: bool, eps: float,
-               activation: str, post_norms: bool, qk_norm: bool, backend: Optional[str]) -> Tensor:
-    """One layer: modulations [9, D], params in LAYER_PARAMS order, keys/values its cache, uncond_cross [D];
-    length: the number of valid cached positions, or their mask [1, 1, 1, capacity]."""
+def _layer_ref(h: Tensor, y: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]], keys: Tensor,
+               values: Tensor, length: int | Tensor, rows: Optional[Tensor], num_cond: int, uncond_cross: Tensor,
+               rms: bool, eps: float, activation: str, post_norms: bool, qk_norm: bool,
+               backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    """One layer up to its FFN branch: h [R, D] and y, its self-attention norm + modulate, -> (h after the
+    cross-attention residual, the FFN branch f), the layer's output being h + gate_ff f. modulations [9, D]
+    (one row for every row); params in LAYER_PARAMS order; keys/values its cache; uncond_cross [D]; length: the
+    number of valid cached positions, or their additive mask [1, 1, 1, capacity]."""
     (sa_w, sa_b, v_w, v_b, sao_w, sao_b, san_w, san_b, ca_w, ca_b, q_w, q_b, qn_w, qn_b, cao_w, cao_b,
      ff_w, ff_b, gate_w, gate_b, in_w, in_b, act_w, inn_w, inn_b, out_w, out_b) = params
-    sh_sa, sc_sa, g_sa, sh_ca, sc_ca, g_ca, sh_ff, sc_ff, g_ff = (m.expand_as(h) for m in modulations.unbind(0))
+    _, _, g_sa, sh_ca, sc_ca, g_ca, sh_ff, sc_ff, _ = modulations.unbind(0)
 
     def linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
         return skinny_linear(x, w, b, backend=backend)
 
-    def norm(x: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tensor:
-        return plain_norm(x, w, b, rms, eps, backend)
-
-    y = adaln_norm_modulate(h, sh_sa.contiguous(), sc_sa.contiguous(), sa_w, sa_b, rms=rms, eps=eps, backend=backend)
     a = linear(y, v_w, v_b)
     if sao_w is not None:
         a = linear(a, sao_w, sao_b)
     if post_norms:
-        a = norm(a, san_w, san_b)
-    h, y = adaln_gated_residual_norm_modulate(h, a, g_sa.contiguous(), sh_ca.contiguous(), sc_ca.contiguous(), ca_w,
-                                              ca_b, rms=rms, eps=eps, backend=backend)
+        a = plain_norm(a, san_w, san_b, rms, eps, backend)
+    h, y = adaln_gated_residual_norm_modulate(h, a, g_sa, sh_ca, sc_ca, ca_w, ca_b, rms=rms, eps=eps, backend=backend)
     c = uncond_cross.expand(h.shape[0] - num_cond, -1)
     if num_cond:
         q = linear(y[:num_cond], q_w, q_b)
         if qk_norm:
-            q = norm(q, qn_w, qn_b)
+            q = plain_norm(q, qn_w, qn_b, rms, eps, backend)
         mask = length if isinstance(length, Tensor) else None
         k, v = (keys, values) if mask is not None else (keys[:, :, :length], values[:, :, :length])
         if rows is not None:
@@ -213,11 +231,12 @@ def _layer_ref(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor]
             k, v = k[:num_cond], v[:num_cond]
         o = F.scaled_dot_product_attention(q.unflatten(-1, (keys.shape[1], -1))[:, :, None], k, v,
                                            attn_mask=mask)  # [C, H, 1, hd]
-        c = torch.cat((linear(o.flatten(1), cao_w, cao_b), c))
-    h, y = adaln_gated_residual_norm_modulate(h, c, g_ca.contiguous(), sh_ff.contiguous(), sc_ff.contiguous(), ff_w,
-                                              ff_b, rms=rms, eps=eps, backend=backend)
-    return h + g_ff * ffn_ref(y, (gate_w, gate_b, in_w, in_b, act_w, inn_w, inn_b, out_w, out_b), rms, eps, activation,
-                              post_norms, backend)
+        c = linear(o.flatten(1), cao_w, cao_b)
+        if num_cond < h.shape[0]:  # the unconditional rows see only the zero key: a constant
+            c = torch.cat((c, uncond_cross.expand(h.shape[0] - num_cond, -1)))
+    h, y = adaln_gated_residual_norm_modulate(h, c, g_ca, sh_ff, sc_ff, ff_w, ff_b, rms=rms, eps=eps, backend=backend)
+    return h, ffn_ref(y, (gate_w, gate_b, in_w, in_b, act_w, inn_w, inn_b, out_w, out_b), rms, eps, activation,
+                      post_norms, backend)
 
 
 if _ext.EXT_AVAILABLE:

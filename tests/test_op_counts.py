@@ -1,0 +1,99 @@
+"""The static (CUDA-graph) decoding step of each family on CPU: the operations it dispatches, and that
+``torch.compile(fullgraph=True)`` traces it as one graph (the other route to fewer launches on a GPU).
+
+On a GPU every operation of a step is a kernel launch or more, and a step of the 1.6B recipes at batch 1 reads its
+weights in a fraction of the time its launches take (bench/RESULTS.md, "GPU check"): the count is the GPU cost that a
+CPU run can see. The models have the layer structure of the paper's 1.6B recipes (the count depends on the layers,
+not the width) at model dim 64. Budgets are per layer plus a per-step allowance; bench/RESULTS.md ("Operations per
+decoding step") records the counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import lcm_fast
+from lcm_fast.archs import base_lcm_1_6B, one_tower_1_6B, two_tower_1_6B
+from lcm_fast.inference.fast import FastDecoder, FastDenoiser
+from lcm_fast.inference.graphs import OpCounter
+from lcm_fast.nn.attention import KVCache
+
+B = 2  # documents; with CFG twice as many rows
+
+
+def _narrow(config):
+    """The config's layer structure at model dim 64 (4 heads, FFN 128, sonar dim 32)."""
+    stacks = {name: dataclasses.replace(getattr(config, name), num_attn_heads=4, ffn_inner_dim=128)
+              for name in ("context_encoder", "denoiser", "lcm") if hasattr(config, name)}
+    if "denoiser" in stacks:
+        stacks["denoiser"] = dataclasses.replace(stacks["denoiser"], timestep_embed_dim=64)
+    extra = dict(timestep_embed_dim=64) if hasattr(config, "timestep_embed_dim") else {}
+    return dataclasses.replace(config, model_dim=64, sonar_embed_dim=32, max_seq_len=128, **stacks, **extra)
+
+
+def _count(step) -> OpCounter:
+    with torch.no_grad(), OpCounter() as ops:
+        step()
+    return ops
+
+
+def _within(ops: OpCounter, layers: int, per_layer: int, per_step: int = 10) -> None:
+    assert ops.total <= per_layer * layers + per_step, (
+        f"{ops.total} ops for {layers} layers ({ops.total / layers:.1f} per layer), budget {per_layer} per layer + "
+        f"{per_step}: {ops.counts.most_common()}")
+
+
+def _two_tower_step():
+    """-> (step of latents [2B, 1, 32]: a CFG denoising step, its layers)."""
+    torch.manual_seed(0)
+    model = lcm_fast.build_model(_narrow(two_tower_1_6B())).eval()
+    fast = FastDenoiser(model, list(range(99, -1, -10)), capacity=16, static_shapes=True)
+    fast.append(torch.randn(B, 5, 64))
+    return (lambda latents: fast(latents, 3, B)), len(model.denoiser.layers)  # conditional rows, then unconditional
+
+
+def _decoder_step(config):
+    """-> (step of x [B, 1, 32] after one cached position, its layers): Base-LCM's prediction, or a One-Tower
+    denoising step with CFG (the unconditional rows attend to themselves only)."""
+    torch.manual_seed(0)
+    model = lcm_fast.build_model(_narrow(config())).eval()
+    stack = model if hasattr(model, "lcm") else model.backbone
+    decoder = FastDecoder(stack, [KVCache(64, zeroed=True) for _ in stack.lcm.layers], static_shapes=True)
+    step = decoder if config is base_lcm_1_6B else (lambda x: decoder.denoise(x, 50, None, cfg=True))
+    with torch.no_grad():
+        step(torch.randn(B, 1, 32))
+    decoder.advance()
+    return step, len(stack.lcm.layers)
+
+
+STEPS = {"two_tower": (_two_tower_step, 2 * B), "base_lcm": (lambda: _decoder_step(base_lcm_1_6B), B),
+         "one_tower": (lambda: _decoder_step(one_tower_1_6B), B)}
+
+
+def test_two_tower_denoising_step():
+    step, layers = _two_tower_step()
+    latents = torch.randn(2 * B, 1, 32)
+    ops = _count(lambda: step(latents))
+    assert ops.counts["aten::clone"] == 0  # modulations are read in place, never expanded into copies
+    _within(ops, layers, per_layer=14)  # 178 ops, 13.7 per layer (26.5 before)
+
+
+@pytest.mark.parametrize("family,per_layer", [("base_lcm", 17), ("one_tower", 15)])
+def test_decoder_step(family, per_layer):
+    step, layers = STEPS[family][0]()
+    x = torch.randn(B, 1, 32)
+    _within(_count(lambda: step(x)), layers, per_layer)  # 532 and 451 ops (36.4 per layer before for Base-LCM)
+
+
+@pytest.mark.parametrize("family", sorted(STEPS))
+def test_the_step_compiles_as_one_graph(family):
+    make, rows = STEPS[family]
+    step, _ = make()
+    x = torch.randn(rows, 1, 32)
+    with torch.no_grad():
+        eager = step(x)
+        compiled = torch.compile(step, fullgraph=True, backend="eager")(x)  # fullgraph: a graph break fails
+    torch.testing.assert_close(compiled, eager)
