@@ -43,8 +43,8 @@ from ..models.one_tower import OneTowerBackbone
 from ..models.two_tower import Denoiser, DenoiserLayer
 from ..nn.activation import ACTIVATION_NAMES
 from ..nn.attention import KVCache
+from ..nn.norm import norm_args
 from ..nn.transformer import DecoderLayer
-from ..ops.adaln import norm_args
 from ..ops.decoder import DECODER_LAYER_PARAMS, decoder_layers_decode_for, decoder_layers_decode_ref
 from ..ops.denoiser import LAYER_PARAMS, denoiser_layers_decode_for, denoiser_layers_decode_ref
 from ..ops.linear import skinny_linear

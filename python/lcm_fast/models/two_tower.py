@@ -10,15 +10,15 @@ from torch import Tensor, nn
 
 from ..config import DenoiserConfig, NormalizerConfig, TwoTowerConfig
 from ..diffusion.schedule import DDIMScheduler
-from ..ops.adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate, norm_args
 from ..nn.attention import KVCache, MultiheadAttention, ValueOutputAttention, key_padding_mask
 from ..nn.linear import LinearFn
-from ..nn.norm import make_norm
+from ..nn.norm import make_norm, norm_args
 from ..nn.normalizer import SonarNormalizer
 from ..nn.position import RotaryEncoder, make_frontend_positions
 from ..nn.projection import Projection
 from ..nn.timestep import TimestepEmbedder
 from ..nn.transformer import Decoder, FeedForward
+from ..ops.adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate
 from .pretrained import SavePretrainedMixin
 from .frontend import Frontend, frontend_positions_start
 

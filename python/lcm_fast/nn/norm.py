@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,3 +46,15 @@ def make_norm(style: str, dim: int) -> nn.Module:
     if style == "fp32":
         return FP32LayerNorm(dim)
     raise ValueError(f"unknown layer_normalization_style '{style}'; expected standard, rms, fp32 or unit")
+
+
+def norm_args(norm: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor], bool, float]:
+    """(weight, bias, rms, eps) of one of these norms (nn.LayerNorm, RMSNorm, FP32LayerNorm): the arguments of
+    the fused AdaLN ops (``lcm_fast.ops.adaln``), which take tensors, not modules."""
+    if isinstance(norm, nn.LayerNorm):
+        return norm.weight, norm.bias, False, norm.eps
+    if isinstance(norm, RMSNorm):
+        return norm.weight, None, True, EPS
+    if isinstance(norm, FP32LayerNorm):
+        return norm.weight, None, False, EPS
+    raise TypeError(f"no fused AdaLN path for {type(norm).__name__}")

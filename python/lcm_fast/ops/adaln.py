@@ -20,10 +20,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import _ext
-from ..nn.norm import FP32LayerNorm, RMSNorm
 from ._dispatch import OpSpec, register
 
 MAX_CUDA_DIM = 8192
@@ -37,17 +36,6 @@ def _cuda_reasons(device_type: str, dtype, *, dim: int = 0, **_) -> list[str]:
 
 NORM_MODULATE = register(OpSpec("adaln_norm_modulate", extra=_cuda_reasons))
 GATED_RESIDUAL = register(OpSpec("adaln_gated_residual_norm_modulate", extra=_cuda_reasons))
-
-
-def norm_args(norm: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor], bool, float]:
-    """(weight, bias, rms, eps) of one of lcm_fast's norm modules (nn.LayerNorm, RMSNorm, FP32LayerNorm)."""
-    if isinstance(norm, nn.LayerNorm):
-        return norm.weight, norm.bias, False, norm.eps
-    if isinstance(norm, RMSNorm):
-        return norm.weight, None, True, 1e-5
-    if isinstance(norm, FP32LayerNorm):
-        return norm.weight, None, False, 1e-5
-    raise TypeError(f"no fused AdaLN path for {type(norm).__name__}")
 
 
 # ---- references (the specification; the official module semantics) --------------------------------------
