@@ -95,3 +95,24 @@ def test_named_paper_schedules():
     assert snr_mid["sigmoid(1.5,-2)"] < snr_mid["sigmoid(1.5,-1)"]
     with pytest.raises(KeyError, match="unknown noise schedule 'linear-3'"):
         named_schedule("linear-3")
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_the_guided_chain_asks_for_unconditional_rows_at_every_cfg_step_but_the_first(guidance):
+    """GuidedDDIM holds the first-CFG-step rule once: generation (both engines) and evaluation step through it."""
+    from lcm_fast.diffusion import GuidedDDIM
+
+    ddim = GuidedDDIM(DDIMScheduler(SchedulerConfig(num_diffusion_train_steps=100)), 10, guidance_scale=guidance,
+                      device=torch.device("cpu"), dim=8)
+    asked = []
+
+    def denoise(i, t, unconditional):
+        asked.append((i, t, unconditional))
+        return torch.zeros(4 if unconditional else 2, 8)
+
+    latents, x0 = torch.randn(2, 8), torch.empty(2, 8)
+    ddim.run(latents, x0, denoise)
+    assert [i for i, _, _ in asked] == list(range(len(ddim.timesteps))) and asked[0][1] == 99
+    assert [u for _, _, u in asked] == [False] + [guidance != 1.0] * (len(asked) - 1)
+    # a "sample" prediction of zeros: x0 is that prediction (through guided epsilons with CFG: to rounding)
+    torch.testing.assert_close(x0, torch.zeros(2, 8), atol=1e-6, rtol=0)

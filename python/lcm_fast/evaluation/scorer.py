@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..diffusion import GuidedDDIM
 from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
-from ..ops import guided_ddim_step_, sampler_params
 
 
 @torch.no_grad()
@@ -69,23 +69,21 @@ def _parallel_ddim(model: TwoTowerLCM | OneTowerLCM, denoise, shape: torch.Size,
     B, L, D = shape
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    sched = model.noise_scheduler.with_options()
-    sched.set_timesteps(steps)
-    cfg = guidance_scale != 1.0
-    table = sched.coefficient_table(guided=cfg).to(device)
-    params = sampler_params(guidance_scale, guidance_rescale, None, 100.0, device=device)
+    ddim = GuidedDDIM(model.noise_scheduler.with_options(), steps, guidance_scale=guidance_scale,
+                      guidance_rescale=guidance_rescale, device=device, dim=D)
     generator = torch.Generator().manual_seed(seed)
     latents = (torch.randn(B * L, D, generator=generator) * initial_noise_scale).to(device)
     x0 = torch.empty_like(latents)
-    unconditional = torch.ones(L, dtype=torch.bool, device=device)
-    for i, t in enumerate(sched.timesteps.tolist()):
-        timesteps = torch.full((B, L), t, device=device)
-        inputs = latents.view(B, L, D).to(dtype)
+    everywhere = torch.ones(L, dtype=torch.bool, device=device)  # every position's unconditional twin
+
+    def predict(i: int, t: int, unconditional: bool) -> Tensor:
+        timesteps, inputs = torch.full((B, L), t, device=device), latents.view(B, L, D).to(dtype)
         out = denoise(inputs, timesteps, None).flatten(0, 1)
-        if cfg and t != sched.num_train_steps - 1:
-            uncond = denoise(inputs, timesteps, unconditional).flatten(0, 1)
-            out = torch.cat((out, uncond))
-        guided_ddim_step_(latents, x0, out.float().contiguous(), table[i], params, None, sched.config.prediction_type)
+        if unconditional:
+            out = torch.cat((out, denoise(inputs, timesteps, everywhere).flatten(0, 1)))
+        return out.float()
+
+    ddim.run(latents, x0, predict)
     return x0.view(B, L, D).to(dtype)
 
 

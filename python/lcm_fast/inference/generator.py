@@ -27,14 +27,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..config import merge_into
-from ..diffusion import SchedulerOutput, classifier_free_guidance
+from ..diffusion import GuidedDDIM, SchedulerOutput, classifier_free_guidance
 from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 from ..models.quant_lcm import sample_units
 from ..nn.attention import KVCache
 from ..nn.linear import LinearFn
 from ..nn.position import check_positions
-from ..ops import sampler_params, skinny_linear
-from ..ops.guided_ddim import PREDICTION_TYPES, guided_ddim_step_for
+from ..ops import skinny_linear
 from .fast import FastDecoder, FastDenoiser, fast_decoder_unsupported
 from .graphs import BatchGraphs, batch_bucket, pad_batch
 from .noise import NoiseSource, TorchNoise
@@ -297,18 +296,13 @@ class _TwoTowerStepper:
         if options.thresholding:
             overrides = dict(thresholding=True, dynamic_thresholding_ratio=options.dynamic_thresholding_ratio,
                              sample_max_value=options.sample_max_value)
-        self.scheduler = sched = model.noise_scheduler.with_options(**overrides)
-        sched.set_timesteps(options.inference_timesteps, official_stride=options.official_timestep_stride)
-        self.timesteps: list[int] = sched.timesteps.tolist()
-        self.cfg = options.guidance_scale != 1.0
+        self.scheduler = model.noise_scheduler.with_options(**overrides)
         device, self.dtype = model_device(model), next(model.parameters()).dtype
-        self.coefficients = sched.coefficient_table(options.ddim_eta, guided=self.cfg).to(device)  # [n_steps, 6]
-        clip_sample = sched.config.clip_sample_range if sched.config.clip_sample else None
-        self.params = sampler_params(options.guidance_scale, options.guidance_rescale, options.epsilon_scaling,
-                                     options.clip_noise, clip_sample, device=device)
-        # the fused sampler, chosen once (latents are fp32)
-        self.sampler_step = guided_ddim_step_for(device.type, torch.float32, model.sonar_dim)
-        self.prediction_type = PREDICTION_TYPES[sched.config.prediction_type]
+        self.ddim = GuidedDDIM(self.scheduler, options.inference_timesteps, guidance_scale=options.guidance_scale,
+                               guidance_rescale=options.guidance_rescale, eta=options.ddim_eta,
+                               epsilon_scaling=options.epsilon_scaling, clip_noise=options.clip_noise,
+                               official_stride=options.official_timestep_stride, device=device, dim=model.sonar_dim)
+        self.timesteps, self.cfg = self.ddim.timesteps, self.ddim.cfg
         self.context: Optional[Tensor] = None  # [B, C, model_dim]
         self.linear: Optional[LinearFn] = None  # the contextualizer's GEMM (None: the modules' own)
 
@@ -347,11 +341,7 @@ class _TwoTowerStepper:
         """The official chain through DDIMScheduler (used with dynamic thresholding)."""
         opt, sched, B = self.options, self.scheduler, latents.shape[0]
         kwargs: dict[str, Any] = dict(eta=opt.ddim_eta, epsilon_scaling=opt.epsilon_scaling, variance_noise=noise)
-        if not self.cfg:
-            return sched.step(pred, t, latents, **kwargs)
-        if t == sched.num_train_steps - 1:
-            # a_{T-1} = 0 under zero-terminal-SNR: epsilon is undefined, so the first step uses the
-            # conditional x0 prediction directly, without guidance (official behaviour).
+        if not self.ddim.unconditional(t):  # no CFG, or its first step: the conditional prediction, unguided
             return sched.step(pred[:B], t, latents, **kwargs)
         eps = sched.get_epsilon(pred, torch.cat((latents, latents)), t)
         guided = classifier_free_guidance(eps[:B], eps[B:], opt.guidance_scale, opt.guidance_rescale)
@@ -369,8 +359,8 @@ class _TwoTowerStepper:
         rows: the batch rows they are (None: all); noise: [n, 1, D] (the eta term) or None."""
         n, D = latents.shape[0], latents.shape[-1]
         pred = self._denoise(latents.to(self.dtype), i, t, rows).float()
-        self.sampler_step(latents.view(n, D), x0.view(n, D), pred.reshape(-1, D), self.coefficients[i], self.params,
-                          noise.view(n, D) if noise is not None else None, self.prediction_type)
+        self.ddim.step(i, latents.view(n, D), x0.view(n, D), pred.reshape(-1, D),
+                       noise.view(n, D) if noise is not None else None)
 
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
         """Next sentence of every active row: [B, D]. forced: [B] rows whose prompt covers ``step``
@@ -456,8 +446,12 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
 
     def _sentence(self, latents: Tensor, x0: Tensor, noise: Optional[Tensor]) -> None:
         """Every DDIM step of one sentence, in place: latents, x0 [B, 1, D] fp32; noise [steps, B, 1, D] or None."""
-        for i, t in enumerate(self.timesteps):
-            self._ddim_step(latents, x0, i, t, None, noise[i] if noise is not None else None)
+        B, D = latents.shape[0], latents.shape[-1]
+
+        def denoise(i: int, t: int, unconditional: bool) -> Tensor:
+            return self._denoise(latents.to(self.dtype), i, t, None).float().reshape(-1, D)
+
+        self.ddim.run(latents.view(B, D), x0.view(B, D), denoise, noise.flatten(1, 2) if noise is not None else None)
 
     def _extend_context(self, seqs: Tensor, step: int) -> None:
         before = self.context.shape[1]
@@ -470,8 +464,7 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
 
     def _denoise(self, latents: Tensor, i: int, t: int, rows: Optional[Tensor]) -> Tensor:
         n = latents.shape[0]
-        first = t == self.scheduler.num_train_steps - 1
-        if not self.cfg or first:  # the first CFG step only uses the conditional prediction
+        if not self.ddim.unconditional(t):
             return self.fast(latents, i, n, rows)
         return self.fast(torch.cat((latents, latents)), i, n, rows)
 
@@ -500,13 +493,9 @@ class _OneTowerStepper(_TwoTowerStepper):
     def _denoise(self, latents: Tensor, i: int, t: int, rows: Optional[Tensor]) -> Tensor:
         cache = self.cache if rows is None else [c.select(rows) for c in self.cache]
         cond = self.model.denoise_step(latents, t, cache)
-        if not self._uncond(t):
+        if not self.ddim.unconditional(t):
             return cond
         return torch.cat((cond, self.model.denoise_step(latents, t, cache, conditional=False)))
-
-    def _uncond(self, t: int) -> bool:
-        """Whether the step at timestep t has unconditional rows (the first CFG step is conditional only)."""
-        return self.cfg and t != self.scheduler.num_train_steps - 1
 
 
 class _FastOneTowerStepper(_OneTowerStepper):
@@ -519,7 +508,7 @@ class _FastOneTowerStepper(_OneTowerStepper):
         self.fast = FastDecoder(model, self.cache)
 
     def _denoise(self, latents: Tensor, i: int, t: int, rows: Optional[Tensor]) -> Tensor:
-        return self.fast.denoise(latents, t, rows, self._uncond(t))
+        return self.fast.denoise(latents, t, rows, self.ddim.unconditional(t))
 
 
 class _QuantStepper:
