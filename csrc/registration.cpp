@@ -41,18 +41,18 @@ TORCH_LIBRARY(lcm_fast, m) {
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 
   // The AdaLN denoiser layers for the rows of a decoding step (python/lcm_fast/ops/denoiser.py):
-  // h [R, D] -> [R, D] through L layers; modulations [L, 9, D] of the step; params: L x LAYER_PARAMS,
+  // h [R, D] -> [R, D] through L layers; modulations [L, 9, D] of the step; params: L x LAYER_TENSORS,
   // layer after layer (None where a layer has none); keys/values: per layer the [B, H, capacity, D/H]
   // cross-attention cache, `length` positions valid; rows [num_cond] batch row of each conditional row
   // (None: row r); rows >= num_cond are unconditional and take uncond_cross [L, D]. With io_params
-  // (IO_PARAMS, else empty) h is the latents [R, S], projected in before and normed and projected out
+  // (IO_TENSORS, else empty) h is the latents [R, S], projected in before and normed and projected out
   // after the layers -> [R, S]: the whole denoiser of a step. Inference only.
   m.def("denoiser_layers_decode(Tensor h, Tensor modulations, Tensor?[] params, Tensor[] keys, Tensor[] values, "
         "int length, Tensor? rows, int num_cond, Tensor uncond_cross, bool rms, float eps, str activation, "
         "bool post_norms, bool qk_norm, Tensor?[] io_params) -> Tensor");
 
   // The causal decoder layers (Base-LCM, One-Tower) for one new position per row (python/lcm_fast/ops/decoder.py):
-  // h [R, D] -> [R, D] through L layers; params: L x DECODER_LAYER_PARAMS, layer after layer (None where a
+  // h [R, D] -> [R, D] through L layers; params: L x DECODER_LAYER_TENSORS, layer after layer (None where a
   // layer has none); keys/values: per layer the [B, H, capacity, D/H] self-attention cache, `length`
   // positions filled. Rows r < num_cond write their new key and value at position `length` of batch row
   // rows[r] (None: r; distinct) and attend over positions <= length; the others attend to themselves only.

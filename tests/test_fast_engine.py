@@ -17,7 +17,7 @@ import lcm_fast
 from lcm_fast.inference import graphs
 from lcm_fast.inference.graphs import batch_bucket, pad_batch
 from lcm_fast.nn.attention import KVCache
-from lcm_fast.ops.denoiser import LAYER_PARAMS
+from lcm_fast.ops.denoiser import LAYER_TENSORS
 
 from .conftest import random_model, tiny_config
 from .tolerances import CUDA_GRAPHS_VS_EAGER, FAST_ENGINE_ATOL, FAST_ENGINE_ERR_FACTOR
@@ -334,8 +334,8 @@ def test_decoding_tables_are_reused_until_the_schedule_or_a_weight_changes():
     assert not torch.equal(new.modulations[:, 0], mods[:, 0]) and torch.equal(new.modulations[:, 1], mods[:, 1])
     assert torch.equal(new.uncond_cross[0], uncond[0]) and not torch.equal(new.uncond_cross[1], uncond[1])
     # the composed self-attention weight of layer 1 (params entry of v_proj) follows its output_proj
-    v_proj = LAYER_PARAMS.index("self_attn.v_proj.weight")
-    layer1 = len(LAYER_PARAMS) + v_proj
+    v_proj = LAYER_TENSORS.index("value_weight")
+    layer1 = len(LAYER_TENSORS) + v_proj
     assert torch.allclose(new.layers_args[0][layer1], 2 * tables.layers_args[0][layer1])
     assert torch.equal(new.layers_args[0][v_proj], tables.layers_args[0][v_proj])
     # generation with the updated weights == generation by a fresh copy of them (its own tables)

@@ -11,7 +11,7 @@ namespace {
 
 using namespace decode;
 
-// Entries of one layer's `params`, in the order of DECODER_LAYER_PARAMS (python/lcm_fast/ops/decoder.py).
+// Entries of one layer's `params`, in the order of DECODER_LAYER_TENSORS (python/lcm_fast/ops/decoder.py).
 enum Param : int {
   kSaNormW, kSaNormB, kQW, kQB, kKW, kKB, kVW, kVB, kQNormW, kQNormB, kKNormW, kKNormB, kOutW, kOutB,
   kSaPostNormW, kSaPostNormB

@@ -13,7 +13,7 @@ namespace {
 
 using namespace decode;
 
-// Entries of one layer's `params`, in the order of LAYER_PARAMS (python/lcm_fast/ops/denoiser.py).
+// Entries of one layer's `params`, in the order of LAYER_TENSORS (python/lcm_fast/ops/denoiser.py).
 enum Param : int {
   kSaNormW, kSaNormB, kVW, kVB, kSaOutW, kSaOutB, kSaPostNormW, kSaPostNormB,
   kCaNormW, kCaNormB, kQW, kQB, kQNormW, kQNormB, kCaOutW, kCaOutB
@@ -21,7 +21,7 @@ enum Param : int {
 constexpr int kFfn = kCaOutB + 1;  // the FfnParam entries (layer_decode.h) from here
 constexpr int kNumParams = kFfn + kNumFfnParams;
 
-// Entries of `io_params` (IO_PARAMS in ops/denoiser.py): the denoiser's input and output stages.
+// Entries of `io_params` (IO_TENSORS in ops/denoiser.py): the denoiser's input and output stages.
 enum IoParam : int { kInW, kInB, kInOffset, kFinalNormW, kFinalNormB, kOutW, kOutB, kNumIoParams };
 
 // Modulation rows: (shift, scale, gate) of self-attention, cross-attention, FFN.
@@ -77,7 +77,7 @@ at::Tensor denoiser_layers_decode_cpu(const at::Tensor& h, const at::Tensor& mod
   TORCH_CHECK(int64_t(params.size()) == L * kNumParams, op, ": params needs ", int(kNumParams), " entries per layer (",
               L * kNumParams, "), got ", params.size());
   TORCH_CHECK(io_params.empty() || int64_t(io_params.size()) == kNumIoParams, op, ": io_params must be empty or have ",
-              int(kNumIoParams), " entries (IO_PARAMS), got ", io_params.size());
+              int(kNumIoParams), " entries (IO_TENSORS), got ", io_params.size());
   const bool io = !io_params.empty();
   auto io_param = [&](int p) { return io ? io_params.get(p) : std::optional<at::Tensor>(); };
   const std::optional<at::Tensor> in_w = io_param(kInW), out_w = io_param(kOutW);

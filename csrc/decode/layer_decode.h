@@ -233,7 +233,7 @@ void dispatch_dtype(const char* op, at::ScalarType dtype, F f) {
   }
 }
 
-// A layer's FFN entries, from ffn_layer_norm.weight on (FFN_PARAMS in python/lcm_fast/ops/denoiser.py).
+// A layer's FFN entries, from the FFN norm's weight on (FFN_TENSORS in python/lcm_fast/ops/denoiser.py).
 enum FfnParam : int {
   kFfNormW, kFfNormB, kGateW, kGateB, kInnerW, kInnerB, kActW, kInnerNormW, kInnerNormB, kFfOutW, kFfOutB, kNumFfnParams
 };

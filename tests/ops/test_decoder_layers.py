@@ -12,10 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcm_fast.config import TransformerConfig
-from lcm_fast.inference.fast import layers_decode_args
 from lcm_fast.nn.attention import KVCache
 from lcm_fast.nn.position import RotaryEncoder
-from lcm_fast.nn.transformer import DecoderLayer
+from lcm_fast.nn.transformer import DecoderLayer, decode_args
 from lcm_fast.ops import decoder_layers_decode, decoder_layers_decode_ref
 from lcm_fast.ops.decoder import SPEC
 
@@ -60,7 +59,7 @@ def _stack(variant, n=1, dim=64, heads=4) -> list[DecoderLayer]:
 
 def _rope(layers) -> torch.Tensor | None:
     encoder = layers[0].self_attn.pos_encoder
-    return torch.stack(encoder._tables(torch.device("cpu"))).contiguous() if encoder is not None else None
+    return torch.stack(encoder.tables(torch.device("cpu"))).contiguous() if encoder is not None else None
 
 
 def _caches(layers, batch, length, capacity, seed=0, dtype=None) -> list[KVCache]:
@@ -80,7 +79,7 @@ def _caches(layers, batch, length, capacity, seed=0, dtype=None) -> list[KVCache
 def _call(layers, h, caches, backend, length=None, rows=None, num_cond=None):
     """The op on copies of the caches -> (output, [keys], [values]); num_cond None: every row of h."""
     caches = copy.deepcopy(caches)
-    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
+    params, rms, eps, act, post_norms, qk_norm = decode_args(layers)
     fn = decoder_layers_decode_ref if backend == "ref" else decoder_layers_decode
     keys, values = [c.k for c in caches], [c.v for c in caches]
     length = caches[0].length if length is None else length
@@ -215,7 +214,7 @@ def test_half_types_two_x_rule(dtype):
 def test_opcheck():
     layers = _stack(VARIANTS[0], 2)
     caches = _caches(layers, 3, 4, 6)
-    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
+    params, rms, eps, act, post_norms, qk_norm = decode_args(layers)
     params = [p.detach() if p is not None else None for p in params]  # inference only, as the engine passes them
     args = (torch.randn(4, 64), params, [c.k for c in caches], [c.v for c in caches], 4, torch.tensor([2, 0]), 2,
             _rope(layers), rms, eps, act, post_norms, qk_norm)
@@ -226,7 +225,7 @@ def test_opcheck():
 def test_bad_input_is_named():
     layers = _stack(VARIANTS[0], 2)
     caches, h, rope = _caches(layers, 2, 3, 4), torch.randn(2, 64), _rope(layers)
-    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
+    params, rms, eps, act, post_norms, qk_norm = decode_args(layers)
 
     def call(**kw):
         a = dict(h=h, params=params, keys=[c.k for c in caches], values=[c.v for c in caches], length=3, rows=None,

@@ -11,12 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcm_fast.config import DenoiserConfig
-from lcm_fast.inference.fast import decoding_tables, layers_decode_args
+from lcm_fast.inference.fast import decoding_tables
 from lcm_fast.models.two_tower import DenoiserLayer
 from lcm_fast.nn.attention import KVCache
 from lcm_fast.nn.position import RotaryEncoder
+from lcm_fast.nn.transformer import decode_args
 from lcm_fast.ops import denoiser_layers_decode, denoiser_layers_decode_ref
-from lcm_fast.ops.denoiser import IO_PARAMS, SPEC
+from lcm_fast.ops.denoiser import IO_TENSORS, SPEC
 
 from ..conftest import random_model, tiny_config
 from ..tolerances import LAYER_DECODE_FP32, PARITY_FORWARD
@@ -98,7 +99,7 @@ def _uncond(layers):
 def _args(layers, h, modulations, caches, rows, num_cond, compose=False):
     """The op's positional arguments (compose: the fast engine's composed self-attention projection)."""
     layers = layers if isinstance(layers, list) else [layers]
-    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers, compose_value_output=compose)
+    params, rms, eps, act, post_norms, qk_norm = decode_args(layers, compose_value_output=compose)
     return (h, modulations, params, [c.k for c in caches], [c.v for c in caches], caches[0].length, rows, num_cond,
             _uncond(layers), rms, eps, act, post_norms, qk_norm, [])
 
@@ -244,7 +245,7 @@ def test_opcheck():
 def test_bad_input_is_named():
     layers = _stack(VARIANTS[0], 2)
     h, mods, caches, rows, num_cond, uncond = *_inputs(layers, 2, 2, length=3, capacity=4), _uncond(layers)
-    params, rms, eps, act, post_norms, qk_norm = layers_decode_args(layers)
+    params, rms, eps, act, post_norms, qk_norm = decode_args(layers)
 
     def call(**kw):
         a = dict(h=h, modulations=mods, params=params, keys=[c.k for c in caches], values=[c.v for c in caches],
@@ -268,7 +269,7 @@ def test_bad_input_is_named():
         call(params=[p.T if i == 29 else p for i, p in enumerate(params)])
     with pytest.raises(RuntimeError, match="layer 1 has"):
         call(keys=[caches[0].k, caches[1].k[:, :, :3]], values=[caches[0].v, caches[1].v[:, :, :3]])
-    with pytest.raises(ValueError, match="io_params must be empty or the 7 IO_PARAMS"):
+    with pytest.raises(ValueError, match="io_params must be empty or the 7 IO_TENSORS"):
         call(io_params=[None] * 7)
     w = torch.randn(64, 24)
     with pytest.raises(ValueError, match=r"latents h \[R, 64\] do not match the input projection \(64, 24\)"):
@@ -314,7 +315,7 @@ def test_whole_denoiser_with_io_params(norm, activation, positions, bias, backen
         want_cond = den(x[:2], torch.full((2, 1), t), context, inference=True)
         want_uncond = den(x[2:], torch.full((1, 1), t), context[:1, :0], inference=True)
     io_params = decoding_tables(den, [37, 10]).io_params
-    assert len(io_params) == len(IO_PARAMS) and (io_params[2] is None) == (positions == "none")
+    assert len(io_params) == len(IO_TENSORS) and (io_params[2] is None) == (positions == "none")
     torch.testing.assert_close(_step(den, x[:, 0], context, backend), torch.cat((want_cond, want_uncond))[:, 0],
                                **PARITY_FORWARD)
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils import flop_counter
 
 from .. import _ext
-from ..ops.denoiser import LAYER_PARAMS
+from ..ops.denoiser import LAYER_TENSORS
 
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _CPU_SDPA_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -45,7 +45,7 @@ if _ext.EXT_AVAILABLE:
         return 2 * x_shape[0] * x_shape[1] * w_shape[0]  # bias adds are not counted, as for aten.addmm
 
     # projection weights that only the conditional rows go through
-    _CROSS_ATTENTION_WEIGHTS = {LAYER_PARAMS.index(f"cross_attention.{name}.weight") for name in ("q_proj", "output_proj")}
+    _CROSS_ATTENTION_WEIGHTS = {LAYER_TENSORS.index(name) for name in ("query_weight", "cross_out_weight")}
 
     @flop_counter.register_flop_formula(torch.ops.lcm_fast.denoiser_layers_decode)
     def _denoiser_layers_decode_flop(h_shape, modulations_shape, param_shapes, keys_shapes, values_shapes, length,
@@ -57,7 +57,7 @@ if _ext.EXT_AVAILABLE:
             total += 2 * h_shape[0] * weight[0] * weight[1]
         for i, shape in enumerate(param_shapes):
             if shape is not None and len(shape) == 2:  # projection weights [N, K]
-                rows = num_cond if i % len(LAYER_PARAMS) in _CROSS_ATTENTION_WEIGHTS else h_shape[0]
+                rows = num_cond if i % len(LAYER_TENSORS) in _CROSS_ATTENTION_WEIGHTS else h_shape[0]
                 total += 2 * rows * shape[0] * shape[1]
         return total
 

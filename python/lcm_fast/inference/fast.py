@@ -32,21 +32,18 @@ from __future__ import annotations
 import functools
 import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..models import BaseLCM, TwoTowerLCM
 from ..models.one_tower import OneTowerBackbone
-from ..models.two_tower import Denoiser, DenoiserLayer
-from ..nn.activation import ACTIVATION_NAMES
+from ..models.two_tower import Denoiser
 from ..nn.attention import KVCache
-from ..nn.norm import norm_args
-from ..nn.transformer import DecoderLayer
-from ..ops.decoder import DECODER_LAYER_PARAMS, decoder_layers_decode_for, decoder_layers_decode_ref
-from ..ops.denoiser import LAYER_PARAMS, denoiser_layers_decode_for, denoiser_layers_decode_ref
+from ..nn.transformer import decode_args
+from ..ops.decoder import decoder_layers_decode_for, decoder_layers_decode_ref
+from ..ops.denoiser import denoiser_layers_decode_for, denoiser_layers_decode_ref
 from ..ops.linear import skinny_linear
 from .graphs import batch_bucket
 
@@ -59,14 +56,11 @@ class DecodingTables:
     weights, layers x D^2 in the model dtype (218 MB for the 1.6B recipe in fp32), freed with the model."""
 
     weights: tuple  # (data_ptr, _version, dtype, device) of every parameter: in-place updates bump _version
-    layers_args: tuple  # the static arguments of denoiser_layers_decode (layers_decode_args)
-    io_params: list  # its IO_PARAMS (empty when a projection has an activation: those run outside it)
+    layers_args: tuple  # the static arguments of denoiser_layers_decode (nn.transformer.decode_args)
+    io_params: list  # Denoiser.decode_io_tensors (empty when a projection has an activation: those run outside it)
     timesteps: tuple[int, ...]
     modulations: Tensor  # [steps, layers, 9, D] AdaLN (shift, scale, gate) of the three sublayers
     uncond_cross: Tensor  # [layers, D] cross-attention output of the unconditional rows
-
-
-_V_PROJ = LAYER_PARAMS.index("self_attn.v_proj.weight")  # then its bias, output_proj's weight and bias
 
 
 _TABLES: "weakref.WeakKeyDictionary[Denoiser, DecodingTables]" = weakref.WeakKeyDictionary()
@@ -75,71 +69,17 @@ _TABLES: "weakref.WeakKeyDictionary[Denoiser, DecodingTables]" = weakref.WeakKey
 @torch.no_grad()
 def decoding_tables(den: Denoiser, timesteps: list[int]) -> DecodingTables:
     """The denoiser's :class:`DecodingTables` for this schedule, rebuilt only what changed."""
-    params = list(den.parameters())
-    weights = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    weights = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in den.parameters())
     tables = _TABLES.get(den)
     if tables is not None and tables.weights == weights and tables.timesteps == tuple(timesteps):
         return tables
     if tables is not None and tables.weights == weights:
         layers_args, io_params = tables.layers_args, tables.io_params
     else:
-        layers_args, io_params = layers_decode_args(den.layers, compose_value_output=True), _io_params(den)
-    t = torch.tensor(timesteps, device=params[0].device)[:, None]  # [steps, 1]
-    t_emb = den.embed_time(t)  # [steps, 1, D]
-    # (shift, scale, gate) of self-attention, cross-attention and FFN
-    mods = torch.stack([layer.modulator.fc(F.silu(t_emb))[:, 0] for layer in den.layers], dim=1)
-    modulations = mods.unflatten(-1, (9, mods.shape[-1] // 9))
-    zero = params[0].new_zeros(1, 1, modulations.shape[-1])
-    # the unconditional rows' cross-attention output: softmax over the zero key alone is 1
-    uncond_cross = torch.stack([layer.cross_attention(zero, zero)[0, 0] for layer in den.layers])
+        layers_args, io_params = decode_args(den.layers), den.decode_io_tensors()
+    modulations, uncond_cross = den.decode_modulations(timesteps)
     _TABLES[den] = tables = DecodingTables(weights, layers_args, io_params, tuple(timesteps), modulations, uncond_cross)
     return tables
-
-
-def _io_params(den: Denoiser) -> list:
-    """The op's IO_PARAMS for this denoiser, or [] when a projection has an activation."""
-    if den.initial_proj.activation_fn is not None or den.final_proj.activation_fn is not None:
-        return []
-    zero = den.initial_proj.fc.weight.new_zeros(1, 1, den.initial_proj.fc.weight.shape[0])
-    position_0 = den.pos_encoder(zero)[0, 0] if den.pos_encoder is not None else None  # positions are additive
-    norm_w, norm_b, _, _ = norm_args(den.layer_norm)  # the layers' style (one config field)
-    return [den.initial_proj.fc.weight, den.initial_proj.fc.bias, position_0, norm_w, norm_b, den.final_proj.fc.weight,
-            den.final_proj.fc.bias]
-
-
-def _value_output(layer: DenoiserLayer) -> tuple[Tensor, Tensor]:
-    """Self-attention over one position as one projection: output_proj(v_proj(y)) = W y + b with
-    W = W_o W_v, b = W_o b_v + b_o, formed in at least fp32 -> (W [D, D], b [D]) in the weights' dtype."""
-    v, out = layer.self_attn.v_proj, layer.self_attn.output_proj
-    dtype = torch.promote_types(v.weight.dtype, torch.float32)
-    # one matmul forms both: W_o [W_v | b_v]
-    composed = out.weight.to(dtype) @ torch.cat((v.weight, v.bias[:, None]), dim=1).to(dtype)
-    weight, bias = composed[:, :-1], composed[:, -1]
-    if out.bias is not None:
-        bias = bias + out.bias
-    return weight.to(v.weight.dtype).contiguous(), bias.to(v.weight.dtype).contiguous()
-
-
-def layers_decode_args(layers: Sequence[DenoiserLayer] | Sequence[DecoderLayer], *,
-                       compose_value_output: bool = False) -> tuple:
-    """The static arguments of ``denoiser_layers_decode`` (denoiser layers) or ``decoder_layers_decode``
-    (decoder layers) for these layers of one configuration: (params, rms, eps, activation, post_norms,
-    qk_norm). ``compose_value_output`` (denoiser): each layer's self-attention projections as their product
-    (:func:`_value_output`): one D x D weight read per row instead of two."""
-    names = LAYER_PARAMS if isinstance(layers[0], DenoiserLayer) else DECODER_LAYER_PARAMS
-    params = []
-    for layer in layers:
-        named = dict(layer.named_parameters())  # (get_parameter raising for absent ones took ~5 ms for 32 layers)
-        own = [named.get(name) for name in names]  # None where the layer has no such parameter
-        if compose_value_output:
-            own[_V_PROJ : _V_PROJ + 4] = [*_value_output(layer), None, None]
-        params += own
-    first = layers[0]
-    _, _, rms, eps = norm_args(first.self_attn_layer_norm)
-    activation = "swiglu" if first.ffn.swiglu else ACTIVATION_NAMES[type(first.ffn.inner_activation)]
-    attention = first.cross_attention if isinstance(first, DenoiserLayer) else first.self_attn
-    post_norms, qk_norm = first.self_attn_norm is not None, attention.q_layer_norm is not None
-    return params, rms, eps, activation, post_norms, qk_norm
 
 
 class FastDenoiser:
@@ -247,10 +187,10 @@ class FastDecoder:
 
     def __init__(self, model: BaseLCM | OneTowerBackbone, cache: list[KVCache], static_shapes: bool = False) -> None:
         self.model, self.cache, self.static_shapes = model, cache, static_shapes
-        self.layers_args = layers_decode_args(model.lcm.layers)
+        self.layers_args = decode_args(model.lcm.layers)
         weight = model.frontend.pre_linear.weight
         rope, positions = model.lcm.layers[0].self_attn.pos_encoder, model.frontend.pos_encoder
-        self.rope = torch.stack(rope._tables(weight.device)).contiguous() if rope is not None else None
+        self.rope = torch.stack(rope.tables(weight.device)).contiguous() if rope is not None else None
         self.length = torch.zeros((), dtype=torch.long, device=weight.device)  # [] positions cached (static_shapes)
         # static_shapes: the frontend's additive positions as a table [max_seq_len, D], indexed by self.length
         with torch.no_grad():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from ..nn.normalizer import SonarNormalizer
 from ..nn.position import RotaryEncoder, make_frontend_positions
 from ..nn.projection import Projection
 from ..nn.timestep import TimestepEmbedder
-from ..nn.transformer import Decoder, FeedForward
+from ..nn.transformer import Decoder, FeedForward, norm_tensors
 from ..ops.adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate
 from .pretrained import SavePretrainedMixin
 from .frontend import Frontend, frontend_positions_start
@@ -69,6 +69,18 @@ class DenoiserLayer(nn.Module):
         w, b, rms, eps = norm_args(self.ffn_layer_norm)
         x, y = adaln_gated_residual_norm_modulate(x, self.dropout(h), gate_ca, shift, scale, w, b, rms=rms, eps=eps)
         return x + gate_ff * self.dropout(self.ffn(y))
+
+    def decode_tensors(self, compose_value_output: bool = True) -> list[Optional[Tensor]]:
+        """This layer's part of ``denoiser_layers_decode``'s ``params`` (``lcm_fast.ops.denoiser.LAYER_TENSORS``
+        order): None where the layer has no such tensor. ``compose_value_output``: the self-attention as its
+        composed projection (``ValueOutputAttention.composed``), one weight read per row instead of two."""
+        sa, ca = self.self_attn, self.cross_attention
+        value = ([*sa.composed(), None, None] if compose_value_output else
+                 [sa.v_proj.weight, sa.v_proj.bias, sa.output_proj.weight, sa.output_proj.bias])
+        return [*norm_tensors(self.self_attn_layer_norm), *value, *norm_tensors(self.self_attn_norm),
+                *norm_tensors(self.cross_attention_layer_norm), ca.q_proj.weight, ca.q_proj.bias,
+                *norm_tensors(ca.q_layer_norm), ca.output_proj.weight, ca.output_proj.bias,
+                *norm_tensors(self.ffn_layer_norm), *self.ffn.decode_tensors()]
 
 
 class Denoiser(nn.Module):
@@ -133,6 +145,30 @@ class Denoiser(nn.Module):
         for layer in self.layers:
             x = layer(x, t_emb, keys, mask)
         return self.final_proj(self.dropout(self.layer_norm(x)))
+
+    def decode_io_tensors(self) -> list[Optional[Tensor]]:
+        """``denoiser_layers_decode``'s ``io_params`` (``lcm_fast.ops.denoiser.IO_TENSORS``): the input projection,
+        the position-0 encoding added after it (None without one), the final norm and the output projection; []
+        when a projection has an activation (those then run outside the op)."""
+        if self.initial_proj.activation_fn is not None or self.final_proj.activation_fn is not None:
+            return []
+        w = self.initial_proj.fc.weight
+        position_0 = self.pos_encoder(w.new_zeros(1, 1, w.shape[0]))[0, 0] if self.pos_encoder is not None else None
+        return [w, self.initial_proj.fc.bias, position_0, *norm_tensors(self.layer_norm), self.final_proj.fc.weight,
+                self.final_proj.fc.bias]
+
+    @torch.no_grad()
+    def decode_modulations(self, timesteps: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """What decoding needs of the timestep and of the empty context: (modulations [steps, layers, 9, D], the
+        AdaLN (shift, scale, gate) of the self-attention, cross-attention and FFN at each timestep; uncond_cross
+        [layers, D], each layer's cross-attention output for an unconditional row, which sees only the zero key:
+        the softmax over one key is 1)."""
+        w = self.initial_proj.fc.weight
+        t_emb = self.embed_time(torch.tensor(list(timesteps), device=w.device)[:, None])  # [steps, 1, D]
+        mods = torch.stack([layer.modulator.fc(F.silu(t_emb))[:, 0] for layer in self.layers], dim=1)
+        zero = w.new_zeros(1, 1, w.shape[0])
+        uncond_cross = torch.stack([layer.cross_attention(zero, zero)[0, 0] for layer in self.layers])
+        return mods.unflatten(-1, (9, -1)), uncond_cross
 
 
 class TwoTowerLCM(SavePretrainedMixin, nn.Module):

@@ -193,6 +193,20 @@ class ValueOutputAttention(nn.Module):
     def forward(self, x: Tensor, linear: Optional[LinearFn] = None) -> Tensor:  # [B, S, dim] -> [B, S, dim]
         return apply_linear(self.output_proj, apply_linear(self.v_proj, x, linear), linear)
 
+    @torch.no_grad()
+    def composed(self) -> tuple[Tensor, Tensor]:
+        """The block as one projection: output_proj(v_proj(y)) = W y + b with W = W_o W_v, b = W_o b_v + b_o,
+        formed in at least fp32 -> (W [dim, dim], b [dim]) in the weights' dtype. A decoding step then reads
+        one dim x dim weight per row instead of two (it reassociates the sum: equal within rounding)."""
+        v, out = self.v_proj, self.output_proj
+        dtype = torch.promote_types(v.weight.dtype, torch.float32)
+        # one matmul forms both: W_o [W_v | b_v]
+        composed = out.weight.to(dtype) @ torch.cat((v.weight, v.bias[:, None]), dim=1).to(dtype)
+        weight, bias = composed[:, :-1], composed[:, -1]
+        if out.bias is not None:
+            bias = bias + out.bias
+        return weight.to(v.weight.dtype).contiguous(), bias.to(v.weight.dtype).contiguous()
+
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> Optional[Tensor]:
     """[q_len, k_len] bool mask for queries at the last q_len of k_len positions; None if all visible."""

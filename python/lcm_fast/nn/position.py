@@ -41,7 +41,7 @@ class RotaryEncoder(nn.Module):
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
         self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
-        self._tables = _DeviceCache(self._build)
+        self.tables = _DeviceCache(self._build)  # device -> (cos, sin), each [max_seq_len, head_dim / 2]
 
     def _build(self, device: torch.device) -> tuple[Tensor, Tensor]:
         idx = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
@@ -52,7 +52,7 @@ class RotaryEncoder(nn.Module):
     def forward(self, x: Tensor, start: int = 0) -> Tensor:  # x: [B, H, S, head_dim]
         seq_len = x.shape[-2]
         check_positions(start, seq_len, self.max_seq_len)
-        cos, sin = self._tables(x.device)
+        cos, sin = self.tables(x.device)
         cos, sin = cos[start : start + seq_len], sin[start : start + seq_len]
         xf = x.float().unflatten(-1, (-1, 2))
         even, odd = xf[..., 0], xf[..., 1]

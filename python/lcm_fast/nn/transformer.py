@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..config import TransformerConfig
-from .activation import make_activation
+from .activation import ACTIVATION_NAMES, make_activation
 from .attention import KVCache, MultiheadAttention, causal_mask, key_padding_mask
 from .linear import LinearFn, apply_linear
-from .norm import make_norm
+from .norm import make_norm, norm_args
 from .position import RotaryEncoder
 
 
@@ -50,6 +50,35 @@ class FeedForward(nn.Module):
                 h = self.inner_layer_norm(h)
         return apply_linear(self.output_proj, h, linear)
 
+    @property
+    def activation_name(self) -> str:
+        """The decode ops' name of the inner activation ("swiglu" for SwiGLU)."""
+        return "swiglu" if self.swiglu else ACTIVATION_NAMES[type(self.inner_activation)]
+
+    def decode_tensors(self) -> list[Optional[Tensor]]:
+        """gate, inner projection, PReLU weight, inner norm and output projection, the FFN's part of the decode
+        ops' per-layer ``params`` (``lcm_fast.ops.denoiser.FFN_TENSORS`` after the norm): None where absent."""
+        gate = [self.gate_proj.weight, self.gate_proj.bias] if self.swiglu else [None, None]
+        prelu = self.inner_activation.weight if isinstance(self.inner_activation, nn.PReLU) else None
+        return [*gate, self.inner_proj.weight, self.inner_proj.bias, prelu, *norm_tensors(self.inner_layer_norm),
+                self.output_proj.weight, self.output_proj.bias]
+
+
+def norm_tensors(norm: Optional[nn.Module]) -> list[Optional[Tensor]]:
+    """[weight, bias] of a norm (None where it has none, or for no norm at all)."""
+    return list(norm_args(norm)[:2]) if norm is not None else [None, None]
+
+
+def decode_args(layers: Sequence[nn.Module], **options: bool) -> tuple:
+    """The static arguments of the decode ops (``lcm_fast.ops.denoiser_layers_decode``, ``decoder_layers_decode``)
+    for layers of one configuration, each with a ``decode_tensors(**options)``: (params, rms, eps, activation,
+    post_norms, qk_norm)."""
+    first = layers[0]
+    _, _, rms, eps = norm_args(first.self_attn_layer_norm)
+    attention = getattr(first, "cross_attention", first.self_attn)  # the denoiser's attention is its cross-attention
+    params = [t for layer in layers for t in layer.decode_tensors(**options)]
+    return params, rms, eps, first.ffn.activation_name, first.self_attn_norm is not None, attention.q_layer_norm is not None
+
 
 class DecoderLayer(nn.Module):
     """Self-attention + FFN with pre/post/normformer norm order, sublayer dropout and optional
@@ -80,6 +109,16 @@ class DecoderLayer(nn.Module):
         h = self.dropout(self.ffn(x if post else self.ffn_layer_norm(x), linear))
         x = h + (x if self.residual_scale is None else self.residual_scale * x)
         return self.ffn_layer_norm(x) if post else x
+
+    def decode_tensors(self) -> list[Optional[Tensor]]:
+        """This layer's part of ``decoder_layers_decode``'s ``params`` (``lcm_fast.ops.decoder.DECODER_LAYER_TENSORS``
+        order; pre-norm or normformer layers): None where the layer has no such tensor."""
+        sa = self.self_attn
+        return [*norm_tensors(self.self_attn_layer_norm),
+                *(t for proj in (sa.q_proj, sa.k_proj, sa.v_proj) for t in (proj.weight, proj.bias)),
+                *norm_tensors(sa.q_layer_norm), *norm_tensors(sa.k_layer_norm), sa.output_proj.weight,
+                sa.output_proj.bias, *norm_tensors(self.self_attn_norm), *norm_tensors(self.ffn_layer_norm),
+                *self.ffn.decode_tensors()]
 
 
 class Decoder(nn.Module):

@@ -38,21 +38,21 @@ from torch import Tensor
 from .. import _ext
 from ._dispatch import OpSpec, register
 from .adaln import adaln_gated_residual_norm_modulate
-from .denoiser import FFN_PARAMS, attention_bias, check_layer_lists, ffn_ref, plain_norm
+from .denoiser import FFN_TENSORS, attention_bias, check_layer_lists, ffn_ref, plain_norm
 from .linear import skinny_linear
 
-#: one layer's entries of ``params`` (``csrc/decode/decoder_layers_cpu.cpp`` ``Param``), ``DecoderLayer`` keys:
-#: None where a layer has no such tensor
-DECODER_LAYER_PARAMS = (
-    "self_attn_layer_norm.weight", "self_attn_layer_norm.bias",
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias",
-    "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight", "self_attn.v_proj.bias",
-    "self_attn.q_layer_norm.weight", "self_attn.q_layer_norm.bias",  # q/k norm only
-    "self_attn.k_layer_norm.weight", "self_attn.k_layer_norm.bias",
-    "self_attn.output_proj.weight", "self_attn.output_proj.bias",
-    "self_attn_norm.weight", "self_attn_norm.bias",  # normformer only
-    *FFN_PARAMS,
+#: one layer's tensors in ``params`` (``csrc/decode/decoder_layers_cpu.cpp`` ``Param``), None where a layer has
+#: none; ``DecoderLayer.decode_tensors`` lists a layer's
+DECODER_LAYER_TENSORS = (
+    "self_attn_norm_weight", "self_attn_norm_bias",
+    "query_weight", "query_bias",
+    "key_weight", "key_bias",
+    "value_weight", "value_bias",
+    "query_norm_weight", "query_norm_bias",  # q/k norm only
+    "key_norm_weight", "key_norm_bias",
+    "self_attn_out_weight", "self_attn_out_bias",
+    "self_attn_post_norm_weight", "self_attn_post_norm_bias",  # normformer only
+    *FFN_TENSORS,
 )
 
 # CPU only, as denoiser_layers_decode
@@ -62,7 +62,7 @@ SPEC = register(OpSpec("decoder_layers_decode", devices=("cpu",)))
 def _check_args(h: Tensor, params: Sequence[Optional[Tensor]], keys: Sequence[Tensor], values: Sequence[Tensor],
                 num_cond: int, rope: Optional[Tensor], activation: str) -> None:
     op = "decoder_layers_decode"
-    check_layer_lists(op, params, keys, values, "DECODER_LAYER_PARAMS", len(DECODER_LAYER_PARAMS), activation)
+    check_layer_lists(op, params, keys, values, "DECODER_LAYER_TENSORS", len(DECODER_LAYER_TENSORS), activation)
     if h.dim() != 2 or keys[0].dim() != 4 or not 0 <= num_cond <= h.shape[0]:
         raise ValueError(f"{op}: h must be [R, D], the caches [B, H, capacity, D / H] and num_cond in [0, R], got "
                          f"{tuple(h.shape)}, {tuple(keys[0].shape)} and {num_cond}")
@@ -80,7 +80,7 @@ def decoder_layers_decode_ref(
     """Composed twin: h [R, D] -> [R, D] through every layer (see the module docstring); each layer's new keys
     and values of the conditional rows go to position ``length`` of its cache.
 
-    params: each layer's :data:`DECODER_LAYER_PARAMS`, layer after layer; keys, values: per layer the
+    params: each layer's :data:`DECODER_LAYER_TENSORS`, layer after layer; keys, values: per layer the
     [B, H, capacity, D / H] self-attention cache, positions < ``length`` filled (an int, or a 0-d int64
     tensor); rows: [num_cond] distinct int64 batch rows of the conditional rows (None: row r); rows >= num_cond
     attend to themselves only; rope: fp32 [2, positions, D / H / 2] cos and sin of every position (None: no
@@ -89,7 +89,7 @@ def decoder_layers_decode_ref(
     sub-op: "ref" makes this plain PyTorch (the specification), None lets each sub-op take its fused kernel.
     """
     _check_args(h, params, keys, values, num_cond, rope, activation)
-    n, layers, C, D = len(DECODER_LAYER_PARAMS), len(keys), num_cond, h.shape[-1]
+    n, layers, C, D = len(DECODER_LAYER_TENSORS), len(keys), num_cond, h.shape[-1]
     capacity, static = keys[0].shape[2], isinstance(length, Tensor)
     mask = attention_bias(capacity, length, h.dtype, inclusive=True) if static else None
     # a 1-d index tensor: indexing with the 0-d length would read its value on the host (no CUDA graph then)

@@ -20,7 +20,7 @@ with ``(sh, sc, g)`` the step's AdaLN shift/scale/gate of each sublayer (rows of
     h = h + g_ca c;   y = norm_ff(h) (1 + sc_ff) + sh_ff
     h = h + g_ff ffn(y)
 
-With ``io_params`` (:data:`IO_PARAMS`) the call is the whole denoiser of a step: ``h`` holds the latents
+With ``io_params`` (:data:`IO_TENSORS`) the call is the whole denoiser of a step: ``h`` holds the latents
 [R, S], projected in first (``h = in(x) + offset``, the position-0 encoding) and normed and projected out
 after the layers (``out(norm(h))``) -> [R, S]. That saves the fast engine four more dispatches per step.
 
@@ -46,33 +46,32 @@ from ._dispatch import OpSpec, register
 from .adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate
 from .linear import skinny_linear
 
-#: a layer's FFN sublayer entries, the last of its ``params`` in both decoding ops (``csrc/decode/layer_decode.h``
-#: ``FfnParam``)
-FFN_PARAMS = (
-    "ffn_layer_norm.weight", "ffn_layer_norm.bias",
-    "ffn.gate_proj.weight", "ffn.gate_proj.bias",  # SwiGLU only
-    "ffn.inner_proj.weight", "ffn.inner_proj.bias",
-    "ffn.inner_activation.weight",  # PReLU only
-    "ffn.inner_layer_norm.weight", "ffn.inner_layer_norm.bias",  # normformer without SwiGLU
-    "ffn.output_proj.weight", "ffn.output_proj.bias",
+#: what a layer's FFN sublayer contributes to ``params``, last in both decoding ops (``csrc/decode/layer_decode.h``
+#: ``FfnParam``); the models list their own tensors in this order (``FeedForward.decode_tensors``)
+FFN_TENSORS = (
+    "ffn_norm_weight", "ffn_norm_bias",
+    "gate_weight", "gate_bias",  # SwiGLU only
+    "inner_weight", "inner_bias",
+    "prelu_weight",  # PReLU only
+    "inner_norm_weight", "inner_norm_bias",  # normformer without SwiGLU
+    "ffn_out_weight", "ffn_out_bias",
 )
-#: one layer's entries of ``params`` (``csrc/decode/denoiser_layers_cpu.cpp`` ``Param``): None where a layer
-#: has no such tensor
-LAYER_PARAMS = (
-    "self_attn_layer_norm.weight", "self_attn_layer_norm.bias",
-    "self_attn.v_proj.weight", "self_attn.v_proj.bias",
-    "self_attn.output_proj.weight", "self_attn.output_proj.bias",  # None: v_proj is output_proj o v_proj
-    "self_attn_norm.weight", "self_attn_norm.bias",  # normformer only
-    "cross_attention_layer_norm.weight", "cross_attention_layer_norm.bias",
-    "cross_attention.q_proj.weight", "cross_attention.q_proj.bias",
-    "cross_attention.q_layer_norm.weight", "cross_attention.q_layer_norm.bias",  # q/k norm only
-    "cross_attention.output_proj.weight", "cross_attention.output_proj.bias",
-    *FFN_PARAMS,
+#: one layer's tensors in ``params`` (``csrc/decode/denoiser_layers_cpu.cpp`` ``Param``), None where a layer has
+#: none; ``DenoiserLayer.decode_tensors`` lists a layer's
+LAYER_TENSORS = (
+    "self_attn_norm_weight", "self_attn_norm_bias",
+    "value_weight", "value_bias",
+    "self_attn_out_weight", "self_attn_out_bias",  # None: the value projection is the composed output o value
+    "self_attn_post_norm_weight", "self_attn_post_norm_bias",  # normformer only
+    "cross_norm_weight", "cross_norm_bias",
+    "query_weight", "query_bias",
+    "query_norm_weight", "query_norm_bias",  # q/k norm only
+    "cross_out_weight", "cross_out_bias",
+    *FFN_TENSORS,
 )
-#: ``io_params`` entries: the denoiser's input projection, the constant position-0 encoding added after it
-#: (None without one), its final norm and output projection (``Denoiser`` keys, projections without activation)
-IO_PARAMS = ("initial_proj.fc.weight", "initial_proj.fc.bias", "position_0", "layer_norm.weight", "layer_norm.bias",
-             "final_proj.fc.weight", "final_proj.fc.bias")
+#: ``io_params``: the denoiser's input projection, the constant position-0 encoding added after it (None without
+#: one), its final norm and output projection, projections without activation (``Denoiser.decode_io_tensors``)
+IO_TENSORS = ("in_weight", "in_bias", "position_0", "norm_weight", "norm_bias", "out_weight", "out_bias")
 #: FFN activations (``nn/activation.py`` names); ``swiglu`` is ``silu(gate_proj(y)) * inner_proj(y)``
 ACTIVATIONS = {
     "swiglu": F.silu, "relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "leaky_relu": F.leaky_relu,
@@ -103,9 +102,9 @@ def _check_args(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor
                 values: Sequence[Tensor], uncond_cross: Tensor, activation: str,
                 io_params: Sequence[Optional[Tensor]]) -> None:
     op, layers = "denoiser_layers_decode", len(keys)
-    check_layer_lists(op, params, keys, values, "LAYER_PARAMS", len(LAYER_PARAMS), activation)
-    if io_params and (len(io_params) != len(IO_PARAMS) or io_params[0] is None or io_params[5] is None):
-        raise ValueError(f"{op}: io_params must be empty or the {len(IO_PARAMS)} IO_PARAMS with both projection "
+    check_layer_lists(op, params, keys, values, "LAYER_TENSORS", len(LAYER_TENSORS), activation)
+    if io_params and (len(io_params) != len(IO_TENSORS) or io_params[0] is None or io_params[5] is None):
+        raise ValueError(f"{op}: io_params must be empty or the {len(IO_TENSORS)} IO_TENSORS with both projection "
                          f"weights, got {len(io_params)} entries")
     dim = io_params[0].shape[0] if io_params else h.shape[-1]
     if io_params and h.shape[-1] != io_params[0].shape[1]:
@@ -126,16 +125,16 @@ def denoiser_layers_decode_ref(
     denoiser with ``io_params`` (see the module docstring).
 
     modulations: [layers, 9, D] (shift, scale, gate of self-attention, cross-attention, FFN); params:
-    each layer's :data:`LAYER_PARAMS`, layer after layer; keys, values: per layer the [B, H, capacity,
+    each layer's :data:`LAYER_TENSORS`, layer after layer; keys, values: per layer the [B, H, capacity,
     D / H] cross-attention cache, the first ``length`` positions valid (an int, or a 0-d int64 tensor:
     see the module docstring); rows: [num_cond] int64 batch row of each conditional row (None: row r); uncond_cross: [layers, D]; rms / eps: the layers' norm style;
     activation: a key of :data:`ACTIVATIONS`; post_norms: normformer (norm after self-attention, and the
-    FFN inner norm without SwiGLU); qk_norm: the query norm; io_params: empty, or :data:`IO_PARAMS` (the
+    FFN inner norm without SwiGLU); qk_norm: the query norm; io_params: empty, or :data:`IO_TENSORS` (the
     final norm has the layers' style). ``backend`` goes to every sub-op: "ref" makes this plain PyTorch
     (the specification), None lets each sub-op take its fused kernel (the composed fallback).
     """
     _check_args(h, modulations, params, keys, values, uncond_cross, activation, io_params)
-    n, layers = len(LAYER_PARAMS), len(keys)
+    n, layers = len(LAYER_TENSORS), len(keys)
     if io_params:
         in_w, in_b, offset, norm_w, norm_b, out_w, out_b = io_params
         h = skinny_linear(h, in_w, in_b, backend=backend)
@@ -181,7 +180,7 @@ def plain_norm(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], rms: bool, e
 
 def ffn_ref(y: Tensor, params: Sequence[Optional[Tensor]], rms: bool, eps: float, activation: str, post_norms: bool,
             backend: Optional[str]) -> Tensor:
-    """The FFN sublayer's branch on normed rows y [R, D] -> [R, D]; params: :data:`FFN_PARAMS` after the norm."""
+    """The FFN sublayer's branch on normed rows y [R, D] -> [R, D]; params: :data:`FFN_TENSORS` after the norm."""
     gate_w, gate_b, in_w, in_b, act_w, inn_w, inn_b, out_w, out_b = params
 
     def linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
@@ -203,7 +202,7 @@ def _layer_ref(h: Tensor, y: Tensor, modulations: Tensor, params: Sequence[Optio
                backend: Optional[str]) -> tuple[Tensor, Tensor]:
     """One layer up to its FFN branch: h [R, D] and y, its self-attention norm + modulate, -> (h after the
     cross-attention residual, the FFN branch f), the layer's output being h + gate_ff f. modulations [9, D]
-    (one row for every row); params in LAYER_PARAMS order; keys/values its cache; uncond_cross [D]; length: the
+    (one row for every row); params in LAYER_TENSORS order; keys/values its cache; uncond_cross [D]; length: the
     number of valid cached positions, or their additive mask [1, 1, 1, capacity]."""
     (sa_w, sa_b, v_w, v_b, sao_w, sao_b, san_w, san_b, ca_w, ca_b, q_w, q_b, qn_w, qn_b, cao_w, cao_b,
      ff_w, ff_b, gate_w, gate_b, in_w, in_b, act_w, inn_w, inn_b, out_w, out_b) = params
