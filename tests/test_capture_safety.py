@@ -9,7 +9,7 @@ import torch
 
 import lcm_fast
 from lcm_fast.inference.fast import FastDecoder
-from lcm_fast.inference.generator import _FastTwoTowerStepper
+from lcm_fast.inference.generator import _TwoTowerStepper
 from lcm_fast.inference.graphs import CapturedCall, CaptureGuard, CaptureUnsafeError
 from lcm_fast.nn.attention import KVCache
 
@@ -86,7 +86,7 @@ def test_two_tower_sentence_loop_is_capture_safe(guidance, eta):
     model = random_model(tiny_config("two_tower_diffusion_lcm"))
     options = lcm_fast.GenerationOptions.recommended(seed=0, guidance_scale=guidance, ddim_eta=eta,
                                                      inference_timesteps=6)
-    stepper = _FastTwoTowerStepper(model, options, 16, lcm_fast.TorchNoise(0), static_batch=4)
+    stepper = _TwoTowerStepper(model, options, True, 16, lcm_fast.TorchNoise(0), fast=True, static_batch=4)
     steps, D = len(stepper.timesteps), model.sonar_dim
     with torch.inference_mode():
         stepper.prefill(torch.randn(4, 5, D))

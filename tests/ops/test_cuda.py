@@ -63,7 +63,7 @@ def test_coefficients_must_live_on_the_device():
 def test_fast_engine_sentence_graph_replays_eager_bit_for_bit():
     """The fast engine's captured sentence loop (every denoiser call and sampler step of a sentence, static
     shapes) replays exactly what the same loop computes eagerly, for two different inputs."""
-    from lcm_fast.inference.generator import _FastTwoTowerStepper
+    from lcm_fast.inference.generator import _TwoTowerStepper
     from lcm_fast.inference.graphs import CapturedCall
 
     from ..conftest import random_model, tiny_config
@@ -71,7 +71,7 @@ def test_fast_engine_sentence_graph_replays_eager_bit_for_bit():
     model = random_model(tiny_config("two_tower_diffusion_lcm")).cuda()
     options = lcm_fast.GenerationOptions.recommended(seed=0, ddim_eta=0.3, inference_timesteps=12)
     B = 3
-    stepper = _FastTwoTowerStepper(model, options, 16, lcm_fast.TorchNoise(0), static_batch=B)
+    stepper = _TwoTowerStepper(model, options, True, 16, lcm_fast.TorchNoise(0), fast=True, static_batch=B)
     D, steps = model.sonar_dim, len(stepper.timesteps)
     stepper.prefill(torch.randn(B, 5, D, device="cuda"))
     inputs = [(torch.randn(B, 1, D, device="cuda"), torch.zeros(B, 1, D, device="cuda"),

@@ -9,7 +9,8 @@ Two engines compute the Two-Tower denoising: ``"reference"`` evaluates the denoi
 code does (a readable port: every row, both CFG halves, every step), ``"fast"`` (the default) gets the
 same outputs without the waste (see :mod:`lcm_fast.inference.fast`). Base-LCM, One-Tower and Quant-LCM use
 their KV-cached decoder in both; the fast engine runs each new position's layers in one op call
-(:class:`FastDecoder`; post-norm layers and ``scale_residual`` keep the modules).
+(:class:`FastDecoder`; post-norm layers and ``scale_residual`` keep the modules). One stepper per family, the
+engine a choice inside it; the DDIM + CFG chain of the diffusion families is :class:`~lcm_fast.diffusion.GuidedDDIM`.
 """
 
 from __future__ import annotations
@@ -202,13 +203,36 @@ def _encode_into_cache(model: OneTowerLCM | QuantLCM, cache: list, seqs: Tensor,
 
 
 class _BaseLCMStepper:
-    """Base-LCM next-sentence prediction with an optional KV cache (official ``LCMGenerator``)."""
+    """Base-LCM next-sentence prediction with an optional KV cache (official ``LCMGenerator``).
+
+    The fast engine (``fast``): the prefill as the reference, then each step's new position through
+    :class:`FastDecoder` (every layer in one op call, on the same cache). With ``static_batch`` (cuda_graphs: the
+    call's batch) the decoder runs in static shapes on zeroed caches with rows for that batch's bucket, the active
+    rows padded to their :func:`batch_bucket` (finished rows leave the caches in place): a bucket's first step
+    eagerly, the next ones as a replay of its CUDA graph (:class:`BatchGraphs`; on CPU the same calls without a
+    graph). The latent noise and the (de)normalization stay outside the graph."""
 
     def __init__(self, model: BaseLCM, options: GenerationOptions, temperature: float, use_cache: bool,
-                 capacity: int, noise: NoiseSource) -> None:
+                 capacity: int, noise: NoiseSource, fast: bool = False, static_batch: Optional[int] = None) -> None:
         self.model, self.options, self.temperature, self.noise = model, options, temperature, noise
         self.cache = model.new_cache(capacity) if use_cache else None
-        self.linear: Optional[LinearFn] = None  # the modules' GEMM (None: their own)
+        # the modules' GEMM (None: their own); the fast engine's prefill too takes the kernel where it beats BLAS
+        self.linear: Optional[LinearFn] = skinny_linear if fast else None
+        self.decoder: Optional[FastDecoder] = None
+        self.graphs: Optional[BatchGraphs] = None
+        if fast:
+            if static_batch is not None:
+                self.cache = [KVCache(capacity, zeroed=True, batch_capacity=batch_bucket(static_batch))
+                              for _ in self.cache]
+                self.graphs = BatchGraphs(lambda x, out: out.copy_(self.decoder(x)))
+            self.decoder = FastDecoder(model, self.cache, static_shapes=static_batch is not None)
+
+    def restart(self, noise: NoiseSource, temperature: float) -> None:
+        """Static shapes: ready for another generation call on the same caches and graphs (emptied, not freed)."""
+        self.noise, self.temperature = noise, temperature
+        for cache in self.cache:
+            cache.reset()
+        self.decoder.length.zero_()
 
     def _randn(self, shape: tuple[int, ...]) -> Tensor:
         return self.noise.randn(shape, site="latent_sample", device=model_device(self.model))
@@ -225,49 +249,14 @@ class _BaseLCMStepper:
             # sampling noise is drawn, so we draw it too to stay on the same random stream. The last
             # prompt position is the first step's input.
             self._predict(prefix[:, :-1])
+        if self.decoder is not None:
+            self.decoder.length.fill_(self.cache[0].length)  # the positions the module path cached
 
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
         """Next sentence of every active row: [B, D] (teacher-forced rows are computed and replaced)."""
-        inputs = seqs[:, step - 1 : step] if self.cache is not None else seqs[:, :step]
-        return self._predict(inputs)[:, -1]
-
-    def reorder(self, index: Tensor) -> None:
-        for c in self.cache or []:
-            c.reorder(index)
-
-
-class _FastBaseLCMStepper(_BaseLCMStepper):
-    """The fast engine's Base-LCM: the prefill as the reference, then each step's new position through
-    :class:`FastDecoder` (every layer in one op call, on the same cache).
-
-    With ``static_batch`` (cuda_graphs: the call's batch) the decoder runs in static shapes on zeroed caches with
-    rows for that batch's bucket, the active rows padded to their :func:`batch_bucket` (finished rows leave the
-    caches in place): a bucket's first step eagerly, the next ones as a replay of its CUDA graph
-    (:class:`BatchGraphs`; on CPU the same calls without a graph). The latent noise and the (de)normalization stay
-    outside the graph."""
-
-    def __init__(self, model: BaseLCM, options: GenerationOptions, temperature: float, capacity: int,
-                 noise: NoiseSource, static_batch: Optional[int] = None) -> None:
-        super().__init__(model, options, temperature, True, capacity, noise)
-        self.linear = skinny_linear  # the prompt's prefill too: the kernel wherever it beats BLAS
-        static = static_batch is not None
-        if static:
-            self.cache = [KVCache(capacity, zeroed=True, batch_capacity=batch_bucket(static_batch)) for _ in self.cache]
-        self.decoder = FastDecoder(model, self.cache, static_shapes=static)
-        self.graphs = BatchGraphs(lambda x, out: out.copy_(self.decoder(x))) if static else None
-
-    def restart(self, noise: NoiseSource, temperature: float) -> None:
-        """Static shapes: ready for another generation call on the same caches and graphs (emptied, not freed)."""
-        self.noise, self.temperature = noise, temperature
-        for cache in self.cache:
-            cache.reset()
-        self.decoder.length.zero_()
-
-    def prefill(self, prefix: Tensor) -> None:
-        super().prefill(prefix)
-        self.decoder.length.fill_(self.cache[0].length)  # the positions the module path cached
-
-    def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
+        if self.decoder is None:
+            inputs = seqs[:, step - 1 : step] if self.cache is not None else seqs[:, :step]
+            return self._predict(inputs)[:, -1]
         check_positions(self.cache[0].length, 1, self.model.config.max_seq_len)
         out = self._predict(seqs[:, step - 1 : step], self._decode)[:, -1]
         self.decoder.advance()
@@ -280,16 +269,31 @@ class _FastBaseLCMStepper(_BaseLCMStepper):
         out = x.new_empty(size, 1, self.model.postnet.fc.weight.shape[0])
         return self.graphs(pad_batch(x, size), out)[1][:n]
 
+    def reorder(self, index: Tensor) -> None:
+        for c in self.cache or []:
+            c.reorder(index)
+
 
 class _TwoTowerStepper:
-    """Two-Tower reference: incremental contextualizer + a full DDIM chain per sentence, with or without
-    CFG, computed as the official ``TwoTowerDiffusionLCModel.predict_next_sentence[_with_cf_guidance]``
-    does (every row, both CFG halves at every step). Each DDIM step is one fused ``guided_ddim_step_``
-    (CFG combine, rescale, update, clips); dynamic thresholding, which needs a per-row quantile, runs
-    the scheduler's step instead."""
+    """Two-Tower: incremental contextualizer + a full DDIM chain per sentence, with or without CFG. Each DDIM step
+    is one fused ``guided_ddim_step_`` (CFG combine, rescale, update, clips); dynamic thresholding, which needs a
+    per-row quantile, runs the scheduler's step instead.
+
+    The reference engine computes the chain as the official
+    ``TwoTowerDiffusionLCModel.predict_next_sentence[_with_cf_guidance]`` does (every row, both CFG halves at
+    every step). The fast engine (``fast``) gets the same through :class:`FastDenoiser` (timestep tables, cached
+    cross-attention K/V, constant unconditional cross-attention, no unconditional pass at the first CFG step),
+    without diffusion for teacher-forced rows.
+
+    With ``static_batch`` (fast engine, cuda_graphs: the call's batch) a sentence's whole DDIM loop runs on static
+    buffers (caches with rows for that batch's bucket, noise drawn up front, in the official order; the denoiser
+    in static shapes), the active rows padded to their :func:`batch_bucket`: a bucket's first sentence eagerly, the
+    next ones as a replay of its CUDA graph (:class:`BatchGraphs`; on CPU the same loop runs without a graph).
+    Finished rows leave the caches in place, so the graphs stay valid. Sentences with teacher-forced rows, a step
+    callback or dynamic thresholding take the per-step loop."""
 
     def __init__(self, model: TwoTowerLCM, options: GenerationOptions, use_cache: bool, capacity: int,
-                 noise: NoiseSource) -> None:
+                 noise: NoiseSource, fast: bool = False, static_batch: Optional[int] = None) -> None:
         self.model, self.options, self.noise, self.capacity = model, options, noise, capacity
         self.cache = model.new_cache(capacity) if use_cache else None
         overrides = {}
@@ -304,7 +308,23 @@ class _TwoTowerStepper:
                                official_stride=options.official_timestep_stride, device=device, dim=model.sonar_dim)
         self.timesteps, self.cfg = self.ddim.timesteps, self.ddim.cfg
         self.context: Optional[Tensor] = None  # [B, C, model_dim]
-        self.linear: Optional[LinearFn] = None  # the contextualizer's GEMM (None: the modules' own)
+        # the contextualizer's GEMM (None: the modules' own); the fast engine's: the kernel wherever it beats BLAS
+        self.linear: Optional[LinearFn] = skinny_linear if fast else None
+        self.fast: Optional[FastDenoiser] = None
+        self.graphs: Optional[BatchGraphs] = None
+        if fast:
+            if static_batch is not None:  # the contextualizer's caches too keep their storage, for the next call
+                self.cache = [KVCache(capacity, batch_capacity=batch_bucket(static_batch)) for _ in self.cache]
+                self.graphs = BatchGraphs(self._sentence)
+            self.fast = FastDenoiser(model, self.timesteps, capacity, static_shapes=static_batch is not None)
+
+    def restart(self, noise: NoiseSource, temperature: float) -> None:
+        """Static shapes: ready for another generation call on the same caches and graphs (emptied, not freed).
+        temperature: unused (the signature of every stepper a call may reuse)."""
+        self.noise, self.context = noise, None
+        for cache in self.cache:
+            cache.reset()
+        self.fast.reset()
 
     def prefill(self, prefix: Tensor) -> None:  # prefix: [B, Pmin, D] raw
         if self.cache is not None:
@@ -320,15 +340,21 @@ class _TwoTowerStepper:
             new = m.encode(m.normalizer.normalize(seqs[:, self.context.shape[1] : step]), cache=self.cache,
                            linear=self.linear)
             self.context = torch.cat((self.context, new), dim=1)
+            if self.fast is not None:
+                self.fast.append(new)
 
     def _rows(self, forced: Tensor) -> Optional[Tensor]:
         """Batch rows to denoise (None: all). The reference denoises teacher-forced rows too."""
-        return None
+        return None if self.fast is None or not forced.any() else (~forced).nonzero().flatten()
 
     def _denoise(self, latents: Tensor, i: int, t: int, rows: Optional[Tensor]) -> Tensor:
         """Model output for latents [n, 1, D] (model dtype): [2n, 1, D] with CFG (conditional rows,
-        then unconditional: zero context, only the zero key visible), else [n, 1, D]."""
-        context, n = self.context, latents.shape[0]
+        then unconditional: zero context, only the zero key visible), else [n, 1, D]; the fast engine omits the
+        unconditional rows where the step does not use them (the first CFG step)."""
+        n = latents.shape[0]
+        if self.fast is not None:
+            return self.fast(torch.cat((latents, latents)) if self.ddim.unconditional(t) else latents, i, n, rows)
+        context = self.context
         x, context_lens = latents, None
         if self.cfg:
             x = torch.cat((latents, latents))
@@ -365,6 +391,8 @@ class _TwoTowerStepper:
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
         """Next sentence of every active row: [B, D]. forced: [B] rows whose prompt covers ``step``
         (their output is replaced by the prompt; the noise is still drawn for them, as officially)."""
+        if self.graphs is not None and callback is None and not self.scheduler.config.thresholding and not forced.any():
+            return self._static_step(seqs, step)
         m, opt, sched = self.model, self.options, self.scheduler
         self._extend_context(seqs, step)
         B, D, device, dtype = seqs.shape[0], m.sonar_dim, seqs.device, self.dtype
@@ -393,46 +421,8 @@ class _TwoTowerStepper:
             return out
         return torch.zeros(B, D, device=device, dtype=dtype).index_copy_(0, rows, out)
 
-    def reorder(self, index: Tensor) -> None:
-        for c in self.cache or []:
-            c.reorder(index)
-        if self.context is not None:
-            self.context = self.context.index_select(0, index)
-
-
-class _FastTwoTowerStepper(_TwoTowerStepper):
-    """The same algorithm through :class:`FastDenoiser` (timestep tables, cached cross-attention K/V,
-    constant unconditional cross-attention, no unconditional pass at the first CFG step), and no
-    diffusion for teacher-forced rows.
-
-    With ``static_batch`` (cuda_graphs: the call's batch) a sentence's whole DDIM loop runs on static buffers
-    (caches with rows for that batch's bucket, noise drawn up front, in the official order; the denoiser in static
-    shapes), the active rows padded to their :func:`batch_bucket`: a bucket's first sentence eagerly, the next ones
-    as a replay of its CUDA graph (:class:`BatchGraphs`; on CPU the same loop runs without a graph). Finished rows
-    leave the caches in place, so the graphs stay valid. Sentences with teacher-forced rows, a step callback or
-    dynamic thresholding take the per-step loop."""
-
-    def __init__(self, model: TwoTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
-                 static_batch: Optional[int] = None) -> None:
-        super().__init__(model, options, True, capacity, noise)
-        self.linear = skinny_linear  # the contextualizer too: the kernel wherever it beats BLAS
-        static = static_batch is not None
-        if static:  # the contextualizer's caches too keep their storage, for the next call (restart)
-            self.cache = [KVCache(capacity, batch_capacity=batch_bucket(static_batch)) for _ in self.cache]
-        self.fast = FastDenoiser(model, self.timesteps, capacity, static_shapes=static)
-        self.graphs = BatchGraphs(self._sentence) if static else None
-
-    def restart(self, noise: NoiseSource, temperature: float) -> None:
-        """Static shapes: ready for another generation call on the same caches and graphs (emptied, not freed).
-        temperature: unused (the signature of every stepper a call may reuse)."""
-        self.noise, self.context = noise, None
-        for cache in self.cache:
-            cache.reset()
-        self.fast.reset()
-
-    def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
-        if self.graphs is None or callback is not None or self.scheduler.config.thresholding or bool(forced.any()):
-            return super().step(seqs, step, forced, callback)
+    def _static_step(self, seqs: Tensor, step: int) -> Tensor:
+        """The sentence's DDIM loop on static buffers, a replay of its CUDA graph (see the class docstring)."""
         opt, n, D, device = self.options, seqs.shape[0], self.model.sonar_dim, seqs.device
         self._extend_context(seqs, step)
         latents = self._initial_latents(n, device)
@@ -453,33 +443,27 @@ class _FastTwoTowerStepper(_TwoTowerStepper):
 
         self.ddim.run(latents.view(B, D), x0.view(B, D), denoise, noise.flatten(1, 2) if noise is not None else None)
 
-    def _extend_context(self, seqs: Tensor, step: int) -> None:
-        before = self.context.shape[1]
-        super()._extend_context(seqs, step)
-        if self.context.shape[1] > before:
-            self.fast.append(self.context[:, before:])
-
-    def _rows(self, forced: Tensor) -> Optional[Tensor]:
-        return None if not forced.any() else (~forced).nonzero().flatten()
-
-    def _denoise(self, latents: Tensor, i: int, t: int, rows: Optional[Tensor]) -> Tensor:
-        n = latents.shape[0]
-        if not self.ddim.unconditional(t):
-            return self.fast(latents, i, n, rows)
-        return self.fast(torch.cat((latents, latents)), i, n, rows)
-
     def reorder(self, index: Tensor) -> None:
-        super().reorder(index)
-        self.fast.reorder(index)  # in place in static shapes: the graphs stay valid
+        for c in self.cache or []:
+            c.reorder(index)
+        if self.context is not None:
+            self.context = self.context.index_select(0, index)
+        if self.fast is not None:
+            self.fast.reorder(index)  # in place in static shapes: the graphs stay valid
 
 
 class _OneTowerStepper(_TwoTowerStepper):
     """One-Tower: the clean sentences so far are a KV cache; every DDIM step runs only the noisy token
     of the next sentence, attending to the cache (conditional) or to itself (unconditional). The
-    same sampling options and DDIM chain as Two-Tower; teacher-forced rows are not denoised."""
+    same sampling options and DDIM chain as Two-Tower; teacher-forced rows are not denoised. The fast engine
+    runs each step's tokens (and their CFG twins) through :class:`FastDecoder` (every layer in one op call, on
+    the context cache, no cache copies for row subsets)."""
 
-    def __init__(self, model: OneTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource) -> None:
+    def __init__(self, model: OneTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
+                 fast: bool) -> None:
         super().__init__(model, options, True, capacity, noise)  # type: ignore[arg-type]
+        self.linear = skinny_linear if fast else None  # the context's encoding too: the kernel where it beats BLAS
+        self.decoder = FastDecoder(model, self.cache) if fast else None
 
     def prefill(self, prefix: Tensor) -> None:
         self._extend_context(prefix, prefix.shape[1])
@@ -491,6 +475,8 @@ class _OneTowerStepper(_TwoTowerStepper):
         return None if not forced.any() else (~forced).nonzero().flatten()
 
     def _denoise(self, latents: Tensor, i: int, t: int, rows: Optional[Tensor]) -> Tensor:
+        if self.decoder is not None:
+            return self.decoder.denoise(latents, t, rows, self.ddim.unconditional(t))
         cache = self.cache if rows is None else [c.select(rows) for c in self.cache]
         cond = self.model.denoise_step(latents, t, cache)
         if not self.ddim.unconditional(t):
@@ -498,47 +484,42 @@ class _OneTowerStepper(_TwoTowerStepper):
         return torch.cat((cond, self.model.denoise_step(latents, t, cache, conditional=False)))
 
 
-class _FastOneTowerStepper(_OneTowerStepper):
-    """The fast engine's One-Tower: every denoising step's noisy tokens (and their CFG twins) through
-    :class:`FastDecoder` (every layer in one op call, on the context cache, no cache copies for row subsets)."""
-
-    def __init__(self, model: OneTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource) -> None:
-        super().__init__(model, options, capacity, noise)
-        self.linear = skinny_linear  # the context's encoding too: the kernel wherever it beats BLAS
-        self.fast = FastDecoder(model, self.cache)
-
-    def _denoise(self, latents: Tensor, i: int, t: int, rows: Optional[Tensor]) -> Tensor:
-        return self.fast.denoise(latents, t, rows, self.ddim.unconditional(t))
-
-
 class _QuantStepper:
     """Quant-LCM: the One-Tower context cache, then for the next sentence M passes of one token each,
     k = 1..M: the model sees the intermediate representation of the codebooks chosen so far and the
     index k; its (CFG-guided) output scores the units of codebook k, one is picked (greedy or
-    sampled) and its centroid added. The sentence is the final sum of M centroids."""
+    sampled) and its centroid added. The sentence is the final sum of M centroids. The fast engine runs each
+    pass's tokens (and their CFG twins) through :class:`FastDecoder` (every layer in one op call, on the context
+    cache, no cache copies for row subsets)."""
 
-    def __init__(self, model: QuantLCM, options: GenerationOptions, capacity: int, noise: NoiseSource) -> None:
+    def __init__(self, model: QuantLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
+                 fast: bool) -> None:
         self.model, self.options, self.noise = model, options, noise
         self.cache = model.new_cache(capacity)
         self.cfg = options.guidance_scale != 1.0
-        self.linear: Optional[LinearFn] = None  # the context's GEMM (None: the modules' own)
+        self.linear = skinny_linear if fast else None  # the context's encoding too: the kernel where it beats BLAS
+        self.fast = FastDecoder(model, self.cache) if fast else None
 
     def prefill(self, prefix: Tensor) -> None:
         _encode_into_cache(self.model, self.cache, prefix, prefix.shape[1], self.linear)
 
     def _context(self, rows: Optional[Tensor]) -> Optional[list[KVCache]]:
-        """The cache a sentence's passes attend to: its rows ``rows`` (None: all)."""
-        return self.cache if rows is None else [c.select(rows) for c in self.cache]
+        """The cache a sentence's passes attend to: its rows ``rows`` (None: all; the fast engine reads the rows
+        of the cache in place: None)."""
+        return None if self.fast is not None or rows is None else [c.select(rows) for c in self.cache]
 
     def _guided(self, x: Tensor, k: int, rows: Optional[Tensor], context: Optional[list[KVCache]]) -> Tensor:
         """The (CFG-guided) model output for x [n, 1, sonar_dim] (normalized intermediate representations) at
         codebook index k, on ``context`` (batch rows ``rows``) -> [n, 1, out_dim]."""
-        m, opt = self.model, self.options
-        out = m.denoise_step(x, k, context)
-        if not self.cfg:
-            return out
-        uncond = m.denoise_step(x, k, context, conditional=False)
-        return uncond + opt.guidance_scale * (out - uncond)
+        m = self.model
+        if self.fast is not None:
+            out = self.fast.denoise(x, k, rows, self.cfg)
+            cond, uncond = out.chunk(2) if self.cfg else (out, None)
+        else:
+            context = context if context is not None else self.cache
+            cond = m.denoise_step(x, k, context)
+            uncond = m.denoise_step(x, k, context, conditional=False) if self.cfg else None
+        return cond if uncond is None else uncond + self.options.guidance_scale * (cond - uncond)
 
     def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
         m, opt = self.model, self.options
@@ -567,26 +548,6 @@ class _QuantStepper:
     def reorder(self, index: Tensor) -> None:
         for c in self.cache:
             c.reorder(index)
-
-
-class _FastQuantStepper(_QuantStepper):
-    """The fast engine's Quant-LCM: each codebook pass's tokens (and their CFG twins) through :class:`FastDecoder`
-    (every layer in one op call, on the context cache, no cache copies for row subsets)."""
-
-    def __init__(self, model: QuantLCM, options: GenerationOptions, capacity: int, noise: NoiseSource) -> None:
-        super().__init__(model, options, capacity, noise)
-        self.linear = skinny_linear  # the context's encoding too: the kernel wherever it beats BLAS
-        self.fast = FastDecoder(model, self.cache)
-
-    def _context(self, rows: Optional[Tensor]) -> None:
-        return None  # the op reads the rows of the cache in place
-
-    def _guided(self, x: Tensor, k: int, rows: Optional[Tensor], context: Optional[list[KVCache]]) -> Tensor:
-        out = self.fast.denoise(x, k, rows, self.cfg)
-        if not self.cfg:
-            return out
-        cond, uncond = out.chunk(2)
-        return uncond + self.options.guidance_scale * (cond - uncond)
 
 
 class Generator:
@@ -628,7 +589,7 @@ class Generator:
         self.engine = engine
         self.model = model.eval()
         self.cuda_graphs = cuda_graphs
-        self._static: Optional[tuple[tuple, _FastTwoTowerStepper | _FastBaseLCMStepper]] = None  # see _static_stepper
+        self._static: Optional[tuple[tuple, _TwoTowerStepper | _BaseLCMStepper]] = None  # see _static_stepper
         self.options = options or GenerationOptions()
         self.options.validate()  # also on an options object changed in place since it was made
         if eos_vec is not None and eos_vec.shape != (model.sonar_dim,):
@@ -689,22 +650,17 @@ class Generator:
         rows = torch.arange(B, device=device)  # original index of each active row
         results: list[Optional[Tensor]] = [None] * B
 
+        # the fast engine always caches; Two-Tower's runs any layer, the others' FastDecoder not every layer style
+        fast = self.engine == "fast" and (isinstance(model, TwoTowerLCM) or fast_decoder_unsupported(model) is None)
         if isinstance(model, (OneTowerLCM, QuantLCM)):  # always cached: the context cache is the model's state
-            fast = self.engine == "fast" and fast_decoder_unsupported(model) is None
-            if isinstance(model, QuantLCM):
-                stepper = (_FastQuantStepper if fast else _QuantStepper)(model, opt, total, noise)
-            else:
-                stepper = (_FastOneTowerStepper if fast else _OneTowerStepper)(model, opt, total, noise)
+            stepper = (_QuantStepper if isinstance(model, QuantLCM) else _OneTowerStepper)(model, opt, total, noise, fast)
         elif self.cuda_graphs and not disable_cache:
             stepper = self._static_stepper(B, total, noise, temperature)
-        elif isinstance(model, TwoTowerLCM) and self.engine == "fast" and not disable_cache:
-            stepper = _FastTwoTowerStepper(model, opt, total, noise)
         elif isinstance(model, TwoTowerLCM):
-            stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise)
-        elif self.engine == "fast" and not disable_cache and fast_decoder_unsupported(model) is None:
-            stepper = _FastBaseLCMStepper(model, opt, temperature, total, noise)
+            stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise, fast=fast and not disable_cache)
         else:
-            stepper = _BaseLCMStepper(model, opt, temperature, not disable_cache, total, noise)
+            stepper = _BaseLCMStepper(model, opt, temperature, not disable_cache, total, noise,
+                                      fast=fast and not disable_cache)
         stepper.prefill(seqs[:, :P_min])  # every document's prompt covers these: contextualized in one pass
 
         eos = self.eos_vec.to(device=device, dtype=dtype) if self.eos_vec is not None else None
@@ -740,7 +696,7 @@ class Generator:
         return GenerationOutput(results)  # type: ignore[arg-type]  (every row finishes by max_gen_len)
 
     def _static_stepper(self, batch: int, length: int, noise: NoiseSource,
-                        temperature: float) -> _FastTwoTowerStepper | _FastBaseLCMStepper:
+                        temperature: float) -> _TwoTowerStepper | _BaseLCMStepper:
         """cuda_graphs: the last call's stepper where this call fits it (the same batch bucket and length bucket,
         unchanged options and weights), restarted on its buffers so that its captured graphs replay from this
         call's first sentence; else a new one, after the old one's buffers are freed."""
@@ -753,9 +709,9 @@ class Generator:
             return self._static[1]
         self._static = None
         if isinstance(model, TwoTowerLCM):
-            stepper = _FastTwoTowerStepper(model, opt, capacity, noise, static_batch=batch)
+            stepper = _TwoTowerStepper(model, opt, True, capacity, noise, fast=True, static_batch=batch)
         else:
-            stepper = _FastBaseLCMStepper(model, opt, temperature, capacity, noise, static_batch=batch)
+            stepper = _BaseLCMStepper(model, opt, temperature, True, capacity, noise, fast=True, static_batch=batch)
         self._static = (key, stepper)
         return stepper
 
