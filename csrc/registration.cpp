@@ -39,6 +39,9 @@ TORCH_LIBRARY(lcm_fast, m) {
   // y = x W^T + b for few rows: x [M, K], weight [N, K], bias [N] or None -> [M, N], one dtype
   // (fp32, bf16 or fp16; fp32 accumulation). Streams W once; for decoding-sized M (csrc/linear/).
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // x [M, K] through several weights [N_i, K] (biases [N_i] or None) in one call -> [M, sum N_i], the outputs side
+  // by side (fused q/k/v); with glu (two weights of one N) -> [M, N] silu(x Wg^T + bg) * (x Wu^T + bu) (SwiGLU).
+  m.def("skinny_linear_multi(Tensor x, Tensor[] weights, Tensor?[] biases, bool glu) -> Tensor");
 
   // The AdaLN denoiser layers for the rows of a decoding step (python/lcm_fast/ops/denoiser.py):
   // h [R, D] -> [R, D] through L layers; modulations [L, 9, D] of the step; params: L x LAYER_TENSORS,
@@ -56,8 +59,9 @@ TORCH_LIBRARY(lcm_fast, m) {
   // layer has none); keys/values: per layer the [B, H, capacity, D/H] self-attention cache, `length`
   // positions filled. Rows r < num_cond write their new key and value at position `length` of batch row
   // rows[r] (None: r; distinct) and attend over positions <= length; the others attend to themselves only.
-  // rope: fp32 [2, positions, D/H/2] cos and sin, or None. Inference only.
+  // rope: fp32 [positions, D/H/2, 2] (cos, sin) of each pair, or None. final_norm: empty, or the stack's final norm
+  // (weight, bias; the layers' style) applied to the output. Inference only.
   m.def("decoder_layers_decode(Tensor h, Tensor?[] params, Tensor(a!)[] keys, Tensor(b!)[] values, int length, "
         "Tensor? rows, int num_cond, Tensor? rope, bool rms, float eps, str activation, bool post_norms, "
-        "bool qk_norm) -> Tensor");
+        "bool qk_norm, Tensor?[] final_norm) -> Tensor");
 }

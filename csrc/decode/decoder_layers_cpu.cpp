@@ -19,16 +19,16 @@ enum Param : int {
 constexpr int kFfn = kSaPostNormB + 1;  // the FfnParam entries (layer_decode.h) from here
 constexpr int kNumParams = kFfn + kNumFfnParams;
 
-// x [rows, H * hd] rotated in place by RoPE over interleaved pairs, cos/sin [hd / 2] of the position (fp32
-// maths, rounded to T as the module's rotation is).
+// x [rows, H * hd] rotated in place by RoPE over interleaved pairs, cis [hd / 2, 2] the (cos, sin) of each pair at
+// the position (fp32 maths, rounded to T as the module's rotation is).
 template <typename T>
-void rotate(T* x, int64_t rows, int64_t hd, const float* cos, const float* sin) {
+void rotate(T* x, int64_t rows, int64_t hd, const float* cis) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < hd / 2; ++j) {
       T* pair = x + i * hd + 2 * j;
-      const float even = float(pair[0]), odd = float(pair[1]);
-      pair[0] = T(even * cos[j] - odd * sin[j]);
-      pair[1] = T(even * sin[j] + odd * cos[j]);
+      const float even = float(pair[0]), odd = float(pair[1]), cos = cis[2 * j], sin = cis[2 * j + 1];
+      pair[0] = T(even * cos - odd * sin);
+      pair[1] = T(even * sin + odd * cos);
     }
 }
 
@@ -36,7 +36,7 @@ void rotate(T* x, int64_t rows, int64_t hd, const float* cos, const float* sin) 
 // r < C write into and attend over batch row rows[r] (or r), the others attend to themselves only.
 template <typename T>
 void layer_decode(T* h, int64_t R, int64_t D, const Layer<T>& layer, const at::Tensor& keys, const at::Tensor& values,
-                  int64_t length, const int64_t* rows, int64_t C, const float* cos, const float* sin, Act act,
+                  int64_t length, const int64_t* rows, int64_t C, const float* cis, Act act,
                   bool post_norms, bool qk_norm, const Scratch<T>& s, const T* ones) {
   const int64_t H = keys.size(1), capacity = keys.size(2), hd = keys.size(3);
   T *y = s.y, *a = s.a, *q = s.q, *k = s.k, *v = s.v, *o = s.o;
@@ -50,9 +50,9 @@ void layer_decode(T* h, int64_t R, int64_t D, const Layer<T>& layer, const at::T
     layer.norm(q, nullptr, nullptr, nullptr, nullptr, kQNormW, R, D, q, zeros);
     layer.norm(k, nullptr, nullptr, nullptr, nullptr, kKNormW, R, D, k, zeros);
   }
-  if (cos) {
-    rotate(q, R * H, hd, cos, sin);
-    rotate(k, R * H, hd, cos, sin);
+  if (cis) {
+    rotate(q, R * H, hd, cis);
+    rotate(k, R * H, hd, cis);
   }
   T *kc = keys.data_ptr<T>(), *vc = values.data_ptr<T>();
   for (int64_t r = 0; r < C; ++r)
@@ -76,7 +76,8 @@ at::Tensor decoder_layers_decode_cpu(const at::Tensor& h, const c10::List<std::o
                                      at::TensorList keys, at::TensorList values, int64_t length,
                                      const std::optional<at::Tensor>& rows, int64_t num_cond,
                                      const std::optional<at::Tensor>& rope, bool rms, double eps,
-                                     c10::string_view activation, bool post_norms, bool qk_norm) {
+                                     c10::string_view activation, bool post_norms, bool qk_norm,
+                                     const c10::List<std::optional<at::Tensor>>& final_norm) {
   const char* op = "decoder_layers_decode";
   const int64_t L = int64_t(keys.size());
   TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), op, ": h must be a contiguous [R, D] tensor, got ", h.sizes());
@@ -104,11 +105,14 @@ at::Tensor decoder_layers_decode_cpu(const at::Tensor& h, const c10::List<std::o
     TORCH_CHECK(num_cond <= batch, op, ": ", num_cond, " conditional rows but the cache has ", batch);
   }
   if (rope) {
-    TORCH_CHECK(rope->dim() == 3 && rope->size(0) == 2 && 2 * rope->size(2) == hd && rope->is_contiguous() &&
+    TORCH_CHECK(rope->dim() == 3 && 2 * rope->size(1) == hd && rope->size(2) == 2 && rope->is_contiguous() &&
                     rope->scalar_type() == at::kFloat,
-                op, ": rope must be a contiguous fp32 [2, positions, ", hd / 2, "], got ", rope->sizes());
-    TORCH_CHECK(length < rope->size(1), op, ": position ", length, " has no RoPE entry (", rope->size(1), " positions)");
+                op, ": rope must be a contiguous fp32 [positions, ", hd / 2, ", 2], got ", rope->sizes());
+    TORCH_CHECK(length < rope->size(0), op, ": position ", length, " has no RoPE entry (", rope->size(0), " positions)");
   }
+  TORCH_CHECK(final_norm.empty() || final_norm.size() == 2, op, ": final_norm must be empty or [weight, bias], got ",
+              final_norm.size(), " entries");
+  check_params(op, "final_norm", final_norm, h);
   const Act act = parse_activation(op, std::string_view(activation.data(), activation.size()));
   check_params(op, "params", params, h);
   int64_t inner = 0;
@@ -121,8 +125,7 @@ at::Tensor decoder_layers_decode_cpu(const at::Tensor& h, const c10::List<std::o
     }
     inner = std::max(inner, params.get(l * kNumParams + kFfn + kInnerW)->size(0));
   }
-  const float* cos = rope ? rope->const_data_ptr<float>() + length * (hd / 2) : nullptr;
-  const float* sin = rope ? cos + rope->size(1) * (hd / 2) : nullptr;
+  const float* cis = rope ? rope->const_data_ptr<float>() + length * hd : nullptr;
   at::Tensor hidden = h.clone();
   const auto run = [&](auto tag) {
     using T = decltype(tag);
@@ -131,7 +134,10 @@ at::Tensor decoder_layers_decode_cpu(const at::Tensor& h, const c10::List<std::o
     const int64_t* row_ptr = rows ? row_index.const_data_ptr<int64_t>() : nullptr;
     for (int64_t l = 0; l < L; ++l)
       layer_decode<T>(hidden.data_ptr<T>(), R, D, Layer<T>{op, params, l * kNumParams, rms, float(eps)}, keys[l],
-                      values[l], length, row_ptr, num_cond, cos, sin, act, post_norms, qk_norm, scratch, ones.data());
+                      values[l], length, row_ptr, num_cond, cis, act, post_norms, qk_norm, scratch, ones.data());
+    if (!final_norm.empty())
+      Layer<T>{op, final_norm, 0, rms, float(eps)}.norm(hidden.data_ptr<T>(), nullptr, nullptr, nullptr, nullptr, 0, R,
+                                                        D, hidden.data_ptr<T>(), scratch.zeros);
   };
   dispatch_dtype(op, h.scalar_type(), run);
   return hidden;

@@ -111,7 +111,7 @@ struct Layer {
   void linear(const T* x, int64_t M, int w, T* out) const {
     const at::Tensor weight = *get(w);
     const int64_t N = weight.size(0), K = weight.size(1);
-    if (skinny_takes(weight.scalar_type(), M)) return skinny_linear_kernel<T>(x, M, K, ptr(w), ptr(w + 1), N, out);
+    if (skinny_takes(weight.scalar_type(), M)) return skinny_linear_kernel<T>(x, M, K, ptr(w), ptr(w + 1), N, out, N);
     at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference only: BLAS on the weights needs no graph
     const auto opts = weight.options();
     at::Tensor xt = at::from_blob(const_cast<T*>(x), {M, K}, opts), yt = at::from_blob(out, {M, N}, opts);

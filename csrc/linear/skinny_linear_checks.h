@@ -4,6 +4,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
+#include <ATen/core/List.h>
+
+#include <optional>
 
 namespace lcm_fast {
 
@@ -22,6 +25,16 @@ inline void check_skinny_linear_args(const at::Tensor& x, const at::Tensor& weig
     TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
                 "skinny_linear: bias must match x in dtype and device");
   }
+}
+
+// skinny_linear_multi: one bias entry per weight, each pair as skinny_linear's; glu takes two weights of one N.
+inline void check_skinny_linear_multi_args(const at::Tensor& x, at::TensorList weights,
+                                           const c10::List<std::optional<at::Tensor>>& biases, bool glu) {
+  TORCH_CHECK(!weights.empty() && biases.size() == weights.size(), "skinny_linear_multi: one bias entry (or None) per ",
+              "weight, got ", weights.size(), " weights and ", biases.size(), " biases");
+  for (size_t i = 0; i < weights.size(); ++i) check_skinny_linear_args(x, weights[i], biases.get(i));
+  TORCH_CHECK(!glu || (weights.size() == 2 && weights[0].size(0) == weights[1].size(0)),
+              "skinny_linear_multi: glu takes two weights with the same N (gate, then up)");
 }
 
 }  // namespace lcm_fast

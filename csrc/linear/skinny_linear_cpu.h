@@ -59,16 +59,18 @@ constexpr int kSkinnyTileCols = 4;              // rows of W (output features) p
 constexpr int64_t kSkinnyWidenRows = 24;         // bf16/fp16 weights: from this many rows of x, widen tiles first
 constexpr int64_t kSkinnyTaskBytes = 64 << 10;  // weights per parallel task at least (smaller layers are not split)
 
-// y = x W^T + b: x [M, K] and W [N, K] contiguous, bias [N] or null, out [M, N], all of type W.
+// y = x W^T + b: x [M, K] and W [N, K] contiguous, bias [N] or null, out [M, N] with row stride ldo (>= N: the
+// columns of a wider output), all of type W.
 template <typename W>
-void skinny_linear_kernel(const W* x_in, int64_t M, int64_t K, const W* w, const W* bias, int64_t N, W* out) {
+void skinny_linear_kernel(const W* x_in, int64_t M, int64_t K, const W* w, const W* bias, int64_t N, W* out,
+                          int64_t ldo) {
   // Many rows (bf16/fp16 take any number): blocks of x that stay in L2 (512 KB in fp32; at least the fp32 limit,
   // which never splits) while the tiles stream past, one pass over W each; x streamed from memory once per tile
   // ran a 3200-row bf16 prefill at ~50 GFLOP/s
   const int64_t block_rows = std::clamp<int64_t>((512 << 10) / (4 * K), kSkinnyMaxRows, 256);
   if (M > block_rows) {
     for (int64_t m = 0; m < M; m += block_rows)
-      skinny_linear_kernel(x_in + m * K, std::min(block_rows, M - m), K, w, bias, N, out + m * N);
+      skinny_linear_kernel(x_in + m * K, std::min(block_rows, M - m), K, w, bias, N, out + m * ldo, ldo);
     return;
   }
   constexpr auto& kTiles = DotTiles<kSkinnyTileRows, kSkinnyTileCols, W>::kTable;
@@ -107,7 +109,7 @@ void skinny_linear_kernel(const W* x_in, int64_t M, int64_t K, const W* w, const
         for (int r = 0; r < rows; ++r)
           for (int c = 0; c < cols; ++c) {
             const int64_t col = n + c * span;
-            out[(m + r) * N + col] = W(dot[r * cols + c] + (bias ? float(bias[col]) : 0.f));
+            out[(m + r) * ldo + col] = W(dot[r * cols + c] + (bias ? float(bias[col]) : 0.f));
           }
       }
     }

@@ -2,7 +2,11 @@
 // close to peak bandwidth for a few rows, so the op forwards to at::linear; it exists on CUDA so that
 // one op (and one torch.compile / CUDA-graph trace) serves both devices.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/silu.h>
+
+#include <vector>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -17,8 +21,21 @@ at::Tensor skinny_linear_cuda(const at::Tensor& x, const at::Tensor& weight, con
   return at::linear(x, weight, bias);
 }
 
+// composed: one cuBLAS call per weight, then the cat or the SwiGLU product
+at::Tensor skinny_linear_multi_cuda(const at::Tensor& x, at::TensorList weights,
+                                    const c10::List<std::optional<at::Tensor>>& biases, bool glu) {
+  check_skinny_linear_multi_args(x, weights, biases, glu);
+  const c10::cuda::CUDAGuard guard(x.device());
+  std::vector<at::Tensor> ys;
+  for (size_t i = 0; i < weights.size(); ++i) ys.push_back(at::linear(x, weights[i], biases.get(i)));
+  return glu ? at::silu(ys[0]) * ys[1] : at::cat(ys, 1);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lcm_fast, CUDA, m) { m.impl("skinny_linear", &skinny_linear_cuda); }
+TORCH_LIBRARY_IMPL(lcm_fast, CUDA, m) {
+  m.impl("skinny_linear", &skinny_linear_cuda);
+  m.impl("skinny_linear_multi", &skinny_linear_multi_cuda);
+}
 
 }  // namespace lcm_fast

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from lcm_fast.config import TransformerConfig
 from lcm_fast.nn.attention import KVCache
+from lcm_fast.nn.norm import norm_args
 from lcm_fast.nn.position import RotaryEncoder
 from lcm_fast.nn.transformer import DecoderLayer, decode_args
 from lcm_fast.ops import decoder_layers_decode, decoder_layers_decode_ref
@@ -59,7 +60,7 @@ def _stack(variant, n=1, dim=64, heads=4) -> list[DecoderLayer]:
 
 def _rope(layers) -> torch.Tensor | None:
     encoder = layers[0].self_attn.pos_encoder
-    return torch.stack(encoder.tables(torch.device("cpu"))).contiguous() if encoder is not None else None
+    return torch.stack(encoder.tables(torch.device("cpu")), dim=-1).contiguous() if encoder is not None else None
 
 
 def _caches(layers, batch, length, capacity, seed=0, dtype=None) -> list[KVCache]:
@@ -76,7 +77,7 @@ def _caches(layers, batch, length, capacity, seed=0, dtype=None) -> list[KVCache
     return caches
 
 
-def _call(layers, h, caches, backend, length=None, rows=None, num_cond=None):
+def _call(layers, h, caches, backend, length=None, rows=None, num_cond=None, final_norm=()):
     """The op on copies of the caches -> (output, [keys], [values]); num_cond None: every row of h."""
     caches = copy.deepcopy(caches)
     params, rms, eps, act, post_norms, qk_norm = decode_args(layers)
@@ -86,7 +87,7 @@ def _call(layers, h, caches, backend, length=None, rows=None, num_cond=None):
     num_cond = h.shape[0] if num_cond is None else num_cond
     with torch.no_grad():
         out = fn(h, params, keys, values, length, rows, num_cond, _rope(layers), rms, eps, act, post_norms, qk_norm,
-                 backend=backend)
+                 final_norm, backend=backend)
     return out, keys, values
 
 
@@ -211,13 +212,31 @@ def test_half_types_two_x_rule(dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_final_norm(variant):
+    """final_norm: the stack's final norm (here one of the layers' style) applied to the layers' output, fused with
+    the last residual on the composed path, after the layers in the kernel."""
+    layers = _stack(variant, 2)
+    caches = _caches(layers, 3, length=5, capacity=8)
+    h = torch.randn(3, 64)
+    norm = copy.deepcopy(layers[0].ffn_layer_norm)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        want = norm(_call(layers, h, caches, "ref")[0])
+    final_norm = norm_args(norm)[:2]
+    torch.testing.assert_close(_call(layers, h, caches, "ref", final_norm=final_norm)[0], want, **PARITY_FORWARD)
+    torch.testing.assert_close(_call(layers, h, caches, "ext", final_norm=final_norm)[0], want, **LAYER_DECODE_FP32)
+
+
+@needs_kernel
 def test_opcheck():
     layers = _stack(VARIANTS[0], 2)
     caches = _caches(layers, 3, 4, 6)
     params, rms, eps, act, post_norms, qk_norm = decode_args(layers)
     params = [p.detach() if p is not None else None for p in params]  # inference only, as the engine passes them
     args = (torch.randn(4, 64), params, [c.k for c in caches], [c.v for c in caches], 4, torch.tensor([2, 0]), 2,
-            _rope(layers), rms, eps, act, post_norms, qk_norm)
+            _rope(layers), rms, eps, act, post_norms, qk_norm, [None, None])
     torch.library.opcheck(torch.ops.lcm_fast.decoder_layers_decode, args)
 
 
@@ -247,8 +266,10 @@ def test_bad_input_is_named():
         call(rows=torch.tensor([0, 0]))
     with pytest.raises(RuntimeError, match=r"rows\[0\] = 5 is not a batch row"):
         call(rows=torch.tensor([5, 0]))
-    with pytest.raises(ValueError, match=r"rope must be fp32 \[2, positions, head_dim / 2\]"):
-        call(rope=rope[:, :, :4])
+    with pytest.raises(ValueError, match=r"rope must be fp32 \[positions, head_dim / 2, 2\]"):
+        call(rope=rope[:, :4])
+    with pytest.raises(ValueError, match=r"final_norm must be empty or \[weight, bias\], got 1"):
+        call(final_norm=[params[0]])
     with pytest.raises(RuntimeError, match="length 4 outside .0, 4.: the caches need room"):
         call(length=4)
     with pytest.raises(RuntimeError, match=r"params\[29\] must be contiguous"):
@@ -256,7 +277,7 @@ def test_bad_input_is_named():
     with pytest.raises(RuntimeError, match="layer 1 has"):
         call(keys=[caches[0].k, caches[1].k[:, :, :3].contiguous()], values=[caches[0].v, caches[1].v[:, :, :3]])
     with pytest.raises(RuntimeError, match="position 3 has no RoPE entry"):
-        call(rope=rope[:, :3].contiguous())
+        call(rope=rope[:3])
 
 
 def test_cpu_only_op_says_so():

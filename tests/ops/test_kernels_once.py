@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from lcm_fast.ops import (OPS, adaln_gated_residual_norm_modulate, adaln_gated_residual_norm_modulate_ref,
                           adaln_norm_modulate, adaln_norm_modulate_ref, guided_ddim_step_, guided_ddim_step_ref,
-                          rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref, sampler_params, skinny_linear)
+                          rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref, sampler_params, skinny_linear,
+                          skinny_linear_multi, skinny_linear_multi_ref)
 
 from lcm_fast.ops.rvq import sq_norms
 
@@ -58,6 +59,10 @@ def _gated(device: str) -> None:
 def _linear(device: str) -> None:
     x, w, b = _randn(3, 1027, device=device), _randn(65, 1027, device=device), _randn(65, device=device)
     torch.testing.assert_close(skinny_linear(x, w, b, backend="ext"), F.linear(x, w, b), **SKINNY_LINEAR_FP32)
+    u = _randn(65, 1027, device=device)
+    for glu in (False, True):  # q/k/v side by side; SwiGLU's product
+        torch.testing.assert_close(skinny_linear_multi(x, (w, u), (b, None), glu, backend="ext"),
+                                   skinny_linear_multi_ref(x, (w, u), (b, None), glu), atol=1e-3, rtol=1e-4)
 
 
 def _guided_ddim(device: str) -> None:
@@ -86,7 +91,7 @@ def _rvq(device: str) -> None:
 #: op name -> a run of its kernel(s); what it launches covers every CUDA kernel of the extension
 RUNS: dict[str, Callable[[str], None]] = {
     "adaln_norm_modulate": _adaln, "adaln_gated_residual_norm_modulate": _gated, "skinny_linear": _linear,
-    "guided_ddim_step_": _guided_ddim, "rvq_encode": _rvq, "rvq_decode": _rvq,
+    "skinny_linear_multi": _linear, "guided_ddim_step_": _guided_ddim, "rvq_encode": _rvq, "rvq_decode": _rvq,
 }
 
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lcm_fast.ops import skinny_linear, skinny_linear_ref
+from lcm_fast.ops import skinny_linear, skinny_linear_multi, skinny_linear_multi_ref, skinny_linear_ref
 from lcm_fast.ops.linear import MAX_ROWS, SPEC
 
 from ..tolerances import SKINNY_LINEAR_FP32
@@ -90,3 +90,50 @@ def test_compile_traces_the_op():
 def test_bad_input(args, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.lcm_fast.skinny_linear(*args)
+
+
+def _multi_inputs(M, K, Ns, dtype, seed=0):
+    x, _, _ = _inputs(M, K, 1, dtype, seed=seed)
+    ws = [_inputs(1, K, N, dtype, bias=i % 2 == 0, seed=seed + 1 + i)[1:] for i, N in enumerate(Ns)]
+    return x, [w for w, _ in ws], [b for _, b in ws]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 2, 5, 30, MAX_ROWS + 36])  # past MAX_ROWS fp32 takes BLAS, column by column
+@pytest.mark.parametrize("K,Ns,glu", [(7, (5,), False), (256, (256, 64, 64), False), (1023, (9, 9), True),
+                                      (64, (200, 200), True)])
+def test_multi_matches_reference(M, K, Ns, glu, dtype):
+    x, ws, bs = _multi_inputs(M, K, Ns, dtype)
+    got = skinny_linear_multi(x, ws, bs, glu, backend="ext")
+    ref = skinny_linear_multi_ref(x, ws, bs, glu)
+    assert got.dtype == dtype and got.shape == ref.shape
+    exact = skinny_linear_multi_ref(x.double(), [w.double() for w in ws],
+                                    [None if b is None else b.double() for b in bs], glu)
+    # 2x rule against the same-dtype reference, one output ulp of slack (the SwiGLU product of two sums of 1k terms
+    # doubles their relative error, past an fp32 tolerance made for one)
+    ulp = exact.abs().max() * {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    assert (got.double() - exact).abs().max() <= 2 * (ref.double() - exact).abs().max() + ulp
+
+
+def test_multi_leading_dims_and_empty():
+    x, ws, bs = _multi_inputs(6, 32, (16, 16), torch.float32)
+    torch.testing.assert_close(skinny_linear_multi(x.view(2, 3, 32), ws, bs, True),
+                               skinny_linear_multi_ref(x, ws, bs, True).view(2, 3, 16), **SKINNY_LINEAR_FP32)
+    assert skinny_linear_multi(x[:0], ws, bs, True, backend="ext").shape == (0, 16)
+    assert skinny_linear_multi(x[:0], ws, bs, backend="ext").shape == (0, 32)
+
+
+def test_multi_opcheck():
+    for M, dtype, glu in ((2, torch.float32, True), (1, torch.bfloat16, False), (MAX_ROWS + 1, torch.float32, True)):
+        x, ws, bs = _multi_inputs(M, 40, (24, 24), dtype)
+        torch.library.opcheck(torch.ops.lcm_fast.skinny_linear_multi, (x, ws, bs, glu))
+
+
+@pytest.mark.parametrize("weights,biases,glu,match", [
+    ([torch.randn(4, 8)], [None, None], False, "one bias entry"),
+    ([torch.randn(4, 8), torch.randn(5, 8)], [None, None], True, "glu takes two weights with the same N"),
+    ([torch.randn(4, 8), torch.randn(4, 9)], [None, None], False, "K=8 but weight has K=9"),
+])
+def test_multi_bad_input(weights, biases, glu, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.lcm_fast.skinny_linear_multi(torch.randn(2, 8), weights, biases, glu)

@@ -66,7 +66,8 @@ def test_kernel_matches_reference_property(n, m, k, d, seed):
     g = torch.Generator().manual_seed(seed)
     x, cb = torch.randn(n, d, generator=g), torch.randn(m, k, d, generator=g)
     codes = rvq_encode(x, cb, backend="ext")
-    assert_codes_match(codes, rvq_encode_ref(x.double(), cb.double(), sq_norms(cb.double())), x, cb)
+    # min_rate 0: every differing vector must be a near-tie (at d = 1 and k = 600, 1 in 20 of them can be)
+    assert_codes_match(codes, rvq_encode_ref(x.double(), cb.double(), sq_norms(cb.double())), x, cb, min_rate=0.0)
     assert torch.equal(rvq_decode(codes, cb, backend="ext"), rvq_decode_ref(codes, cb))
 
 

@@ -41,6 +41,7 @@ from ..models import BaseLCM, TwoTowerLCM
 from ..models.one_tower import OneTowerBackbone
 from ..models.two_tower import Denoiser
 from ..nn.attention import KVCache
+from ..nn.norm import norm_args
 from ..nn.transformer import decode_args
 from ..ops.decoder import decoder_layers_decode_for, decoder_layers_decode_ref
 from ..ops.denoiser import denoiser_layers_decode_for, denoiser_layers_decode_ref
@@ -190,7 +191,11 @@ class FastDecoder:
         self.layers_args = decode_args(model.lcm.layers)
         weight = model.frontend.pre_linear.weight
         rope, positions = model.lcm.layers[0].self_attn.pos_encoder, model.frontend.pos_encoder
-        self.rope = torch.stack(rope.tables(weight.device)).contiguous() if rope is not None else None
+        # [positions, hd / 2, 2]: the (cos, sin) of each pair
+        self.rope = torch.stack(rope.tables(weight.device), dim=-1).contiguous() if rope is not None else None
+        # the final norm goes in the layers' call (fused with the last residual) when it has their style
+        norm, (rms, eps) = model.lcm.layer_norm, self.layers_args[1:3]
+        self.final_norm = list(norm_args(norm)[:2]) if norm is not None and norm_args(norm)[2:] == (rms, eps) else []
         self.length = torch.zeros((), dtype=torch.long, device=weight.device)  # [] positions cached (static_shapes)
         # static_shapes: the frontend's additive positions as a table [max_seq_len, D], indexed by self.length
         with torch.no_grad():
@@ -241,8 +246,8 @@ class FastDecoder:
         params, rms, eps, activation, post_norms, qk_norm = self.layers_args
         start = self.length if self.static_shapes else self.cache[0].length
         h = self.layers_decode(h, params, [c.k for c in self.cache], [c.v for c in self.cache], start, rows, num_cond,
-                               self.rope, rms, eps, activation, post_norms, qk_norm)
-        if model.lcm.layer_norm is not None:
+                               self.rope, rms, eps, activation, post_norms, qk_norm, self.final_norm)
+        if model.lcm.layer_norm is not None and not self.final_norm:
             h = model.lcm.layer_norm(h)
         return model.postnet(h, skinny_linear)[:, None]
 

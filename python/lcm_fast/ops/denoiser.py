@@ -44,7 +44,7 @@ from torch import Tensor
 from .. import _ext
 from ._dispatch import OpSpec, register
 from .adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate
-from .linear import skinny_linear
+from .linear import skinny_linear, skinny_linear_multi
 
 #: what a layer's FFN sublayer contributes to ``params``, last in both decoding ops (``csrc/decode/layer_decode.h``
 #: ``FfnParam``); the models list their own tensors in this order (``FeedForward.decode_tensors``)
@@ -167,14 +167,15 @@ def attention_bias(capacity: int, length: Tensor, dtype: torch.dtype, inclusive:
     (<= with ``inclusive``), -inf past them. Built once per step: SDPA turns a boolean mask into this in every layer."""
     positions = torch.arange(capacity, device=length.device)
     valid = positions <= length if inclusive else positions < length
-    bias = torch.zeros(capacity, dtype=dtype, device=length.device).masked_fill_(~valid, float("-inf"))
+    bias = torch.full((capacity,), float("-inf"), dtype=dtype, device=length.device).masked_fill_(valid, 0.0)
     return bias[None, None, None]
 
 
 def plain_norm(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], rms: bool, eps: float,
-               backend: Optional[str]) -> Tensor:
-    """The layers' norm without modulation (the AdaLN op with zero shift and scale)."""
-    zero = x.new_zeros(x.shape[-1])
+               backend: Optional[str], zero: Optional[Tensor] = None) -> Tensor:
+    """The layers' norm without modulation (the AdaLN op with zero shift and scale; ``zero`` [D], made once per
+    step by a caller that has one)."""
+    zero = x.new_zeros(x.shape[-1]) if zero is None else zero
     return adaln_norm_modulate(x, zero, zero, w, b, rms=rms, eps=eps, backend=backend)
 
 
@@ -187,8 +188,8 @@ def ffn_ref(y: Tensor, params: Sequence[Optional[Tensor]], rms: bool, eps: float
         return skinny_linear(x, w, b, backend=backend)
 
     act = ACTIVATIONS[activation]
-    if activation == "swiglu":
-        u = act(linear(y, gate_w, gate_b)) * linear(y, in_w, in_b)
+    if activation == "swiglu":  # one op: both projections and the product
+        u = skinny_linear_multi(y, (gate_w, in_w), (gate_b, in_b), glu=True, backend=backend)
     else:
         u = act(linear(y, in_w, in_b), act_w) if activation == "prelu" else act(linear(y, in_w, in_b))
         if post_norms:

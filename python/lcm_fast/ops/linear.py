@@ -1,4 +1,5 @@
-"""``skinny_linear``: ``y = x W^T + b`` for the few rows of a decoding step.
+"""``skinny_linear``: ``y = x W^T + b`` for the few rows of a decoding step; ``skinny_linear_multi``: several
+weights that share their input in one call (q, k and v; SwiGLU's gate and up with its product).
 
 Diffusion decoding multiplies one or two rows per document (conditional and unconditional CFG halves)
 by every weight matrix of the denoiser at every step, so the cost is reading the weights once. The
@@ -10,7 +11,7 @@ cuBLAS.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,16 @@ def skinny_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) 
     return F.linear(x, weight, bias)
 
 
+def skinny_linear_multi_ref(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                            glu: bool = False) -> Tensor:
+    """Plain-PyTorch twin. x [..., K]; weights [N_i, K]; biases [N_i] or None, one per weight -> [..., sum N_i],
+    the outputs side by side; with ``glu`` (gate and up, one N) -> [..., N] ``silu(x Wg^T + bg) * (x Wu^T + bu)``."""
+    ys = [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+    return F.silu(ys[0]) * ys[1] if glu else torch.cat(ys, dim=-1)
+
+
 SPEC = register(OpSpec("skinny_linear"))
+MULTI_SPEC = register(OpSpec("skinny_linear_multi"))
 
 if _ext.EXT_AVAILABLE:
     _skinny_linear_op = torch.ops.lcm_fast.skinny_linear.default
@@ -39,6 +49,11 @@ if _ext.EXT_AVAILABLE:
     def _skinny_linear_fake(x, weight, bias):
         torch._check(x.shape[1] == weight.shape[1])
         return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("lcm_fast::skinny_linear_multi")
+    def _skinny_linear_multi_fake(x, weights, biases, glu):
+        torch._check(len(weights) == len(biases) and all(x.shape[1] == w.shape[1] for w in weights))
+        return x.new_empty((x.shape[0], weights[0].shape[0] if glu else sum(w.shape[0] for w in weights)))
 
 
 def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
@@ -52,3 +67,15 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, b
         return _skinny_linear_op(x, weight, bias)
     rows = x.numel() // max(x.shape[-1], 1)
     return _skinny_linear_op(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1)
+
+
+def skinny_linear_multi(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], glu: bool = False,
+                        *, backend: Optional[str] = None) -> Tensor:
+    """x [..., K] through every weight in one call (one pass over each, no fused copy of the weights): shapes as
+    :func:`skinny_linear_multi_ref`. A decoding step's q/k/v, or SwiGLU's inner rows with ``glu``, as one op
+    instead of three or four. Not differentiable (inference)."""
+    if MULTI_SPEC.choose(x.device.type, x.dtype, backend) == "ref":
+        return skinny_linear_multi_ref(x, weights, biases, glu)
+    rows = x.numel() // max(x.shape[-1], 1)
+    out = torch.ops.lcm_fast.skinny_linear_multi.default(x.reshape(rows, x.shape[-1]), list(weights), list(biases), glu)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], -1)
