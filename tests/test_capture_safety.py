@@ -9,7 +9,7 @@ import torch
 
 import lcm_fast
 from lcm_fast.inference.fast import FastDecoder
-from lcm_fast.inference.generator import _TwoTowerStepper
+from lcm_fast.inference.generator import _OneTowerStepper, _TwoTowerStepper
 from lcm_fast.inference.graphs import CapturedCall, CaptureGuard, CaptureUnsafeError
 from lcm_fast.nn.attention import KVCache
 
@@ -94,4 +94,19 @@ def test_two_tower_sentence_loop_is_capture_safe(guidance, eta):
         noise = torch.randn(steps, 4, 1, D) if eta > 0 else None
         with CaptureGuard("two-tower sentence"):
             stepper._sentence(latents, x0, noise)
+    assert torch.isfinite(x0).all() and x0.abs().sum() > 0
+
+
+def test_one_tower_sentence_loop_is_capture_safe():
+    """The static One-Tower sentence (every DDIM step: the decoder on its context cache and the fused sampler) under
+    the guard."""
+    model = random_model(tiny_config("one_tower_diffusion_lcm"))
+    options = lcm_fast.GenerationOptions.recommended(seed=0, ddim_eta=0.3, inference_timesteps=6)
+    stepper = _OneTowerStepper(model, options, 16, lcm_fast.TorchNoise(0), fast=True, static_batch=4)
+    steps, D = len(stepper.timesteps), model.sonar_dim
+    with torch.inference_mode():
+        stepper.prefill(torch.randn(4, 5, D))
+        latents, x0 = torch.randn(4, 1, D), torch.zeros(4, 1, D)
+        with CaptureGuard("one-tower sentence"):
+            stepper._sentence(latents, x0, torch.randn(steps, 4, 1, D))
     assert torch.isfinite(x0).all() and x0.abs().sum() > 0

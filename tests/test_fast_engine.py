@@ -190,13 +190,13 @@ def test_unknown_engine():
 
 
 def test_cuda_graphs_need_the_fast_engine_and_a_graphable_model():
-    with pytest.raises(ValueError, match="cuda_graphs needs the fast engine and a Two-Tower or Base-LCM model "
-                                         r"\(without post-norm layers or scale_residual\), got engine 'reference'"):
+    with pytest.raises(ValueError, match="cuda_graphs needs the fast engine and a Two-Tower, Base-LCM or One-Tower "
+                                         r"model \(without post-norm layers or scale_residual\), got engine 'reference'"):
         lcm_fast.Generator(_model((2, 1, False, False, "sample")), engine="reference", cuda_graphs=True)
     with pytest.raises(ValueError, match="and a BaseLCM"):
         lcm_fast.Generator(_base_model((2, 1, True, True, "post", False, None)), cuda_graphs=True)
-    with pytest.raises(ValueError, match="and a OneTowerLCM"):
-        lcm_fast.Generator(random_model(tiny_config("one_tower_diffusion_lcm")), cuda_graphs=True)
+    with pytest.raises(ValueError, match="and a QuantLCM"):
+        lcm_fast.Generator(random_model(tiny_config("quant_lcm")), cuda_graphs=True)
     with pytest.warns(UserWarning, match="the static-shape path runs without graphs"):
         lcm_fast.Generator(_model((2, 1, False, False, "sample")), cuda_graphs=True)
 
@@ -215,7 +215,7 @@ def captured(monkeypatch) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])
+@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm", "one_tower_diffusion_lcm"])
 def test_static_shapes_run_finishing_batches_in_buckets(family, captured):
     """cuda_graphs (static shapes; on CPU without graphs): as documents finish, the active rows run padded to
     their power-of-two bucket on caches compacted in place; each bucket is captured at its second sentence
@@ -236,7 +236,7 @@ def test_static_shapes_run_finishing_batches_in_buckets(family, captured):
         torch.testing.assert_close(a, b, **CUDA_GRAPHS_VS_EAGER)
 
 
-@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])
+@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm", "one_tower_diffusion_lcm"])
 def test_static_buffers_and_graphs_are_reused_by_later_calls(family, captured):
     """cuda_graphs: a call that fits the last call's buffers (its batch bucket, its length rounded up to 64) restarts
     that call's stepper on the same storage, captures nothing new and returns what a fresh generator returns; other

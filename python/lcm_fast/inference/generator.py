@@ -457,19 +457,32 @@ class _OneTowerStepper(_TwoTowerStepper):
     of the next sentence, attending to the cache (conditional) or to itself (unconditional). The
     same sampling options and DDIM chain as Two-Tower; teacher-forced rows are not denoised. The fast engine
     runs each step's tokens (and their CFG twins) through :class:`FastDecoder` (every layer in one op call, on
-    the context cache, no cache copies for row subsets)."""
+    the context cache, no cache copies for row subsets). With ``static_batch`` (cuda_graphs) a sentence's DDIM loop
+    runs as Two-Tower's: on zeroed caches with rows for the batch's bucket, the decoder in static shapes, one graph
+    replay per sentence; the context is encoded outside the graph."""
 
     def __init__(self, model: OneTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
-                 fast: bool) -> None:
+                 fast: bool, static_batch: Optional[int] = None) -> None:
         super().__init__(model, options, True, capacity, noise)  # type: ignore[arg-type]
         self.linear = skinny_linear if fast else None  # the context's encoding too: the kernel where it beats BLAS
-        self.decoder = FastDecoder(model, self.cache) if fast else None
+        if fast and static_batch is not None:
+            self.cache = [KVCache(capacity, zeroed=True, batch_capacity=batch_bucket(static_batch)) for _ in self.cache]
+            self.graphs = BatchGraphs(self._sentence)
+        self.decoder = FastDecoder(model, self.cache, static_shapes=static_batch is not None) if fast else None
+
+    def restart(self, noise: NoiseSource, temperature: float) -> None:
+        self.noise = noise
+        for cache in self.cache:
+            cache.reset()
+        self.decoder.length.zero_()
 
     def prefill(self, prefix: Tensor) -> None:
         self._extend_context(prefix, prefix.shape[1])
 
     def _extend_context(self, seqs: Tensor, step: int) -> None:
         _encode_into_cache(self.model, self.cache, seqs, step, self.linear)
+        if self.decoder is not None:
+            self.decoder.length.fill_(self.cache[0].length)  # the token's position (static shapes)
 
     def _rows(self, forced: Tensor) -> Optional[Tensor]:
         return None if not forced.any() else (~forced).nonzero().flatten()
@@ -559,9 +572,10 @@ class Generator:
         options: :class:`GenerationOptions` (official defaults when None).
         eos_vec: [sonar_dim] end-of-text embedding for ``eos_threshold`` stopping.
         engine: ``"fast"`` (default) or ``"reference"`` (see the module docstring).
-        cuda_graphs: fast engine, Two-Tower and Base-LCM: run each sentence's DDIM loop (Two-Tower) or
-            decoder pass (Base-LCM) on static buffers and replay it as a CUDA graph from the second sentence of
-            a batch size on (same outputs, one replay per sentence instead of ~1k launches). The active batch
+        cuda_graphs: fast engine, Two-Tower, Base-LCM and One-Tower (Quant-LCM has no static path yet): run each
+            sentence's DDIM loop (Two-Tower, One-Tower) or decoder pass (Base-LCM) on static buffers and replay it
+            as a CUDA graph from the second sentence of a batch size on (same outputs, one replay per sentence
+            instead of ~1k launches). The active batch
             runs padded to the next power of two, so finishing documents cost at most log2(batch) + 1 captures
             (:func:`~lcm_fast.inference.graphs.batch_bucket`). The generator keeps the last call's buffers and
             graphs (the caches at the batch's bucket and the length rounded up to 64 positions) for the next call
@@ -577,10 +591,11 @@ class Generator:
             raise TypeError(f"expected a BaseLCM, TwoTowerLCM, OneTowerLCM or QuantLCM, got {type(model).__name__}")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine '{engine}'; expected one of {ENGINES}")
-        graphable = isinstance(model, TwoTowerLCM) or isinstance(model, BaseLCM) and not fast_decoder_unsupported(model)
-        if cuda_graphs and (engine != "fast" or not graphable):
-            raise ValueError(f"cuda_graphs needs the fast engine and a Two-Tower or Base-LCM model (without post-norm "
-                             f"layers or scale_residual), got engine '{engine}' and a {type(model).__name__}")
+        graphable = isinstance(model, TwoTowerLCM) or (isinstance(model, (BaseLCM, OneTowerLCM))
+                                                       and not fast_decoder_unsupported(model))
+        if cuda_graphs and (engine != "fast" or not graphable):  # Quant-LCM: no static path yet
+            raise ValueError(f"cuda_graphs needs the fast engine and a Two-Tower, Base-LCM or One-Tower model (without "
+                             f"post-norm layers or scale_residual), got engine '{engine}' and a {type(model).__name__}")
         if isinstance(model, QuantLCM):
             model.require_codebooks()
         if cuda_graphs and model_device(model).type != "cuda":
@@ -652,10 +667,10 @@ class Generator:
 
         # the fast engine always caches; Two-Tower's runs any layer, the others' FastDecoder not every layer style
         fast = self.engine == "fast" and (isinstance(model, TwoTowerLCM) or fast_decoder_unsupported(model) is None)
-        if isinstance(model, (OneTowerLCM, QuantLCM)):  # always cached: the context cache is the model's state
-            stepper = (_QuantStepper if isinstance(model, QuantLCM) else _OneTowerStepper)(model, opt, total, noise, fast)
-        elif self.cuda_graphs and not disable_cache:
+        if self.cuda_graphs and (not disable_cache or isinstance(model, OneTowerLCM)):  # One-Tower always caches
             stepper = self._static_stepper(B, total, noise, temperature)
+        elif isinstance(model, (OneTowerLCM, QuantLCM)):  # always cached: the context cache is the model's state
+            stepper = (_QuantStepper if isinstance(model, QuantLCM) else _OneTowerStepper)(model, opt, total, noise, fast)
         elif isinstance(model, TwoTowerLCM):
             stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise, fast=fast and not disable_cache)
         else:
@@ -710,6 +725,8 @@ class Generator:
         self._static = None
         if isinstance(model, TwoTowerLCM):
             stepper = _TwoTowerStepper(model, opt, True, capacity, noise, fast=True, static_batch=batch)
+        elif isinstance(model, OneTowerLCM):
+            stepper = _OneTowerStepper(model, opt, capacity, noise, fast=True, static_batch=batch)
         else:
             stepper = _BaseLCMStepper(model, opt, temperature, True, capacity, noise, fast=True, static_batch=batch)
         self._static = (key, stepper)
