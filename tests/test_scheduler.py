@@ -116,3 +116,26 @@ def test_the_guided_chain_asks_for_unconditional_rows_at_every_cfg_step_but_the_
     assert [u for _, _, u in asked] == [False] + [guidance != 1.0] * (len(asked) - 1)
     # a "sample" prediction of zeros: x0 is that prediction (through guided epsilons with CFG: to rounding)
     torch.testing.assert_close(x0, torch.zeros(2, 8), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["cosine", "quadratic-2", "sigmoid(1.5,-1)", "sigmoid(3.5,0)"])
+def test_every_named_schedule_samples_finite_sentences(name):
+    """Sampling that visits t = 0 with CFG: the wide sigmoid(3.5, 0) gave alpha-bar_0 = 1.0 in fp32 and NaN sentences
+    (epsilon = 0 / 0) before alpha-bar was kept below 1."""
+    import dataclasses
+
+    import lcm_fast
+    from lcm_fast.diffusion import named_schedule
+
+    from .conftest import random_model, tiny_config
+
+    model = random_model(tiny_config("two_tower_diffusion_lcm",
+                                     noise_scheduler=dataclasses.asdict(named_schedule(name))))
+    assert float(model.noise_scheduler.alphas_cumprod.max()) < 1.0
+    prompts = torch.randn(2, 3, model.sonar_dim, generator=torch.Generator().manual_seed(0))
+    for steps in (10, 30, 40, 100):
+        options = lcm_fast.GenerationOptions.recommended(seed=1, inference_timesteps=steps, guidance_scale=3.0,
+                                                         eos_threshold=None)
+        for engine in ("fast", "reference"):
+            out = lcm_fast.generate(model, prompts, torch.tensor([3, 3]), options=options, max_gen_len=1, engine=engine)
+            assert all(torch.isfinite(s).all() for s in out.sequences), (name, steps, engine)

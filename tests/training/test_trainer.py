@@ -59,7 +59,8 @@ def _losses(out_dir):
     return [line["loss"] for line in lines if "loss" in line]
 
 
-@pytest.mark.parametrize("variant,factor", [("base", 5.0), ("two_tower", 2.0), ("one_tower", 1.5)])
+# factors measured from the official initialisation (build_model's): Base-LCM 4.8x, where PyTorch's defaults gave > 5x
+@pytest.mark.parametrize("variant,factor", [("base", 4.0), ("two_tower", 2.0), ("one_tower", 1.5)])
 def test_variant_learns(tmp_path, variant, factor):
     data = _dataset(tmp_path / "train.parquet")
     cfg = TrainConfig(variant=variant, steps=STEPS, lr=3e-3, warmup_steps=10, weight_decay=0.0, log_every=1,
@@ -210,7 +211,8 @@ def test_bf16_autocast_keeps_fp32_state_and_resumes_exactly(tmp_path):
     Trainer(_model("two_tower"), config("fp32", "fp32"), data).train()
     bf16, fp32 = _losses(tmp_path / "full"), _losses(tmp_path / "fp32")
     assert bf16 != fp32 and bf16[0] == pytest.approx(fp32[0], rel=0.05)
-    assert sum(bf16[-5:]) < 0.85 * sum(bf16[:5]) and sum(bf16[-5:]) == pytest.approx(sum(fp32[-5:]), rel=0.01)
+    # 13 % lower over 30 steps from the official init (AdaLN-zero layers start as the identity)
+    assert sum(bf16[-5:]) < 0.9 * sum(bf16[:5]) and sum(bf16[-5:]) == pytest.approx(sum(fp32[-5:]), rel=0.01)
     with pytest.raises(_Interrupted):
         stopping_at(10)(_model("two_tower"), config("resumed"), data).train()
     resumed = Trainer(_model("two_tower", seed=123), config("resumed"), data).train(resume=True)

@@ -101,6 +101,10 @@ def named_schedule(name: str) -> SchedulerConfig:
     return SchedulerConfig(num_diffusion_train_steps=100, rescale_betas_zero_snr=True, **NOISE_SCHEDULES[name])
 
 
+#: the largest alpha-bar a scheduler keeps (the largest fp32 below 1)
+ALPHA_BAR_MAX = 1.0 - 2.0**-24
+
+
 class SchedulerOutput(NamedTuple):
     prev_sample: Tensor  # x_{t_prev}, [..., D]
     pred_original_sample: Tensor  # x0, [..., D]
@@ -119,7 +123,10 @@ class DDIMScheduler:
         self.num_train_steps = config.num_diffusion_train_steps
         with torch.device("cpu"):  # host-side tables, even when the model is built on another device
             self.betas = make_betas(config)  # [T] fp32
-            self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # [T] fp32
+            # [T] fp32, below 1: the wide sigmoid(3.5, 0) gives alpha-bar_0 = 1.0 exactly in fp32, an infinite SNR,
+            # and epsilon = (x - x0) / sqrt(1 - alpha-bar) = 0 / 0 at t = 0 (NaN sentences); the largest fp32 below 1
+            # changes no other schedule
+            self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0).clamp(max=ALPHA_BAR_MAX)
             self.final_alpha_cumprod = torch.tensor(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
         self.num_inference_steps: Optional[int] = None
         self.timesteps: Optional[Tensor] = None

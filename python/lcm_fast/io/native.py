@@ -76,6 +76,6 @@ def from_pretrained(
         raise CheckpointError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e}); the file is "
                               "corrupt or truncated: write it again with save_pretrained") from e
     saved_dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-    model = build_model(config, normalizer=normalizer, device="meta")
+    model = build_model(config, normalizer=normalizer, device="meta", init=False)
     load_weights(model, state, source=str(weights))
     return model.to(device=device or "cpu", dtype=dtype or saved_dtype).eval()

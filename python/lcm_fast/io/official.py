@@ -159,7 +159,7 @@ def load_official(
             f"{weights}: normalizer dim {list(center.shape)} does not match sonar_embed_dim {config.sonar_embed_dim}"
         )
     try:
-        model = build_model(config, normalizer=normalizer, device="meta")
+        model = build_model(config, normalizer=normalizer, device="meta", init=False)
     except ValueError as e:
         raise CheckpointError(f"{card_path}: {e}") from e
     load_weights(model, state, source=str(weights))

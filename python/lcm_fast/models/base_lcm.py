@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import BaseLCMConfig, NormalizerConfig
+from ..nn.init import OfficialInitMixin
 from ..nn.attention import KVCache
 from ..nn.linear import LinearFn
 from ..nn.normalizer import SonarNormalizer
@@ -17,7 +18,7 @@ from .pretrained import SavePretrainedMixin
 from .frontend import Frontend, frontend_positions_start
 
 
-class BaseLCM(SavePretrainedMixin, nn.Module):
+class BaseLCM(SavePretrainedMixin, OfficialInitMixin, nn.Module):
     """Module tree and keys as the official ``BaseLCModel``: ``frontend`` (with the optional
     ``sonar_normalizer``), ``lcm``, ``postnet``. Output position i predicts position i+1."""
 

@@ -19,8 +19,11 @@ def build_model(
     normalizer: Optional[NormalizerConfig] = None,
     device: Optional[torch.device | str] = None,
     dtype: Optional[torch.dtype] = None,
+    init: bool = True,
 ) -> BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM:
-    """Builds the model for ``config`` (weights uninitialised; use ``device="meta"`` to only inspect).
+    """Builds the model for ``config``, with the official initialisation of a model trained from scratch
+    (``model.init_weights()``, :mod:`lcm_fast.nn.init`; ``init=False``: as the modules build, for weights loaded
+    next; ``device="meta"`` to only inspect).
 
     ``normalizer`` selects clipping/FFT for the SONAR normalizer (its statistics come from weights).
     """
@@ -35,6 +38,8 @@ def build_model(
             model = QuantLCM(config, normalizer)
         else:
             raise TypeError(f"not a model config: {type(config).__name__}")
+        if init:
+            model.init_weights()
     return model.to(dtype) if dtype is not None else model
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..config import EncoderFrontendConfig, LCMFrontendConfig
 from ..nn.linear import LinearFn, apply_linear
-from ..nn.position import make_frontend_positions
+from ..nn.init import init_linear
+from ..nn.position import LearnedPositionEncoder, make_frontend_positions
 
 
 class Frontend(nn.Module):
@@ -29,6 +31,14 @@ class Frontend(nn.Module):
         self.pre_linear = nn.Linear(in_dim, model_dim, bias=config.pre_linear_bias)
         self.pos_encoder = make_frontend_positions(pos_style, model_dim, max_seq_len)
         self.dropout = nn.Dropout(config.dropout_p)
+        self.init, self.embedding_std = config.pre_linear_init_fn, config.embedding_std
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``pre_linear`` by ``pre_linear_init_fn``, learned positions normal with std ``embedding_std``."""
+        init_linear(self.pre_linear, self.init)
+        if isinstance(self.pos_encoder, LearnedPositionEncoder):
+            nn.init.normal_(self.pos_encoder.weight, std=self.embedding_std)
 
     def forward(self, x: Tensor, start: int = 0, linear: Optional[LinearFn] = None) -> Tensor:
         """x: [B, S, in_dim] -> [B, S, model_dim] at positions start..; linear: replaces pre_linear's GEMM."""

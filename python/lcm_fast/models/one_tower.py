@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..config import NormalizerConfig, OneTowerConfig, QuantLCMConfig
 from ..diffusion.schedule import DDIMScheduler
+from ..nn.init import OfficialInitMixin
 from ..nn.attention import KVCache
 from ..nn.linear import LinearFn
 from ..nn.normalizer import SonarNormalizer
@@ -27,7 +28,7 @@ from .frontend import Frontend
 from .pretrained import SavePretrainedMixin
 
 
-class OneTowerBackbone(SavePretrainedMixin, nn.Module):
+class OneTowerBackbone(SavePretrainedMixin, OfficialInitMixin, nn.Module):
     """The One-Tower stack shared by the One-Tower diffusion LCM and Quant-LCM. Every input embedding is
     concatenated with a *condition* embedding (the diffusion timestep, or the codebook index), whose
     module the subclass provides as :meth:`condition`; clean context tokens carry ``clean_index``."""

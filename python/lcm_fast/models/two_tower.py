@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..config import DenoiserConfig, NormalizerConfig, TwoTowerConfig
 from ..diffusion.schedule import DDIMScheduler
+from ..nn.init import OfficialInitMixin
 from ..nn.attention import KVCache, MultiheadAttention, ValueOutputAttention, key_padding_mask
 from ..nn.linear import LinearFn
 from ..nn.norm import make_norm, norm_args
@@ -30,6 +31,11 @@ class AdaLNModulator(nn.Module):
         super().__init__()
         self.fc = nn.Linear(dim, 9 * dim)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:  # AdaLN-zero: every layer starts as the identity
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
     def forward(self, t_emb: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # [..., D] -> 3 x [..., 3D]
         return self.fc(F.silu(t_emb)).chunk(3, dim=-1)
 
@@ -42,7 +48,8 @@ class DenoiserLayer(nn.Module):
         super().__init__()
         style = config.layer_normalization_style
         self.self_attn_layer_norm = make_norm(style, dim)
-        self.self_attn = ValueOutputAttention(dim, output_bias=config.mha_output_proj_bias)
+        self.self_attn = ValueOutputAttention(dim, output_bias=config.mha_output_proj_bias,
+                                              output_init=config.attention_output_init_fn)
         self.self_attn_norm = make_norm(style, dim) if config.norm_order_style == "normformer" else None
         self.cross_attention_layer_norm = make_norm(style, dim)
         self.cross_attention = MultiheadAttention.from_config(dim, config, rope)
@@ -171,7 +178,7 @@ class Denoiser(nn.Module):
         return mods.unflatten(-1, (9, -1)), uncond_cross
 
 
-class TwoTowerLCM(SavePretrainedMixin, nn.Module):
+class TwoTowerLCM(SavePretrainedMixin, OfficialInitMixin, nn.Module):
     """Keys as the official ``TwoTowerDiffusionLCModel``: ``sonar_normalizer``, ``encoder_frontend``,
     ``context_encoder``, ``denoiser``. ``noise_scheduler`` is a plain object (not in the state dict)."""
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .init import init_linear, init_qkv
 from ..config import TransformerConfig
 from .linear import LinearFn, apply_linear
 from .norm import make_norm
@@ -98,6 +99,7 @@ class MultiheadAttention(nn.Module):
         qk_norm_style: Optional[str] = None,
         rope: Optional[RotaryEncoder] = None,
         dropout_p: float = 0.0,
+        output_init: str = "xavier",
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -111,6 +113,13 @@ class MultiheadAttention(nn.Module):
         self.q_layer_norm = make_norm(qk_norm_style, dim) if qk_norm_style else None
         self.k_layer_norm = make_norm(qk_norm_style, dim) if qk_norm_style else None
         self.pos_encoder = rope
+        self.output_init = output_init
+
+    def reset_parameters(self) -> None:
+        """The official init (:mod:`lcm_fast.nn.init`): q/k/v fairseq2's, the output projection ``output_init``."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            init_qkv(proj)
+        init_linear(self.output_proj, self.output_init)
 
     @classmethod
     def from_config(cls, dim: int, config: TransformerConfig, rope: Optional[RotaryEncoder]) -> "MultiheadAttention":
@@ -122,6 +131,7 @@ class MultiheadAttention(nn.Module):
             qk_norm_style=config.layer_normalization_style if config.enable_qk_layernorm else None,
             rope=rope,
             dropout_p=config.attention_dropout_p,
+            output_init=config.attention_output_init_fn,
         )
 
     def _heads(self, x: Tensor) -> Tensor:  # [B, S, dim] -> [B, H, S, head_dim]
@@ -185,10 +195,15 @@ class ValueOutputAttention(nn.Module):
     Keys: ``v_proj``, ``output_proj``.
     """
 
-    def __init__(self, dim: int, *, output_bias: bool) -> None:
+    def __init__(self, dim: int, *, output_bias: bool, output_init: str = "xavier") -> None:
         super().__init__()
         self.v_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim, bias=output_bias)
+        self.output_init = output_init
+
+    def reset_parameters(self) -> None:  # as MultiheadAttention's
+        init_qkv(self.v_proj)
+        init_linear(self.output_proj, self.output_init)
 
     def forward(self, x: Tensor, linear: Optional[LinearFn] = None) -> Tensor:  # [B, S, dim] -> [B, S, dim]
         return apply_linear(self.output_proj, apply_linear(self.v_proj, x, linear), linear)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..config import ProjectionConfig
 from .activation import make_activation
+from .init import init_linear
 from .linear import LinearFn, apply_linear
 
 
@@ -16,6 +17,10 @@ class Projection(nn.Module):
         super().__init__()
         self.fc = nn.Linear(in_dim, out_dim, bias=config.linear_bias)
         self.activation_fn = make_activation(config.activation_name) if config.activation_name else None
+        self.init = config.linear_init_fn
+
+    def reset_parameters(self) -> None:  # the config's linear_init_fn (lcm_fast.nn.init)
+        init_linear(self.fc, self.init)
 
     def forward(self, x: Tensor, linear: Optional[LinearFn] = None) -> Tensor:  # [..., in_dim] -> [..., out_dim]
         x = apply_linear(self.fc, x, linear)

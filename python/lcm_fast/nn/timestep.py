@@ -27,5 +27,12 @@ class TimestepEmbedder(nn.Module):
         self.nonlin = nn.SiLU()
         self.fc2 = nn.Linear(dim, dim)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal weights (std 0.02), zero biases: the official ``DiTTimestepEncoder``'s, after DiT."""
+        for fc in (self.fc1, self.fc2):
+            nn.init.normal_(fc.weight, std=0.02)
+            nn.init.zeros_(fc.bias)
+
     def forward(self, t: Tensor) -> Tensor:  # t: integer [...] -> [..., dim] in the weights' dtype
         return self.fc2(self.nonlin(self.fc1(timestep_features(t).to(self.fc1.weight.dtype))))

@@ -93,8 +93,13 @@ class DecoderLayer(nn.Module):
         self.ffn_layer_norm = make_norm(style, dim)
         self.ffn = FeedForward(dim, config)
         self.dropout = nn.Dropout(config.dropout_p)
-        scale = config.scale_residual
-        self.residual_scale = nn.Parameter(torch.full((dim,), float(scale))) if scale is not None else None
+        self.scale = config.scale_residual
+        self.residual_scale = nn.Parameter(torch.full((dim,), float(self.scale))) if self.scale is not None else None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:  # the FFN residual's scale starts at the configured constant
+        if self.residual_scale is not None:
+            self.residual_scale.fill_(float(self.scale))
 
     def forward(self, x: Tensor, mask: Optional[Tensor], cache: Optional[KVCache], store: bool = True,
                 linear: Optional[LinearFn] = None) -> Tensor:
