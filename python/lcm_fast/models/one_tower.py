@@ -70,7 +70,8 @@ class OneTowerBackbone(SavePretrainedMixin, OfficialInitMixin, nn.Module):
         cfg_dropout_rows: Optional[Tensor] = None,
     ) -> Tensor:
         """Training-style call (same signature as the Two-Tower model). clean, noisy: [B, N, sonar_dim]
-        normalized; timesteps: [B, N]; seq_lens: [B] or None; cfg_dropout_rows: [N] bool. -> [B, N, D]
+        normalized; timesteps: [B, N]; seq_lens: [B] or None; cfg_dropout_rows: [N] or [B, N] bool rows whose noisy
+        token sees no context (CFG training). -> [B, N, D]
         predictions for the noisy positions, position n from the clean sentences < n."""
         B, N, _ = clean.shape
         device = clean.device
@@ -80,9 +81,11 @@ class OneTowerBackbone(SavePretrainedMixin, OfficialInitMixin, nn.Module):
         i, j = positions[:, None], positions[None, :]
         eye = torch.eye(N, dtype=torch.bool, device=device)
         clean_rows = torch.cat((j <= i, torch.zeros(N, N, dtype=torch.bool, device=device)), dim=1)
-        sees_context = j < i if cfg_dropout_rows is None else (j < i) & ~cfg_dropout_rows[:, None]
-        noisy_rows = torch.cat((sees_context, eye), dim=1)
-        mask = torch.cat((clean_rows, noisy_rows), dim=0)  # [2N, 2N]
+        sees_context = j < i if cfg_dropout_rows is None else (j < i) & ~cfg_dropout_rows[..., None]  # [[B,] N, N]
+        lead = sees_context.shape[:-2]
+        noisy_rows = torch.cat((sees_context, eye.expand_as(sees_context)), dim=-1)
+        mask = torch.cat((clean_rows.expand(*lead, N, 2 * N), noisy_rows), dim=-2)  # [[B,] 2N, 2N]
+        mask = mask[:, None] if lead else mask
         if seq_lens is not None:  # padded clean sentences are no context; every token keeps itself
             valid = torch.arange(N, device=device)[None, :] < seq_lens[:, None]  # [B, N]
             keys = torch.cat((valid, torch.ones_like(valid)), dim=1)[:, None, None, :]

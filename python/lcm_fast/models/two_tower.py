@@ -127,7 +127,7 @@ class Denoiser(nn.Module):
 
         A literal zero row is prepended to the context (key 0). With ``inference`` the query sees all
         keys; otherwise query i sees key 0 and context rows < i (+ source_lens), as in training, and the
-        query rows marked in ``cfg_dropout_rows`` ([S] bool: classifier-free-guidance training) see
+        query rows marked in ``cfg_dropout_rows`` ([S] or [B, S] bool: classifier-free-guidance training) see
         only key 0. Returns the prediction [B, S, sonar_dim] (x0 for prediction_type 'sample').
         """
         keys = torch.cat((context.new_zeros(context.shape[0], 1, context.shape[2]), context), dim=1)
@@ -140,7 +140,7 @@ class Denoiser(nn.Module):
             offset = source_lens[:, None, None] if source_lens is not None else 0
             mask = k <= q + offset  # [S, C+1] or [B, S, C+1]
             if cfg_dropout_rows is not None:
-                mask = mask & ~(cfg_dropout_rows[:, None] & (k > 0))
+                mask = mask & ~(cfg_dropout_rows[..., None] & (k > 0))  # [S] or [B, S] rows
             mask = mask[:, None] if mask.dim() == 3 else mask
         if context_lens is not None:
             pad = key_padding_mask(context_lens + 1, num_keys)
@@ -219,7 +219,7 @@ class TwoTowerLCM(SavePretrainedMixin, OfficialInitMixin, nn.Module):
         cfg_dropout_rows: Optional[Tensor] = None,
     ) -> Tensor:
         """Training-style call. clean, noisy: [B, S, sonar_dim] normalized; timesteps: [B, S] int;
-        seq_lens: [B] or None; cfg_dropout_rows: [S] bool rows denoised without context (CFG training).
+        seq_lens: [B] or None; cfg_dropout_rows: [S] or [B, S] bool rows denoised without context (CFG training).
         Position i is denoised from the context of positions < i."""
         context = self.encode(clean, seq_lens)
         return self.denoiser(noisy, timesteps, context, seq_lens, inference=False, cfg_dropout_rows=cfg_dropout_rows)

@@ -12,7 +12,7 @@ import math
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 from .data import Batch
@@ -41,8 +41,24 @@ def base_lcm_loss(model: BaseLCM, batch: Batch, generator: torch.Generator, *, f
     return (err * mask).sum(), int(mask.sum())
 
 
-def _cfg_dropout_rows(L: int, rate: float, generator: torch.Generator, device: torch.device) -> Optional[Tensor]:
-    """[L] bool rows trained without context: floor((L - 1) rate) of positions 1..L-1 (official rule)."""
+#: how the rows trained without context are drawn (:func:`cfg_dropout_rows`)
+CFG_DROPOUT_RULES = ("paper", "official")
+
+
+def cfg_dropout_rows(B: int, L: int, rate: float, rule: str, generator: torch.Generator,
+                     device: torch.device) -> Optional[Tensor]:
+    """Rows trained without context, for classifier-free guidance (None: none).
+
+    ``paper`` (section 2.3.3, "drop random rows ... with a rate of p_cfg"): each position of each document
+    independently with probability ``rate`` -> [B, L] bool. ``official`` (the released Two-Tower criterion):
+    floor((L - 1) rate) of positions 1..L-1, the same in every document -> [L] bool; documents of 7 sentences or
+    fewer get none at rate 0.15. Position 0 has no context to drop in either model."""
+    if rule not in CFG_DROPOUT_RULES:
+        raise ValueError(f"unknown cfg_dropout_rule '{rule}'; expected one of {CFG_DROPOUT_RULES}")
+    if rule == "paper":
+        drop = torch.rand(B, L, generator=generator) < rate
+        drop[:, 0] = False
+        return drop.to(device) if drop.any() else None
     n_drop = math.floor((L - 1) * rate)
     if n_drop <= 0:
         return None
@@ -51,15 +67,22 @@ def _cfg_dropout_rows(L: int, rate: float, generator: torch.Generator, device: t
     return drop.to(device)
 
 
+def default_cfg_dropout_rule(model: nn.Module) -> str:
+    """The official rule for Two-Tower (parity with the released trainer), the paper's for the others."""
+    return "official" if isinstance(model, TwoTowerLCM) else "paper"
+
+
 def diffusion_loss(model: TwoTowerLCM | OneTowerLCM, batch: Batch, generator: torch.Generator, *, cfg_dropout: float = 0.15,
-                   weighting: str = "none", forward=None, fragility: Optional[FragilityMLP] = None,
+                   cfg_dropout_rule: Optional[str] = None, weighting: str = "none",
+                   snr_clamp: tuple[float, float] = (0.0, 5.0), forward=None, fragility: Optional[FragilityMLP] = None,
                    fragility_ab: tuple[float, float] = (-4.0, 3.5), **_) -> tuple[Tensor, int]:
     """Diffusion objective (paper section 2.3): every position is noised to a uniform timestep and
     denoised from the clean context before it; the target follows the scheduler's prediction type.
 
-    cfg_dropout: fraction p of rows trained unconditionally (only the zero vector visible), chosen as
-        the official criterion does: floor((L - 1) p) rows among positions 1..L-1, per batch.
-    weighting: ``none``, ``clamp_snr`` (paper eq. 17: min(SNR(t), 5), renormalised over targets) or
+    cfg_dropout: rate p of rows trained unconditionally (only the zero vector visible), drawn by
+        ``cfg_dropout_rule`` (:func:`cfg_dropout_rows`; None: :func:`default_cfg_dropout_rule`).
+    weighting: ``none``, ``clamp_snr`` (paper eq. 17: max(min(SNR(t), l_max), l_min), ``snr_clamp`` = (l_min,
+        l_max); the paper's settings are (0, 10) and (0.001, 5)) or
         ``fragility`` (eq. 25: sigmoid(a F(x0) + b) per target sentence, F = ``fragility`` applied to the
         normalized clean embedding, (a, b) = ``fragility_ab``).
     """
@@ -69,7 +92,8 @@ def diffusion_loss(model: TwoTowerLCM | OneTowerLCM, batch: Batch, generator: to
     t = torch.randint(0, sched.num_train_steps, (B, L), generator=generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0)
     noisy = sched.add_noise(x0.flatten(0, 1), eps.flatten(0, 1), t.flatten()).view_as(x0)
-    drop = _cfg_dropout_rows(L, cfg_dropout, generator, x0.device)
+    drop = cfg_dropout_rows(B, L, cfg_dropout, cfg_dropout_rule or default_cfg_dropout_rule(model), generator,
+                            x0.device)
     pred = (forward or model)(x0, noisy, t, batch.seq_lens.to(x0.device), cfg_dropout_rows=drop).float()
     target = {"sample": x0, "epsilon": eps, "v_prediction": None}[sched.config.prediction_type]
     if target is None:
@@ -77,8 +101,7 @@ def diffusion_loss(model: TwoTowerLCM | OneTowerLCM, batch: Batch, generator: to
     mask = _targets(batch, 0, x0.device)
     err = (pred - target.float()).pow(2).sum(-1)
     if weighting == "clamp_snr":
-        gamma = torch.clamp(sched.get_snrs().to(x0.device)[t], max=5.0) * mask
-        err = err * gamma * mask.sum() / gamma.sum().clamp_min(1e-12)
+        err = err * sched.get_snrs().to(x0.device)[t].clamp(min=snr_clamp[0], max=snr_clamp[1])
     elif weighting == "fragility":
         if fragility is None:
             raise ValueError("fragility weighting needs a fitted FragilityMLP (TrainConfig.fragility_model)")
@@ -89,7 +112,7 @@ def diffusion_loss(model: TwoTowerLCM | OneTowerLCM, batch: Batch, generator: to
 
 
 def quant_loss(model: QuantLCM, batch: Batch, generator: torch.Generator, *, cfg_dropout: float = 0.15,
-               forward=None, **_) -> tuple[Tensor, int]:
+               cfg_dropout_rule: Optional[str] = None, forward=None, **_) -> tuple[Tensor, int]:
     """Quant-LCM objective (paper section 2.3.5): every position gets a codebook k uniform in 1..M, its
     input is the intermediate representation of its first k-1 codes. Quant-LCM-D: cross-entropy of
     unit k (summed over targets); Quant-LCM-C: squared L2 error to the continuous embedding
@@ -102,7 +125,8 @@ def quant_loss(model: QuantLCM, batch: Batch, generator: torch.Generator, *, cfg
     k = torch.randint(1, model.config.n_codebooks + 1, (B, L), generator=generator).to(raw.device)
     inter = model.intermediate(codes, k - 1).to(x.dtype)
     inter = norm.normalize(inter) if norm is not None else inter
-    drop = _cfg_dropout_rows(L, cfg_dropout, generator, raw.device)
+    drop = cfg_dropout_rows(B, L, cfg_dropout, cfg_dropout_rule or default_cfg_dropout_rule(model), generator,
+                            raw.device)
     out = (forward or model)(x, inter, k - 1, batch.seq_lens.to(raw.device), cfg_dropout_rows=drop).float()
     mask = _targets(batch, 0, raw.device)
     if model.discrete:

@@ -78,9 +78,14 @@ class TrainConfig:
     max_grad_norm: float = 25.0
     grad_accumulation: int = 1
     cfg_dropout: float = 0.15
-    """Diffusion variants: fraction of positions trained without context (classifier-free guidance)."""
+    """Diffusion and Quant-LCM variants: rate of positions trained without context (classifier-free guidance)."""
+    cfg_dropout_rule: Optional[str] = None
+    """paper (each position with probability cfg_dropout) | official (a fixed count, the same positions in every
+    document: the released Two-Tower trainer's); None: official for Two-Tower, paper for the others."""
     loss_weighting: str = "none"
     """none | clamp_snr | fragility (paper eqs. 17 and 25)"""
+    snr_clamp: tuple[float, float] = (0.0, 5.0)
+    """clamp_snr: (lambda_min, lambda_max) of eq. 17; the paper trains (0, 10) and (0.001, 5)."""
     fragility_model: Optional[str] = None
     """Path of a FragilityMLP state dict (``torch.save(mlp.state_dict())``) for fragility weighting."""
     fragility_ab: tuple[float, float] = (-4.0, 3.5)
@@ -406,7 +411,8 @@ class Trainer:
                     with contextlib.nullcontext() if sync or self.sharded else self.forward.no_sync():
                         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                             loss, n = loss_fn(self.model, batch, generator, forward=self.forward,
-                                              cfg_dropout=cfg.cfg_dropout, weighting=cfg.loss_weighting,
+                                              cfg_dropout=cfg.cfg_dropout, cfg_dropout_rule=cfg.cfg_dropout_rule,
+                                              weighting=cfg.loss_weighting, snr_clamp=cfg.snr_clamp,
                                               fragility=self.fragility, fragility_ab=cfg.fragility_ab)
                         loss.backward()
                     local += torch.tensor([n, loss.item()], dtype=torch.float64)
