@@ -72,3 +72,19 @@ def test_step_callback_and_progress():
                       step_callback=lambda pos, t, out, rows: calls.append((pos, t, out.prev_sample.shape)))
     assert [(p, t) for p, t, _ in calls] == [(p, t) for p in (3, 4) for t in (99, 74, 49, 24)]
     assert all(shape == (2, 1, 24) for *_, shape in calls)
+
+
+def test_paper_options_per_family():
+    """GenerationOptions.paper: the paper's section 2.4.1 settings, by family and task."""
+    two_tower = lcm_fast.GenerationOptions.paper(random_model(tiny_config("two_tower_diffusion_lcm")), seed=3)
+    assert (two_tower.inference_timesteps, two_tower.guidance_scale, two_tower.guidance_rescale,
+            two_tower.initial_noise_scale, two_tower.epsilon_scaling, two_tower.seed) == (40, 3.0, 0.7, 0.6, 1.00045, 3)
+    quant = random_model(tiny_config("quant_lcm"))
+    single, multi = (lcm_fast.GenerationOptions.paper(quant, multi_sentence=m) for m in (False, True))
+    if quant.discrete:
+        assert (single.top_k, single.guidance_scale) == (1, 2.0)
+        assert (multi.lcm_temperature, multi.top_k, multi.guidance_scale) == (1.0, 3, 1.0)
+    else:
+        assert (single.top_k, single.guidance_scale) == (1, 3.0)
+        assert (multi.lcm_temperature, multi.top_k, multi.guidance_scale) == (0.005, 5, 1.5)
+    assert lcm_fast.GenerationOptions.paper(random_model(tiny_config("base_lcm"))) == lcm_fast.GenerationOptions()

@@ -93,7 +93,7 @@ class LCMFrontendConfig(EncoderFrontendConfig):
 
 @dataclass
 class SchedulerConfig:
-    """DDIM noise scheduler (``DDIMSchedulerConfig`` of the official code; paper section 2.3.3)."""
+    """DDIM noise scheduler (``DDIMSchedulerConfig`` of the official code; paper section 2.3.2)."""
 
     num_diffusion_train_steps: int = 1000
     beta_start: float = 0.0001

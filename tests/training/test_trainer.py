@@ -14,6 +14,7 @@ import torch
 
 import lcm_fast
 from lcm_fast.training import DataConfig, TrainConfig, Trainer, write_documents
+from lcm_fast.training.data import sample_embeddings
 
 from ..conftest import tiny_config
 
@@ -227,13 +228,17 @@ def test_cli_train_and_resume(tmp_path):
                          "denoiser: {num_layers: 1, num_attn_heads: 2, ffn_inner_dim: 32, timestep_embed_dim: 16}")
     cli = [sys.executable, "-m", "lcm_fast.cli", "train", "--variant", "two_tower", "--data",
            str(tmp_path / "train.parquet"), "--config", config, "--out", str(tmp_path / "run")]
-    subprocess.run(cli + ["--steps", "3"], check=True, capture_output=True)
+    first = subprocess.run(cli + ["--steps", "3"], check=True, capture_output=True, text=True)
     assert Trainer.latest_checkpoint(tmp_path / "run").name == "step_3"
+    assert "no --normalizer: fitted one on" in first.stderr  # never centre 0 and scale 1 in silence
     subprocess.run(cli + ["--steps", "5", "--resume"], check=True, capture_output=True)
     assert Trainer.latest_checkpoint(tmp_path / "run").name == "step_5"
     assert [json.loads(l)["step"] for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
     model = lcm_fast.from_pretrained(tmp_path / "run/checkpoints/step_5")
     assert model.config.model_dim == 16
+    data = sample_embeddings([(str(tmp_path / "train.parquet"), 1.0)], DIM, 10_000)
+    assert torch.count_nonzero(model.normalizer.center) > 0  # fitted on the data
+    assert model.normalizer.normalize(data).std().item() == pytest.approx(1.0, abs=0.3)
     help_text = subprocess.run([sys.executable, "-m", "lcm_fast.cli", "train", "--help"], check=True,
                                capture_output=True, text=True).stdout
     assert "--variant" in help_text and "lr=0.0004" in help_text

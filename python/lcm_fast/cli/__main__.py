@@ -133,6 +133,14 @@ def _train(args: argparse.Namespace) -> None:
             raise ValueError(f"--normalizer {args.normalizer} is fitted on {normalizer.dim}-d embeddings, the model "
                              f"takes {model.sonar_dim}-d ones: fit it on this data (lcm-fast fit-normalizer)")
         model.normalizer.load_state_dict(normalizer.state_dict())
+    elif model.normalizer is not None and not args.init:  # centre 0, scale 1 would train on raw embeddings silently
+        from lcm_fast.nn.normalizer import SonarNormalizer
+        from lcm_fast.training.data import sample_embeddings
+
+        sample = sample_embeddings([_weighted(item) for item in args.data], data_dim, 100_000, seed=train_cfg.seed)
+        model.normalizer.load_state_dict(SonarNormalizer.fit(sample).state_dict())
+        print(f"no --normalizer: fitted one on {sample.shape[0]} sentence embeddings of --data (gaussian_robust; "
+              "lcm-fast fit-normalizer for another method or mix)", file=sys.stderr)
     if rq is not None:
         model.set_codebooks(rq.codebooks)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # launched by torchrun

@@ -116,7 +116,7 @@ Timestep = Union[int, Tensor]
 class DDIMScheduler:
     """DDIM with every official option: beta schedules, zero-terminal-SNR, linspace/leading/trailing
     spacing, prediction types sample/epsilon/v_prediction, clipping, dynamic thresholding, eta, and
-    epsilon scaling (Ning et al. 2023: divide the predicted noise; paper section 2.3.4)."""
+    epsilon scaling (Ning et al. 2023: divide the predicted noise; paper section 2.3.2)."""
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config

@@ -8,10 +8,13 @@ over all positions in parallel, greedy units.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ..diffusion import GuidedDDIM
+from ..inference.generator import GenerationOptions
 from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 
 
@@ -22,7 +25,7 @@ def teacher_forced_predictions(
     seq_lens: Tensor,
     *,
     steps: int = 40,
-    guidance_scale: float = 3.0,
+    guidance_scale: Optional[float] = None,
     guidance_rescale: float = 0.7,
     initial_noise_scale: float = 0.6,
     seed: int = 0,
@@ -31,8 +34,11 @@ def teacher_forced_predictions(
 
     Returns predictions [B, L, D] in SONAR space: ``out[:, n]`` predicts ``embeddings[:, n]`` from
     ``embeddings[:, :n]`` (n >= 1; Two-Tower also predicts n = 0 from the zero vector alone). The
-    sampling defaults are the paper's (Two-Tower only).
+    sampling defaults are the paper's; guidance_scale None: the paper's single-sentence one for the family
+    (2 for Quant-LCM-D, else 3).
     """
+    if guidance_scale is None:
+        guidance_scale = GenerationOptions.paper(model, multi_sentence=False).guidance_scale
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -127,8 +127,28 @@ class GenerationOptions:
 
     @classmethod
     def recommended(cls, **overrides: Any) -> "GenerationOptions":
-        """The official README's Two-Tower evaluation settings: 40 steps, w=3, rescale 0.7, noise 0.6."""
+        """The official README's Two-Tower evaluation settings: 40 steps, w=3, rescale 0.7, noise 0.6 (the README
+        sets no epsilon scaling; :meth:`paper` adds the paper's)."""
         base = dict(inference_timesteps=40, guidance_scale=3.0, guidance_rescale=0.7, initial_noise_scale=0.6)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def paper(cls, model: BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM, multi_sentence: bool = True,
+              **overrides: Any) -> "GenerationOptions":
+        """The paper's decoding settings for ``model``'s family (section 2.4.1): diffusion LCMs 40 steps, w = 3,
+        rescale 0.7, noise 0.6 and epsilon scaling 1.00045; Quant-LCM-D top-k 1 and w = 2 for one sentence,
+        temperature 1, top-k 3 and w = 1 for several; Quant-LCM-C top-k 1 and w = 3, or temperature 0.005, top-k 5
+        and w = 1.5; Base-LCM the defaults (it is deterministic)."""
+        base: dict[str, Any] = {}
+        if isinstance(model, (TwoTowerLCM, OneTowerLCM)):
+            base = dict(inference_timesteps=40, guidance_scale=3.0, guidance_rescale=0.7, initial_noise_scale=0.6,
+                        epsilon_scaling=1.00045)
+        elif isinstance(model, QuantLCM):
+            settings = {(True, False): dict(top_k=1, guidance_scale=2.0),
+                        (True, True): dict(lcm_temperature=1.0, top_k=3, guidance_scale=1.0),
+                        (False, False): dict(top_k=1, guidance_scale=3.0),
+                        (False, True): dict(lcm_temperature=0.005, top_k=5, guidance_scale=1.5)}
+            base = settings[model.discrete, multi_sentence]
         return cls(**{**base, **overrides})
 
     @classmethod

@@ -90,7 +90,7 @@ def evaluate(model, files: Sequence[str], *, encoder: Optional[Encoder] = None, 
         return result
     if mutual_information is not None:
         result["teacher_forced"]["mi"] = _mutual_information(model, files, decoder, mutual_information, max_docs)
-    options = options or GenerationOptions.recommended(seed=0)
+    options = options or GenerationOptions.paper(model, seed=0)
     gen_rows, docs = [], 0
     for sentences, vectors in _documents(files):
         if docs >= max_docs:

@@ -1,4 +1,4 @@
-"""Sentence segmentation with the paper's length cap (appendix A: sentences over 200 characters are split).
+"""Sentence segmentation with the paper's length cap (section 2.2: sentences over 200 characters are split).
 
 Base splitter: SaT (wtpsplit, "Segment any Text") when a SaT model directory is configured
 (``sat_model=`` or ``LCM_FAST_SAT_MODEL``: it is never downloaded), else blingfire when importable (its

@@ -49,7 +49,7 @@ def cfg_dropout_rows(B: int, L: int, rate: float, rule: str, generator: torch.Ge
                      device: torch.device) -> Optional[Tensor]:
     """Rows trained without context, for classifier-free guidance (None: none).
 
-    ``paper`` (section 2.3.3, "drop random rows ... with a rate of p_cfg"): each position of each document
+    ``paper`` (sections 2.3.3-2.3.4: rows dropped "with a rate of p_cfg"): each position of each document
     independently with probability ``rate`` -> [B, L] bool. ``official`` (the released Two-Tower criterion):
     floor((L - 1) rate) of positions 1..L-1, the same in every document -> [L] bool; documents of 7 sentences or
     fewer get none at rate 0.15. Position 0 has no context to drop in either model."""
