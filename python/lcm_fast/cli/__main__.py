@@ -1,5 +1,5 @@
-"""``lcm-fast {generate, eval, info, prepare, train, fit-normalizer, fit-rvq, flops}``: defaults come from the config
-dataclasses.
+"""``lcm-fast {generate, eval, info, prepare, train, fit-normalizer, fit-rvq, fit-fragility, flops}``: defaults come
+from the config dataclasses.
 
 An error caused by the user's input or files (a ``ValueError``, an ``OSError``, bad YAML) prints one message on
 stderr and exits with status 2, without a traceback; ``--debug`` (or ``LCM_FAST_DEBUG=1``) shows the traceback."""
@@ -117,6 +117,8 @@ def _train(args: argparse.Namespace) -> None:
             raise ValueError(f"--eot: the {encoder} encoder gives {eot.shape[0]}-d embeddings but the model "
                              f"works on {model_cfg.sonar_embed_dim}-d ones")
         data_cfg.eot = eot
+    resuming = args.resume is not None and Trainer.latest_checkpoint(train_cfg.out_dir) is not None
+    notes: list[str] = []  # said once the run is known to start, after every check of the input
     if args.init:
         model = lcm_fast.from_pretrained(args.init)
         if model.sonar_dim != data_dim:
@@ -133,20 +135,26 @@ def _train(args: argparse.Namespace) -> None:
             raise ValueError(f"--normalizer {args.normalizer} is fitted on {normalizer.dim}-d embeddings, the model "
                              f"takes {model.sonar_dim}-d ones: fit it on this data (lcm-fast fit-normalizer)")
         model.normalizer.load_state_dict(normalizer.state_dict())
-    elif model.normalizer is not None and not args.init:  # centre 0, scale 1 would train on raw embeddings silently
+    elif model.normalizer is not None and not args.init and not resuming:
+        # centre 0 and scale 1 would train on raw embeddings in silence (a resumed run has its checkpoint's)
         from lcm_fast.nn.normalizer import SonarNormalizer
         from lcm_fast.training.data import sample_embeddings
 
         sample = sample_embeddings([_weighted(item) for item in args.data], data_dim, 100_000, seed=train_cfg.seed)
         model.normalizer.load_state_dict(SonarNormalizer.fit(sample).state_dict())
-        print(f"no --normalizer: fitted one on {sample.shape[0]} sentence embeddings of --data (gaussian_robust; "
-              "lcm-fast fit-normalizer for another method or mix)", file=sys.stderr)
+        notes.append(f"no --normalizer: fitted one on {sample.shape[0]} sentence embeddings of --data "
+                     "(gaussian_robust; lcm-fast fit-normalizer for another method or mix)")
     if rq is not None:
         model.set_codebooks(rq.codebooks)
+    if args.fragility:
+        train_cfg.loss_weighting, train_cfg.fragility_model = "fragility", args.fragility
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # launched by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     trainer = Trainer(model.to(device), train_cfg, data_cfg)
+    if args.resume != "must":  # "must" fails in train() without a checkpoint (and fits nothing with one)
+        for note in notes:
+            print(note, file=sys.stderr)
     trainer.train(resume={None: False, "latest": True, "must": "must"}[args.resume])
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -172,6 +180,39 @@ def _fit_normalizer(args: argparse.Namespace) -> None:
     sample = sample_embeddings(mix, args.dim or _data_dim([f for f, _ in mix])[0], args.sample, seed=args.seed)
     SonarNormalizer.fit(sample, args.method).save(args.out)
     print(f"fitted on {sample.shape[0]} sentence embeddings ({args.method}) -> {args.out}")
+
+
+def _fit_fragility(args: argparse.Namespace) -> None:
+    import torch
+
+    from lcm_fast.nn.normalizer import SonarNormalizer
+    from lcm_fast.text import load_encoder
+    from lcm_fast.text.evaluate import prepared_documents
+    from lcm_fast.text.retrieval import RetrievalDecoder
+    from lcm_fast.training.fragility import fit_fragility_mlp, fragility_scores
+
+    pairs = [(s, v) for doc, vectors in prepared_documents(args.data) for s, v in zip(doc, vectors)]
+    if len(pairs) < 2:
+        raise ValueError(f"{len(pairs)} sentences with their text in --data: fit-fragility needs prepared shards "
+                         "(lcm-fast prepare keeps the sentences)")
+    pick = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed))[: args.sample].tolist()
+    texts, x = [pairs[i][0] for i in pick], torch.tensor([pairs[i][1] for i in pick], dtype=torch.float32)
+    bank, encoder = RetrievalDecoder.load(args.bank), load_encoder(args.encoder)
+    shared = set(texts) & set(bank.sentences)
+    if shared:
+        raise ValueError(f"--bank holds {len(shared)} of the {len(texts)} scored sentences: a retrieval decoder returns "
+                         "them unchanged, so every one would look robust; give a bank of other text (lcm-fast prepare "
+                         "on another corpus writes one)")
+    normalizer = lcm_fast.load_normalizer(args.normalizer) if args.normalizer else SonarNormalizer.fit(x)
+    scores = fragility_scores(texts, x, bank.decode, encoder.encode, normalizer,
+                              generator=torch.Generator().manual_seed(args.seed))
+    mlp = fit_fragility_mlp(normalizer.normalize(x), scores, seed=args.seed)
+    torch.save(mlp.state_dict(), args.out)
+    weights = mlp.weights(normalizer.normalize(x))
+    q = [f"{float(v):.2f}" for v in torch.quantile(weights, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]))]
+    print(f"scored {len(texts)} sentences: fragility {float(scores.min()):.2f}..{float(scores.max()):.2f} "
+          f"(mean {float(scores.mean()):.2f}); weights sigmoid(-4 F + 3.5) min/10%/50%/90%/max {'/'.join(q)} "
+          f"-> {args.out}")
 
 
 def _fit_rvq(args: argparse.Namespace) -> None:
@@ -347,6 +388,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train.add_argument("--encoder", choices=["minilm", "sonar"],
                        help="encoder for --eot (default: the one prepare.json beside the data names, else minilm)")
     train.add_argument("--rvq", help="Quant-LCM: RVQ codebooks (.safetensors from fit-rvq); sets the quantizer shape")
+    train.add_argument("--fragility", help="weight each target by its fragility (paper eq. 25): the .pt of fit-fragility")
+    frag = sub.add_parser("fit-fragility", help="score sentences' fragility (paper eq. 26-27) and fit the MLP F that "
+                          "train --fragility weights by")
+    frag.add_argument("--data", nargs="+", required=True, help="prepared parquet files (with their sentences)")
+    frag.add_argument("--bank", required=True, help="sentence bank directory (lcm-fast prepare) of *other* text: the "
+                      "decoder (a bank holding the scored sentences returns them unchanged)")
+    frag.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"],
+                      help="the external encoder of the score (the paper: MGTE)")
+    frag.add_argument("--normalizer", help="normalizer .pt (default: fitted on the scored sentences)")
+    frag.add_argument("--sample", type=int, default=2000, help="sentences to score (9 decodings each)")
+    frag.add_argument("--seed", type=int, default=0)
+    frag.add_argument("--out", required=True, help="output .pt (the FragilityMLP state dict)")
     fit = sub.add_parser("fit-normalizer", help="fit the SONAR normalizer on a weighted mix of parquet files")
     fit.add_argument("--data", nargs="+", required=True, help="parquet files, each optionally FILE:WEIGHT (default 1)")
     fit.add_argument("--dim", type=int, help="embedding dim (default: the data's)")
@@ -425,6 +478,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ev.add_argument("--json", help="write the metrics as JSON")
     args = parser.parse_args(argv)
     command = {"info": _info, "train": _train, "fit-normalizer": _fit_normalizer, "fit-rvq": _fit_rvq,
+               "fit-fragility": _fit_fragility,
                "flops": _flops, "prepare": _prepare, "generate": _generate, "eval": _eval}[args.command]
     import torch
 

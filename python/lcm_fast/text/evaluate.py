@@ -25,7 +25,7 @@ from .encoders import Decoder, Encoder
 from .mutual_information import MutualInformation, weighted_mean
 
 
-def _documents(files: Sequence[str]):
+def prepared_documents(files: Sequence[str]):
     """(sentences, embeddings) of every document that carries its text (``lcm-fast prepare`` output)."""
     for path in files:
         table = pq.read_table(path)
@@ -37,7 +37,7 @@ def _mutual_information(model, files: Sequence[str], decoder: Decoder, scorer: M
                         max_docs: int) -> float:
     """Token-weighted MI of the decoded teacher-forced prediction of every sentence after the first."""
     sentences, contexts, docs = [], [], 0
-    for doc, vectors in _documents(files):
+    for doc, vectors in prepared_documents(files):
         if docs >= max_docs:
             break
         n = min(len(doc), model.config.max_seq_len)
@@ -92,7 +92,7 @@ def evaluate(model, files: Sequence[str], *, encoder: Optional[Encoder] = None, 
         result["teacher_forced"]["mi"] = _mutual_information(model, files, decoder, mutual_information, max_docs)
     options = options or GenerationOptions.paper(model, seed=0)
     gen_rows, docs = [], 0
-    for sentences, vectors in _documents(files):
+    for sentences, vectors in prepared_documents(files):
         if docs >= max_docs:
             break
         if len(sentences) < prompt_sentences + 1:
