@@ -314,7 +314,7 @@ def _eval(args: argparse.Namespace) -> None:
     import torch
 
     import lcm_fast
-    from lcm_fast.text import MutualInformation, RetrievalDecoder, load_encoder
+    from lcm_fast.text import MutualInformation, RetrievalDecoder, SonarDecoder, load_encoder
     from lcm_fast.text.evaluate import evaluate
 
     for name in ("max_docs", "prompt_sentences", "generate_sentences", "steps"):
@@ -322,8 +322,11 @@ def _eval(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     model = lcm_fast.from_pretrained(args.model, dtype=torch.float32, device=args.device)
     bank = Path(args.decoder) if args.decoder else Path(args.model) / "bank"
-    has_bank = args.decoder != "none" and (bank / "bank.json").is_file()
-    decoder = RetrievalDecoder.load(bank, args.bank_index) if has_bank else None
+    has_bank = args.decoder not in ("none", "sonar") and (bank / "bank.json").is_file()
+    if args.decoder == "sonar":
+        decoder = SonarDecoder(**({"device": args.device} if args.device else {}))
+    else:
+        decoder = RetrievalDecoder.load(bank, args.bank_index) if has_bank else None
     encoder = load_encoder(args.encoder) if decoder is not None else None
     if encoder is not None and encoder.dim != model.sonar_dim:
         raise ValueError(f"--encoder {args.encoder} gives {encoder.dim}-d embeddings, the model takes "
@@ -332,7 +335,7 @@ def _eval(args: argparse.Namespace) -> None:
         raise ValueError(f"MI scores decoded sentences, but there is no sentence bank at {bank}: "
                          "pass --decoder BANK_DIR")
     mi = MutualInformation(args.mi_model, device=args.device or "cpu") if args.mi_model else None
-    options = lcm_fast.GenerationOptions.recommended(inference_timesteps=args.steps, seed=0)
+    options = lcm_fast.GenerationOptions.paper(model, inference_timesteps=args.steps, seed=0)
     result = evaluate(model, args.data, encoder=encoder, decoder=decoder, max_docs=args.max_docs,
                       prompt_sentences=args.prompt_sentences, generate_sentences=args.generate_sentences,
                       options=options, mutual_information=mi)
@@ -465,7 +468,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ev.add_argument("--model", required=True, help="model directory")
     ev.add_argument("--data", nargs="+", required=True, help="parquet shards (lcm-fast prepare output for text metrics)")
     ev.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"], help="for the round-trip l2")
-    ev.add_argument("--decoder", help="sentence bank directory (default: MODEL/bank when present), or 'none'")
+    ev.add_argument("--decoder", help="sentence bank directory (default: MODEL/bank when present), 'sonar' (the "
+                    "SONAR decoder, installed), or 'none'; a bank holding the evaluated sentences is reported (leak)")
     ev.add_argument("--bank-index", default="auto", choices=BANK_INDEXES,
                      help="sentence-bank search: auto (exact, HNSW for large banks), flat, hnsw, ivf, torch")
     ev.add_argument("--mi-model", default=os.environ.get(MI_MODEL_ENV),

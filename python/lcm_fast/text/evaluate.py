@@ -13,6 +13,7 @@ decoder's mean similarity.
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence
 
 import pyarrow.parquet as pq
@@ -23,6 +24,7 @@ from ..inference import GenerationOptions, generate
 from ..training import DataConfig, batches
 from .encoders import Decoder, Encoder
 from .mutual_information import MutualInformation, weighted_mean
+from .retrieval import warn_on_leak
 
 
 def prepared_documents(files: Sequence[str]):
@@ -59,7 +61,9 @@ def evaluate(model, files: Sequence[str], *, encoder: Optional[Encoder] = None, 
              max_docs: int = 64, prompt_sentences: int = 3, generate_sentences: int = 3,
              options: Optional[GenerationOptions] = None,
              mutual_information: Optional[MutualInformation] = None) -> dict[str, dict[str, float]]:
-    """{"teacher_forced": {...}, "generation": {...}} over at most ``max_docs`` documents of ``files``.
+    """{"teacher_forced": {...}, "generation": {...}} over at most ``max_docs`` documents of ``files``, and with a
+    decoder {"decoder": {"bank_overlap": ...}}: the share of the evaluated sentences that a sentence bank holds
+    (warned about when > 0: those metrics leak). ``decoder``: a sentence bank or a generating decoder (SONAR).
 
     ``teacher_forced["mi"]`` is computed when ``mutual_information`` is given (it needs ``decoder``)."""
     if mutual_information is not None and decoder is None:
@@ -88,6 +92,8 @@ def evaluate(model, files: Sequence[str], *, encoder: Optional[Encoder] = None, 
     result = {"teacher_forced": _mean(tf_rows), "generation": {}}
     if decoder is None:
         return result
+    evaluated = [s for doc, _ in itertools.islice(prepared_documents(files), max_docs) for s in doc]
+    result["decoder"] = {"bank_overlap": warn_on_leak(decoder, evaluated, "evaluate")}
     if mutual_information is not None:
         result["teacher_forced"]["mi"] = _mutual_information(model, files, decoder, mutual_information, max_docs)
     options = options or GenerationOptions.paper(model, seed=0)

@@ -12,6 +12,7 @@ does the same search.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -128,6 +129,27 @@ class RetrievalDecoder:
 
     def __len__(self) -> int:
         return len(self.sentences)
+
+    def overlap(self, sentences: Sequence[str]) -> float:
+        """The fraction of ``sentences`` that the bank holds verbatim: what retrieval can return as its own
+        reference when the bank is scored on them (a leak in l2-r, MI and the generation metrics)."""
+        sentences = list(sentences)
+        if not sentences:
+            return 0.0
+        if not hasattr(self, "_set"):
+            self._set = set(self.sentences)
+        return sum(s in self._set for s in sentences) / len(sentences)
+
+
+def warn_on_leak(decoder: object, sentences: Sequence[str], what: str) -> float:
+    """Warns when ``decoder`` is a sentence bank that holds some of the evaluated ``sentences`` (0.0 for a generating
+    decoder) -> the fraction held."""
+    share = decoder.overlap(sentences) if isinstance(decoder, RetrievalDecoder) else 0.0
+    if share > 0:
+        warnings.warn(f"{what}: the sentence bank holds {share:.0%} of the evaluated sentences, so retrieval can "
+                      "return a reference itself and l2-r, MI and the generation metrics leak; build the bank from "
+                      "other text (lcm-fast prepare on the training split only) or decode with SONAR", stacklevel=2)
+    return share
 
 
 def check_dims(model_dim: int, bank: Optional[RetrievalDecoder]) -> None:

@@ -100,8 +100,9 @@ class TrainConfig:
     validate_every: int = 0
     """Every N steps, score held-out documents (l2, CA, PAR; needs ``valid`` data); 0: never."""
     valid_bank: Optional[str] = None
-    """Sentence bank directory (``lcm-fast prepare``): validation then also reports the round-trip
-    l2 ``|encode(decode(x_hat)) - x|`` (l2_r) with ``valid_encoder``."""
+    """Sentence bank directory (``lcm-fast prepare``; of other text than the validation data, or it leaks: warned),
+    or ``sonar`` (the SONAR decoder): validation then also reports the round-trip l2 ``|encode(decode(x_hat)) - x|``
+    (l2_r) with ``valid_encoder``."""
     valid_encoder: str = "minilm"
     precision: str = "auto"
     """auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16: bf16 autocast of forward and loss; weights,
@@ -325,12 +326,17 @@ class Trainer:
     # ---- validation -----------------------------------------------------------------------------------
 
     def _round_trip(self):
-        """(encoder, sentence bank) for l2_r, loaded once."""
+        """(encoder, decoder) for l2_r, loaded once; warns when a sentence bank holds validation sentences."""
         if not hasattr(self, "_round_trip_parts"):
-            from ..text import RetrievalDecoder, load_encoder  # text depends on training.data, not the reverse
+            # text depends on training.data, not the reverse
+            from ..text import RetrievalDecoder, SonarDecoder, load_encoder
+            from ..text.evaluate import prepared_documents
+            from ..text.retrieval import warn_on_leak
 
-            self._round_trip_parts = (load_encoder(self.config.valid_encoder),
-                                      RetrievalDecoder.load(self.config.valid_bank))
+            bank = self.config.valid_bank
+            decoder = SonarDecoder(device=self.device) if bank == "sonar" else RetrievalDecoder.load(bank)
+            warn_on_leak(decoder, [s for doc, _ in prepared_documents(self.valid.files) for s in doc], "validation")
+            self._round_trip_parts = (load_encoder(self.config.valid_encoder), decoder)
         return self._round_trip_parts
 
     def validate(self) -> dict[str, float]:
