@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/silu.h>
 
 #include <vector>
@@ -28,7 +29,7 @@ at::Tensor skinny_linear_multi_cuda(const at::Tensor& x, at::TensorList weights,
   const c10::cuda::CUDAGuard guard(x.device());
   std::vector<at::Tensor> ys;
   for (size_t i = 0; i < weights.size(); ++i) ys.push_back(at::linear(x, weights[i], biases.get(i)));
-  return glu ? at::silu(ys[0]) * ys[1] : at::cat(ys, 1);
+  return glu ? at::mul(at::silu(ys[0]), ys[1]) : at::cat(ys, 1);
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-"""``lcm-fast {generate, eval, info, prepare, train, fit-normalizer, fit-rvq, fit-fragility, flops}``: defaults come
-from the config dataclasses.
+"""``lcm-fast {generate, eval, info, prepare, train, fit-normalizer, fit-rvq, fit-fragility, repro, flops}``:
+defaults come from the config dataclasses.
 
 An error caused by the user's input or files (a ``ValueError``, an ``OSError``, bad YAML) prints one message on
 stderr and exits with status 2, without a traceback; ``--debug`` (or ``LCM_FAST_DEBUG=1``) shows the traceback."""
@@ -215,6 +215,17 @@ def _fit_fragility(args: argparse.Namespace) -> None:
           f"-> {args.out}")
 
 
+def _repro(args: argparse.Namespace) -> None:
+    from lcm_fast.text.repro import run
+
+    if args.steps < 1 or args.seeds < 1:
+        raise ValueError(f"--steps and --seeds must be >= 1, got {args.steps} and {args.seeds}")
+    run(args.out, steps=args.steps, seeds=args.seeds, quick=args.quick, mi_model=args.mi_model, device=args.device,
+        progress=True)
+    print((Path(args.out) / "table.md").read_text())
+    print(f"-> {Path(args.out) / 'table.md'}, {Path(args.out) / 'table.png'}")
+
+
 def _fit_rvq(args: argparse.Namespace) -> None:
     from lcm_fast.quant import ResidualQuantizer
     from lcm_fast.training.data import sample_embeddings
@@ -392,6 +403,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                        help="encoder for --eot (default: the one prepare.json beside the data names, else minilm)")
     train.add_argument("--rvq", help="Quant-LCM: RVQ codebooks (.safetensors from fit-rvq); sets the quantizer shape")
     train.add_argument("--fragility", help="weight each target by its fragility (paper eq. 25): the .pt of fit-fragility")
+    rep = sub.add_parser("repro", help="the paper's Table 3 at small scale, offline: every variant trained on the "
+                         "shipped corpus and scored on held-out documents (about 30 min on 2 CPU cores)")
+    rep.add_argument("--out", required=True, help="output directory: table.md, table.png, data/, runs/")
+    rep.add_argument("--steps", type=int, default=600, help="training steps per variant")
+    rep.add_argument("--seeds", type=int, default=1, help="seeds per variant: the table gives mean +- spread")
+    rep.add_argument("--quick", action="store_true", help="a few documents and tiny models, end to end (tests)")
+    rep.add_argument("--mi-model", default=os.environ.get(MI_MODEL_ENV),
+                     help=f"local causal LM directory for the MI column (the paper: GPT-2); default ${MI_MODEL_ENV}")
+    rep.add_argument("--device", help="default: cuda when available, else cpu")
     frag = sub.add_parser("fit-fragility", help="score sentences' fragility (paper eq. 26-27) and fit the MLP F that "
                           "train --fragility weights by")
     frag.add_argument("--data", nargs="+", required=True, help="prepared parquet files (with their sentences)")
@@ -482,7 +502,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ev.add_argument("--json", help="write the metrics as JSON")
     args = parser.parse_args(argv)
     command = {"info": _info, "train": _train, "fit-normalizer": _fit_normalizer, "fit-rvq": _fit_rvq,
-               "fit-fragility": _fit_fragility,
+               "fit-fragility": _fit_fragility, "repro": _repro,
                "flops": _flops, "prepare": _prepare, "generate": _generate, "eval": _eval}[args.command]
     import torch
 
