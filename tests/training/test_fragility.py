@@ -128,3 +128,9 @@ def test_cli_fit_fragility_then_train(tmp_path, monkeypatch, capsys):
           "--out", "run"])
     metrics = [json.loads(line) for line in Path("run/metrics.jsonl").read_text().splitlines()]
     assert metrics and all(math.isfinite(m["loss"]) for m in metrics if "loss" in m)
+
+
+def test_cli_fit_fragility_needs_the_sentences(tmp_path):
+    data = _dataset(tmp_path / "train.parquet", n_docs=2)  # embeddings only, no text
+    with pytest.raises(ValueError, match="0 sentences with their text in --data: fit-fragility needs prepared shards"):
+        main(["--debug", "fit-fragility", "--data", *data.files, "--bank", str(tmp_path), "--out", "f.pt"])

@@ -65,7 +65,8 @@ def evaluate(model, files: Sequence[str], *, encoder: Optional[Encoder] = None, 
     decoder {"decoder": {"bank_overlap": ...}}: the share of the evaluated sentences that a sentence bank holds
     (warned about when > 0: those metrics leak). ``decoder``: a sentence bank or a generating decoder (SONAR).
 
-    ``teacher_forced["mi"]`` is computed when ``mutual_information`` is given (it needs ``decoder``)."""
+    ``teacher_forced["mi"]`` is computed when ``mutual_information`` is given (it needs ``decoder``);
+    ``generate_sentences=0`` skips the generation section (the pre-training metrics only)."""
     if mutual_information is not None and decoder is None:
         raise ValueError("the MI metric scores decoded sentences: pass a decoder (a sentence bank) as well")
     data = DataConfig(files=list(files), dim=model.sonar_dim, max_concepts=max(64, model.config.max_seq_len),
@@ -96,6 +97,8 @@ def evaluate(model, files: Sequence[str], *, encoder: Optional[Encoder] = None, 
     result["decoder"] = {"bank_overlap": warn_on_leak(decoder, evaluated, "evaluate")}
     if mutual_information is not None:
         result["teacher_forced"]["mi"] = _mutual_information(model, files, decoder, mutual_information, max_docs)
+    if generate_sentences == 0:
+        return result
     options = options or GenerationOptions.paper(model, seed=0)
     gen_rows, docs = [], 0
     for sentences, vectors in prepared_documents(files):

@@ -26,17 +26,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import archs
-from ..evaluation import prediction_metrics, teacher_forced_predictions
-from ..inference.generator import model_device
 from ..models import build_model
 from ..nn.normalizer import SonarNormalizer
 from ..quant import ResidualQuantizer
-from ..training import DataConfig, TrainConfig, Trainer, batches
+from ..training import DataConfig, TrainConfig, Trainer
 from ..training.data import sample_embeddings
 from ..training.fragility import fit_fragility_mlp, fragility_scores
 from .corpus import Document, load_corpus
 from .encoders import load_encoder
-from .evaluate import prepared_documents
+from .evaluate import evaluate, prepared_documents
 from .mutual_information import MutualInformation
 from .prepare import prepare
 from .retrieval import RetrievalDecoder, warn_on_leak
@@ -87,36 +85,6 @@ def _shrink(config: Any, quick: bool, dim: int, max_seq_len: int) -> Any:
 def _write_split(docs: list[Document], path: Path) -> Path:
     path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
     return path
-
-
-def _score(model, test: list[str], bank: RetrievalDecoder, encoder, mi: Optional[MutualInformation],
-           max_docs: int) -> dict[str, float]:
-    """Teacher-forced l2, l2-r (round trip through ``bank``), PAR, CA [, MI] over the test documents."""
-    data = DataConfig(files=test, dim=model.sonar_dim, max_sentences=model.config.max_seq_len, shuffle_buffer=1)
-    totals: dict[str, float] = {}
-    count = docs = 0
-    for batch in batches(data):
-        if docs >= max_docs:
-            break
-        pred = teacher_forced_predictions(model, batch.embeddings.to(model_device(model)), batch.seq_lens).cpu().float()
-        valid = torch.arange(batch.embeddings.shape[1])[None, :] < batch.seq_lens[:, None]
-        scored = valid.clone()
-        scored[:, 0] = False
-        n = int(scored.sum())
-        if n == 0:
-            continue
-        row = prediction_metrics(pred, batch.embeddings.float(), scored, valid)
-        round_trip = encoder.encode(bank.decode(pred[scored]))
-        row["l2_r"] = (round_trip - batch.embeddings.float()[scored]).norm(dim=-1).mean().item()
-        for name, value in row.items():
-            totals[name] = totals.get(name, 0.0) + value * n
-        count, docs = count + n, docs + batch.embeddings.shape[0]
-    metrics = {name: value / count for name, value in totals.items()}
-    if mi is not None:
-        from .evaluate import _mutual_information
-
-        metrics["mi"] = _mutual_information(model, test, bank, mi, max_docs)
-    return metrics
 
 
 def run(out_dir: str | Path, *, steps: int = 600, seeds: int = 1, quick: bool = False,
@@ -181,7 +149,9 @@ def run(out_dir: str | Path, *, steps: int = 600, seeds: int = 1, quick: bool = 
                                     if weighting == "fragility" else None, out_dir=str(run_dir))
             data = DataConfig(files=files["train"], dim=dim, max_sentences=64, max_concepts=2048, seed=seed)
             trained = Trainer(model.to(device), train_cfg, data).train(progress=False).eval()
-            results[name].append(_score(trained, files["test"], train_bank, encoder, mi, max_docs))
+            scores = evaluate(trained, files["test"], encoder=encoder, decoder=train_bank, max_docs=max_docs,
+                              generate_sentences=0, mutual_information=mi)
+            results[name].append(scores["teacher_forced"])
             stages.update()
     table = {name: _summary(rows) for name, rows in results.items()}
     minutes = (time.perf_counter() - started) / 60
