@@ -2,6 +2,8 @@
 // cross into C++ only through the TORCH_LIBRARY ops (registration.cpp), never through pybind11.
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
+
+#include "rvq/certify.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -68,4 +70,15 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "lcm_fast compiled extension: build information; ops live in torch.ops.lcm_fast";
   m.def("build_info", &lcm_fast::build_info,
         "Compiler, flags, SIMD level, OpenMP threads, CUDA archs and the torch version this was built against.");
+  m.def(
+      "rvq_shortlist_bound",
+      [](float max_dot, float r_norm, float r_err_norm, float c_max, int64_t d, bool tensor_cores) {
+        return lcm_fast::shortlist_bound(max_dot, r_norm, r_err_norm, c_max, d,
+                                         tensor_cores ? lcm_fast::ScoreArithmetic::kTensorCoreFp32Out
+                                                      : lcm_fast::ScoreArithmetic::kBf16Out);
+      },
+      "The RVQ candidate search's bound on a row's score error (csrc/rvq/certify.h): the CPU's bf16 dots, or "
+      "(tensor_cores) the fp32 dots of cuBLAS on tensor cores.",
+      py::arg("max_dot"), py::arg("r_norm"), py::arg("r_err_norm"), py::arg("c_max"), py::arg("d"),
+      py::arg("tensor_cores"));
 }

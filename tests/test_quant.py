@@ -33,16 +33,26 @@ def test_torch_and_faiss_codebooks_are_comparable(data, faiss):
     assert errs["torch"] < 1.15 * errs["faiss"], errs
 
 
-def test_streaming_from_memmap_equals_in_memory(data, tmp_path):
-    """Data larger than memory: a memmap read in small chunks gives the same codebooks and codes."""
+@pytest.mark.parametrize("search", ["exact", "bf16"])
+def test_streaming_from_memmap_equals_in_memory(data, tmp_path, search):
+    """Data larger than memory: a memmap streamed in chunks (residuals rebuilt from the codes) trains the same
+    codebooks and codes, bit for bit, as the tensor in memory (residuals kept), with either search."""
     mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=tuple(data.shape))
     mm[:] = data.numpy()
     mm.flush()
-    ref_cb, ref_codes = train_residual_kmeans(data, 3, 16, progress=False)
-    cb, codes = train_residual_kmeans(np.load(tmp_path / "x.npy", mmap_mode="r"), 3, 16, chunk_size=500, progress=False)
+    kw = dict(chunk_size=1500, search=search, progress=False)
+    ref_cb, ref_codes = train_residual_kmeans(data, 3, 16, **kw)
+    cb, codes = train_residual_kmeans(np.load(tmp_path / "x.npy", mmap_mode="r"), 3, 16, **kw)
     assert torch.equal(cb, ref_cb) and torch.equal(codes, ref_codes)
-    rq = ResidualQuantizer.from_codebooks(cb)
-    assert torch.equal(rq.encode(data), codes)  # training codes are the greedy codes of the final codebooks
+    # training codes are the greedy codes of the final codebooks
+    assert_codes_match(ResidualQuantizer.from_codebooks(cb).encode(data, search=search), codes, data, cb)
+
+
+def test_kmeans_assignments_take_the_search(data):
+    """The candidate search assigns as the fp32 search does, in every Lloyd iteration: the same centroids."""
+    assert torch.equal(kmeans(data, 64, search="bf16"), kmeans(data, 64, search="exact"))
+    with pytest.raises(ValueError, match="unknown RVQ search 'fast'"):
+        kmeans(data, 64, search="fast")
 
 
 def test_encode_search_modes(data):

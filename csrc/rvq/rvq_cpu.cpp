@@ -12,7 +12,7 @@
 // kGemmBlock distances at a time, each reduced to the rows' running minimum before the next: a packed
 // GEMM then outruns the register tiles (L2-bound: 115-137 vs 156-165 GFLOP/s at 256 rows, bench/RESULTS.md).
 //
-// With search codebooks (bf16) and from kSearchMinScores scores per stage, the candidate search runs
+// With search codebooks (bf16) and from kRvqSearchMinScores scores per stage, the candidate search runs
 // instead (csrc/rvq/rvq.h): the bf16 scores come from BLAS (oneDNN: 2-3x the fp32 GEMM rate on CPUs with
 // bf16 dot products) in cache-sized blocks, each folded into the rows' shortlists of kRvqCandidates, which
 // are re-ranked in fp32 and certified (argmin_candidates).
@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common/dot_tile.h"
+#include "rvq/certify.h"
 #include "rvq/rvq_checks.h"
 
 namespace lcm_fast {
@@ -46,7 +47,6 @@ constexpr int64_t kMinSplitCents = 256; // fewer centroids per task than this is
 constexpr int64_t kGemmRows = 256;      // rows from which BLAS computes the distances
 constexpr int64_t kGemmCents = 1024;    // centroids per BLAS block
 constexpr int64_t kGemmBlock = 1 << 18; // distances per BLAS block (1 MB): at least kGemmRows rows, more for small K
-constexpr int64_t kSearchMinScores = 1 << 14;  // N K from which the candidate search beats the fp32 tiles
 constexpr int64_t kSearchCents = 8192;   // centroids per bf16 score block
 constexpr int64_t kSearchBlock = 1 << 18; // bf16 scores per block (512 KB): rows for small K, from kSearchMinRows
 constexpr int64_t kSearchMinRows = 256;   // rows per block at least (fewer slow the bf16 GEMM down)
@@ -199,17 +199,6 @@ void shortlist_scan(const at::BFloat16* dots, const float* sq, int64_t n, int32_
   }
 }
 
-// A bound on |score - exact score| for every centroid of a row: the rounding of the bf16 dot (max_dot),
-// of r and of C to bf16 (u relative each, by Cauchy-Schwarz against the largest centroid norm c_max) and
-// of the fp32 accumulation over d. Rigorous, and slack by ~sqrt(d) in practice (the roundings are not aligned).
-float shortlist_bound(float max_dot, float r_norm, float r_err_norm, float c_max, int64_t d) {
-  constexpr double u = 1.0 / 256;  // bf16 unit roundoff (round to nearest)
-  const double gamma = double(d) * 0x1p-24 / (1 - double(d) * 0x1p-24);
-  const double r_hat = r_norm * (1 + u);
-  const double dot_err = u / (1 - u) * max_dot + (r_err_norm + u * r_hat) * c_max + gamma * r_hat * c_max * (1 + u);
-  return float(2 * dot_err * (1 + 0x1p-10));  // a score is |C|^2 - 2 dot; the slack covers the fp32 score arithmetic
-}
-
 // Buffers of the candidate search for a block of `rows` rows: their bf16 residuals [rows, d], |r|^2 and
 // |r - bf16(r)|^2, shortlists, and bf16 scores [rows, min(K, kSearchCents)].
 struct SearchScratch {
@@ -253,11 +242,9 @@ void argmin_candidates(float* res_ptr, const at::Tensor& cb, const at::Tensor& s
     for (int64_t r = begin; r < end; ++r) {
       float* row = res_ptr + r * d;
       const Shortlist& list = lists[r];
-      const float bound =
-          shortlist_bound(list.max_dot, std::sqrt(scratch.norm2[r]), std::sqrt(scratch.err2[r]), c_max, d);
-      // a candidate scoring over 2 bounds above the first is farther than it: re-rank the others (mostly one)
-      int count = 0;
-      while (count < kRvqCandidates && list.idx[count] >= 0 && list.score[count] <= list.score[0] + 2 * bound) ++count;
+      const float bound = shortlist_bound(list.max_dot, std::sqrt(scratch.norm2[r]), std::sqrt(scratch.err2[r]), c_max,
+                                          d, ScoreArithmetic::kBf16Out);
+      const int count = rerank_count(list.score, list.idx, bound);
       float dots[kRvqCandidates];
       const float* cents[kRvqCandidates];
       for (int i = 0; i < kRvqCandidates; ++i)  // slots past `count` recompute a valid row
@@ -267,24 +254,22 @@ void argmin_candidates(float* res_ptr, const at::Tensor& cb, const at::Tensor& s
       float best = std::numeric_limits<float>::infinity();
       int32_t idx = 0;
       for (int i = 0; i < count; ++i) {
-        const int32_t k = list.idx[i];
-        const float dist = sq[k] - 2.f * dots[i];
-        if (dist < best || (dist == best && k < idx)) {
+        const float dist = sq[list.idx[i]] - 2.f * dots[i];
+        if (nearer(dist, list.idx[i], best, idx)) {
           best = dist;
-          idx = k;
+          idx = list.idx[i];
         }
       }
-      if (!(list.score[kRvqCandidates - 1] > best + bound)) {
-        if (K <= kSearchCents && best + bound < std::numeric_limits<float>::infinity()) {
-          // the row's scores are all still in `block`: only centroids scoring within the bound can be nearer
+      if (!certified(list.score, best, bound)) {
+        if (K <= kSearchCents) {
+          // the row's scores are all still in `block`: only centroids that recheck can be nearer
           const at::BFloat16* scores = block + r * K;
-          const float limit = best + bound;
           for (int64_t k = 0; k < K; ++k) {
-            if (!(sq[k] - 2.f * float(scores[k]) <= limit)) continue;
+            if (!recheck(sq[k] - 2.f * float(scores[k]), best, bound)) continue;
             float dot;
             dot_tile<1, 1, float>(row, d, cb_ptr + k * d, d, d, &dot);
             const float dist = sq[k] - 2.f * dot;
-            if (dist < best || (dist == best && int32_t(k) < idx)) {
+            if (nearer(dist, int32_t(k), best, idx)) {
               best = dist;
               idx = int32_t(k);
             }
@@ -329,7 +314,7 @@ at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, cons
   if (N == 0) return codes;
   at::Tensor residual = x.contiguous().clone();
   int32_t* out = codes.data_ptr<int32_t>();
-  if (search_codebooks && N * K >= kSearchMinScores) {
+  if (search_codebooks && N * K >= kRvqSearchMinScores) {
     encode_candidates(residual, codebooks, *search_codebooks, sq_norms, out);
     return codes;
   }

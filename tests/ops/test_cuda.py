@@ -152,3 +152,76 @@ def test_generation_with_cuda_graphs_matches_the_eager_fast_engine(family):
         assert runs[0].lengths.tolist() == runs[1].lengths.tolist()
         for a, b in zip(runs[0].sequences, runs[1].sequences):
             torch.testing.assert_close(a, b, **CUDA_GRAPHS_VS_EAGER)
+
+
+# -- the RVQ candidate search on CUDA (cuBLAS scores on tensor cores, certified): the fp32 search's codes --
+
+@pytest.mark.parametrize("M,K", [(8, 256), (16, 1024), (32, 4096), (64, 8192)])
+def test_rvq_candidate_search_codes_equal_the_fp32_search(M, K):
+    """The shapes of bench_rvq.py (d = 1024, its random codebooks and data): the codes of the fp32 CUDA kernel,
+    except float64 near-ties, over two chunks of scores, the last one ragged."""
+    from lcm_fast.ops import rvq_encode
+    from lcm_fast.ops.rvq import search_codebooks
+
+    from .test_rvq import assert_codes_match
+
+    D, g = 1024, torch.Generator("cuda").manual_seed(M * K)
+    cb = torch.randn(M, K, D, device="cuda", generator=g) / D**0.5
+    x = torch.randn((1 << 25) // K + 37, D, device="cuda", generator=g) / D**0.5
+    fast = rvq_encode(x, cb, search_codebooks=search_codebooks(cb, "bf16"), backend="ext")
+    assert_codes_match(fast, rvq_encode(x, cb, backend="ext"), x, cb)
+
+
+@pytest.mark.parametrize("n,m,k,d", [(None, 2, 3, 7), (None, 3, 9, 33), (None, 2, 300, 1), (None, 3, 64, 2),
+                                     (2100, 2, 2000, 24), (None, 2, 700, 1027)])
+def test_rvq_candidate_search_paths(n, m, k, d):
+    """Fewer centroids than the shortlist holds, centroids closer together than bf16 resolves (d = 1, 2: most
+    rows are rechecked), d not a multiple of the warp: the fp32 search's codes."""
+    from lcm_fast.ops import rvq_encode, rvq_encode_ref
+    from lcm_fast.ops.rvq import RVQ_SEARCH_MIN_SCORES, search_codebooks, sq_norms
+
+    from .test_rvq import assert_codes_match, clustered
+
+    n = n or -(-RVQ_SEARCH_MIN_SCORES // k)
+    x = clustered(n, d, seed=n + d).cuda()
+    cb = (0.5 * torch.randn(m, k, d, generator=torch.Generator().manual_seed(k))).cuda()
+    codes = rvq_encode(x, cb, search_codebooks=search_codebooks(cb, "bf16"), backend="ext")
+    assert_codes_match(codes, rvq_encode_ref(x.double(), cb.double(), sq_norms(cb.double())), x, cb,
+                       min_rate=0.9 if d <= 2 else 1.0)
+
+
+def test_rvq_candidate_search_ties_and_nan_rows():
+    """More duplicates of the nearest centroid than the shortlist holds: the lowest index wins; a NaN row gets
+    code 0, as from the fp32 kernel."""
+    from lcm_fast.ops import rvq_encode
+    from lcm_fast.ops.rvq import search_codebooks
+
+    torch.manual_seed(0)
+    cb = torch.randn(2, 4096, 64, device="cuda")
+    cb[0, 4000] = cb[0, 100]
+    cb[0, 2000:2024] = cb[0, 100]
+    x = torch.cat([cb[0, 100:101] + 1e-3 * torch.randn(1, 64, device="cuda"), torch.randn(4, 64, device="cuda"),
+                   torch.full((1, 64), float("nan"), device="cuda")])
+    codes = rvq_encode(x, cb, search_codebooks=search_codebooks(cb, "bf16"), backend="ext")
+    assert torch.equal(codes, rvq_encode(x, cb, backend="ext"))
+    assert codes[0, 0] == 100 and codes[5].tolist() == [0, 0]
+
+
+def test_rvq_training_on_gpu_takes_the_search():
+    """Codebooks trained on the GPU: assignments by the candidate search are the fp32 search's; the tensor on the
+    device (residuals kept) and the same data streamed from the host train equal codebooks; the trained
+    codebooks encode alike with either search."""
+    from lcm_fast.quant import ResidualQuantizer, kmeans, train_residual_kmeans
+
+    from .test_rvq import assert_codes_match, clustered
+
+    x = clustered(20000, 64, seed=11)
+    xc = x.cuda()
+    assert torch.equal(kmeans(xc, 256, search="bf16"), kmeans(xc, 256, search="exact"))
+    kw = dict(chunk_size=6000, search="bf16", progress=False)
+    cb, codes = train_residual_kmeans(xc, 4, 256, **kw)
+    cb_streamed, codes_streamed = train_residual_kmeans(x.numpy(), 4, 256, device="cuda", **kw)
+    assert torch.equal(cb, cb_streamed) and torch.equal(codes, codes_streamed)
+    rq = ResidualQuantizer.from_codebooks(cb)
+    assert_codes_match(rq.encode(xc, search="bf16"), rq.encode(xc, search="exact"), xc, cb)
+    assert_codes_match(rq.encode(xc, search="auto"), codes, x, cb.cpu())

@@ -16,7 +16,7 @@ from lcm_fast.ops import (OPS, adaln_gated_residual_norm_modulate, adaln_gated_r
                           rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref, sampler_params, skinny_linear,
                           skinny_linear_multi, skinny_linear_multi_ref)
 
-from lcm_fast.ops.rvq import sq_norms
+from lcm_fast.ops.rvq import RVQ_SEARCH_MIN_SCORES, search_codebooks, sq_norms
 
 from ..tolerances import ADALN_FP32, GUIDED_DDIM_FP32, SKINNY_LINEAR_FP32
 
@@ -83,6 +83,9 @@ def _rvq(device: str) -> None:
     x = _randn(50, 65, device=device)
     codes = rvq_encode(x, codebooks, backend="ext")
     assert torch.equal(codes.long(), rvq_encode_ref(x, codebooks, sq_norms(codebooks)).long())  # no near-ties here
+    many = _randn(RVQ_SEARCH_MIN_SCORES // 37 + 1, 65, device=device)  # enough rows for the candidate search
+    searched = rvq_encode(many, codebooks, search_codebooks=search_codebooks(codebooks, "bf16"), backend="ext")
+    assert torch.equal(searched.long(), rvq_encode_ref(many, codebooks, sq_norms(codebooks)).long())
     for dtype in (torch.int32, torch.int64):
         got = rvq_decode(codes.to(dtype), codebooks, 2, backend="ext")
         torch.testing.assert_close(got, rvq_decode_ref(codes.to(dtype), codebooks, 2), atol=1e-6, rtol=1e-6)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from lcm_fast.ops import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
 from lcm_fast.ops.rvq import (ENCODE_SPEC, RVQ_CANDIDATES, RVQ_SEARCH_MIN_SCORES, native_bf16, search_codebooks,
                               sq_norms)
+from lcm_fast import _ext
 from lcm_fast.quant import ResidualQuantizer
 
 from ..tolerances import RVQ_TIE_GAP
@@ -158,7 +159,71 @@ def test_candidate_search_errors_and_modes():
     assert search_codebooks(cb, "exact") is None
     assert search_codebooks(cb, "bf16").dtype == torch.bfloat16
     assert (search_codebooks(cb, "auto") is None) == (not native_bf16("cpu"))
-    assert "CPU kernel only" in "; ".join(ENCODE_SPEC.reasons("cuda", torch.float32, search=True))
+    assert native_bf16("cuda") == (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0))
+
+
+def _score_rows(r: torch.Tensor, cb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows r [n, d] of residuals with decaying spectra, some one-hot-heavy, over many magnitudes (the worst
+    cases of bf16 rounding and of aligned accumulation), and the exact scores |C|^2 - 2 r.C in float64."""
+    sq = sq_norms(cb)
+    return r, sq, sq.double() - 2 * r.double() @ cb.double().T
+
+
+def _residuals(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(n, d, generator=g) * torch.logspace(-3, 3, n)[:, None] * torch.arange(1, d + 1) ** -0.5
+    r[::3, 0] *= 1e3  # one component dominates: the aligned terms after it lose the most
+    return r
+
+
+def _tensor_core_dots(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
+    """a [n, d] @ b [K, d]^T of bf16 values, as tensor cores sum (Fasi et al. 2021): exact products, blocks of
+    ``block`` products plus the accumulator aligned to their largest exponent and truncated to fp32's 24 bits
+    there, the sum truncated to fp32. Float64 holds every step exactly."""
+    prods = a.double()[:, None, :] * b.double()[None, :, :]
+    acc = torch.zeros(prods.shape[:2], dtype=torch.float64)
+
+    def truncate(t, top):  # toward zero, to multiples of the fp32 ulp at `top`'s binade
+        ulp = torch.ldexp(torch.ones_like(top), torch.frexp(top)[1] - 24)
+        return torch.trunc(t / ulp) * ulp
+
+    for i in range(0, a.shape[1], block):
+        terms = torch.cat([acc[..., None], prods[..., i:i + block]], -1)
+        acc = truncate(terms, terms.abs().amax(-1, keepdim=True)).sum(-1)
+        acc = truncate(acc, acc.abs())
+    return acc.float()
+
+
+@pytest.mark.skipif(not _ext.EXT_AVAILABLE, reason="the bound is compiled code (csrc/rvq/certify.h)")
+@pytest.mark.parametrize("d", [1, 7, 64, 1024])
+@pytest.mark.parametrize("arithmetic", ["cpu_bf16_out", "tensor_core_block1", "tensor_core_block16"])
+def test_shortlist_bound_holds(d, arithmetic):
+    """The certificate's premise, for either backend's arithmetic: every approximate score is within the row's
+    bound of its exact score. CPU: oneDNN's bf16 GEMM (fp32 accumulation, bf16 output). CUDA: the tensor-core
+    accumulation, simulated (the bound assumes the worst block size: 1). Also: the bound is not vacuous."""
+    cb = 0.5 * torch.randn(64, d, generator=torch.Generator().manual_seed(d))
+    r, sq, exact = _score_rows(_residuals(48, d, seed=d), cb)
+    if arithmetic == "cpu_bf16_out":
+        dots = torch.mm(r.bfloat16(), cb.bfloat16().T).float()
+    else:
+        dots = _tensor_core_dots(r.bfloat16(), cb.bfloat16(), int(arithmetic.removeprefix("tensor_core_block")))
+    approx = torch.addcmul(sq, dots, torch.full_like(dots, -2.0))  # fl(|C|^2 - 2 dot): one rounding, like fma
+    err = (approx.double() - exact).abs().amax(1)
+    r_err = (r - r.bfloat16().float()).norm(dim=1)
+    c_max = float(sq.amax().sqrt()) * (1 + 2**-20)
+    bound = torch.tensor([_ext._C.rvq_shortlist_bound(float(dots[i].abs().amax()), float(r[i].norm()), float(r_err[i]),
+                                                      c_max, d, arithmetic != "cpu_bf16_out") for i in range(len(r))])
+    assert (err <= bound).all(), (err / bound).max()
+    assert (bound <= 1e-2 * (r.norm(dim=1) * c_max + c_max**2 + 1e-30) * max(d, 64) ** 0.5).all()  # not vacuous
+
+
+def test_shortlist_bound_of_non_finite_rows_is_not_finite():
+    """A NaN or overflowing row gets no certificate: it is searched in full, as the fp32 search would."""
+    bound = _ext._C.rvq_shortlist_bound if _ext.EXT_AVAILABLE else pytest.skip("compiled code")
+    for tc in (False, True):
+        assert np.isnan(bound(float("nan"), 1.0, 0.0, 1.0, 16, tc))
+        assert not np.isfinite(bound(float("inf"), float("inf"), 0.0, 1.0, 16, tc))
+        assert not np.isfinite(bound(1.0, 1.0, 0.0, 1.0, 1 << 24, tc))  # d past what the accumulation bound covers
 
 
 def _faiss_codes(faiss, rq, x: torch.Tensor, m: int, nbits: int) -> torch.Tensor:
@@ -206,8 +271,7 @@ def test_opcheck(device):
     for n, m, k, d in [(7, 2, 9, 5), (64, 3, 300, 129)]:
         x, cb = torch.randn(n, d, generator=g).to(device), torch.randn(m, k, d, generator=g).to(device)
         torch.library.opcheck(torch.ops.lcm_fast.rvq_encode.default, (x, cb, sq_norms(cb)))
-        if device == "cpu":
-            torch.library.opcheck(torch.ops.lcm_fast.rvq_encode.default, (x, cb, sq_norms(cb), cb.bfloat16()))
+        torch.library.opcheck(torch.ops.lcm_fast.rvq_encode.default, (x, cb, sq_norms(cb), cb.bfloat16()))
         codes = rvq_encode(x, cb)
         torch.library.opcheck(torch.ops.lcm_fast.rvq_decode.default, (codes, cb, m))
 

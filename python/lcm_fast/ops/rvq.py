@@ -10,9 +10,10 @@ Layouts: ``csrc/rvq/rvq.h``.
 Candidate search: given ``search_codebooks`` (the codebooks in bf16, :func:`search_codebooks`), each
 step ranks all K centroids by a bf16 GEMM (fp32 accumulation) and re-ranks the ``RVQ_CANDIDATES`` best
 in fp32; a rigorous bound on the bf16 error certifies the result, and the rare rows it does not
-certify are searched again in fp32 (``csrc/rvq/rvq.h``). The codes are those of the fp32 search, so
-the reference twin is the fp32 search. On CPUs with bf16 dot-product instructions the bf16 GEMM runs at
-2-3x the fp32 rate, and ``search="auto"`` takes it there.
+certify are searched again in fp32 (``csrc/rvq/certify.h``). The codes are those of the fp32 search,
+so the reference twin is the fp32 search. ``search="auto"`` takes it where bf16 GEMMs outrun fp32 ones:
+CPUs with bf16 dot-product instructions (2-3x the fp32 rate) and GPUs with bf16 tensor cores (compute
+capability 8.0 on; there cuBLAS computes the scores).
 """
 
 from __future__ import annotations
@@ -28,20 +29,23 @@ from ._dispatch import OpSpec, register
 # rows per chunk of the reference's [chunk, K] distance matrix (64 MB at K = 8192 in fp32)
 _REF_CHUNK = 2048
 RVQ_CANDIDATES = 8  # csrc/rvq/rvq.h kRvqCandidates
-RVQ_SEARCH_MIN_SCORES = 1 << 14  # csrc/rvq/rvq_cpu.cpp kSearchMinScores: below this N K the fp32 search runs
+RVQ_SEARCH_MIN_SCORES = 1 << 14  # csrc/rvq/rvq.h kRvqSearchMinScores: below this N K the fp32 search runs
 SEARCHES = ("auto", "exact", "bf16")
 
 
 def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` is a CPU with bf16 dot-product instructions (AVX512-BF16 or AMX), where the
-    candidate search pays off; elsewhere a bf16 GEMM is no faster than an fp32 one."""
-    return torch.device(device).type == "cpu" and (torch.cpu._is_avx512_bf16_supported()
-                                                   or torch.cpu._is_amx_tile_supported())
+    """Whether ``device`` computes bf16 GEMMs faster than fp32 ones, where the candidate search pays off:
+    a CPU with bf16 dot-product instructions (AVX512-BF16 or AMX) or a GPU with bf16 tensor cores
+    (compute capability >= 8.0)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def bf16_search(search: str, device: torch.device | str) -> bool:
     """Whether ``search`` (``"auto"``, ``"exact"`` or ``"bf16"``) is the candidate search on ``device``:
-    ``"bf16"`` always, ``"auto"`` on a CPU with :func:`native_bf16`."""
+    ``"bf16"`` always, ``"auto"`` where :func:`native_bf16`."""
     if search not in SEARCHES:
         raise ValueError(f"unknown RVQ search {search!r}; expected one of {SEARCHES}")
     return search == "bf16" or (search == "auto" and native_bf16(device))
@@ -124,11 +128,8 @@ def sq_norms(codebooks: Tensor) -> Tensor:
     return (codebooks * codebooks).sum(-1)
 
 
-def _encode_reasons(device_type: str, dtype, *, beam: int = 1, search: bool = False, **_) -> list[str]:
-    reasons = [f"beam={beam} (the kernel is greedy, beam 1)"] if beam != 1 else []
-    if search and device_type != "cpu":
-        reasons.append("search_codebooks on CUDA (the candidate search has a CPU kernel only)")
-    return reasons
+def _encode_reasons(device_type: str, dtype, *, beam: int = 1, **_) -> list[str]:
+    return [f"beam={beam} (the kernel is greedy, beam 1)"] if beam != 1 else []
 
 
 ENCODE_SPEC = register(OpSpec("rvq_encode", dtypes=(torch.float32,), extra=_encode_reasons))
@@ -154,8 +155,7 @@ def rvq_encode(x: Tensor, codebooks: Tensor, codebook_sq_norms: Optional[Tensor]
     if codebook_sq_norms is None:
         codebook_sq_norms = sq_norms(codebooks)
     x = x.float()
-    search = search_codebooks is not None
-    if ENCODE_SPEC.choose(x.device.type, codebooks.dtype, backend, beam=beam, search=search) == "ref":
+    if ENCODE_SPEC.choose(x.device.type, codebooks.dtype, backend, beam=beam) == "ref":
         return rvq_encode_ref(x, codebooks, codebook_sq_norms, beam, search_codebooks)
     return torch.ops.lcm_fast.rvq_encode(x.contiguous(), codebooks.contiguous(), codebook_sq_norms.contiguous(),
                                          search_codebooks)

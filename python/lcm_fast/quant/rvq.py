@@ -108,13 +108,14 @@ class ResidualQuantizer:
     # -- training ---------------------------------------------------------------------------------
     def train(
         self, data, *, backend: str = "torch", device: Optional[torch.device | str] = None, n_iter: int = 10,
-        init: str = "random", max_points_per_centroid: int = 256, seed: int = 1234, progress: bool = True,
-        verbose: bool = False,
+        init: str = "random", max_points_per_centroid: int = 256, seed: int = 1234, search: str = "auto",
+        progress: bool = True, verbose: bool = False,
     ) -> "ResidualQuantizer":
         """Trains the codebooks on data [N, d] (tensor, ndarray or memmap) and returns self.
 
         ``torch``: progressive residual k-means on ``device`` (``n_iter`` Lloyd iterations, ``init``
-        ``random`` or ``kmeans++``), streamed over the data. ``faiss``: ``faiss.ResidualQuantizer`` with
+        ``random`` or ``kmeans++``; assignments by ``search``, as in :meth:`encode`), streamed over data
+        that is not a tensor on ``device``. ``faiss``: ``faiss.ResidualQuantizer`` with
         the paper's IRVQ setting (progressive-dimension clustering, beam 1, no codebook tables), on the
         GPU through ``GpuProgressiveDimIndexFactory`` when ``device`` is CUDA and faiss has GPUs.
         """
@@ -124,7 +125,8 @@ class ResidualQuantizer:
         if backend == "torch":
             codebooks, _ = train_residual_kmeans(
                 data, self.n_codebooks, self.codebook_size, n_iter=n_iter, init=init,
-                max_points_per_centroid=max_points_per_centroid, device=device, seed=seed, progress=progress)
+                max_points_per_centroid=max_points_per_centroid, device=device, seed=seed, search=search,
+                progress=progress)
             self._set(codebooks)
         else:
             self._set(self._train_faiss(data, device, n_iter, max_points_per_centroid, seed, verbose))
@@ -169,7 +171,8 @@ class ResidualQuantizer:
 
         ``search`` (greedy encoding): ``"exact"`` scores every centroid in fp32; ``"bf16"`` ranks them in
         bf16 and re-ranks the best few in fp32, certified (the fp32 search's codes; 1.3-2.5x faster on
-        CPUs with bf16 dot products; :mod:`lcm_fast.ops.rvq`); ``"auto"`` takes ``"bf16"`` on such CPUs.
+        CPUs with bf16 dot products; on GPUs with bf16 tensor cores, cuBLAS scores; :mod:`lcm_fast.ops.rvq`);
+        ``"auto"`` takes ``"bf16"`` on such CPUs and GPUs.
         The bf16 copy of the codebooks is made on first use and kept (half their size)."""
         cb = self._require()
         search_cb = None
