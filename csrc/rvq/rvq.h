@@ -8,11 +8,12 @@
 // every k and is left out. Ties go to the lowest k (torch.argmin's rule).
 //
 // Candidate search (optional search codebooks: C in bf16, rounded to nearest): step m scores every
-// centroid with the bf16 residual against the bf16 C[m] (fp32 accumulation, bf16 scores), keeps the
-// kRvqCandidates best (ties: lowest k) and re-ranks them in fp32. A rigorous bound on the bf16 scores'
-// error certifies that no centroid left out is nearer; rows without the certificate (under 1 % of them
-// at d = 1024; most when centroids are closer together than bf16 resolves, e.g. d = 1) are searched
-// again in fp32. So the codes are those of the fp32 search, up to fp32 rounding at near-ties.
+// centroid with the bf16 residual against the bf16 C[m] (fp32 accumulation; bf16 scores on the CPU, fp32
+// from tensor cores on CUDA), keeps the kRvqCandidates best (ties: lowest k) and re-ranks them in fp32. A
+// rigorous bound on the scores' error certifies that no centroid left out is nearer (certify.h); rows
+// without the certificate (under 1 % of them at d = 1024 on the CPU; most when centroids are closer
+// together than bf16 resolves, e.g. d = 1) are searched again in fp32. So the codes are those of the fp32
+// search, up to fp32 rounding at near-ties.
 #pragma once
 
 #include <cstdint>
