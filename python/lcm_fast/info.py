@@ -45,6 +45,10 @@ def report() -> str:
     search = ("bf16 candidates, certified fp32 re-rank (the CPU has bf16 dot products)" if native_bf16("cpu")
               else "fp32 (no bf16 dot-product instructions)")
     lines.append(f"rvq encode search='auto' on cpu: {search}")
+    if torch.cuda.is_available():
+        search = ("bf16 candidates on tensor cores, certified fp32 re-rank" if native_bf16("cuda")
+                  else "fp32 (no bf16 tensor cores: compute capability < 8.0)")
+        lines.append(f"rvq encode search='auto' on cuda: {search}")
     lines.append(f"backend request: {requested_backend()} (LCM_FAST_BACKEND / lcm_fast.set_backend)")
     return "\n".join(lines)
 
