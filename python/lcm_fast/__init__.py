@@ -16,7 +16,7 @@ from . import _ext
 from .archs import ARCHS, get_arch
 from .config import BaseLCMConfig, NormalizerConfig, OneTowerConfig, QuantLCMConfig, SchedulerConfig, TwoTowerConfig
 from .diffusion import DDIMScheduler
-from .inference import GenerationOptions, GenerationOutput, Generator, ReplayNoise, TorchNoise, generate
+from .inference import DocumentNoise, GenerationOptions, GenerationOutput, Generator, ReplayNoise, TorchNoise, generate
 from .io import CheckpointError, from_pretrained, load_normalizer, load_official, save_pretrained
 from .models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM, build_model
 from .ops import set_backend
@@ -38,6 +38,7 @@ __all__ = [
     "OneTowerLCM",
     "QuantLCM",
     "QuantLCMConfig",
+    "DocumentNoise",
     "ReplayNoise",
     "SchedulerConfig",
     "TorchNoise",

@@ -291,6 +291,12 @@ def _generate(args: argparse.Namespace) -> None:
     # the options first: a bad one fails before any model or encoder is loaded
     if args.sentences < 1:
         raise ValueError(f"--sentences must be >= 1, got {args.sentences}")
+    if bool(args.text) == bool(args.data):
+        raise ValueError("give either a prompt text or --data SHARDS (a corpus), not both or neither")
+    if args.data and not args.out:
+        raise ValueError("--data needs --out DIR (the output shards and the manifest)")
+    if args.out and not args.data:
+        raise ValueError("--out is for --data (a corpus); a prompt text prints its continuation")
     generation = lcm_fast.GenerationOptions.recommended(inference_timesteps=args.steps, guidance_scale=args.guidance,
                                                         seed=args.seed)
     model_dir = Path(args.model) if args.model else DEMO_DIR
@@ -300,6 +306,9 @@ def _generate(args: argparse.Namespace) -> None:
     options = {"device": args.device} if args.device else {}
     if args.sonar_weights:
         options["weights_dir"] = args.sonar_weights
+    if args.data:
+        _generate_corpus(args, model, generation, options)
+        return
     encoder = load_encoder(args.encoder, **options)
     if args.decoder == "sonar":
         decoder = SonarDecoder(**options)
@@ -317,6 +326,29 @@ def _generate(args: argparse.Namespace) -> None:
     for sentence in result["sentences"]:
         score = "" if sentence["similarity"] is None else f"[{sentence['similarity']:.2f}] "
         print(f"{score}{sentence['text']}")
+
+
+def _generate_corpus(args: argparse.Namespace, model, generation, decoder_options: dict) -> None:
+    from lcm_fast.text import RetrievalDecoder, SonarDecoder
+    from lcm_fast.text.corpus_generation import generate_corpus
+
+    decoder = None
+    if args.decoder == "sonar":
+        decoder = SonarDecoder(**decoder_options)
+    elif args.decoder not in (None, "none"):
+        decoder = RetrievalDecoder.load(args.decoder, args.bank_index)
+    manifest = generate_corpus(
+        model, args.data, args.out, max_gen_len=args.sentences, options=generation,
+        prompt_sentences=args.prompt_sentences, id_column=None if args.id_column == "none" else args.id_column,
+        batch_size=args.batch_size, decoder=decoder, decoder_name=args.decoder, skip_bad_shards=args.skip_bad_shards,
+        backend=args.backend, ray_workers=args.ray_workers, ray_address=args.ray_address)
+    documents = sum(s["documents"] for s in manifest["shards"].values())
+    print(f"{documents} documents in {len(manifest['shards'])} shards -> {args.out}")
+    if manifest["failed"]:
+        for path, error in manifest["failed"].items():
+            print(f"failed: {path}: {error}", file=sys.stderr)
+        raise SystemExit(f"{len(manifest['failed'])} shard(s) failed (listed in {Path(args.out) / 'generate.json'}); "
+                         "fix them and run the same command again to generate them")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -467,10 +499,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     gen = sub.add_parser("generate", help="continue a text with an LCM (default: the shipped demo model, offline)",
                          description="Segments the text, encodes it, generates sentences with the fast engine and "
                          "decodes them; each line shows the decoder's similarity to its bank sentence.")
-    gen.add_argument("text", nargs="+", help="the prompt text")
+    gen.add_argument("text", nargs="*", help="the prompt text (or --data for a corpus)")
+    gen.add_argument("--data", nargs="+", help="a corpus: parquet shards (paths or quoted globs) with 'embeddings' and "
+                     "an id column; writes one output shard per input shard to --out, resumably")
+    gen.add_argument("--out", help="--data: output directory (part-NNNNN.parquet + generate.json; rerun to resume)")
+    gen.add_argument("--prompt-sentences", type=int, help="--data: the prompt is each document's first N sentences "
+                     "(default: all)")
+    gen.add_argument("--id-column", default="id", help="--data: the documents' id column ('none': shard name and row)")
+    gen.add_argument("--batch-size", type=int, help="--data: documents per batch (default 64 on a GPU, 16 on a CPU)")
+    gen.add_argument("--skip-bad-shards", action="store_true",
+                     help="--data: report a shard that cannot be read and go on (default: stop)")
+    gen.add_argument("--backend", default="local", choices=["local", "ray"],
+                     help="--data: ray runs shards on a Ray Data actor pool, one model per actor (a GPU each where "
+                     "there are GPUs; --out must be shared by all nodes)")
+    gen.add_argument("--ray-workers", type=int, help="--data --backend ray: actors (default: autoscaling)")
+    gen.add_argument("--ray-address", help="--data --backend ray: an existing cluster (default: RAY_ADDRESS, else a "
+                     "local one)")
     gen.add_argument("--model", help="model directory (default: the shipped demo, trained on lcm_fast.text.corpus)")
     gen.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"])
-    gen.add_argument("--decoder", help="sentence bank directory (default: MODEL/bank), or 'sonar'")
+    gen.add_argument("--decoder", help="sentence bank directory (default: MODEL/bank; with --data: none), 'sonar', or "
+                     "'none' (--data: concepts only)")
     gen.add_argument("--bank-index", default="auto", choices=BANK_INDEXES,
                      help="sentence-bank search: auto (exact, HNSW for large banks), flat, hnsw, ivf, torch")
     gen.add_argument("--sonar-weights", help="directory with the SONAR weights (encoder/decoder sonar)")

@@ -1,9 +1,10 @@
 """Generation: the reference engine (a readable port of the official algorithm) and noise sources."""
 
 from .generator import GenerationOptions, GenerationOutput, Generator, generate
-from .noise import NoiseSource, ReplayNoise, TorchNoise
+from .noise import DocumentNoise, NoiseSource, ReplayNoise, TorchNoise
 
 __all__ = [
+    "DocumentNoise",
     "GenerationOptions",
     "GenerationOutput",
     "Generator",

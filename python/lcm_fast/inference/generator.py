@@ -650,7 +650,8 @@ class Generator:
         sentences per document.
 
         temperature: Base-LCM sampling temperature; 0 means ``options.lcm_temperature``.
-        noise: overrides the noise source (default ``TorchNoise(options.seed)``), e.g. to replay.
+        noise: overrides the noise source (default ``TorchNoise(options.seed)``), e.g. to replay, or
+            ``DocumentNoise(seed, ids)`` for each document's own noise (outputs that do not depend on the batch).
         disable_cache: recompute every prefix instead of caching (the reference engine; the fast engine
             always caches).
         step_callback: Two-Tower only, called as ``(position, t, SchedulerOutput, rows)`` after every
@@ -696,6 +697,7 @@ class Generator:
         else:
             stepper = _BaseLCMStepper(model, opt, temperature, not disable_cache, total, noise,
                                       fast=fast and not disable_cache)
+        noise.at(-1)
         stepper.prefill(seqs[:, :P_min])  # every document's prompt covers these: contextualized in one pass
 
         eos = self.eos_vec.to(device=device, dtype=dtype) if self.eos_vec is not None else None
@@ -704,6 +706,7 @@ class Generator:
         bar = tqdm(total=B * max_gen_len, disable=not progress, desc="generating", unit="sentence")
         for step in range(P_min, total):
             teacher_forced = in_prompt[:, step] if step < P_max else torch.zeros_like(rows, dtype=torch.bool)
+            noise.at(step)
             out = stepper.step(seqs, step, teacher_forced, step_callback)  # [B_active, D]
             out[teacher_forced] = seqs[teacher_forced, step]
             stop = torch.zeros_like(teacher_forced)
@@ -727,6 +730,7 @@ class Generator:
             if keep.numel() < finish.numel():  # the official code reorders every step; same result
                 seqs, rows, prompt_lens, in_prompt = seqs[keep], rows[keep], prompt_lens[keep], in_prompt[keep]
                 stepper.reorder(keep)
+                noise.reorder(keep)
         bar.close()
         return GenerationOutput(results)  # type: ignore[arg-type]  (every row finishes by max_gen_len)
 

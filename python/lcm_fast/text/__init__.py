@@ -1,6 +1,7 @@
 """Text in, text out: sentence segmentation, encoders (MiniLM default, SONAR optional) and decoders
 (the retrieval decoder over a sentence bank by default, SONAR optional), and the MI coherence metric."""
 
+from .corpus_generation import generate_corpus
 from .encoders import Decoder, Encoder, MiniLMEncoder, SonarDecoder, SonarEncoder, load_encoder
 from .mutual_information import MutualInformation
 from .retrieval import RetrievalDecoder, check_dims
@@ -8,5 +9,5 @@ from .segment import Segment, segment, segment_spans
 
 __all__ = [
     "Decoder", "Encoder", "MiniLMEncoder", "MutualInformation", "RetrievalDecoder", "Segment", "SonarDecoder", "SonarEncoder", "check_dims",
-    "load_encoder", "segment", "segment_spans",
+    "generate_corpus", "load_encoder", "segment", "segment_spans",
 ]

@@ -162,15 +162,21 @@ def sample_embeddings(mix: Sequence[tuple[str, float]], dim: int, size: int, see
     return torch.cat(parts)
 
 
+def embeddings_column(docs: Sequence[Tensor], dim: Optional[int] = None) -> pa.ListArray:
+    """The ``embeddings`` column of documents ([L_i, D] tensors, L_i may be 0): lists of fp16 vectors. ``dim``: D,
+    needed only when there are no documents."""
+    dim = docs[0].shape[1] if docs else dim
+    flat = [d.to(torch.float16).reshape(-1).numpy() for d in docs]
+    values = pa.array(np.concatenate(flat) if flat else np.zeros(0, np.float16))
+    offsets = pa.array(np.concatenate([[0], np.cumsum([d.shape[0] for d in docs])]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(values, dim))
+
+
 def write_documents(path: str | Path, docs: Sequence[Tensor], *, prompt_lens: Optional[Sequence[int]] = None,
                     sentences: Optional[Sequence[Sequence[str]]] = None, row_group_size: int = 1024) -> None:
     """Writes documents ([L_i, D] tensors) as fp16 vectors in the layout :func:`read_documents` reads,
     with their ``sentences`` (texts, L_i per document) when given."""
-    dim = docs[0].shape[1]
-    values = pa.array(np.concatenate([d.to(torch.float16).numpy() for d in docs]).reshape(-1))
-    vectors = pa.FixedSizeListArray.from_arrays(values, dim)
-    offsets = pa.array(np.concatenate([[0], np.cumsum([d.shape[0] for d in docs])]).astype(np.int32))
-    columns = {EMBEDDINGS: pa.ListArray.from_arrays(offsets, vectors)}
+    columns = {EMBEDDINGS: embeddings_column(docs)}
     if prompt_lens is not None:
         columns[PROMPT_LEN] = pa.array(list(prompt_lens), type=pa.int32())
     if sentences is not None:
