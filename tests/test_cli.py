@@ -55,12 +55,14 @@ def test_train_builds_the_model_for_the_datas_dim(tmp_path, capsys):
 
 
 def test_the_readme_own_data_path_end_to_end(tmp_path, monkeypatch, capsys):
-    """prepare -> fit-normalizer -> train -> eval -> generate: the README's block, run line by line with its exact
-    flags (the shell's globbing done here), on 24 Jargon File entries (about 40 s on a 2-core CPU)."""
+    """prepare -> fit-normalizer -> train -> eval -> generate, then the corpus generation of "Generating for a
+    corpus": the README's blocks, run line by line with their exact flags (the shell's globbing done here), on 24
+    Jargon File entries (about 40 s on a 2-core CPU)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("Your own data, end to end", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    lines = [shlex.split(line) for line in block.strip().splitlines()]
-    assert [line[1] for line in lines] == ["prepare", "fit-normalizer", "train", "eval", "generate"]
+    blocks = [readme.split(title, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+              for title in ("Your own data, end to end", "## Generating for a corpus")]
+    lines = [shlex.split(line) for block in blocks for line in block.strip().splitlines()]
+    assert [line[1] for line in lines] == ["prepare", "fit-normalizer", "train", "eval", "generate", "generate"]
     source = CORPUS_DIR / "jargon.jsonl"
     monkeypatch.chdir(tmp_path)
     Path("docs.jsonl").write_text("".join(source.read_text().splitlines(keepends=True)[:24]))
@@ -71,6 +73,8 @@ def test_the_readme_own_data_path_end_to_end(tmp_path, monkeypatch, capsys):
     assert "teacher_forced: l2=" in out and "generation: rouge_l=" in out
     assert [p.name for p in Trainer.complete_checkpoints("run")] == ["step_100"]
     assert lcm_fast.from_pretrained("run/checkpoints/step_100").sonar_dim == 384  # the data's (MiniLM) dim
+    manifest = json.loads(Path("generated/generate.json").read_text())
+    assert manifest["complete"] and sum(s["documents"] for s in manifest["shards"].values()) == 24
 
 
 def test_the_thread_count_leaves_busy_cores_alone(monkeypatch, capsys):
