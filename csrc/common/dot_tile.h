@@ -1,5 +1,5 @@
 // Register tiles of dot products on the CPU (AVX2 FMA through at::vec): R rows of an fp32 operand
-// against C rows of a second operand of type W (fp32, or bf16/fp16 widened to fp32 on load), all
+// against C rows of a second operand of type W (fp32, or bf16/fp16/int8 widened to fp32 on load), all
 // accumulated in fp32. Shared by the RVQ distance search and the skinny linear. Torch headers: never
 // include from a .cu file.
 #pragma once
@@ -24,6 +24,17 @@ inline Vec load_f32(const W* p) {
   Vec out;
   at::vec::load_to_float(p, out);
   return out;
+}
+
+// int8 (weight-only quantized weights): sign-extended and converted, 8 at a time with AVX2.
+inline Vec load_f32(const int8_t* p) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return Vec(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+  float buf[Vec::size()];
+  for (int i = 0; i < Vec::size(); ++i) buf[i] = float(p[i]);
+  return Vec::loadu(buf);
+#endif
 }
 
 // The first n < Vec::size() elements at p as fp32, zero-filled (0 * 0 adds nothing to a dot product).

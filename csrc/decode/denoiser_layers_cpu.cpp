@@ -39,7 +39,7 @@ void layer_decode(T* h, int64_t R, int64_t D, const T* mods, const Layer<T>& lay
   // self-attention over one position: output_proj(v_proj(y)), or v_proj(y) when v_proj is the product of
   // both (no output_proj weight) [+ normformer norm]
   layer.norm(h, nullptr, nullptr, mod(kShSa), mod(kScSa), kSaNormW, R, D, y, zeros);
-  if (layer.ptr(kSaOutW)) {
+  if (layer.has(kSaOutW)) {
     layer.linear(y, R, kVW, q);
     layer.linear(q, R, kSaOutW, a);
   } else {
@@ -87,7 +87,7 @@ at::Tensor denoiser_layers_decode_cpu(const at::Tensor& h, const at::Tensor& mod
               h.sizes());
   const int64_t R = h.size(0), D = io ? in_w->size(0) : h.size(1);
   if (io) {
-    TORCH_CHECK(in_w->size(1) == h.size(1) && out_w->size(1) == D, op, ": projections [D, S] and [S', D] expected for h ",
+    TORCH_CHECK(weight_k(*in_w) == h.size(1) && weight_k(*out_w) == D, op, ": projections [D, S] and [S', D] expected for h ",
                 h.sizes(), ", got ", in_w->sizes(), " and ", out_w->sizes());
     for (int p : {kInB, kInOffset})
       TORCH_CHECK(!io_param(p) || io_param(p)->numel() == D, op, ": io_params[", p, "] must have ", D, " elements");

@@ -25,6 +25,7 @@
 #include "adaln/adaln.h"
 #include "adaln/adaln_host.h"
 #include "common/dot_tile.h"
+#include "linear/skinny_linear_checks.h"
 #include "linear/skinny_linear_cpu.h"
 
 namespace lcm_fast::decode {
@@ -102,16 +103,25 @@ struct Layer {
 
   std::optional<at::Tensor> get(int64_t p) const { return params.get(base + p); }
 
+  bool has(int p) const {
+    const std::optional<at::Tensor> t = get(p);
+    return t && t->defined();
+  }
+
   const T* ptr(int p) const {
     const std::optional<at::Tensor> t = get(p);
     return t && t->defined() ? t->template const_data_ptr<T>() : nullptr;
   }
 
-  // out [M, N] = x [M, K] W^T + b with W = params[w]: the skinny kernel, or BLAS for a real GEMM.
+  // out [M, N] = x [M, K] W^T + b with W = params[w] (of type T, or packed int8): the skinny kernel, or BLAS for a
+  // real GEMM.
   void linear(const T* x, int64_t M, int w, T* out) const {
     const at::Tensor weight = *get(w);
-    const int64_t N = weight.size(0), K = weight.size(1);
-    if (skinny_takes(weight.scalar_type(), M)) return skinny_linear_kernel<T>(x, M, K, ptr(w), ptr(w + 1), N, out, N);
+    const int64_t N = weight.size(0), K = weight_k(weight);
+    if (is_packed_int8(weight))
+      return skinny_linear_kernel(x, M, K, reinterpret_cast<const int8_t*>(weight.const_data_ptr()), weight.size(1),
+                                  ptr(w + 1), N, out, N);
+    if (skinny_takes(weight.scalar_type(), M)) return skinny_linear_kernel(x, M, K, ptr(w), K, ptr(w + 1), N, out, N);
     at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference only: BLAS on the weights needs no graph
     const auto opts = weight.options();
     at::Tensor xt = at::from_blob(const_cast<T*>(x), {M, K}, opts), yt = at::from_blob(out, {M, N}, opts);
@@ -211,14 +221,16 @@ inline void check_caches(const char* op, at::TensorList keys, at::TensorList val
   }
 }
 
-// Every tensor of a parameter list (`name` in errors) contiguous, of h's dtype and on its device.
+// Every tensor of a parameter list (`name` in errors) contiguous, of h's dtype (a projection's weight may be packed
+// int8 instead) and on its device.
 inline void check_params(const char* op, const char* name, const c10::List<std::optional<at::Tensor>>& list,
                          const at::Tensor& h) {
   for (int64_t i = 0; i < int64_t(list.size()); ++i) {
     const std::optional<at::Tensor> p = list.get(i);
     if (!p || !p->defined()) continue;
-    TORCH_CHECK(p->is_contiguous() && p->device() == h.device() && p->scalar_type() == h.scalar_type(), op, ": ",
-                name, "[", i, "] must be contiguous, ", h.scalar_type(), " and on ", h.device());
+    const bool dtype = p->scalar_type() == h.scalar_type() || (is_packed_int8(*p) && p->dim() == 2);
+    TORCH_CHECK(p->is_contiguous() && p->device() == h.device() && dtype, op, ": ", name, "[", i,
+                "] must be contiguous, ", h.scalar_type(), " (a weight: or packed int8) and on ", h.device());
   }
 }
 

@@ -10,14 +10,23 @@
 
 namespace lcm_fast {
 
+// A packed int8 weight (python/lcm_fast/ops/linear.py quantize_int8): uint8 [N, K + 4], each row K int8 values then
+// the row's fp32 scale (4 bytes): W[n] = scale[n] * q[n]. The weight's K: its columns, less the scale's for packed.
+constexpr int64_t kInt8ScaleBytes = 4;
+inline bool is_packed_int8(const at::Tensor& weight) { return weight.scalar_type() == at::kByte; }
+inline int64_t weight_k(const at::Tensor& weight) {
+  return weight.size(1) - (is_packed_int8(weight) ? kInt8ScaleBytes : 0);
+}
+
 inline void check_skinny_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "skinny_linear: x must be [M, K] and weight [N, K], got ", x.sizes(),
               " and ", weight.sizes());
-  TORCH_CHECK(x.size(1) == weight.size(1), "skinny_linear: x has K=", x.size(1), " but weight has K=", weight.size(1));
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "skinny_linear: x is ", x.scalar_type(), " but weight is ",
-              weight.scalar_type());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "skinny_linear: dtype must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(is_packed_int8(weight) || x.scalar_type() == weight.scalar_type(), "skinny_linear: x is ",
+              x.scalar_type(), " but weight is ", weight.scalar_type(), " (or uint8: packed int8)");
+  TORCH_CHECK(weight_k(weight) >= 1 && x.size(1) == weight_k(weight), "skinny_linear: x has K=", x.size(1),
+              " but weight has K=", weight_k(weight), is_packed_int8(weight) ? " (packed int8: K + 4 columns)" : "");
   TORCH_CHECK(x.device() == weight.device(), "skinny_linear: x on ", x.device(), " but weight on ", weight.device());
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "skinny_linear: bias must be [N=",

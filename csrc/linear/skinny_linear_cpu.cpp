@@ -15,12 +15,16 @@
 namespace lcm_fast {
 namespace {
 
-// out[:, col : col + N] = x W^T + b for contiguous x [M, K]; out [M, >= col + N] contiguous
-template <typename W>
+// out[:, col : col + N] = x W^T + b for contiguous x [M, K] of type T; out [M, >= col + N] contiguous
+template <typename T>
 void run_skinny_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& out, int64_t col) {
-  skinny_linear_kernel(x.const_data_ptr<W>(), x.size(0), x.size(1), w.const_data_ptr<W>(),
-                       b.defined() ? b.const_data_ptr<W>() : nullptr, w.size(0), out.data_ptr<W>() + col,
-                       out.size(1));
+  const T* bias = b.defined() ? b.const_data_ptr<T>() : nullptr;
+  if (is_packed_int8(w))
+    skinny_linear_kernel(x.const_data_ptr<T>(), x.size(0), x.size(1), reinterpret_cast<const int8_t*>(w.const_data_ptr()),
+                         w.size(1), bias, w.size(0), out.data_ptr<T>() + col, out.size(1));
+  else
+    skinny_linear_kernel(x.const_data_ptr<T>(), x.size(0), x.size(1), w.const_data_ptr<T>(), w.size(1), bias,
+                         w.size(0), out.data_ptr<T>() + col, out.size(1));
 }
 
 void linear_into(const at::Tensor& xc, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::Tensor& out,
@@ -32,7 +36,7 @@ void linear_into(const at::Tensor& xc, const at::Tensor& weight, const c10::opti
     out.narrow(1, col, w.size(0)).copy_(b.defined() ? at::addmm(b, xc, w.t()) : at::mm(xc, w.t()));
     return;
   }
-  switch (w.scalar_type()) {
+  switch (xc.scalar_type()) {
     case at::kFloat: run_skinny_linear<float>(xc, w, b, out, col); break;
     case at::kBFloat16: run_skinny_linear<c10::BFloat16>(xc, w, b, out, col); break;
     default: run_skinny_linear<c10::Half>(xc, w, b, out, col); break;

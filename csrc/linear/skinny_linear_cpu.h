@@ -5,7 +5,8 @@
 // bench/RESULTS.md). Here each task streams its share of W as four sequential bands, one row of each
 // per tile: a tile stays in L1 while every 3-row block of x (kept in L2) is dotted against it in
 // registers (common/dot_tile.h), so W is read from memory exactly once. bf16/fp16 weights are
-// widened on load and accumulated in fp32.
+// widened on load and accumulated in fp32; so are int8 weights (weight-only quantization: a quarter of fp32's
+// bytes), each output then scaled by its row's scale.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -16,6 +17,7 @@
 #endif
 
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -43,10 +45,12 @@ inline bool cpu_native_half_gemm(bool bf16) {
 // More fp32 rows of x are a real GEMM (ops/linear.py MAX_ROWS): BLAS catches up from 64-128 rows.
 constexpr int64_t kSkinnyMaxRows = 64;
 
-// Whether M rows of x of this dtype go through skinny_linear_kernel rather than BLAS: fp32 up to
+// Whether M rows of x go through skinny_linear_kernel rather than BLAS, for weights of this dtype: fp32 up to
 // kSkinnyMaxRows; bf16/fp16 at any M unless the CPU multiplies them natively (AMX, AVX512-BF16/FP16): without,
-// BLAS ran them at ~20 GFLOP/s against the kernel's 105-121 on the 2-core Zen3 VM (bench/RESULTS.md).
+// BLAS ran them at ~20 GFLOP/s against the kernel's 105-121 on the 2-core Zen3 VM (bench/RESULTS.md); packed int8
+// (uint8) always: BLAS has no weight-only int8 product.
 inline bool skinny_takes(at::ScalarType dtype, int64_t M) {
+  if (dtype == at::kByte) return true;
   if (dtype == at::kFloat) return M <= kSkinnyMaxRows;
   static const bool native_bf16 = cpu_native_half_gemm(true), native_fp16 = cpu_native_half_gemm(false);
   return M <= kSkinnyMaxRows || !(dtype == at::kBFloat16 ? native_bf16 : native_fp16);
@@ -59,29 +63,41 @@ constexpr int kSkinnyTileCols = 4;              // rows of W (output features) p
 constexpr int64_t kSkinnyWidenRows = 24;         // bf16/fp16 weights: from this many rows of x, widen tiles first
 constexpr int64_t kSkinnyTaskBytes = 64 << 10;  // weights per parallel task at least (smaller layers are not split)
 
-// y = x W^T + b: x [M, K] and W [N, K] contiguous, bias [N] or null, out [M, N] with row stride ldo (>= N: the
-// columns of a wider output), all of type W.
+// The output scale of weight row n: the fp32 after the row's K int8 values for packed int8 weights, else 1.
 template <typename W>
-void skinny_linear_kernel(const W* x_in, int64_t M, int64_t K, const W* w, const W* bias, int64_t N, W* out,
-                          int64_t ldo) {
-  // Many rows (bf16/fp16 take any number): blocks of x that stay in L2 (512 KB in fp32; at least the fp32 limit,
-  // which never splits) while the tiles stream past, one pass over W each; x streamed from memory once per tile
-  // ran a 3200-row bf16 prefill at ~50 GFLOP/s
+inline float row_scale(const W* w, int64_t n, int64_t ldw, int64_t K) {
+  if constexpr (std::is_same_v<W, int8_t>) {
+    float scale;
+    std::memcpy(&scale, w + n * ldw + K, sizeof(float));  // unaligned: rows are K + 4 bytes
+    return scale;
+  }
+  return 1.f;
+}
+
+// y = x W^T + b: x [M, K] of type T contiguous, W [N, K] of type W (T, or int8 rows of packed int8 weights) with
+// row stride ldw, bias [N] of type T or null, out [M, N] of type T with row stride ldo (>= N: the columns of a wider
+// output). Accumulated in fp32, each output scaled by its row's scale (int8) before the bias.
+template <typename T, typename W>
+void skinny_linear_kernel(const T* x_in, int64_t M, int64_t K, const W* w, int64_t ldw, const T* bias, int64_t N,
+                          T* out, int64_t ldo) {
+  // Many rows (bf16/fp16/int8 take any number): blocks of x that stay in L2 (512 KB in fp32; at least the fp32
+  // limit, which never splits) while the tiles stream past, one pass over W each; x streamed from memory once per
+  // tile ran a 3200-row bf16 prefill at ~50 GFLOP/s
   const int64_t block_rows = std::clamp<int64_t>((512 << 10) / (4 * K), kSkinnyMaxRows, 256);
   if (M > block_rows) {
     for (int64_t m = 0; m < M; m += block_rows)
-      skinny_linear_kernel(x_in + m * K, std::min(block_rows, M - m), K, w, bias, N, out + m * ldo, ldo);
+      skinny_linear_kernel(x_in + m * K, std::min(block_rows, M - m), K, w, ldw, bias, N, out + m * ldo, ldo);
     return;
   }
   constexpr auto& kTiles = DotTiles<kSkinnyTileRows, kSkinnyTileCols, W>::kTable;
   constexpr auto& kWide = DotTiles<kSkinnyTileRows, kSkinnyTileCols, float>::kTable;
-  // bf16/fp16 weights are widened in registers, with 2-row blocks (3-row ones spill); from kSkinnyWidenRows rows
+  // narrow weights are widened in registers, with 2-row blocks (3-row ones spill); from kSkinnyWidenRows rows
   // on, each tile is widened once into an fp32 copy that 3-row blocks share (bench/RESULTS.md)
   const bool widen_tile = !std::is_same_v<W, float> && M >= kSkinnyWidenRows;
   const int block = std::is_same_v<W, float> || widen_tile ? kSkinnyTileRows : 2;
   const float* x = reinterpret_cast<const float*>(x_in);
   std::vector<float> widened;  // bf16/fp16 x in fp32 (M * K: a few KB)
-  if constexpr (!std::is_same_v<W, float>) {
+  if constexpr (!std::is_same_v<T, float>) {
     widened.assign(x_in, x_in + M * K);
     x = widened.data();
   }
@@ -100,16 +116,19 @@ void skinny_linear_kernel(const W* x_in, int64_t M, int64_t K, const W* w, const
     for (int64_t j = 0; j < span; ++j) {
       const int64_t n = r0 + j;
       const int cols = int(std::min<int64_t>(kSkinnyTileCols, (r1 - n + span - 1) / span));
+      float scale[kSkinnyTileCols];
+      for (int c = 0; c < cols; ++c) scale[c] = row_scale(w, n + c * span, ldw, K);
       if (widen_tile)
-        for (int c = 0; c < cols; ++c) at::vec::convert(w + (n + c * span) * K, tile.data() + c * K, K);
+        for (int c = 0; c < cols; ++c) at::vec::convert(w + (n + c * span) * ldw, tile.data() + c * K, K);
       for (int64_t m = 0; m < M; m += block) {
         const int rows = int(std::min<int64_t>(block, M - m));
         if (widen_tile) kWide[rows - 1][cols - 1](x + m * K, K, tile.data(), K, K, dot);
-        else kTiles[rows - 1][cols - 1](x + m * K, K, w + n * K, span * K, K, dot);
+        else kTiles[rows - 1][cols - 1](x + m * K, K, w + n * ldw, span * ldw, K, dot);
         for (int r = 0; r < rows; ++r)
           for (int c = 0; c < cols; ++c) {
             const int64_t col = n + c * span;
-            out[(m + r) * ldo + col] = W(dot[r * cols + c] + (bias ? float(bias[col]) : 0.f));
+            const float y = std::is_same_v<W, int8_t> ? dot[r * cols + c] * scale[c] : dot[r * cols + c];
+            out[(m + r) * ldo + col] = T(y + (bias ? float(bias[col]) : 0.f));
           }
       }
     }

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcm_fast.ops import skinny_linear, skinny_linear_multi, skinny_linear_multi_ref, skinny_linear_ref
-from lcm_fast.ops.linear import MAX_ROWS, SPEC
+from lcm_fast.ops.linear import INT8_SCALE_BYTES, MAX_ROWS, SPEC, in_features, quantize_int8, unpack_int8
 
 from ..tolerances import SKINNY_LINEAR_FP32
 
@@ -137,3 +137,61 @@ def test_multi_opcheck():
 def test_multi_bad_input(weights, biases, glu, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.lcm_fast.skinny_linear_multi(torch.randn(2, 8), weights, biases, glu)
+
+
+# -- weight-only int8: packed weights [N, K + 4] (K int8 values, then the row's fp32 scale) --
+
+def _int8_check(x, packed, b):
+    """Kernel vs the reference twin: both compute scale * (x . q) in fp32 then add the bias; fp32 rounding apart
+    (summation order), the 2x rule with one output ulp of slack for half outputs."""
+    got = skinny_linear(x, packed, b, backend="ext")
+    ref = skinny_linear_ref(x, packed, b)
+    assert got.dtype == x.dtype and got.shape == ref.shape
+    q, scale = unpack_int8(packed)
+    exact = (x.double() @ q.double().T) * scale.double() + (0 if b is None else b.double())
+    ulp = exact.abs().max() * {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[x.dtype]
+    assert (got.double() - exact).abs().max() <= 2 * (ref.double() - exact).abs().max() + ulp + 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# the 2-row register blocks and their tail; 24+ rows widen each tile to fp32 once; 300 rows in L2-sized blocks
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 30, 100, 300])
+@pytest.mark.parametrize("K,N", [(1, 1), (7, 5), (256, 256), (1023, 9), (1025, 770)])
+def test_int8_matches_reference(M, K, N, dtype):
+    x, w, b = _inputs(M, K, N, dtype, bias=(K + M) % 2 == 0)
+    _int8_check(x, quantize_int8(w), b)
+
+
+def test_int8_quantization():
+    """Per output channel: scale = max|w| / 127, every weight within scale / 2 of scale * q, q in [-127, 127];
+    an all-zero row has scale 0 (its outputs are the bias); bad weights are errors."""
+    w = torch.randn(40, 33) * torch.logspace(-3, 3, 40)[:, None]
+    w[7] = 0
+    packed = quantize_int8(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (40, 33 + INT8_SCALE_BYTES) and in_features(packed) == 33
+    q, scale = unpack_int8(packed)
+    torch.testing.assert_close(scale, w.abs().amax(1) / 127)
+    assert q.abs().max() <= 127 and (q.float() * scale[:, None] - w).abs().le(scale[:, None] / 2 * (1 + 1e-6)).all()
+    assert scale[7] == 0 and not q[7].any()
+    assert torch.equal(skinny_linear(torch.randn(2, 33), packed, torch.ones(40), backend="ext")[:, 7], torch.ones(2))
+    assert torch.equal(quantize_int8(w.bfloat16()), quantize_int8(w.bfloat16().float()))
+    for bad, match in ((torch.randn(3), "floating-point \\[N, K\\]"), (torch.ones(2, 2, dtype=torch.int32), "floating"),
+                       (torch.tensor([[1.0, float("nan")]]), "NaN or inf")):
+        with pytest.raises(ValueError, match=match):
+            quantize_int8(bad)
+
+
+def test_int8_multi_glu_opcheck_and_errors():
+    x, ws, bs = _multi_inputs(3, 64, (48, 48), torch.float32)
+    packed = [quantize_int8(w) for w in ws]
+    for glu in (False, True):
+        got = skinny_linear_multi(x, packed, bs, glu, backend="ext")
+        torch.testing.assert_close(got, skinny_linear_multi_ref(x, packed, bs, glu), **SKINNY_LINEAR_FP32)
+    mixed = [packed[0], ws[1]]  # a packed weight beside one in the model dtype
+    torch.testing.assert_close(skinny_linear_multi(x, mixed, bs, backend="ext"),
+                               skinny_linear_multi_ref(x, mixed, bs), **SKINNY_LINEAR_FP32)
+    torch.library.opcheck(torch.ops.lcm_fast.skinny_linear, (x, packed[0], bs[0]))
+    torch.library.opcheck(torch.ops.lcm_fast.skinny_linear_multi, (x.bfloat16(), packed, [None, None], True))
+    with pytest.raises(RuntimeError, match="K=64 but weight has K=63 \\(packed int8"):
+        torch.ops.lcm_fast.skinny_linear(x, packed[0][:, 1:].contiguous(), None)
+    assert SPEC.reasons("cuda", torch.float32, int8=True) and not SPEC.reasons("cpu", torch.float32, int8=True)

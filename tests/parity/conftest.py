@@ -82,9 +82,22 @@ def record(group: str, where: str, actual: torch.Tensor, expected: torch.Tensor)
         WORST[group] = (err, where)
 
 
+LOWEST_COSINE: dict[str, tuple[float, str]] = defaultdict(lambda: (1.0, ""))
+
+
+def record_cosine(group: str, where: str, cosine: float) -> None:
+    if cosine <= LOWEST_COSINE[group][0]:
+        LOWEST_COSINE[group] = (cosine, where)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if WORST:
         terminalreporter.section("parity: worst max-abs error per fixture group")
         for group in sorted(WORST):
             err, where = WORST[group]
             terminalreporter.write_line(f"{group:<36} {err:.3e}  ({where})")
+    if LOWEST_COSINE:
+        terminalreporter.section("reduced precision: lowest cosine to the official fp32 outputs (normalized space)")
+        for group in sorted(LOWEST_COSINE):
+            cosine, where = LOWEST_COSINE[group]
+            terminalreporter.write_line(f"{group:<36} {cosine:.6f}  ({where})")

@@ -1,4 +1,4 @@
-"""bf16 and fp16 generation (the official code only runs fp32): close to the official fp32 outputs.
+"""bf16 and fp16 generation, and int8 weights (the official code only runs fp32): close to the official fp32 outputs.
 
 The noise is drawn from each run's seed (the same stream as the official fp32 run), so a half-precision
 run that stops at another length still draws valid noise.
@@ -17,14 +17,23 @@ import torch.nn.functional as F
 
 import lcm_fast
 
-from .conftest import FIXTURES, generation_runs, loaded_model, model_fixture
+from .conftest import FIXTURES, generation_runs, loaded_model, model_fixture, record, record_cosine
 
-MIN_COSINE = {torch.bfloat16: 0.99, torch.float16: 0.9999}
+MIN_COSINE = {torch.bfloat16: 0.99, torch.float16: 0.9999, "int8": 0.99, "bf16+int8": 0.99}
+FORMATS = {"bf16": (torch.bfloat16, None), "fp16": (torch.float16, None), "int8": (torch.float32, "int8"),
+           "bf16+int8": (torch.bfloat16, "int8")}
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("name,tag", generation_runs())
-def test_half_precision_generation(name, tag, dtype):
+def _cases() -> list[tuple[str, str, str]]:
+    """Every run in every format; int8 weights are the cached fast engine's, so not in runs without a cache."""
+    return [(name, tag, fmt) for name, tag in generation_runs() for fmt, (_, weights) in FORMATS.items()
+            if not (weights and model_fixture(name).spec["generate"][tag]["call"].get("disable_cache"))]
+
+
+@pytest.mark.parametrize("name,tag,fmt", _cases())
+def test_reduced_precision_generation(name, tag, fmt):
+    """Half-precision models, and int8 weights of the decode step (the quality bar: cosine 0.99)."""
+    dtype, weights = FORMATS[fmt]
     fx = model_fixture(name)
     model = lcm_fast.load_official(FIXTURES / fx.spec["model_card"], dtype=dtype)
     assert next(model.parameters()).dtype == dtype
@@ -32,7 +41,7 @@ def test_half_precision_generation(name, tag, dtype):
     out = lcm_fast.generate(
         model, fx[fx.spec["prompt"]["raw_seqs"]], fx[fx.spec["prompt"]["seq_lens"]],
         options=lcm_fast.GenerationOptions.from_dict(run["options"]),
-        eos_vec=fx[run["eos_vec"]] if run.get("eos_vec") else None,
+        eos_vec=fx[run["eos_vec"]] if run.get("eos_vec") else None, weights=weights,
         **run["call"],
     )
     expected, lens = fx[run["output_seqs"]], fx[run["output_lens"]]
@@ -43,4 +52,7 @@ def test_half_precision_generation(name, tag, dtype):
         a, b = seq[:n].float(), expected[doc, :n]
         if norm is not None:
             a, b = norm.normalize(a), norm.normalize(b)
-        assert F.cosine_similarity(a, b).min() >= MIN_COSINE[dtype]
+        cosine = F.cosine_similarity(a, b).min()
+        record(f"reduced/{fmt}", f"{name}/{tag}", a, b)
+        record_cosine(fmt, f"{name}/{tag}", float(cosine))
+        assert cosine >= MIN_COSINE[weights and fmt or dtype], (fmt, float(cosine))

@@ -45,8 +45,44 @@ from ..nn.norm import norm_args
 from ..nn.transformer import decode_args
 from ..ops.decoder import decoder_layers_decode_for, decoder_layers_decode_ref
 from ..ops.denoiser import denoiser_layers_decode_for, denoiser_layers_decode_ref
-from ..ops.linear import skinny_linear
+from ..ops.linear import quantize_int8, skinny_linear
 from .graphs import batch_bucket
+
+#: the decode pack's projection weights: None (the model's own, in its dtype) or "int8" (weight-only int8,
+#: :func:`lcm_fast.ops.quantize_int8`: per-output-channel scales, activations in the model dtype)
+WEIGHT_FORMATS = (None, "int8")
+
+
+def check_weights(weights: Optional[str]) -> None:
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}; expected one of {WEIGHT_FORMATS}")
+
+
+def pack_weights(tensors: list, weights: Optional[str]) -> list:
+    """A decode pack's tensors with its projection weights (its 2-D tensors; norms, biases and slopes are 1-D) in
+    the format ``weights``."""
+    check_weights(weights)
+    return tensors if weights is None else [quantize_int8(t) if t is not None and t.dim() == 2 else t for t in tensors]
+
+
+def _fingerprint(module: torch.nn.Module) -> tuple:
+    """(data_ptr, _version, dtype, device) of every parameter: in-place updates bump _version."""
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters())
+
+
+_PACKS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def packed_decode_args(layers: torch.nn.ModuleList, weights: Optional[str]) -> tuple:
+    """:func:`decode_args` of layers with the projection weights in the format ``weights``, kept per layers until a
+    weight changes (packing the 1.6B denoiser in int8 takes about a second)."""
+    key = (_fingerprint(layers), weights)
+    kept = _PACKS.get(layers)
+    if kept is None or kept[0] != key:
+        params, *rest = decode_args(layers)
+        _PACKS[layers] = kept = (key, (pack_weights(params, weights), *rest))
+    return kept[1]
 
 
 @dataclass
@@ -56,7 +92,8 @@ class DecodingTables:
     ~12 ms at model dim 256, a tenth of generating one sentence. Memory: the composed self-attention
     weights, layers x D^2 in the model dtype (218 MB for the 1.6B recipe in fp32), freed with the model."""
 
-    weights: tuple  # (data_ptr, _version, dtype, device) of every parameter: in-place updates bump _version
+    weights: tuple  # _fingerprint of the denoiser
+    weight_format: Optional[str]  # WEIGHT_FORMATS
     layers_args: tuple  # the static arguments of denoiser_layers_decode (nn.transformer.decode_args)
     io_params: list  # Denoiser.decode_io_tensors (empty when a projection has an activation: those run outside it)
     timesteps: tuple[int, ...]
@@ -68,18 +105,21 @@ _TABLES: "weakref.WeakKeyDictionary[Denoiser, DecodingTables]" = weakref.WeakKey
 
 
 @torch.no_grad()
-def decoding_tables(den: Denoiser, timesteps: list[int]) -> DecodingTables:
-    """The denoiser's :class:`DecodingTables` for this schedule, rebuilt only what changed."""
-    weights = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in den.parameters())
+def decoding_tables(den: Denoiser, timesteps: list[int], weight_format: Optional[str] = None) -> DecodingTables:
+    """The denoiser's :class:`DecodingTables` for this schedule and weight format, rebuilt only what changed."""
+    weights = _fingerprint(den)
     tables = _TABLES.get(den)
-    if tables is not None and tables.weights == weights and tables.timesteps == tuple(timesteps):
+    same = tables is not None and tables.weights == weights and tables.weight_format == weight_format
+    if same and tables.timesteps == tuple(timesteps):
         return tables
-    if tables is not None and tables.weights == weights:
+    if same:
         layers_args, io_params = tables.layers_args, tables.io_params
     else:
-        layers_args, io_params = decode_args(den.layers), den.decode_io_tensors()
+        layers_args = packed_decode_args(den.layers, weight_format)
+        io_params = pack_weights(den.decode_io_tensors(), weight_format)
     modulations, uncond_cross = den.decode_modulations(timesteps)
-    _TABLES[den] = tables = DecodingTables(weights, layers_args, io_params, tuple(timesteps), modulations, uncond_cross)
+    _TABLES[den] = tables = DecodingTables(weights, weight_format, layers_args, io_params, tuple(timesteps),
+                                           modulations, uncond_cross)
     return tables
 
 
@@ -94,12 +134,14 @@ class FastDenoiser:
             cross-attention reads the caches' whole capacity, masked past ``self.length``, a device
             tensor (the composed ops of :func:`denoiser_layers_decode_ref`; the CPU kernel takes an int). The
             caches hold rows for the first batch's :func:`batch_bucket`, and keep their storage on :meth:`reorder`.
+        weights: the format of the step's projection weights (:data:`WEIGHT_FORMATS`).
     """
 
-    def __init__(self, model: TwoTowerLCM, timesteps: list[int], capacity: int, static_shapes: bool = False) -> None:
+    def __init__(self, model: TwoTowerLCM, timesteps: list[int], capacity: int, static_shapes: bool = False,
+                 weights: Optional[str] = None) -> None:
         den = model.denoiser
         self.model, self.denoiser, self.capacity = model, den, capacity + 1
-        tables = decoding_tables(den, timesteps)
+        tables = decoding_tables(den, timesteps, weights)
         self.modulations, self.uncond_cross = tables.modulations, tables.uncond_cross
         self.layers_args, self.io_params = tables.layers_args, tables.io_params
         weight = den.layers[0].self_attn.v_proj.weight
@@ -184,11 +226,14 @@ class FastDecoder:
         static_shapes: every call has the same shapes whatever the position (for CUDA graphs): the position is
             ``self.length``, a device tensor, and attention reads the caches' whole capacity, masked past it (the
             composed ops of :func:`decoder_layers_decode_ref`; the caches must be ``zeroed``).
+        weights: the format of the layers' projection weights (:data:`WEIGHT_FORMATS`; the frontend and postnet,
+            one projection each, keep the model's).
     """
 
-    def __init__(self, model: BaseLCM | OneTowerBackbone, cache: list[KVCache], static_shapes: bool = False) -> None:
+    def __init__(self, model: BaseLCM | OneTowerBackbone, cache: list[KVCache], static_shapes: bool = False,
+                 weights: Optional[str] = None) -> None:
         self.model, self.cache, self.static_shapes = model, cache, static_shapes
-        self.layers_args = decode_args(model.lcm.layers)
+        self.layers_args = packed_decode_args(model.lcm.layers, weights)
         weight = model.frontend.pre_linear.weight
         rope, positions = model.lcm.layers[0].self_attn.pos_encoder, model.frontend.pos_encoder
         # [positions, hd / 2, 2]: the (cos, sin) of each pair

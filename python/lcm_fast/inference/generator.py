@@ -35,7 +35,7 @@ from ..nn.attention import KVCache
 from ..nn.linear import LinearFn
 from ..nn.position import check_positions
 from ..ops import skinny_linear
-from .fast import FastDecoder, FastDenoiser, fast_decoder_unsupported
+from .fast import FastDecoder, FastDenoiser, check_weights, fast_decoder_unsupported
 from .graphs import BatchGraphs, batch_bucket, pad_batch
 from .noise import NoiseSource, TorchNoise
 
@@ -233,7 +233,8 @@ class _BaseLCMStepper:
     graph). The latent noise and the (de)normalization stay outside the graph."""
 
     def __init__(self, model: BaseLCM, options: GenerationOptions, temperature: float, use_cache: bool,
-                 capacity: int, noise: NoiseSource, fast: bool = False, static_batch: Optional[int] = None) -> None:
+                 capacity: int, noise: NoiseSource, fast: bool = False, static_batch: Optional[int] = None,
+                 weights: Optional[str] = None) -> None:
         self.model, self.options, self.temperature, self.noise = model, options, temperature, noise
         self.cache = model.new_cache(capacity) if use_cache else None
         # the modules' GEMM (None: their own); the fast engine's prefill too takes the kernel where it beats BLAS
@@ -245,7 +246,7 @@ class _BaseLCMStepper:
                 self.cache = [KVCache(capacity, zeroed=True, batch_capacity=batch_bucket(static_batch))
                               for _ in self.cache]
                 self.graphs = BatchGraphs(lambda x, out: out.copy_(self.decoder(x)))
-            self.decoder = FastDecoder(model, self.cache, static_shapes=static_batch is not None)
+            self.decoder = FastDecoder(model, self.cache, static_shapes=static_batch is not None, weights=weights)
 
     def restart(self, noise: NoiseSource, temperature: float) -> None:
         """Static shapes: ready for another generation call on the same caches and graphs (emptied, not freed)."""
@@ -313,7 +314,8 @@ class _TwoTowerStepper:
     callback or dynamic thresholding take the per-step loop."""
 
     def __init__(self, model: TwoTowerLCM, options: GenerationOptions, use_cache: bool, capacity: int,
-                 noise: NoiseSource, fast: bool = False, static_batch: Optional[int] = None) -> None:
+                 noise: NoiseSource, fast: bool = False, static_batch: Optional[int] = None,
+                 weights: Optional[str] = None) -> None:
         self.model, self.options, self.noise, self.capacity = model, options, noise, capacity
         self.cache = model.new_cache(capacity) if use_cache else None
         overrides = {}
@@ -336,7 +338,8 @@ class _TwoTowerStepper:
             if static_batch is not None:  # the contextualizer's caches too keep their storage, for the next call
                 self.cache = [KVCache(capacity, batch_capacity=batch_bucket(static_batch)) for _ in self.cache]
                 self.graphs = BatchGraphs(self._sentence)
-            self.fast = FastDenoiser(model, self.timesteps, capacity, static_shapes=static_batch is not None)
+            self.fast = FastDenoiser(model, self.timesteps, capacity, static_shapes=static_batch is not None,
+                                     weights=weights)
 
     def restart(self, noise: NoiseSource, temperature: float) -> None:
         """Static shapes: ready for another generation call on the same caches and graphs (emptied, not freed).
@@ -482,13 +485,14 @@ class _OneTowerStepper(_TwoTowerStepper):
     replay per sentence; the context is encoded outside the graph."""
 
     def __init__(self, model: OneTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
-                 fast: bool, static_batch: Optional[int] = None) -> None:
+                 fast: bool, static_batch: Optional[int] = None, weights: Optional[str] = None) -> None:
         super().__init__(model, options, True, capacity, noise)  # type: ignore[arg-type]
         self.linear = skinny_linear if fast else None  # the context's encoding too: the kernel where it beats BLAS
         if fast and static_batch is not None:
             self.cache = [KVCache(capacity, zeroed=True, batch_capacity=batch_bucket(static_batch)) for _ in self.cache]
             self.graphs = BatchGraphs(self._sentence)
-        self.decoder = FastDecoder(model, self.cache, static_shapes=static_batch is not None) if fast else None
+        self.decoder = (FastDecoder(model, self.cache, static_shapes=static_batch is not None, weights=weights)
+                        if fast else None)
 
     def restart(self, noise: NoiseSource, temperature: float) -> None:
         self.noise = noise
@@ -526,12 +530,12 @@ class _QuantStepper:
     cache, no cache copies for row subsets)."""
 
     def __init__(self, model: QuantLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
-                 fast: bool) -> None:
+                 fast: bool, weights: Optional[str] = None) -> None:
         self.model, self.options, self.noise = model, options, noise
         self.cache = model.new_cache(capacity)
         self.cfg = options.guidance_scale != 1.0
         self.linear = skinny_linear if fast else None  # the context's encoding too: the kernel where it beats BLAS
-        self.fast = FastDecoder(model, self.cache) if fast else None
+        self.fast = FastDecoder(model, self.cache, weights=weights) if fast else None
 
     def prefill(self, prefix: Tensor) -> None:
         _encode_into_cache(self.model, self.cache, prefix, prefix.shape[1], self.linear)
@@ -602,11 +606,15 @@ class Generator:
             that fits them, whose sentences then all replay; ``del`` the generator to free them. Off by default
             until it has been measured on a GPU (the tests/ops/test_cuda.py checks). On CPU it runs the static
             path without graphs (slower than the CPU kernel; what the CPU tests exercise).
+        weights: the format of the decode step's projection weights: None (the model's own) or ``"int8"``
+            (weight-only int8 with per-output-channel scales, made once per model and kept: a quarter of fp32's
+            bytes per step, half of bf16's; activations stay in the model dtype). The fast engine only; the
+            prompt's prefill and the Two-Tower contextualizer keep the model's weights. Quality: bench/RESULTS.md.
     """
 
     def __init__(self, model: BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM,
                  options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None,
-                 engine: str = "fast", cuda_graphs: bool = False) -> None:
+                 engine: str = "fast", cuda_graphs: bool = False, weights: Optional[str] = None) -> None:
         if not isinstance(model, (BaseLCM, TwoTowerLCM, OneTowerLCM, QuantLCM)):
             raise TypeError(f"expected a BaseLCM, TwoTowerLCM, OneTowerLCM or QuantLCM, got {type(model).__name__}")
         if engine not in ENGINES:
@@ -618,6 +626,12 @@ class Generator:
                              f"post-norm layers or scale_residual), got engine '{engine}' and a {type(model).__name__}")
         if isinstance(model, QuantLCM):
             model.require_codebooks()
+        check_weights(weights)
+        if weights is not None and (engine != "fast" or not (isinstance(model, TwoTowerLCM)
+                                                            or fast_decoder_unsupported(model) is None)):
+            raise ValueError(f"weights={weights!r} is a format of the fast engine's decode step: it needs engine 'fast' "
+                             f"and a model it runs (not post-norm layers or scale_residual), got engine '{engine}'")
+        self.weights = weights
         if cuda_graphs and model_device(model).type != "cuda":
             warnings.warn("cuda_graphs=True on a model that is not on a GPU: the static-shape path runs without graphs, "
                           "slower than the default fast engine (what the CPU tests exercise)", stacklevel=2)
@@ -688,15 +702,19 @@ class Generator:
 
         # the fast engine always caches; Two-Tower's runs any layer, the others' FastDecoder not every layer style
         fast = self.engine == "fast" and (isinstance(model, TwoTowerLCM) or fast_decoder_unsupported(model) is None)
+        if self.weights is not None and disable_cache and not isinstance(model, (OneTowerLCM, QuantLCM)):
+            raise ValueError(f"weights={self.weights!r} needs the fast engine's cached decode step: drop disable_cache")
         if self.cuda_graphs and (not disable_cache or isinstance(model, OneTowerLCM)):  # One-Tower always caches
             stepper = self._static_stepper(B, total, noise, temperature)
         elif isinstance(model, (OneTowerLCM, QuantLCM)):  # always cached: the context cache is the model's state
-            stepper = (_QuantStepper if isinstance(model, QuantLCM) else _OneTowerStepper)(model, opt, total, noise, fast)
+            stepper = (_QuantStepper if isinstance(model, QuantLCM) else _OneTowerStepper)(
+                model, opt, total, noise, fast, weights=self.weights)
         elif isinstance(model, TwoTowerLCM):
-            stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise, fast=fast and not disable_cache)
+            stepper = _TwoTowerStepper(model, opt, not disable_cache, total, noise, fast=fast and not disable_cache,
+                                       weights=self.weights)
         else:
             stepper = _BaseLCMStepper(model, opt, temperature, not disable_cache, total, noise,
-                                      fast=fast and not disable_cache)
+                                      fast=fast and not disable_cache, weights=self.weights)
         noise.at(-1)
         stepper.prefill(seqs[:, :P_min])  # every document's prompt covers these: contextualized in one pass
 
@@ -747,20 +765,22 @@ class Generator:
             self._static[1].restart(noise, temperature)
             return self._static[1]
         self._static = None
+        w = self.weights
         if isinstance(model, TwoTowerLCM):
-            stepper = _TwoTowerStepper(model, opt, True, capacity, noise, fast=True, static_batch=batch)
+            stepper = _TwoTowerStepper(model, opt, True, capacity, noise, fast=True, static_batch=batch, weights=w)
         elif isinstance(model, OneTowerLCM):
-            stepper = _OneTowerStepper(model, opt, capacity, noise, fast=True, static_batch=batch)
+            stepper = _OneTowerStepper(model, opt, capacity, noise, fast=True, static_batch=batch, weights=w)
         else:
-            stepper = _BaseLCMStepper(model, opt, temperature, True, capacity, noise, fast=True, static_batch=batch)
+            stepper = _BaseLCMStepper(model, opt, temperature, True, capacity, noise, fast=True, static_batch=batch,
+                                      weights=w)
         self._static = (key, stepper)
         return stepper
 
 
 def generate(model: BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM, prompts: Tensor, seq_lens: Optional[Tensor] = None, *,
              options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None, engine: str = "fast",
-             cuda_graphs: bool = False, **call_kwargs: Any) -> GenerationOutput:
-    """One-shot helper: ``Generator(model, options, eos_vec, engine, cuda_graphs)(prompts, seq_lens,
+             cuda_graphs: bool = False, weights: Optional[str] = None, **call_kwargs: Any) -> GenerationOutput:
+    """One-shot helper: ``Generator(model, options, eos_vec, engine, cuda_graphs, weights)(prompts, seq_lens,
     **call_kwargs)``."""
-    return Generator(model, options, eos_vec, engine, cuda_graphs)(prompts, seq_lens, **call_kwargs)
+    return Generator(model, options, eos_vec, engine, cuda_graphs, weights)(prompts, seq_lens, **call_kwargs)
 

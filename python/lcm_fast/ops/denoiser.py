@@ -44,7 +44,7 @@ from torch import Tensor
 from .. import _ext
 from ._dispatch import OpSpec, register
 from .adaln import adaln_gated_residual_norm_modulate, adaln_norm_modulate
-from .linear import skinny_linear, skinny_linear_multi
+from .linear import in_features, skinny_linear, skinny_linear_multi
 
 #: what a layer's FFN sublayer contributes to ``params``, last in both decoding ops (``csrc/decode/layer_decode.h``
 #: ``FfnParam``); the models list their own tensors in this order (``FeedForward.decode_tensors``)
@@ -107,7 +107,7 @@ def _check_args(h: Tensor, modulations: Tensor, params: Sequence[Optional[Tensor
         raise ValueError(f"{op}: io_params must be empty or the {len(IO_TENSORS)} IO_TENSORS with both projection "
                          f"weights, got {len(io_params)} entries")
     dim = io_params[0].shape[0] if io_params else h.shape[-1]
-    if io_params and h.shape[-1] != io_params[0].shape[1]:
+    if io_params and h.shape[-1] != in_features(io_params[0]):
         raise ValueError(f"{op}: latents h [R, {h.shape[-1]}] do not match the input projection "
                          f"{tuple(io_params[0].shape)}")
     if h.dim() != 2 or modulations.shape != (layers, 9, dim) or uncond_cross.shape != (layers, dim):

@@ -7,6 +7,9 @@ CPU kernel streams W exactly once in order (``csrc/linear/skinny_linear_cpu.cpp`
 ``F.linear`` reaches a fraction of the memory bandwidth at these shapes (bench/RESULTS.md). fp32 inputs with
 more than :data:`MAX_ROWS` rows are a real GEMM and the op hands them to BLAS. On CUDA the op forwards to
 cuBLAS.
+
+Weight-only int8: a weight may be packed int8 (:func:`quantize_int8`: symmetric per output channel, a quarter of
+fp32's bytes, half of bf16's), multiplied as ``scale * (x . q)`` with x in its own dtype and fp32 accumulation.
 """
 
 from __future__ import annotations
@@ -26,40 +29,84 @@ from ._dispatch import OpSpec, register
 MAX_ROWS = 64
 
 
+#: a packed int8 weight is uint8 [N, K + INT8_SCALE_BYTES]: each row its K int8 values, then its fp32 scale
+#: (``csrc/linear/skinny_linear_checks.h``); one tensor, so every parameter list and op takes it as a weight
+INT8_SCALE_BYTES = 4
+
+
+def quantize_int8(weight: Tensor) -> Tensor:
+    """Weight-only int8 of weight [N, K] (any float dtype): per output channel n, ``scale = max|w_n| / 127`` and
+    ``q = round(w_n / scale)`` in [-127, 127], packed as uint8 [N, K + 4] (:data:`INT8_SCALE_BYTES`). The
+    rounding error of each weight is at most scale / 2; an all-zero row has scale 0."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize_int8: expected a floating-point [N, K] weight, got {weight.dtype} {list(weight.shape)}")
+    w = weight.detach().float()
+    if not torch.isfinite(w).all():
+        raise ValueError("quantize_int8: the weight holds NaN or inf")
+    scale = w.abs().amax(1) / 127
+    q = torch.round(w / torch.where(scale > 0, scale, 1.0)[:, None]).clamp(-127, 127).to(torch.int8)
+    return torch.cat((q.view(torch.uint8), scale[:, None].contiguous().view(torch.uint8)), dim=1)
+
+
+def unpack_int8(packed: Tensor) -> tuple[Tensor, Tensor]:
+    """(q [N, K] int8, scale [N] fp32) of a packed int8 weight [N, K + 4]."""
+    K = packed.shape[1] - INT8_SCALE_BYTES
+    # clone: a byte offset of K (one row: still "contiguous") cannot be viewed as fp32
+    return packed[:, :K].contiguous().view(torch.int8), packed[:, K:].flatten().clone().view(torch.float32)
+
+
+def is_packed_int8(weight: Tensor) -> bool:
+    return weight.dtype == torch.uint8
+
+
+def in_features(weight: Tensor) -> int:
+    """K of a weight [N, K], or of a packed int8 one [N, K + 4]."""
+    return weight.shape[1] - (INT8_SCALE_BYTES if is_packed_int8(weight) else 0)
+
+
 def skinny_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """Plain-PyTorch twin: ``F.linear``. x: [..., K]; weight: [N, K]; bias: [N] or None -> [..., N]."""
-    return F.linear(x, weight, bias)
+    """Plain-PyTorch twin: ``F.linear``. x: [..., K]; weight: [N, K] of x's dtype, or packed int8 [N, K + 4]
+    (``scale * (x . q)`` in fp32, then the bias, rounded to x's dtype once); bias: [N] or None -> [..., N]."""
+    if not is_packed_int8(weight):
+        return F.linear(x, weight, bias)
+    q, scale = unpack_int8(weight)
+    y = F.linear(x.float(), q.float()) * scale
+    return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
 def skinny_linear_multi_ref(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                             glu: bool = False) -> Tensor:
     """Plain-PyTorch twin. x [..., K]; weights [N_i, K]; biases [N_i] or None, one per weight -> [..., sum N_i],
     the outputs side by side; with ``glu`` (gate and up, one N) -> [..., N] ``silu(x Wg^T + bg) * (x Wu^T + bu)``."""
-    ys = [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+    ys = [skinny_linear_ref(x, w, b) for w, b in zip(weights, biases, strict=True)]
     return F.silu(ys[0]) * ys[1] if glu else torch.cat(ys, dim=-1)
 
 
-SPEC = register(OpSpec("skinny_linear"))
-MULTI_SPEC = register(OpSpec("skinny_linear_multi"))
+def _int8_reasons(device_type: str, dtype, *, int8: bool = False, **_) -> list[str]:
+    return ["packed int8 weights on CUDA (no kernel yet: dequantized by the reference)"] if int8 and device_type != "cpu" else []
+
+
+SPEC = register(OpSpec("skinny_linear", extra=_int8_reasons))
+MULTI_SPEC = register(OpSpec("skinny_linear_multi", extra=_int8_reasons))
 
 if _ext.EXT_AVAILABLE:
     _skinny_linear_op = torch.ops.lcm_fast.skinny_linear.default
 
     @torch.library.register_fake("lcm_fast::skinny_linear")
     def _skinny_linear_fake(x, weight, bias):
-        torch._check(x.shape[1] == weight.shape[1])
+        torch._check(x.shape[1] == in_features(weight))
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("lcm_fast::skinny_linear_multi")
     def _skinny_linear_multi_fake(x, weights, biases, glu):
-        torch._check(len(weights) == len(biases) and all(x.shape[1] == w.shape[1] for w in weights))
+        torch._check(len(weights) == len(biases) and all(x.shape[1] == in_features(w) for w in weights))
         return x.new_empty((x.shape[0], weights[0].shape[0] if glu else sum(w.shape[0] for w in weights)))
 
 
 def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
-    """``F.linear`` for few rows: x [..., K] (fp32/bf16/fp16, the dtype of weight [N, K] and bias [N])
-    -> [..., N], accumulated in fp32. Not differentiable (inference)."""
-    if SPEC.choose(x.device.type, x.dtype, backend) == "ref":
+    """``F.linear`` for few rows: x [..., K] (fp32/bf16/fp16, the dtype of weight [N, K] and bias [N]; or weight
+    packed int8 [N, K + 4], :func:`quantize_int8`) -> [..., N], accumulated in fp32. Not differentiable (inference)."""
+    if SPEC.choose(x.device.type, x.dtype, backend, int8=is_packed_int8(weight)) == "ref":
         return skinny_linear_ref(x, weight, bias)
     # a decoding step makes ~100 of these calls, a few microseconds of weights each: the overload is called
     # directly (resolving it through the op packet costs microseconds per call) and 2-D x is not reshaped
@@ -74,7 +121,7 @@ def skinny_linear_multi(x: Tensor, weights: Sequence[Tensor], biases: Sequence[O
     """x [..., K] through every weight in one call (one pass over each, no fused copy of the weights): shapes as
     :func:`skinny_linear_multi_ref`. A decoding step's q/k/v, or SwiGLU's inner rows with ``glu``, as one op
     instead of three or four. Not differentiable (inference)."""
-    if MULTI_SPEC.choose(x.device.type, x.dtype, backend) == "ref":
+    if MULTI_SPEC.choose(x.device.type, x.dtype, backend, int8=any(map(is_packed_int8, weights))) == "ref":
         return skinny_linear_multi_ref(x, weights, biases, glu)
     rows = x.numel() // max(x.shape[-1], 1)
     out = torch.ops.lcm_fast.skinny_linear_multi.default(x.reshape(rows, x.shape[-1]), list(weights), list(biases), glu)

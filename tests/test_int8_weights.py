@@ -1,0 +1,86 @@
+"""Generation with int8 weights (``Generator(weights="int8")``): every family, the fast engine's decode step on packed
+int8 projection weights. Quality against the official fp32 outputs: tests/parity/test_half_precision.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lcm_fast
+from lcm_fast.inference.fast import packed_decode_args
+from lcm_fast.ops.linear import is_packed_int8
+
+from .conftest import random_model, tiny_config
+
+FAMILIES = ["two_tower_diffusion_lcm", "base_lcm", "one_tower_diffusion_lcm", "quant_lcm"]
+# random tiny models (model dim 16) amplify the weights' rounding more than trained ones: measured min cosine
+# 0.9914 (One-Tower) to 0.9999 (Two-Tower) over three seeds; the parity fixtures hold the 0.99 of the issue
+MIN_COSINE = 0.97
+
+
+def _model(family: str, dtype=torch.float32):
+    model = random_model(tiny_config(family))
+    if family == "quant_lcm":
+        model.set_codebooks(0.3 * torch.randn(model.rvq_codebooks.shape, generator=torch.Generator().manual_seed(1)))
+    return model.to(dtype)
+
+
+def _options(family: str) -> lcm_fast.GenerationOptions:
+    if family == "base_lcm":
+        return lcm_fast.GenerationOptions(seed=3, sample_latent_variable=False)
+    if family == "quant_lcm":
+        return lcm_fast.GenerationOptions(seed=3, top_k=1, guidance_scale=2.0)
+    return lcm_fast.GenerationOptions.recommended(seed=3, inference_timesteps=6, eos_threshold=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_generation_stays_close_to_the_models_weights(family, dtype):
+    """Ragged prompts (teacher-forced rows), every family: the int8 decode step's sentences within MIN_COSINE of
+    the model's own, in its dtype; on the static path (what CUDA graphs replay) too, where the family has one."""
+    model = _model(family, dtype)
+    prompts = torch.randn(3, 5, model.sonar_dim, generator=torch.Generator().manual_seed(0))
+    lens = torch.tensor([5, 2, 4])
+    run = lambda **kw: lcm_fast.generate(model, prompts, lens, max_gen_len=3, options=_options(family), **kw).sequences
+    own = run()
+    graphs = [False] if family == "quant_lcm" else [False, True]
+    for cuda_graphs in graphs:
+        with pytest.warns(UserWarning, match="without graphs") if cuda_graphs else _nothing():
+            int8 = run(weights="int8", cuda_graphs=cuda_graphs)
+        for a, b, n in zip(own, int8, lens.tolist()):
+            assert a.shape == b.shape and b.dtype == dtype and torch.equal(a[:n], b[:n])  # prompts untouched
+            assert F.cosine_similarity(a[n:].float(), b[n:].float(), dim=-1).min() >= MIN_COSINE
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_the_pack_is_made_once_and_follows_the_weights():
+    """The int8 pack is kept per layer stack: a second generator reuses it; an in-place weight update makes a new
+    one. Only projection weights are packed (norms, biases, slopes keep the model dtype)."""
+    model = _model("base_lcm")
+    first = packed_decode_args(model.lcm.layers, "int8")
+    assert packed_decode_args(model.lcm.layers, "int8") is first
+    params = first[0]
+    assert {is_packed_int8(p) for p in params if p is not None and p.dim() == 2} == {True}
+    assert not any(is_packed_int8(p) for p in params if p is not None and p.dim() == 1)
+    with torch.no_grad():
+        model.lcm.layers[0].ffn.inner_proj.weight.mul_(2)
+    assert packed_decode_args(model.lcm.layers, "int8") is not first
+
+
+def test_int8_errors():
+    model = _model("two_tower_diffusion_lcm")
+    with pytest.raises(ValueError, match="unknown weight format 'int4'"):
+        lcm_fast.Generator(model, weights="int4")
+    with pytest.raises(ValueError, match="needs engine 'fast'"):
+        lcm_fast.Generator(model, engine="reference", weights="int8")
+    with pytest.raises(ValueError, match="drop disable_cache"):
+        lcm_fast.generate(model, torch.randn(1, 2, model.sonar_dim), max_gen_len=1, weights="int8",
+                          disable_cache=True)
