@@ -119,11 +119,18 @@ def _interleaved_case(benchmark, family: str, model: torch.nn.Module, batch: int
 
 @pytest.mark.parametrize("model_dim", [256, 512])
 def test_target_ratio_interleaved(benchmark, model_dim):
-    """extra_info also has ``fast_bf16_s``: the fast engine on a bf16 copy of the model, in the same window."""
+    """extra_info also has, in the same window, ``fast_bf16_s`` (the fast engine on a bf16 copy of the model),
+    ``fast_int8_s`` (int8 weights, fp32 activations), ``fast_bf16_int8_s`` (int8 weights, bf16 activations) and the
+    ratios of int8 to bf16."""
     model = two_tower(model_dim)
-    bf16 = lcm_fast.Generator(copy.deepcopy(model).to(torch.bfloat16),
-                              lcm_fast.GenerationOptions.recommended(seed=1, eos_threshold=None))
-    _interleaved_case(benchmark, "two_tower", model, 1, 1, fast_bf16=bf16)
+    options = lcm_fast.GenerationOptions.recommended(seed=1, eos_threshold=None)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    median = _interleaved_case(benchmark, "two_tower", model, 1, 1, fast_bf16=lcm_fast.Generator(half, options),
+                               fast_int8=lcm_fast.Generator(model, options, weights="int8"),
+                               fast_bf16_int8=lcm_fast.Generator(half, options, weights="int8"))
+    benchmark.extra_info.update(int8_over_bf16=median["fast_bf16"] / median["fast_int8"],
+                                bf16_int8_over_bf16=median["fast_bf16"] / median["fast_bf16_int8"],
+                                int8_ratio=median["reference"] / median["fast_int8"])
 
 
 # Base-LCM in the 1.6B recipe's shape (32 layers, RMSNorm, SwiGLU, RoPE): a prompt of 50 sentences, then

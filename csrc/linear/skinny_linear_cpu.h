@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/dot_tile.h"
+#include "linear/int8_dot.h"
 
 namespace lcm_fast {
 
@@ -94,7 +95,9 @@ void skinny_linear_kernel(const T* x_in, int64_t M, int64_t K, const W* w, int64
   // narrow weights are widened in registers, with 2-row blocks (3-row ones spill); from kSkinnyWidenRows rows
   // on, each tile is widened once into an fp32 copy that 3-row blocks share (bench/RESULTS.md)
   const bool widen_tile = !std::is_same_v<W, float> && M >= kSkinnyWidenRows;
-  const int block = std::is_same_v<W, float> || widen_tile ? kSkinnyTileRows : 2;
+  // int8 weights widen twice as fast with AVX-512 (int8_dot.h), whose 32 registers hold 3-row blocks
+  const bool avx512 = std::is_same_v<W, int8_t> && !widen_tile && int8_dot_avx512_supported();
+  const int block = std::is_same_v<W, float> || widen_tile || avx512 ? kSkinnyTileRows : 2;
   const float* x = reinterpret_cast<const float*>(x_in);
   std::vector<float> widened;  // bf16/fp16 x in fp32 (M * K: a few KB)
   if constexpr (!std::is_same_v<T, float>) {
@@ -123,6 +126,8 @@ void skinny_linear_kernel(const T* x_in, int64_t M, int64_t K, const W* w, int64
       for (int64_t m = 0; m < M; m += block) {
         const int rows = int(std::min<int64_t>(block, M - m));
         if (widen_tile) kWide[rows - 1][cols - 1](x + m * K, K, tile.data(), K, K, dot);
+        else if (avx512) int8_dot_tile_avx512(rows, cols, x + m * K, K, reinterpret_cast<const int8_t*>(w + n * ldw),
+                                              span * ldw, K, dot);
         else kTiles[rows - 1][cols - 1](x + m * K, K, w + n * ldw, span * ldw, K, dot);
         for (int r = 0; r < rows; ++r)
           for (int c = 0; c < cols; ++c) {

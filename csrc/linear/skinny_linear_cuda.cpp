@@ -16,8 +16,14 @@
 namespace lcm_fast {
 namespace {
 
+void check_no_int8(const at::Tensor& weight) {
+  TORCH_CHECK(!is_packed_int8(weight), "skinny_linear: packed int8 weights have no CUDA kernel yet "
+              "(lcm_fast.ops.skinny_linear runs them through the reference, which dequantizes them)");
+}
+
 at::Tensor skinny_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   check_skinny_linear_args(x, weight, bias);
+  check_no_int8(weight);
   const c10::cuda::CUDAGuard guard(x.device());
   return at::linear(x, weight, bias);
 }
@@ -26,6 +32,7 @@ at::Tensor skinny_linear_cuda(const at::Tensor& x, const at::Tensor& weight, con
 at::Tensor skinny_linear_multi_cuda(const at::Tensor& x, at::TensorList weights,
                                     const c10::List<std::optional<at::Tensor>>& biases, bool glu) {
   check_skinny_linear_multi_args(x, weights, biases, glu);
+  for (const at::Tensor& w : weights) check_no_int8(w);
   const c10::cuda::CUDAGuard guard(x.device());
   std::vector<at::Tensor> ys;
   for (size_t i = 0; i < weights.size(); ++i) ys.push_back(at::linear(x, weights[i], biases.get(i)));

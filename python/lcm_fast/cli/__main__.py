@@ -319,7 +319,7 @@ def _generate(args: argparse.Namespace) -> None:
                              "(lcm-fast prepare writes one) or --decoder sonar")
         decoder = RetrievalDecoder.load(bank, args.bank_index)
     result = continue_text(" ".join(args.text), model, encoder, decoder, n_sentences=args.sentences,
-                           options=generation)
+                           options=generation, weights=args.weights)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return
@@ -340,7 +340,8 @@ def _generate_corpus(args: argparse.Namespace, model, generation, decoder_option
     manifest = generate_corpus(
         model, args.data, args.out, max_gen_len=args.sentences, options=generation,
         prompt_sentences=args.prompt_sentences, id_column=None if args.id_column == "none" else args.id_column,
-        batch_size=args.batch_size, decoder=decoder, decoder_name=args.decoder, skip_bad_shards=args.skip_bad_shards,
+        batch_size=args.batch_size, decoder=decoder, decoder_name=args.decoder, weights=args.weights,
+        skip_bad_shards=args.skip_bad_shards,
         backend=args.backend, ray_workers=args.ray_workers, ray_address=args.ray_address)
     documents = sum(s["documents"] for s in manifest["shards"].values())
     print(f"{documents} documents in {len(manifest['shards'])} shards -> {args.out}")
@@ -530,6 +531,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                      help="the model's weights and activations (bfloat16: half the weight bytes, ~1.2-1.7x faster "
                      "on CPU at batch 1; the sampler stays fp32)")
+    gen.add_argument("--weights", choices=["int8"], help="the decode step's weight format: int8 (weight-only, "
+                     "per-channel scales: half of bf16's bytes per step; default: the model's own weights)")
     gen.add_argument("--json", action="store_true", help='print {"prompt": [...], "sentences": [{"text", "similarity"}]}')
     ev = sub.add_parser("eval", help="pre-training metrics (l2, l2-r, CA, PAR) and generation metrics (ROUGE-L, "
                         "OVL-3, REP-4, word ratio) on held-out parquet documents")

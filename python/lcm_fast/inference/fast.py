@@ -70,25 +70,26 @@ def _fingerprint(module: torch.nn.Module) -> tuple:
     return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters())
 
 
-_PACKS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_PACKS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
 def packed_decode_args(layers: torch.nn.ModuleList, weights: Optional[str]) -> tuple:
-    """:func:`decode_args` of layers with the projection weights in the format ``weights``, kept per layers until a
-    weight changes (packing the 1.6B denoiser in int8 takes about a second)."""
-    key = (_fingerprint(layers), weights)
-    kept = _PACKS.get(layers)
-    if kept is None or kept[0] != key:
+    """:func:`decode_args` of layers with the projection weights in the format ``weights``, kept per layers and format
+    until a weight changes (packing the 1.6B denoiser in int8 takes about a second)."""
+    fingerprint = _fingerprint(layers)
+    packs = _PACKS.setdefault(layers, {})
+    kept = packs.get(weights)
+    if kept is None or kept[0] != fingerprint:
         params, *rest = decode_args(layers)
-        _PACKS[layers] = kept = (key, (pack_weights(params, weights), *rest))
+        packs[weights] = kept = (fingerprint, (pack_weights(params, weights), *rest))
     return kept[1]
 
 
 @dataclass
 class DecodingTables:
-    """What the fast engine derives from a denoiser's weights (and schedule), kept per denoiser and reused
-    by later generation calls until the schedule or any weight changes: rebuilding them per call cost
+    """What the fast engine derives from a denoiser's weights (and schedule), kept per denoiser and weight format
+    and reused by later generation calls until the schedule or any weight changes: rebuilding them per call cost
     ~12 ms at model dim 256, a tenth of generating one sentence. Memory: the composed self-attention
     weights, layers x D^2 in the model dtype (218 MB for the 1.6B recipe in fp32), freed with the model."""
 
@@ -101,15 +102,17 @@ class DecodingTables:
     uncond_cross: Tensor  # [layers, D] cross-attention output of the unconditional rows
 
 
-_TABLES: "weakref.WeakKeyDictionary[Denoiser, DecodingTables]" = weakref.WeakKeyDictionary()
+_TABLES: "weakref.WeakKeyDictionary[Denoiser, dict]" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
 def decoding_tables(den: Denoiser, timesteps: list[int], weight_format: Optional[str] = None) -> DecodingTables:
-    """The denoiser's :class:`DecodingTables` for this schedule and weight format, rebuilt only what changed."""
+    """The denoiser's :class:`DecodingTables` for this schedule and weight format (one kept per format), rebuilt
+    only what changed."""
     weights = _fingerprint(den)
-    tables = _TABLES.get(den)
-    same = tables is not None and tables.weights == weights and tables.weight_format == weight_format
+    per_format = _TABLES.setdefault(den, {})
+    tables = per_format.get(weight_format)
+    same = tables is not None and tables.weights == weights
     if same and tables.timesteps == tuple(timesteps):
         return tables
     if same:
@@ -118,8 +121,8 @@ def decoding_tables(den: Denoiser, timesteps: list[int], weight_format: Optional
         layers_args = packed_decode_args(den.layers, weight_format)
         io_params = pack_weights(den.decode_io_tensors(), weight_format)
     modulations, uncond_cross = den.decode_modulations(timesteps)
-    _TABLES[den] = tables = DecodingTables(weights, weight_format, layers_args, io_params, tuple(timesteps),
-                                           modulations, uncond_cross)
+    per_format[weight_format] = tables = DecodingTables(weights, weight_format, layers_args, io_params,
+                                                        tuple(timesteps), modulations, uncond_cross)
     return tables
 
 

@@ -56,6 +56,7 @@ class CorpusJob:
     batch_size: int  # documents per generation batch
     decoder: Optional[str]  # the decoder's name when texts are written
     eos_vec: Optional[str]  # SHA-256 of the end-of-text vector that stops documents (None: none given)
+    weights: Optional[str] = None  # the decode step's weight format (Generator's ``weights``)
 
 
 def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
@@ -118,7 +119,7 @@ def generate_shard(model: torch.nn.Module, job: CorpusJob, path: Path, out: Path
     ids, prompts = _read_prompts(path, model.sonar_dim, job, model.config.max_seq_len)
     keys = ids.to_pylist()
     options = GenerationOptions.from_dict(job.options)
-    generator = Generator(model, options, eos_vec)
+    generator = Generator(model, options, eos_vec, weights=job.weights)
     device, D = model_device(model), model.sonar_dim
     order = sorted(range(len(prompts)), key=lambda i: prompts[i].shape[0])  # stable: batches of similar length
     generated: list[Optional[Tensor]] = [None] * len(prompts)
@@ -188,7 +189,8 @@ def generate_corpus(
     model: torch.nn.Module, inputs: Sequence[str | Path], out_dir: str | Path, *, max_gen_len: int = 3,
     options: Optional[GenerationOptions] = None, prompt_sentences: Optional[int] = None, id_column: Optional[str] = "id",
     batch_size: Optional[int] = None, decoder: Optional[Decoder] = None, decoder_name: Optional[str] = None,
-    eos_vec: Optional[Tensor] = None, skip_bad_shards: bool = False, backend: str = "local",
+    eos_vec: Optional[Tensor] = None, weights: Optional[str] = None, skip_bad_shards: bool = False,
+    backend: str = "local",
     ray_workers: Optional[int] = None, ray_address: Optional[str] = None, progress: bool = True,
 ) -> dict[str, Any]:
     """Generates ``max_gen_len`` sentences for every document of the parquet shards ``inputs`` (paths or globs) with
@@ -198,7 +200,8 @@ def generate_corpus(
     options: generation options (default: the recommended ones, seed 0; the seed keys each document's noise).
     prompt_sentences: the prompt is a document's first sentences (None: all). id_column: the documents' ids
     (None: "<shard file name>#<row>"). batch_size: documents per batch (default :func:`default_batch_size`).
-    decoder: also write the generated sentences' texts (``decoder_name`` names it in the manifest).
+    decoder: also write the generated sentences' texts (``decoder_name`` names it in the manifest). weights: the
+    decode step's weight format (:class:`~lcm_fast.Generator`'s; ``"int8"``: weight-only int8).
     skip_bad_shards: a shard that cannot be read (DataError) is reported in ``failed`` and the run goes on;
     otherwise it stops the run with that error (finished shards are kept). backend: ``local`` (this process) or
     ``ray`` (a Ray Data actor pool of ``ray_workers`` actors, one model each, one GPU each where the cluster has
@@ -222,7 +225,7 @@ def generate_corpus(
                     id_column=id_column, batch_size=batch_size or default_batch_size(model_device(model)),
                     decoder=(decoder_name or type(decoder).__name__) if decoder is not None else None,
                     eos_vec=hashlib.sha256(eos_vec.float().cpu().numpy().tobytes()).hexdigest()
-                    if eos_vec is not None else None)
+                    if eos_vec is not None else None, weights=weights)
     identity = model_identity(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,12 @@ DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
 def continue_text(text: str, model, encoder: Encoder, decoder: Decoder, *, n_sentences: int = 3,
-                  options: Optional[GenerationOptions] = None, engine: str = "fast") -> dict[str, Any]:
+                  options: Optional[GenerationOptions] = None, engine: str = "fast",
+                  weights: Optional[str] = None) -> dict[str, Any]:
     """``{"prompt": [sentences], "sentences": [{"text", "similarity"}, ...]}``: the prompt's sentences
     and ``n_sentences`` generated ones, decoded; ``similarity`` is the decoder's cosine to its bank
-    sentence (None for decoders without one, e.g. SONAR)."""
+    sentence (None for decoders without one, e.g. SONAR). weights: the decode step's weight format
+    (:class:`~lcm_fast.Generator`)."""
     sentences = segment(text)
     if not sentences:
         raise ValueError("the prompt has no sentences (empty text)")
@@ -29,7 +31,8 @@ def continue_text(text: str, model, encoder: Encoder, decoder: Decoder, *, n_sen
         raise ValueError(f"{len(sentences)} prompt + {n_sentences} new sentences exceed the model's "
                          f"max_seq_len={model.config.max_seq_len}")
     options = options or GenerationOptions.recommended(seed=0)
-    out = generate(model, encoder.encode(sentences)[None], max_gen_len=n_sentences, options=options, engine=engine)
+    out = generate(model, encoder.encode(sentences)[None], max_gen_len=n_sentences, options=options, engine=engine,
+                   weights=weights)
     new = out.sequences[0][len(sentences):].float()
     if hasattr(decoder, "decode_with_scores"):
         pairs = decoder.decode_with_scores(new)
