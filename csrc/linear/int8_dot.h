@@ -8,7 +8,7 @@
 
 namespace lcm_fast {
 
-// Whether this build has the AVX-512 tiles and the CPU runs them (AVX512F, BW, VL).
+// Whether this build has the AVX-512 tiles and the CPU runs them (AVX512F, BW, VL), unless LCM_FAST_NO_AVX512 is set.
 bool int8_dot_avx512_supported();
 
 // dot[r * cols + c] = x_r . w_c over K for rows <= 3 rows of fp32 x (stride ldx) and cols <= 4 rows of int8 w

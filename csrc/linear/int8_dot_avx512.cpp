@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <array>
+#include <cstdlib>
 #include <utility>
 
 namespace lcm_fast {
@@ -48,8 +49,9 @@ constexpr std::array<std::array<Tile, 4>, 3> kTiles = {row<1>(std::make_integer_
 }  // namespace
 
 bool int8_dot_avx512_supported() {
+  // LCM_FAST_NO_AVX512=1 keeps the AVX2 tiles (what a CPU without AVX-512 runs: the tests compare both)
   static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl");
+                                __builtin_cpu_supports("avx512vl") && !std::getenv("LCM_FAST_NO_AVX512");
   return supported;
 }
 

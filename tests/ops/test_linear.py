@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -160,6 +166,21 @@ def _int8_check(x, packed, b):
 def test_int8_matches_reference(M, K, N, dtype):
     x, w, b = _inputs(M, K, N, dtype, bias=(K + M) % 2 == 0)
     _int8_check(x, quantize_int8(w), b)
+
+
+def test_int8_avx2_and_avx512_tiles_agree():
+    """The AVX-512 tiles (chosen at run time where the CPU has them) and the AVX2 ones (LCM_FAST_NO_AVX512=1, what
+    other CPUs run), in a second process: the same outputs up to fp32 summation order."""
+    script = ("import sys, torch; from lcm_fast.ops.linear import quantize_int8, skinny_linear; "
+              "g = torch.Generator().manual_seed(0); w = quantize_int8(torch.randn(37, 1029, generator=g)); "
+              "x = torch.randn(3, 1029, generator=g); torch.save(skinny_linear(x, w, backend='ext'), sys.argv[1])")
+    outs = []
+    for flag in ("0", "1"):
+        path = Path(tempfile.mkdtemp()) / "y.pt"
+        env = {k: v for k, v in os.environ.items() if k != "LCM_FAST_NO_AVX512"} | ({"LCM_FAST_NO_AVX512": "1"} if flag == "1" else {})
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, timeout=120)
+        outs.append(torch.load(path))
+    torch.testing.assert_close(outs[0], outs[1], **SKINNY_LINEAR_FP32)
 
 
 def test_int8_quantization():
