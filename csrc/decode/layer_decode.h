@@ -119,9 +119,9 @@ struct Layer {
     const at::Tensor weight = *get(w);
     const int64_t N = weight.size(0), K = weight_k(weight);
     if (is_packed_int8(weight))
-      return skinny_linear_kernel(x, M, K, reinterpret_cast<const int8_t*>(weight.const_data_ptr()), weight.size(1),
-                                  ptr(w + 1), N, out, N);
-    if (skinny_takes(weight.scalar_type(), M)) return skinny_linear_kernel(x, M, K, ptr(w), K, ptr(w + 1), N, out, N);
+      return skinny_linear_kernel(x, M, K, int8_values(weight), int8_scales(weight), ptr(w + 1), N, out, N);
+    if (skinny_takes(weight.scalar_type(), M))
+      return skinny_linear_kernel(x, M, K, ptr(w), nullptr, ptr(w + 1), N, out, N);
     at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference only: BLAS on the weights needs no graph
     const auto opts = weight.options();
     at::Tensor xt = at::from_blob(const_cast<T*>(x), {M, K}, opts), yt = at::from_blob(out, {M, N}, opts);

@@ -10,12 +10,19 @@
 
 namespace lcm_fast {
 
-// A packed int8 weight (python/lcm_fast/ops/linear.py quantize_int8): uint8 [N, K + 4], each row K int8 values then
-// the row's fp32 scale (4 bytes): W[n] = scale[n] * q[n]. The weight's K: its columns, less the scale's for packed.
+// A packed int8 weight (python/lcm_fast/ops/linear.py quantize_int8): uint8 [N, K + 4] holding q [N, K] (int8, row
+// major) then the N fp32 row scales: W[n] = scale[n] * q[n]. The weight's K: its columns, less 4 for packed.
 constexpr int64_t kInt8ScaleBytes = 4;
 inline bool is_packed_int8(const at::Tensor& weight) { return weight.scalar_type() == at::kByte; }
 inline int64_t weight_k(const at::Tensor& weight) {
   return weight.size(1) - (is_packed_int8(weight) ? kInt8ScaleBytes : 0);
+}
+// q and the scales of a contiguous packed int8 weight
+inline const int8_t* int8_values(const at::Tensor& weight) {
+  return reinterpret_cast<const int8_t*>(weight.const_data_ptr<uint8_t>());
+}
+inline const uint8_t* int8_scales(const at::Tensor& weight) {
+  return weight.const_data_ptr<uint8_t>() + weight.size(0) * weight_k(weight);
 }
 
 inline void check_skinny_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {

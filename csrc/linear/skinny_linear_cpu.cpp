@@ -20,10 +20,10 @@ template <typename T>
 void run_skinny_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& out, int64_t col) {
   const T* bias = b.defined() ? b.const_data_ptr<T>() : nullptr;
   if (is_packed_int8(w))
-    skinny_linear_kernel(x.const_data_ptr<T>(), x.size(0), x.size(1), reinterpret_cast<const int8_t*>(w.const_data_ptr()),
-                         w.size(1), bias, w.size(0), out.data_ptr<T>() + col, out.size(1));
+    skinny_linear_kernel(x.const_data_ptr<T>(), x.size(0), x.size(1), int8_values(w), int8_scales(w), bias, w.size(0),
+                         out.data_ptr<T>() + col, out.size(1));
   else
-    skinny_linear_kernel(x.const_data_ptr<T>(), x.size(0), x.size(1), w.const_data_ptr<T>(), w.size(1), bias,
+    skinny_linear_kernel(x.const_data_ptr<T>(), x.size(0), x.size(1), w.const_data_ptr<T>(), nullptr, bias,
                          w.size(0), out.data_ptr<T>() + col, out.size(1));
 }
 

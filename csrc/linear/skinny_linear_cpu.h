@@ -64,30 +64,28 @@ constexpr int kSkinnyTileCols = 4;              // rows of W (output features) p
 constexpr int64_t kSkinnyWidenRows = 24;         // bf16/fp16 weights: from this many rows of x, widen tiles first
 constexpr int64_t kSkinnyTaskBytes = 64 << 10;  // weights per parallel task at least (smaller layers are not split)
 
-// The output scale of weight row n: the fp32 after the row's K int8 values for packed int8 weights, else 1.
-template <typename W>
-inline float row_scale(const W* w, int64_t n, int64_t ldw, int64_t K) {
-  if constexpr (std::is_same_v<W, int8_t>) {
-    float scale;
-    std::memcpy(&scale, w + n * ldw + K, sizeof(float));  // unaligned: rows are K + 4 bytes
-    return scale;
-  }
-  return 1.f;
+// Scale of weight row n: scales holds N fp32 values at any byte alignment (packed int8 weights), or is null (1).
+inline float row_scale(const uint8_t* scales, int64_t n) {
+  if (scales == nullptr) return 1.f;
+  float scale;
+  std::memcpy(&scale, scales + n * sizeof(float), sizeof(float));
+  return scale;
 }
 
-// y = x W^T + b: x [M, K] of type T contiguous, W [N, K] of type W (T, or int8 rows of packed int8 weights) with
-// row stride ldw, bias [N] of type T or null, out [M, N] of type T with row stride ldo (>= N: the columns of a wider
-// output). Accumulated in fp32, each output scaled by its row's scale (int8) before the bias.
+// y = x W^T + b: x [M, K] of type T contiguous, W [N, K] of type W (T, or int8 of packed int8 weights) contiguous,
+// scales: null, or W's N fp32 row scales (int8), bias [N] of type T or null, out [M, N] of type T with row stride
+// ldo (>= N: the columns of a wider output). Accumulated in fp32, each output scaled by its row's scale before the
+// bias.
 template <typename T, typename W>
-void skinny_linear_kernel(const T* x_in, int64_t M, int64_t K, const W* w, int64_t ldw, const T* bias, int64_t N,
-                          T* out, int64_t ldo) {
+void skinny_linear_kernel(const T* x_in, int64_t M, int64_t K, const W* w, const uint8_t* scales, const T* bias,
+                          int64_t N, T* out, int64_t ldo) {
   // Many rows (bf16/fp16/int8 take any number): blocks of x that stay in L2 (512 KB in fp32; at least the fp32
   // limit, which never splits) while the tiles stream past, one pass over W each; x streamed from memory once per
   // tile ran a 3200-row bf16 prefill at ~50 GFLOP/s
   const int64_t block_rows = std::clamp<int64_t>((512 << 10) / (4 * K), kSkinnyMaxRows, 256);
   if (M > block_rows) {
     for (int64_t m = 0; m < M; m += block_rows)
-      skinny_linear_kernel(x_in + m * K, std::min(block_rows, M - m), K, w, ldw, bias, N, out + m * ldo, ldo);
+      skinny_linear_kernel(x_in + m * K, std::min(block_rows, M - m), K, w, scales, bias, N, out + m * ldo, ldo);
     return;
   }
   constexpr auto& kTiles = DotTiles<kSkinnyTileRows, kSkinnyTileCols, W>::kTable;
@@ -120,20 +118,19 @@ void skinny_linear_kernel(const T* x_in, int64_t M, int64_t K, const W* w, int64
       const int64_t n = r0 + j;
       const int cols = int(std::min<int64_t>(kSkinnyTileCols, (r1 - n + span - 1) / span));
       float scale[kSkinnyTileCols];
-      for (int c = 0; c < cols; ++c) scale[c] = row_scale(w, n + c * span, ldw, K);
+      for (int c = 0; c < cols; ++c) scale[c] = row_scale(scales, n + c * span);
       if (widen_tile)
-        for (int c = 0; c < cols; ++c) at::vec::convert(w + (n + c * span) * ldw, tile.data() + c * K, K);
+        for (int c = 0; c < cols; ++c) at::vec::convert(w + (n + c * span) * K, tile.data() + c * K, K);
       for (int64_t m = 0; m < M; m += block) {
         const int rows = int(std::min<int64_t>(block, M - m));
         if (widen_tile) kWide[rows - 1][cols - 1](x + m * K, K, tile.data(), K, K, dot);
-        else if (avx512) int8_dot_tile_avx512(rows, cols, x + m * K, K, reinterpret_cast<const int8_t*>(w + n * ldw),
-                                              span * ldw, K, dot);
-        else kTiles[rows - 1][cols - 1](x + m * K, K, w + n * ldw, span * ldw, K, dot);
+        else if (avx512) int8_dot_tile_avx512(rows, cols, x + m * K, K, reinterpret_cast<const int8_t*>(w + n * K),
+                                              span * K, K, dot);
+        else kTiles[rows - 1][cols - 1](x + m * K, K, w + n * K, span * K, K, dot);
         for (int r = 0; r < rows; ++r)
           for (int c = 0; c < cols; ++c) {
             const int64_t col = n + c * span;
-            const float y = std::is_same_v<W, int8_t> ? dot[r * cols + c] * scale[c] : dot[r * cols + c];
-            out[(m + r) * ldo + col] = T(y + (bias ? float(bias[col]) : 0.f));
+            out[(m + r) * ldo + col] = T(dot[r * cols + c] * scale[c] + (bias ? float(bias[col]) : 0.f));
           }
       }
     }

@@ -29,7 +29,7 @@ from ._dispatch import OpSpec, register
 MAX_ROWS = 64
 
 
-#: a packed int8 weight is uint8 [N, K + INT8_SCALE_BYTES]: each row its K int8 values, then its fp32 scale
+#: a packed int8 weight is uint8 [N, K + INT8_SCALE_BYTES]: q [N, K] (int8, row major), then the N fp32 row scales
 #: (``csrc/linear/skinny_linear_checks.h``); one tensor, so every parameter list and op takes it as a weight
 INT8_SCALE_BYTES = 4
 
@@ -43,16 +43,18 @@ def quantize_int8(weight: Tensor) -> Tensor:
     w = weight.detach().float()
     if not torch.isfinite(w).all():
         raise ValueError("quantize_int8: the weight holds NaN or inf")
+    N, K = w.shape
     scale = w.abs().amax(1) / 127
     q = torch.round(w / torch.where(scale > 0, scale, 1.0)[:, None]).clamp(-127, 127).to(torch.int8)
-    return torch.cat((q.view(torch.uint8), scale[:, None].contiguous().view(torch.uint8)), dim=1)
+    return torch.cat((q.view(torch.uint8).flatten(), scale.view(torch.uint8))).view(N, K + INT8_SCALE_BYTES)
 
 
 def unpack_int8(packed: Tensor) -> tuple[Tensor, Tensor]:
     """(q [N, K] int8, scale [N] fp32) of a packed int8 weight [N, K + 4]."""
-    K = packed.shape[1] - INT8_SCALE_BYTES
-    # clone: a byte offset of K (one row: still "contiguous") cannot be viewed as fp32
-    return packed[:, :K].contiguous().view(torch.int8), packed[:, K:].flatten().clone().view(torch.float32)
+    N, K = packed.shape[0], packed.shape[1] - INT8_SCALE_BYTES
+    flat = packed.contiguous().view(-1)
+    # clone: the scales start at byte N K, which a float view needs divisible by 4
+    return flat[: N * K].view(torch.int8).view(N, K), flat[N * K:].clone().view(torch.float32)
 
 
 def is_packed_int8(weight: Tensor) -> bool:
