@@ -235,6 +235,12 @@ def test_cli_generates_a_corpus_with_texts(model, tmp_path):
     table = pq.read_table(tmp_path / "out" / "part-00001.parquet")
     assert [len(s) for s in table.column("sentences").to_pylist()] == [2, 2, 2]
     assert all(s in bank.sentences for doc in table.column("sentences").to_pylist() for s in doc)
+    int8 = cli("--data", str(tmp_path / "in" / "*.parquet"), "--out", str(tmp_path / "int8"), "--model", str(model_dir),
+               "--decoder", "none", "--sentences", "2", "--steps", "6", "--weights", "int8")
+    assert int8.returncode == 0, int8.stderr
+    assert json.loads((tmp_path / "int8" / gc.MANIFEST).read_text())["job"]["weights"] == "int8"
+    for a, b in zip(_concepts(table), _concepts(pq.read_table(tmp_path / "int8" / "part-00001.parquet"))):
+        np.testing.assert_allclose(a, b, atol=0.05)  # int8 weights: close to the model's own (bench/RESULTS.md)
     both = cli("Some text.", "--data", str(tmp_path / "in" / "*.parquet"), "--out", str(tmp_path / "o2"))
     assert both.returncode != 0 and "either a prompt text or --data" in both.stderr
     no_out = cli("--data", str(tmp_path / "in" / "*.parquet"))
