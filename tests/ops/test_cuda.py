@@ -225,3 +225,44 @@ def test_rvq_training_on_gpu_takes_the_search():
     rq = ResidualQuantizer.from_codebooks(cb)
     assert_codes_match(rq.encode(xc, search="bf16"), rq.encode(xc, search="exact"), xc, cb)
     assert_codes_match(rq.encode(xc, search="auto"), codes, x, cb.cpu())
+
+
+# -- weight-only int8 on CUDA: the GEMV for few rows, a GEMM on the dequantized weight past kInt8GemvMaxRows --
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 40])
+@pytest.mark.parametrize("K,N", [(1024, 520), (1027, 33), (2048, 4096)])
+def test_int8_skinny_linear_cuda_matches_reference(M, K, N, dtype):
+    from lcm_fast.ops import skinny_linear, skinny_linear_ref
+    from lcm_fast.ops.linear import quantize_int8, unpack_int8
+
+    g = torch.Generator().manual_seed(M + K)
+    x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    packed = quantize_int8(w).cuda()
+    x, b = x.to("cuda", dtype), b.to("cuda", dtype)
+    got = skinny_linear(x, packed, b, backend="ext")
+    q, scale = unpack_int8(packed)
+    exact = (x.double() @ q.double().T) * scale.double() + b.double()
+    ref = skinny_linear_ref(x, packed, b)
+    ulp = exact.abs().max() * {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    # past 8 rows the weight is dequantized to x's dtype first: one more rounding per weight
+    slack = 0 if M <= 8 or dtype == torch.float32 else exact.abs().max() * 2**-7
+    assert (got.double() - exact).abs().max() <= 2 * (ref.double() - exact).abs().max() + ulp + slack + 1e-4
+
+
+@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])
+def test_int8_generation_on_cuda(family):
+    """Generation with int8 weights on the GPU, eager and with CUDA graphs: close to the model's own weights."""
+    import torch.nn.functional as F
+
+    from ..conftest import random_model, tiny_config
+
+    model = random_model(tiny_config(family)).cuda()
+    options = lcm_fast.GenerationOptions.recommended(seed=3, inference_timesteps=6, eos_threshold=None)
+    prompts, lens = torch.randn(3, 5, model.sonar_dim, device="cuda"), torch.tensor([5, 2, 4])
+    own = lcm_fast.generate(model, prompts, lens, max_gen_len=3, options=options).sequences
+    for graphs in (False, True):
+        int8 = lcm_fast.generate(model, prompts, lens, max_gen_len=3, options=options, weights="int8",
+                                 cuda_graphs=graphs).sequences
+        for a, b, n in zip(own, int8, lens.tolist()):
+            assert F.cosine_similarity(a[n:], b[n:], dim=-1).min() >= 0.97

@@ -84,12 +84,8 @@ def skinny_linear_multi_ref(x: Tensor, weights: Sequence[Tensor], biases: Sequen
     return F.silu(ys[0]) * ys[1] if glu else torch.cat(ys, dim=-1)
 
 
-def _int8_reasons(device_type: str, dtype, *, int8: bool = False, **_) -> list[str]:
-    return ["packed int8 weights on CUDA (no kernel yet: dequantized by the reference)"] if int8 and device_type != "cpu" else []
-
-
-SPEC = register(OpSpec("skinny_linear", extra=_int8_reasons))
-MULTI_SPEC = register(OpSpec("skinny_linear_multi", extra=_int8_reasons))
+SPEC = register(OpSpec("skinny_linear"))
+MULTI_SPEC = register(OpSpec("skinny_linear_multi"))
 
 if _ext.EXT_AVAILABLE:
     _skinny_linear_op = torch.ops.lcm_fast.skinny_linear.default
@@ -108,7 +104,7 @@ if _ext.EXT_AVAILABLE:
 def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """``F.linear`` for few rows: x [..., K] (fp32/bf16/fp16, the dtype of weight [N, K] and bias [N]; or weight
     packed int8 [N, K + 4], :func:`quantize_int8`) -> [..., N], accumulated in fp32. Not differentiable (inference)."""
-    if SPEC.choose(x.device.type, x.dtype, backend, int8=is_packed_int8(weight)) == "ref":
+    if SPEC.choose(x.device.type, x.dtype, backend) == "ref":
         return skinny_linear_ref(x, weight, bias)
     # a decoding step makes ~100 of these calls, a few microseconds of weights each: the overload is called
     # directly (resolving it through the op packet costs microseconds per call) and 2-D x is not reshaped
@@ -123,7 +119,7 @@ def skinny_linear_multi(x: Tensor, weights: Sequence[Tensor], biases: Sequence[O
     """x [..., K] through every weight in one call (one pass over each, no fused copy of the weights): shapes as
     :func:`skinny_linear_multi_ref`. A decoding step's q/k/v, or SwiGLU's inner rows with ``glu``, as one op
     instead of three or four. Not differentiable (inference)."""
-    if MULTI_SPEC.choose(x.device.type, x.dtype, backend, int8=any(map(is_packed_int8, weights))) == "ref":
+    if MULTI_SPEC.choose(x.device.type, x.dtype, backend) == "ref":
         return skinny_linear_multi_ref(x, weights, biases, glu)
     rows = x.numel() // max(x.shape[-1], 1)
     out = torch.ops.lcm_fast.skinny_linear_multi.default(x.reshape(rows, x.shape[-1]), list(weights), list(biases), glu)
