@@ -3,6 +3,8 @@ int8 projection weights. Quality against the official fp32 outputs: tests/parity
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,19 +48,11 @@ def test_int8_generation_stays_close_to_the_models_weights(family, dtype):
     own = run()
     graphs = [False] if family == "quant_lcm" else [False, True]
     for cuda_graphs in graphs:
-        with pytest.warns(UserWarning, match="without graphs") if cuda_graphs else _nothing():
+        with pytest.warns(UserWarning, match="without graphs") if cuda_graphs else contextlib.nullcontext():
             int8 = run(weights="int8", cuda_graphs=cuda_graphs)
         for a, b, n in zip(own, int8, lens.tolist()):
             assert a.shape == b.shape and b.dtype == dtype and torch.equal(a[:n], b[:n])  # prompts untouched
             assert F.cosine_similarity(a[n:].float(), b[n:].float(), dim=-1).min() >= MIN_COSINE
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_the_pack_is_made_once_and_follows_the_weights():
