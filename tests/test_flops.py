@@ -25,7 +25,7 @@ from lcm_fast.flops import (
     sonar_encode_flops,
     two_tower_flops,
 )
-from lcm_fast.inference.fast import _TABLES
+from lcm_fast.inference.fast import clear_caches
 
 from .conftest import tiny_config
 
@@ -64,7 +64,7 @@ def test_two_tower_matches_counter(algorithm, guidance, swiglu):
     options = lcm_fast.GenerationOptions(inference_timesteps=6, official_timestep_stride=False,
                                          guidance_scale=guidance, seed=0)
     for n in (1, 5):
-        _TABLES.clear()  # the analytic count includes building the fast engine's timestep tables
+        clear_caches()  # the analytic count includes building the fast engine's timestep tables
         counted, _ = count_flops(lcm_fast.generate, model, torch.randn(2, 1, 24), max_gen_len=n, options=options,
                                  engine=algorithm)
         expected = two_tower_flops(config, n, 6, cfg=guidance != 1.0, algorithm=algorithm, batch=2)

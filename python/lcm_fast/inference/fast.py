@@ -105,6 +105,12 @@ class DecodingTables:
 _TABLES: "weakref.WeakKeyDictionary[Denoiser, dict]" = weakref.WeakKeyDictionary()
 
 
+def clear_caches() -> None:
+    """Forgets every kept decode pack and table (the next generation builds them again, as a first call does)."""
+    _PACKS.clear()
+    _TABLES.clear()
+
+
 @torch.no_grad()
 def decoding_tables(den: Denoiser, timesteps: list[int], weight_format: Optional[str] = None) -> DecodingTables:
     """The denoiser's :class:`DecodingTables` for this schedule and weight format (one kept per format), rebuilt
