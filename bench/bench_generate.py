@@ -190,21 +190,23 @@ def _device_copy_bandwidth() -> float:
 
 def _gpu_cases():
     for batch, context in ((1, 50), (64, 200)):
-        for engine, dtype, graphs in (("reference", torch.float32, False), ("fast", torch.bfloat16, False),
-                                      ("fast", torch.bfloat16, True)):
+        for engine, dtype, graphs, weights in (("reference", torch.float32, False, None),
+                                               ("fast", torch.bfloat16, False, None), ("fast", torch.bfloat16, True, None),
+                                               ("fast", torch.bfloat16, True, "int8")):
             heavy = engine == "reference" and batch > 1  # ~30 s a call on an H200
-            yield pytest.param(engine, dtype, graphs, batch, context, marks=[pytest.mark.slow] if heavy else [])
+            yield pytest.param(engine, dtype, graphs, weights, batch, context,
+                               marks=[pytest.mark.slow] if heavy else [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("engine,dtype,graphs,batch,context", list(_gpu_cases()))
-def test_generate_two_tower_gpu(benchmark, engine, dtype, graphs, batch, context):
+@pytest.mark.parametrize("engine,dtype,graphs,weights,batch,context", list(_gpu_cases()))
+def test_generate_two_tower_gpu(benchmark, engine, dtype, graphs, weights, batch, context):
     from lcm_fast.inference.fast import decoding_tables
 
     model = gpu_two_tower(dtype)
     options = lcm_fast.GenerationOptions.recommended(seed=1, eos_threshold=None)
     prompts = torch.randn(batch, context, model.sonar_dim, device="cuda") * 0.01
-    generator = lcm_fast.Generator(model, options, engine=engine, cuda_graphs=graphs)
+    generator = lcm_fast.Generator(model, options, engine=engine, cuda_graphs=graphs, weights=weights)
 
     def run():
         out = generator(prompts, max_gen_len=GPU_SENTENCES)
@@ -216,12 +218,12 @@ def test_generate_two_tower_gpu(benchmark, engine, dtype, graphs, batch, context
     assert out.lengths.tolist() == [context + GPU_SENTENCES] * batch
     median = benchmark.stats.stats.median if benchmark.stats else float("nan")
     info = dict(engine=engine, device=torch.cuda.get_device_name(), model_dim=model.config.model_dim, context=context,
-                batch=batch, dtype=str(dtype).removeprefix("torch."), cuda_graphs=graphs,
+                batch=batch, dtype=str(dtype).removeprefix("torch."), cuda_graphs=graphs, weights=weights,
                 sentences_per_s=batch * GPU_SENTENCES / median)
     if engine == "fast":  # denoiser weights streamed per step (composed; the modulation table replaces its MLP)
         sched = model.noise_scheduler.with_options()
         sched.set_timesteps(options.inference_timesteps, official_stride=options.official_timestep_stride)
-        tables = decoding_tables(model.denoiser, sched.timesteps.tolist())  # the generator's, already built
+        tables = decoding_tables(model.denoiser, sched.timesteps.tolist(), weights)  # the generator's, already built
         weight_bytes = sum(p.numel() * p.element_size() for p in [*tables.layers_args[0], *tables.io_params]
                            if p is not None and p.dim() == 2)
         info.update(weight_bytes_per_step=weight_bytes, steps=len(tables.timesteps),
