@@ -46,22 +46,23 @@ def _within(ops: OpCounter, layers: int, per_layer: int, per_step: int = 10) -> 
         f"{per_step}: {ops.counts.most_common()}")
 
 
-def _two_tower_step():
+def _two_tower_step(weights=None):
     """-> (step of latents [2B, 1, 32]: a CFG denoising step, its layers)."""
     torch.manual_seed(0)
     model = lcm_fast.build_model(_narrow(two_tower_1_6B())).eval()
-    fast = FastDenoiser(model, list(range(99, -1, -10)), capacity=16, static_shapes=True)
+    fast = FastDenoiser(model, list(range(99, -1, -10)), capacity=16, static_shapes=True, weights=weights)
     fast.append(torch.randn(B, 5, 64))
     return (lambda latents: fast(latents, 3, B)), len(model.denoiser.layers)  # conditional rows, then unconditional
 
 
-def _decoder_step(config):
+def _decoder_step(config, weights=None):
     """-> (step of x [B, 1, 32] after one cached position, its layers): Base-LCM's prediction, or a One-Tower
     denoising step with CFG (the unconditional rows attend to themselves only)."""
     torch.manual_seed(0)
     model = lcm_fast.build_model(_narrow(config())).eval()
     stack = model if hasattr(model, "lcm") else model.backbone
-    decoder = FastDecoder(stack, [KVCache(64, zeroed=True) for _ in stack.lcm.layers], static_shapes=True)
+    decoder = FastDecoder(stack, [KVCache(64, zeroed=True) for _ in stack.lcm.layers], static_shapes=True,
+                          weights=weights)
     step = decoder if config is base_lcm_1_6B else (lambda x: decoder.denoise(x, 50, None, cfg=True))
     with torch.no_grad():
         step(torch.randn(B, 1, 32))
@@ -97,3 +98,19 @@ def test_the_step_compiles_as_one_graph(family):
         eager = step(x)
         compiled = torch.compile(step, fullgraph=True, backend="eager")(x)  # fullgraph: a graph break fails
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("family", ["two_tower", "base_lcm"])
+def test_int8_weights_add_no_op_per_step(family):
+    """The int8 pack is made once, outside the step: the captured step dispatches the same ops (no dequantize, no
+    copy of a weight), reads packed weights through the same linear ops, and still compiles as one graph."""
+    make = _two_tower_step if family == "two_tower" else (lambda weights=None: _decoder_step(base_lcm_1_6B, weights))
+    rows = STEPS[family][1]
+    x = torch.randn(rows, 1, 32)
+    counts = []
+    for weights in (None, "int8"):
+        step, _ = make(weights=weights)
+        counts.append(_count(lambda: step(x)).counts)
+    assert counts[0] == counts[1]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="eager")(x), step(x))
