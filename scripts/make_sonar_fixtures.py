@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "fixtures" / "sonar"
 LANGS = ["eng_Latn", "fra_Latn", "deu_Latn", "spa_Latn", "zho_Hans"]
 SPM_VOCAB = 1024 - 1 - len(LANGS) - 3  # + <pad>@0, the language tokens and 3 data tokens = sonar's "toy" 1024
-ENCODER = dict(model_dim=64, num_layers=2, num_heads=4, ffn_inner_dim=128, max_seq_len=62)
+ENCODER = dict(model_dim=32, num_layers=2, num_heads=4, ffn_inner_dim=128, max_seq_len=62)  # 32-d: fits the decoder
 DECODER = dict(model_dim=32, num_layers=2, num_heads=4, ffn_inner_dim=128, max_seq_len=512)  # sonar's "toy" arch
 
 
@@ -206,10 +206,10 @@ def main() -> None:
     for lang in ("eng_Latn", "fra_Latn", "zho_Hans"):
         outputs[f"embeddings_{lang}"] = embedder.predict(outputs["encoder_inputs"], source_lang=lang).float()
 
-    # decoder inputs: the toy encoder's 64-d output does not fit the 32-d toy decoder, so random vectors of
-    # the decoder's width at two scales, and the zero vector
+    # decoder inputs: the encoder's embeddings of 6 sentences (the round trip), random vectors at two scales, zero
     g = torch.Generator().manual_seed(2)
-    emb = torch.cat([torch.randn(10, 32, generator=g), 0.1 * torch.randn(4, 32, generator=g), torch.zeros(1, 32)])
+    emb = torch.cat([outputs["embeddings_eng_Latn"][:6], torch.randn(6, 32, generator=g),
+                     0.1 * torch.randn(4, 32, generator=g), torch.zeros(1, 32)])
     outputs["decoder_inputs"] = emb
     pipeline = EmbeddingToTextModelPipeline(decoder=decoder, tokenizer=tokenizer)
     model = SonarEncoderDecoderModel(DummyEncoderModel(), decoder).eval()

@@ -1,14 +1,12 @@
-"""Encoders: the packaged MiniLM offline, the encoder -> bank -> decoder round trip, SONAR's errors."""
+"""Encoders: the packaged MiniLM offline, the encoder -> bank -> decoder round trip (SONAR: test_sonar.py)."""
 
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 import torch
 
 from lcm_fast.text import RetrievalDecoder, segment
-from lcm_fast.text.encoders import SonarEncoder, load_encoder
+from lcm_fast.text.encoders import load_encoder
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +45,3 @@ def test_encoder_errors(minilm):
         minilm.encode(["fine.", "  "])
     with pytest.raises(ValueError, match="unknown encoder"):
         load_encoder("laser")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("sonar") is not None, reason="sonar-space is installed here")
-def test_sonar_unavailable_says_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="sonar_text_encoder.pt"):
-        SonarEncoder(weights_dir=tmp_path)
-    with pytest.raises(ImportError, match="own environment"):
-        SonarEncoder()

@@ -265,14 +265,28 @@ def _flops(args: argparse.Namespace) -> None:
         Path(args.json).write_text(__import__("json").dumps(data, indent=1) + "\n")
 
 
+SONAR_WEIGHTS_HELP = ("directory with SONAR's sonar_text_encoder.pt, sonar_text_decoder.pt and "
+                      "sentencepiece.source.256000.model (default: $LCM_FAST_SONAR_DIR)")
+
+
+def _encoder_options(args: argparse.Namespace) -> dict:
+    """load_encoder's options from --device, and for SONAR --sonar-weights and --lang."""
+    options = {"device": args.device} if args.device else {}
+    if args.encoder == "sonar":
+        options.update(weights_dir=args.sonar_weights, source_lang=args.lang)
+    return options
+
+
+def _sonar_decoder_options(args: argparse.Namespace) -> dict:
+    options = {"device": args.device} if args.device else {}
+    return {**options, "weights_dir": args.sonar_weights, "target_lang": args.lang}
+
+
 def _prepare(args: argparse.Namespace) -> None:
     from lcm_fast.text import load_encoder
     from lcm_fast.text.prepare import prepare
 
-    options = {"device": args.device} if args.device else {}
-    if args.sonar_weights:
-        options["weights_dir"] = args.sonar_weights
-    manifest = prepare(args.input, args.output, load_encoder(args.encoder, **options), text_column=args.text_column,
+    manifest = prepare(args.input, args.output, load_encoder(args.encoder, **_encoder_options(args)), text_column=args.text_column,
                        max_chars=args.max_chars, shard_docs=args.shard_docs, batch_size=args.batch_size,
                        backend=args.backend, ray_workers=args.ray_workers)
     print(f"{manifest['documents']} documents in {len(manifest['shards'])} shards, "
@@ -303,15 +317,12 @@ def _generate(args: argparse.Namespace) -> None:
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} is not a model directory (save_pretrained / lcm-fast train)")
     model = lcm_fast.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
-    options = {"device": args.device} if args.device else {}
-    if args.sonar_weights:
-        options["weights_dir"] = args.sonar_weights
     if args.data:
-        _generate_corpus(args, model, generation, options)
+        _generate_corpus(args, model, generation)
         return
-    encoder = load_encoder(args.encoder, **options)
+    encoder = load_encoder(args.encoder, **_encoder_options(args))
     if args.decoder == "sonar":
-        decoder = SonarDecoder(**options)
+        decoder = SonarDecoder(**_sonar_decoder_options(args))
     else:
         bank = Path(args.decoder) if args.decoder else model_dir / "bank"
         if not (bank / "bank.json").is_file():
@@ -328,13 +339,13 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"{score}{sentence['text']}")
 
 
-def _generate_corpus(args: argparse.Namespace, model, generation, decoder_options: dict) -> None:
+def _generate_corpus(args: argparse.Namespace, model, generation) -> None:
     from lcm_fast.text import RetrievalDecoder, SonarDecoder
     from lcm_fast.text.corpus_generation import generate_corpus
 
     decoder = None
     if args.decoder == "sonar":
-        decoder = SonarDecoder(**decoder_options)
+        decoder = SonarDecoder(**_sonar_decoder_options(args))
     elif args.decoder not in (None, "none"):
         decoder = RetrievalDecoder.load(args.decoder, args.bank_index)
     manifest = generate_corpus(
@@ -368,10 +379,10 @@ def _eval(args: argparse.Namespace) -> None:
     bank = Path(args.decoder) if args.decoder else Path(args.model) / "bank"
     has_bank = args.decoder not in ("none", "sonar") and (bank / "bank.json").is_file()
     if args.decoder == "sonar":
-        decoder = SonarDecoder(**({"device": args.device} if args.device else {}))
+        decoder = SonarDecoder(**_sonar_decoder_options(args))
     else:
         decoder = RetrievalDecoder.load(bank, args.bank_index) if has_bank else None
-    encoder = load_encoder(args.encoder) if decoder is not None else None
+    encoder = load_encoder(args.encoder, **_encoder_options(args)) if decoder is not None else None
     if encoder is not None and encoder.dim != model.sonar_dim:
         raise ValueError(f"--encoder {args.encoder} gives {encoder.dim}-d embeddings, the model takes "
                          f"{model.sonar_dim}-d ones: pass the encoder its data was prepared with")
@@ -487,7 +498,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     prep.add_argument("--input", nargs="+", required=True, help=".txt (blank-line separated documents), .jsonl, .parquet")
     prep.add_argument("--output", required=True, help="output directory (resumable: completed shards are kept)")
     prep.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"])
-    prep.add_argument("--sonar-weights", help="directory with the SONAR text encoder weights (encoder sonar)")
+    prep.add_argument("--sonar-weights", help=SONAR_WEIGHTS_HELP)
+    prep.add_argument("--lang", default="eng_Latn", help="SONAR's language of the text (an NLLB code)")
     prep.add_argument("--device", help="encoder device (default cpu)")
     prep.add_argument("--text-column", default="text", help="text field of .jsonl / column of .parquet inputs")
     prep.add_argument("--max-chars", type=int, default=200, help="sentence length cap (paper: 200)")
@@ -522,7 +534,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                      "'none' (--data: concepts only)")
     gen.add_argument("--bank-index", default="auto", choices=BANK_INDEXES,
                      help="sentence-bank search: auto (exact, HNSW for large banks), flat, hnsw, ivf, torch")
-    gen.add_argument("--sonar-weights", help="directory with the SONAR weights (encoder/decoder sonar)")
+    gen.add_argument("--sonar-weights", help=SONAR_WEIGHTS_HELP)
+    gen.add_argument("--lang", default="eng_Latn", help="SONAR's language of the prompt and of the output (NLLB code)")
     gen.add_argument("--sentences", type=int, default=3, help="sentences to generate")
     gen.add_argument("--steps", type=int, default=40, help="diffusion steps requested (paper: 40)")
     gen.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (paper: 3)")
@@ -540,7 +553,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ev.add_argument("--data", nargs="+", required=True, help="parquet shards (lcm-fast prepare output for text metrics)")
     ev.add_argument("--encoder", default="minilm", choices=["minilm", "sonar"], help="for the round-trip l2")
     ev.add_argument("--decoder", help="sentence bank directory (default: MODEL/bank when present), 'sonar' (the "
-                    "SONAR decoder, installed), or 'none'; a bank holding the evaluated sentences is reported (leak)")
+                    "SONAR decoder, --sonar-weights), or 'none'; a bank holding the evaluated sentences is reported (leak)")
+    ev.add_argument("--sonar-weights", help=SONAR_WEIGHTS_HELP)
+    ev.add_argument("--lang", default="eng_Latn", help="SONAR's language (NLLB code)")
     ev.add_argument("--bank-index", default="auto", choices=BANK_INDEXES,
                      help="sentence-bank search: auto (exact, HNSW for large banks), flat, hnsw, ivf, torch")
     ev.add_argument("--mi-model", default=os.environ.get(MI_MODEL_ENV),

@@ -266,15 +266,16 @@ def load_sonar_checkpoint(path: str | Path, kind: str, config: Optional[SonarCon
     with torch.device("meta"):
         model = (SonarTextEncoder if kind == "encoder" else SonarTextDecoder)(config)
     expected = model.state_dict()
-    unknown = sorted(set(state) - set(expected))
-    missing = sorted(set(expected) - set(state))
-    if unknown or missing:
-        raise ValueError(f"{path} does not hold a SONAR text {kind} of {config.num_layers} layers: "
-                         f"unknown keys {unknown[:4]}, missing keys {missing[:4]}")
-    for key, tensor in expected.items():
-        if state[key].shape != tensor.shape:
+    for key in [k for k in expected if k in state]:  # the embedding first: its shape names the width
+        if state[key].shape != expected[key].shape:
             raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, the SONAR {kind} of {config} "
-                             f"expects {tuple(tensor.shape)}: a checkpoint of another architecture")
+                             f"expects {tuple(expected[key].shape)}: a checkpoint of another architecture (its shape "
+                             "goes in config.json beside it)")
+    unknown, missing = sorted(state.keys() - expected.keys()), sorted(expected.keys() - state.keys())
+    if unknown or missing:
+        layers = len({k.split(".")[2] for k in state if k.startswith(f"{kind}.layers.")})
+        raise ValueError(f"{path} holds a {layers}-layer SONAR text {kind}, not the {config.num_layers} layers "
+                         f"expected: unknown keys {unknown[:4]}, missing keys {missing[:4]}")
     model = model.to_empty(device=device)
     model.load_state_dict(state)
     # the position table is not in the checkpoint: rebuild it on the device (to_empty left it uninitialised)
