@@ -77,6 +77,28 @@ def test_the_readme_own_data_path_end_to_end(tmp_path, monkeypatch, capsys):
     assert manifest["complete"] and sum(s["documents"] for s in manifest["shards"].values()) == 24
 
 
+def test_the_readme_sonar_path(tmp_path, monkeypatch, capsys):
+    """The README's SONAR section as written, with the toy SONAR-architecture weights of the test fixtures: the
+    Python round trip, then prepare -> train -> generate with --encoder sonar --decoder sonar (about 15 s)."""
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## SONAR: text in, text out", 1)[1].split("\n## ", 1)[0]
+    python = section.split("```python\n", 1)[1].split("```", 1)[0]
+    lines = [shlex.split(line) for line in section.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()]
+    assert [line[1] for line in lines] == ["prepare", "train", "generate"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tests/fixtures").mkdir(parents=True)
+    (tmp_path / "tests/fixtures/sonar").symlink_to(root / "tests/fixtures/sonar")
+    exec(compile(python, "README.md", "exec"), {})
+    assert len(eval(capsys.readouterr().out)) == 2  # the printed list of two texts
+    Path("docs.jsonl").write_text("".join((CORPUS_DIR / "jargon.jsonl").read_text().splitlines(keepends=True)[:12]))
+    for line in lines:
+        assert line[0] == ".venv/bin/lcm-fast"
+        capsys.readouterr()
+        main([match for arg in line[1:] for match in (sorted(glob.glob(arg)) if "*" in arg else [arg])])
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3  # generate: three decoded sentences
+    assert lcm_fast.from_pretrained("sonar-run/checkpoints/step_20").sonar_dim == 32  # the toy SONAR's width
+
+
 def test_the_thread_count_leaves_busy_cores_alone(monkeypatch, capsys):
     """Without --threads or OMP_NUM_THREADS, the CLI takes the cores that the load average leaves idle (OpenMP
     threads on busy cores spin: 100x slower measured); main() leaves the caller's thread count as it was."""

@@ -73,22 +73,26 @@ class LearnedPositionEncoder(nn.Module):
         return x + self.weight[start : start + x.shape[1]]
 
 
-class SinusoidalPositionEncoder(nn.Module):
-    """fairseq2's sinusoidal table: ``[sin(p*f) | cos(p*f)]``, f_i = exp(-i*ln(1e4)/(dim/2-1)), added in fp32."""
+def sinusoidal_table(num_positions: int, dim: int, offset: int = 0, device=None) -> Tensor:
+    """fp32 [num_positions, dim]: ``[sin(p*f) | cos(p*f)]`` at steps p = offset.., f_i = exp(-i*ln(1e4)/(dim/2-1)),
+    by fairseq2's own ops in its order (``_fill_sin_freq_table``): the same bits (SONAR's fixtures check it)."""
+    half = dim // 2
+    steps = torch.arange(offset, offset + num_positions, dtype=torch.float32, device=device)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=device) * -math.log(10000.0) / (half - 1))
+    angles = torch.outer(steps, freqs)
+    return torch.cat((angles.sin(), angles[:, : dim - half].cos()), dim=-1)
 
-    def __init__(self, dim: int, max_seq_len: int) -> None:
+
+class SinusoidalPositionEncoder(nn.Module):
+    """fairseq2's ``SinusoidalPositionEncoder``: adds :func:`sinusoidal_table` in fp32. ``offset``: the step of
+    position 0 (fairseq's legacy models, SONAR among them, start at pad_idx + 1 = 2)."""
+
+    def __init__(self, dim: int, max_seq_len: int, offset: int = 0) -> None:
         super().__init__()
         if dim % 2:
             raise ValueError(f"sinusoidal positions need an even dim, got {dim}")
-        self.max_seq_len = max_seq_len
-        self.dim = dim
-        self._table = _DeviceCache(self._build)
-
-    def _build(self, device: torch.device) -> Tensor:  # [max_seq_len, dim] fp32
-        half = self.dim // 2
-        freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=device) * -(math.log(10000.0) / (half - 1)))
-        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32, device=device), freqs)
-        return torch.cat((angles.sin(), angles.cos()), dim=-1)
+        self.max_seq_len, self.dim, self.offset = max_seq_len, dim, offset
+        self._table = _DeviceCache(lambda device: sinusoidal_table(max_seq_len, dim, offset, device))
 
     def forward(self, x: Tensor, start: int = 0) -> Tensor:  # x: [B, S, dim]
         check_positions(start, x.shape[1], self.max_seq_len)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...nn.position import SinusoidalPositionEncoder
+
 
 @dataclass(frozen=True)
 class SonarConfig:
@@ -45,15 +47,6 @@ class SonarConfig:
     def from_dict(cls, d: dict, vocab_size: int) -> "SonarConfig":
         known = {k: d[k] for k in ("model_dim", "num_layers", "num_heads", "ffn_inner_dim", "max_seq_len") if k in d}
         return cls(vocab_size=vocab_size, **known)
-
-
-def sinusoidal_table(num_positions: int, dim: int, offset: int = 2) -> Tensor:
-    """fp32 [num_positions, dim]: row p is fairseq2's sinusoid at step p + offset (the same ops, so equal bits)."""
-    num_sin = dim // 2
-    steps = torch.arange(offset, offset + num_positions, dtype=torch.float32)
-    freqs = torch.exp(torch.arange(num_sin, dtype=torch.float32) * -math.log(10000.0) / (num_sin - 1))
-    angles = torch.outer(steps, freqs)
-    return torch.cat((angles.sin(), angles[:, : dim - num_sin].cos()), dim=1)
 
 
 class Attention(nn.Module):
@@ -116,14 +109,10 @@ class _Frontend(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(c.vocab_size, c.model_dim)
         self.scale = math.sqrt(c.model_dim)
-        self.register_buffer("positions", sinusoidal_table(num_positions, c.model_dim), persistent=False)
+        self.pos_encoder = SinusoidalPositionEncoder(c.model_dim, num_positions, offset=2)  # fairseq: pad_idx 1 + 1
 
     def forward(self, ids: Tensor, start: int = 0) -> Tensor:  # ids: [B, S] -> [B, S, dim]
-        end = start + ids.shape[1]
-        if end > self.positions.shape[0]:
-            raise ValueError(f"positions up to {end} exceed the model's {self.positions.shape[0]}")
-        x = self.embed(ids) * self.scale
-        return (x.float() + self.positions[start:end]).type_as(x)
+        return self.pos_encoder(self.embed(ids) * self.scale, start)
 
 
 class _Stack(nn.Module):
@@ -278,10 +267,4 @@ def load_sonar_checkpoint(path: str | Path, kind: str, config: Optional[SonarCon
                          f"expected: unknown keys {unknown[:4]}, missing keys {missing[:4]}")
     model = model.to_empty(device=device)
     model.load_state_dict(state)
-    # the position table is not in the checkpoint: rebuild it on the device (to_empty left it uninitialised)
-    frontend = model.encoder_frontend if kind == "encoder" else model.decoder_frontend
-    frontend.positions = sinusoidal_table(frontend.positions.shape[0], config.model_dim).to(device)
-    if dtype is not None:
-        model = model.to(dtype)
-        frontend.positions = frontend.positions.float()  # added in fp32, as fairseq2 does
-    return model.eval().requires_grad_(False)
+    return (model if dtype is None else model.to(dtype)).eval().requires_grad_(False)
