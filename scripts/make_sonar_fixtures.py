@@ -13,11 +13,12 @@ install, 7.4 GB; fairseq2n needs the system library libsndfile1):
     python3.11 -m venv /work/sonarvenv
     /work/sonarvenv/bin/pip install sonar-space==0.5.0 sentencepiece
     /work/sonarvenv/bin/python scripts/make_sonar_fixtures.py            # fixtures (about 1 minute)
-    /work/sonarvenv/bin/python scripts/make_sonar_fixtures.py --timings  # + sonar-space's speed at the real shape
+    /work/sonarvenv/bin/python scripts/make_sonar_fixtures.py --timings  # + sonar-space's speed (toy, real shape)
 
 Files (about 1 MB, all from random weights: no SONAR weights are involved):
 - ``sentencepiece.source.256000.model``: the toy tokenizer (named as Meta's, so the directory works as
-  ``--sonar-weights``); ``config.json``: the toy dimensions and the tokenizer's language list;
+  ``--sonar-weights``; sentencepiece's trainer is not byte-reproducible, but two runs gave the fixtures the same token ids);
+  ``config.json``: the toy dimensions and the tokenizer's language list;
 - ``sonar_text_encoder.pt``: fairseq2-native state dict under "model" (the layout of Meta's encoder file);
 - ``sonar_text_decoder.pt``: the fairseq layout (``{"state_dict": ...}``, fairseq key names and control-token
   order, as Meta's decoder file), loaded here through a fairseq2 asset card, i.e. sonar-space's own loader;
@@ -68,6 +69,13 @@ def train_tokenizer(sentences: list[str], path: Path) -> None:
     path.with_suffix(".vocab").unlink()
 
 
+def vocab_info(size: int):
+    """The models' vocabulary info as sonar's archs give it (pad_idx 1 is fairseq's: only the position offset uses it)."""
+    from fairseq2.data.tokenizers import VocabularyInfo
+
+    return VocabularyInfo(size=size, unk_idx=1, bos_idx=2, eos_idx=3, pad_idx=1)
+
+
 def fairseq_decoder_layout(state: dict) -> dict:
     """A fairseq2-native SONAR decoder state dict in the fairseq layout of Meta's decoder file: fairseq names,
     the embedding's control rows in fairseq order (BOS, PAD, EOS, UNK), the tied output projection under its
@@ -100,7 +108,6 @@ def fairseq_decoder_layout(state: dict) -> dict:
 
 
 def build_models(tokenizer_path: Path):
-    from fairseq2.data.tokenizers import VocabularyInfo
     from fairseq2.models.nllb.tokenizer import NllbTokenizerConfig, load_nllb_tokenizer
     from sonar.models.sonar_text import SonarTextEncoderConfig, _create_sonar_text_encoder_model
 
@@ -109,7 +116,7 @@ def build_models(tokenizer_path: Path):
     assert vocab.size == 1024 and (vocab.pad_idx, vocab.unk_idx, vocab.bos_idx, vocab.eos_idx) == (0, 1, 2, 3), vocab
     e = ENCODER
     config = SonarTextEncoderConfig(
-        model_dim=e["model_dim"], max_seq_len=e["max_seq_len"], vocab_info=VocabularyInfo(size=1024, unk_idx=1, bos_idx=2, eos_idx=3, pad_idx=1),
+        model_dim=e["model_dim"], max_seq_len=e["max_seq_len"], vocab_info=vocab_info(1024),
         num_encoder_layers=e["num_layers"], num_decoder_layers=e["num_layers"], num_encoder_attn_heads=e["num_heads"],
         num_decoder_attn_heads=e["num_heads"], ffn_inner_dim=e["ffn_inner_dim"], pooling="mean", _from_fairseq=True)
     torch.manual_seed(0)
@@ -124,12 +131,11 @@ def build_models(tokenizer_path: Path):
 def decoder_weights() -> dict:
     """Random toy-arch decoder weights, sharpened so that sentences end at varied lengths (EOS is likely but
     not certain) and beam search has real choices."""
-    from sonar.models.sonar_text import SonarTextDecoderConfig, _create_sonar_text_decoder_model  # noqa: F401
-    from fairseq2.data.tokenizers import VocabularyInfo
+    from sonar.models.sonar_text import SonarTextDecoderConfig, _create_sonar_text_decoder_model
 
     d = DECODER
     config = SonarTextDecoderConfig(
-        model_dim=d["model_dim"], max_seq_len=d["max_seq_len"], vocab_info=VocabularyInfo(size=1024, unk_idx=1, bos_idx=2, eos_idx=3, pad_idx=1),
+        model_dim=d["model_dim"], max_seq_len=d["max_seq_len"], vocab_info=vocab_info(1024),
         activation_fn="ReLU", no_scale_embedding=False, no_token_positional_embeddings=False, learned_pos=False,
         emb_dropout_p=0.1, attention_dropout_p=0.1, activation_dropout_p=0.1, normalize_before=True,
         num_encoder_layers=d["num_layers"], num_decoder_layers=d["num_layers"], num_encoder_attn_heads=d["num_heads"],
@@ -165,7 +171,7 @@ def encoder_inputs(sentences: list[str]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--timings", action="store_true", help="also time sonar-space at SONAR's real shape")
+    parser.add_argument("--timings", action="store_true", help="also time sonar-space (toy and SONAR's real shape)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # deterministic reductions, and comparable to lcm_fast's single-thread bench
@@ -229,14 +235,24 @@ def main() -> None:
     lengths = [len(h[0]) for h in outputs["ids_eng_Latn_beam5"]]
     print(f"fixtures in {OUT}; beam-5 lengths {lengths}; texts {outputs['texts_eng_Latn_beam5'][:3]}")
     if args.timings:
-        time_real_shape(tokenizer, outputs["encoder_inputs"][:20])
+        time_sonar_space(tokenizer, encoder, decoder, outputs["encoder_inputs"][:20])
 
 
-def time_real_shape(tokenizer, sentences: list[str]) -> None:
-    """sonar-space's encode and decode sentences/s at SONAR's real shape (24 layers, 1024-d, 16 heads, FFN 8192,
-    256,206-row vocabulary; random weights, fp32, one thread). Decoding is greedy through the pipeline's
-    generator with exactly 32 tokens per sentence (min = max generation length), so both sides do the same work."""
-    from fairseq2.data.tokenizers import VocabularyInfo
+def _best_rate(fn, count: int, repeats: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return count / min(times)
+
+
+def time_sonar_space(tokenizer, toy_encoder, toy_decoder, sentences: list[str]) -> None:
+    """sonar-space's encode and decode sentences/s (best of 3, fp32, one thread) at the toy shape and at SONAR's
+    real one (24 layers, 1024-d, 16 heads, FFN 8192, 256,206-row vocabulary, random weights): the pipeline
+    encoding ``sentences`` in one batch, and greedy decoding of 8 of their embeddings through the pipeline's
+    generator with exactly 32 tokens each (min = max generation length), so both sides do the same work."""
     from fairseq2.generation.beam_search.generator import BeamSearchSeq2SeqGenerator
     from fairseq2.nn import BatchLayout
     from sonar.inference_pipelines.text import TextToEmbeddingModelPipeline
@@ -246,35 +262,40 @@ def time_real_shape(tokenizer, sentences: list[str]) -> None:
     from sonar.models.sonar_translation import SonarEncoderDecoderModel
     from sonar.models.sonar_translation.model import DummyEncoderModel
 
-    vocab = VocabularyInfo(size=256206, unk_idx=1, bos_idx=2, eos_idx=3, pad_idx=1)
-    common = dict(vocab_info=vocab, num_encoder_layers=24, num_decoder_layers=24, num_encoder_attn_heads=16,
+    common = dict(vocab_info=vocab_info(256206), num_encoder_layers=24, num_decoder_layers=24, num_encoder_attn_heads=16,
                   num_decoder_attn_heads=16, ffn_inner_dim=8192)
-    torch.manual_seed(0)
-    encoder = _create_sonar_text_encoder_model(SonarTextEncoderConfig(model_dim=1024, max_seq_len=512, pooling="mean",
-                                                                     _from_fairseq=True, **common)).eval()
-    embedder = TextToEmbeddingModelPipeline(encoder=encoder, tokenizer=tokenizer)
-    embedder.predict(sentences[:2], source_lang="eng_Latn")
-    start = time.perf_counter()
-    emb = embedder.predict(sentences, source_lang="eng_Latn", batch_size=len(sentences))
-    encode_s = time.perf_counter() - start
-    del encoder, embedder
-    decoder = _create_sonar_text_decoder_model(SonarTextDecoderConfig(
-        model_dim=1024, max_seq_len=512, activation_fn="ReLU", no_scale_embedding=False, no_token_positional_embeddings=False,
-        learned_pos=False, emb_dropout_p=0.1, attention_dropout_p=0.1, activation_dropout_p=0.1, normalize_before=True, **common)).eval()
-    model = SonarEncoderDecoderModel(DummyEncoderModel(), decoder).eval()
-    generator = BeamSearchSeq2SeqGenerator(model, tokenizer.vocab_info, beam_size=1, min_gen_len=33, max_gen_len=(0, 33))
-    converter = SequenceToTextConverter(generator, tokenizer, task="translation", target_lang="eng_Latn")
-    inputs = emb[:8]
-    converter.batch_convert(inputs[:1], BatchLayout.of(inputs[:1]))
-    start = time.perf_counter()
-    _, out = converter.batch_convert(inputs, BatchLayout.of(inputs))
-    decode_s = time.perf_counter() - start
-    assert all(len(h[0].seq) == 33 for h in out.hypotheses)  # 32 tokens and the forced EOS
+
+    def real_encoder():
+        torch.manual_seed(0)
+        return _create_sonar_text_encoder_model(SonarTextEncoderConfig(
+            model_dim=1024, max_seq_len=512, pooling="mean", _from_fairseq=True, **common)).eval()
+
+    def real_decoder():
+        return _create_sonar_text_decoder_model(SonarTextDecoderConfig(
+            model_dim=1024, max_seq_len=512, activation_fn="ReLU", no_scale_embedding=False,
+            no_token_positional_embeddings=False, learned_pos=False, emb_dropout_p=0.1, attention_dropout_p=0.1,
+            activation_dropout_p=0.1, normalize_before=True, **common)).eval()
+
     timings = {"torch": torch.__version__, "threads": torch.get_num_threads(), "encode_sentences": len(sentences),
-               "encode_sentences_per_s": len(sentences) / encode_s, "decode_sentences": len(inputs),
-               "decode_tokens_per_sentence": 32, "decode_sentences_per_s": len(inputs) / decode_s}
+               "decode_sentences": 8, "decode_tokens_per_sentence": 32}
+    for shape, make_encoder, make_decoder in (("toy", lambda: toy_encoder, lambda: toy_decoder),
+                                              ("real", real_encoder, real_decoder)):
+        embedder = TextToEmbeddingModelPipeline(encoder=make_encoder(), tokenizer=tokenizer)
+        encode = lambda: embedder.predict(sentences, source_lang="eng_Latn", batch_size=len(sentences))
+        encode_rate = _best_rate(encode, len(sentences))
+        inputs = encode()[:8]
+        del embedder
+        model = SonarEncoderDecoderModel(DummyEncoderModel(), make_decoder()).eval()
+        generator = BeamSearchSeq2SeqGenerator(model, tokenizer.vocab_info, beam_size=1, min_gen_len=33, max_gen_len=(0, 33))
+        converter = SequenceToTextConverter(generator, tokenizer, task="translation", target_lang="eng_Latn")
+        if inputs.shape[1] != model.decoder.decoder_frontend.embed.embed_dim:  # the toy encoder and decoder differ
+            inputs = torch.randn(8, model.decoder.decoder_frontend.embed.embed_dim)
+        decode = lambda: converter.batch_convert(inputs, BatchLayout.of(inputs))[1]
+        assert all(len(h[0].seq) == 33 for h in decode().hypotheses)  # 32 tokens and the forced EOS
+        timings[shape] = {"encode_sentences_per_s": encode_rate, "decode_sentences_per_s": _best_rate(decode, 8)}
+        del model, generator, converter
+        print(shape, timings[shape], flush=True)
     (OUT / "sonar_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
-    print(timings)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def beam_search(
 
     # every sentence starts with B rows, all but the first out of the running (score -inf) until step one fans out
     cross = decoder.condition(sentences.to(device)).repeat_interleave(B, dim=1)  # [L, N*B, dim]
-    cache = decoder.new_cache(N * B, seq_len)
+    cache = decoder.new_cache(N * B)
     seqs = prefix.to(device).repeat(N * B, 1)  # [rows, P] tokens so far
     first = torch.full((N, B), -torch.inf, device=device)
     first[:, 0] = 0.0
@@ -125,10 +125,13 @@ def beam_search(
             base = alive
         else:
             base = torch.arange(n, device=device)
+        if B == 1 and not done.any():  # greedy with every sentence still running: nothing moves
+            seqs = torch.cat((seqs, token), dim=1)
+            continue
         rows = (base[:, None] * B + row).flatten()  # [n'*B] parent rows
         seqs = torch.cat((seqs.index_select(0, rows), token.flatten()[:, None]), dim=1)
         cross = cross.index_select(1, rows)
-        cache = [kv.index_select(1, rows) for kv in cache]
+        cache.reorder(rows)
     for hypotheses in output:
         hypotheses.sort(key=lambda h: h.score, reverse=True)
     return output

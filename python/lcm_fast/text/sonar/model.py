@@ -166,17 +166,18 @@ class SonarTextDecoder(nn.Module):
         return torch.stack([layer.encoder_decoder_attn.output_proj(layer.encoder_decoder_attn.v_proj(sentences))
                             for layer in self.decoder.layers])
 
-    def new_cache(self, batch: int, length: int) -> list[Tensor]:
-        """Per layer a [2, batch, H, length, head_dim] key/value buffer in the weights' dtype and device."""
+    def new_cache(self, rows: int, capacity: int = 64) -> "KVCache":
+        """An empty key/value cache of ``rows`` sequences (it grows past ``capacity`` positions as needed)."""
         c, w = self.config, self.decoder_frontend.embed.weight
-        shape = (2, batch, c.num_heads, length, c.model_dim // c.num_heads)
-        return [w.new_empty(shape) for _ in range(c.num_layers)]
+        return KVCache([w.new_empty(2, rows, c.num_heads, min(capacity, c.max_seq_len), c.model_dim // c.num_heads)
+                        for _ in range(c.num_layers)], c.max_seq_len)
 
-    def step(self, ids: Tensor, position: int, cross: Tensor, cache: list[Tensor]) -> Tensor:
+    def step(self, ids: Tensor, position: int, cross: Tensor, cache: "KVCache") -> Tensor:
         """ids: [B] tokens at ``position``; cross: [L, B, dim] from :meth:`condition`; cache: :meth:`new_cache`,
         filled up to ``position`` -> logits [B, vocab] (in the weights' dtype)."""
         x = self.decoder_frontend(ids[:, None], position)  # [B, 1, dim]
-        for layer, kv, c in zip(self.decoder.layers, cache, cross):
+        cache.reserve(position + 1)
+        for layer, kv, c in zip(self.decoder.layers, cache.layers, cross):
             attn = layer.self_attn
             h = layer.self_attn_layer_norm(x)
             kv[0, :, :, position] = attn.heads(attn.k_proj(h))[:, :, 0]
@@ -185,6 +186,31 @@ class SonarTextDecoder(nn.Module):
             x = x + c[:, None]  # the cross-attention: exactly its value projection (one key), see module doc
             x = layer.ffn(layer.ffn_layer_norm(x)) + x
         return F.linear(self.decoder.layer_norm(x[:, 0]), self.decoder_frontend.embed.weight)
+
+
+class KVCache:
+    """The decoder's self-attention keys/values: per layer [2, rows, H, capacity, head_dim]. Capacity doubles when
+    full (up to max_seq_len): sentences are short, the position limit is not."""
+
+    def __init__(self, layers: list[Tensor], max_positions: int) -> None:
+        self.layers, self.max_positions, self.filled = layers, max_positions, 0
+
+    def reserve(self, positions: int) -> None:
+        capacity = self.layers[0].shape[3]
+        if positions > capacity:
+            grown = min(max(2 * capacity, positions), self.max_positions)
+            self.layers = [self._copy(kv, slice(None), grown) for kv in self.layers]
+        self.filled = max(self.filled, positions)
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep rows ``rows`` ([n'] indices, repeats allowed: beam search's parents), filled positions only."""
+        self.layers = [self._copy(kv, rows, kv.shape[3]) for kv in self.layers]
+
+    def _copy(self, kv: Tensor, rows, capacity: int) -> Tensor:
+        source = kv[:, rows, :, : self.filled]
+        out = kv.new_empty(2, source.shape[1], kv.shape[2], capacity, kv.shape[4])
+        out[:, :, :, : self.filled] = source
+        return out
 
 
 # fairseq names (Meta's decoder file) -> fairseq2 names; the first match wins
