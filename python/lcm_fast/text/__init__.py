@@ -1,5 +1,6 @@
-"""Text in, text out: sentence segmentation, encoders (MiniLM default, SONAR optional) and decoders
-(the retrieval decoder over a sentence bank by default, SONAR optional), and the MI coherence metric."""
+"""Text in, text out: sentence segmentation, encoders (MiniLM default; SONAR native, :mod:`lcm_fast.text.sonar`,
+with the user's weights) and decoders (the retrieval decoder over a sentence bank by default; SONAR), and the MI
+coherence metric."""
 
 from .corpus_generation import generate_corpus
 from .encoders import Decoder, Encoder, MiniLMEncoder, SonarDecoder, SonarEncoder, load_encoder

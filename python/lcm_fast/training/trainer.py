@@ -101,7 +101,7 @@ class TrainConfig:
     """Every N steps, score held-out documents (l2, CA, PAR; needs ``valid`` data); 0: never."""
     valid_bank: Optional[str] = None
     """Sentence bank directory (``lcm-fast prepare``; of other text than the validation data, or it leaks: warned),
-    or ``sonar`` (the SONAR decoder): validation then also reports the round-trip l2 ``|encode(decode(x_hat)) - x|``
+    or ``sonar`` (the SONAR decoder, weights from ``$LCM_FAST_SONAR_DIR``): validation then also reports the round-trip l2 ``|encode(decode(x_hat)) - x|``
     (l2_r) with ``valid_encoder``."""
     valid_encoder: str = "minilm"
     precision: str = "auto"
