@@ -79,7 +79,7 @@ def _train(args: argparse.Namespace) -> None:
     overrides = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     arch = args.arch or {"base": "small_base_lcm", "two_tower": "small_two_tower_diffusion_lcm",
                          "one_tower": "small_one_tower_diffusion_lcm", "quant_d": "small_quant_lcm",
-                         "quant_c": "small_quant_lcm"}[args.variant]
+                         "quant_c": "small_quant_lcm", "lpcm": "small_one_tower_diffusion_lcm"}[args.variant]
     model_cfg = lcm_fast.get_arch(arch)
     data_dim, data_encoder = _data_dim(args.data)
     model_cfg.sonar_embed_dim = data_dim  # the data's embeddings (prepare's MiniLM: 384; SONAR: 1024)
@@ -288,7 +288,8 @@ def _prepare(args: argparse.Namespace) -> None:
 
     manifest = prepare(args.input, args.output, load_encoder(args.encoder, **_encoder_options(args)), text_column=args.text_column,
                        max_chars=args.max_chars, shard_docs=args.shard_docs, batch_size=args.batch_size,
-                       backend=args.backend, ray_workers=args.ray_workers)
+                       backend=args.backend, ray_workers=args.ray_workers, paragraphs=args.paragraphs,
+                       plan_source=args.plan_source, plan_column=args.plan_column)
     print(f"{manifest['documents']} documents in {len(manifest['shards'])} shards, "
           f"{manifest['bank_sentences']} bank sentences -> {args.output}")
 
@@ -509,6 +510,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       help="ray: encode and write shards on Ray Data actors (a cluster via RAY_ADDRESS; the output "
                       "directory must be shared by all nodes)")
     prep.add_argument("--ray-workers", type=int, help="actors for --backend ray (default: autoscaling)")
+    prep.add_argument("--paragraphs", action="store_true",
+                      help="the LPCM's data (train --variant lpcm): paragraphs (blank lines, else SaT when configured, "
+                      "else line breaks, else groups of 5 sentences; at most 10 sentences each, one-sentence runs "
+                      "merged), a break concept after each and a plan concept before each following one")
+    prep.add_argument("--plan-source", default="extractive", choices=["extractive", "text"],
+                      help="--paragraphs: the plan concept is the paragraph's most central sentence (extractive) or "
+                      "a plan text of the input (text: --plan-column, one per blank-line paragraph)")
+    prep.add_argument("--plan-column", default="plans", help="--plan-source text: the input's list of plan texts")
     gen = sub.add_parser("generate", help="continue a text with an LCM (default: the shipped demo model, offline)",
                          description="Segments the text, encodes it, generates sentences with the fast engine and "
                          "decodes them; each line shows the decoder's similarity to its bank sentence.")

@@ -1,8 +1,9 @@
 """Training data: parquet files of documents as sentence-embedding sequences.
 
 One row per document: column ``embeddings`` (a list of fixed-size vectors, fp16 or fp32), optionally
-``sentences`` (list of strings) and ``prompt_len`` (int: the first ``prompt_len`` sentences are the
-prompt, for instruction fine-tuning). Files are read with pyarrow one row group at a time
+``sentences`` (list of strings), ``prompt_len`` (int: the first ``prompt_len`` sentences are the
+prompt, for instruction fine-tuning) and ``roles`` (list of int8, one per concept: 0 sentence, 1 break, 2 plan;
+the LPCM's data, :mod:`lcm_fast.text.paragraphs`). Files are read with pyarrow one row group at a time
 (memory-mapped), shuffled with a seeded buffer, long documents wrapped at ``max_sentences``, and
 batched by a concept budget (padded batch size ``batch * longest <= max_concepts``).
 
@@ -25,6 +26,7 @@ from torch import Tensor
 
 EMBEDDINGS = "embeddings"
 PROMPT_LEN = "prompt_len"
+ROLES = "roles"
 
 
 class DataError(ValueError):
@@ -35,6 +37,7 @@ class DataError(ValueError):
 class Document:
     embeddings: Tensor  # [L, D] fp32
     prompt_len: int = 0  # leading prompt sentences (instruction fine-tuning): no loss on them
+    roles: Optional[Tensor] = None  # [L] int8: 0 sentence, 1 break, 2 plan (LPCM data); None: all sentences
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Batch:
     embeddings: Tensor  # [B, L, D] fp32, zero padding
     seq_lens: Tensor  # [B] int64
     prompt_lens: Tensor  # [B] int64 (0 when not fine-tuning)
+    roles: Optional[Tensor] = None  # [B, L] int8 (0: sentence or padding), None when no document has roles
 
     @property
     def num_concepts(self) -> int:
@@ -112,7 +116,7 @@ def read_documents(path: str | Path, dim: int) -> Iterator[tuple[int, Document]]
     names = pf.schema_arrow.names
     if EMBEDDINGS not in names:
         raise DataError(f"{path}: missing column '{EMBEDDINGS}' (columns: {names})")
-    columns = [EMBEDDINGS] + ([PROMPT_LEN] if PROMPT_LEN in names else [])
+    columns = [EMBEDDINGS] + [c for c in (PROMPT_LEN, ROLES) if c in names]
     first_row = 0
     for group in range(pf.metadata.num_row_groups):
         try:
@@ -121,6 +125,7 @@ def read_documents(path: str | Path, dim: int) -> Iterator[tuple[int, Document]]
             raise DataError(f"{path}: row group {group} is corrupt ({e})") from e
         offsets, values = _embeddings_of(table.column(EMBEDDINGS), dim, str(path))
         prompt = table.column(PROMPT_LEN).to_numpy(zero_copy_only=False) if PROMPT_LEN in columns else None
+        roles = table.column(ROLES).to_pylist() if ROLES in columns else None
         for i in range(table.num_rows):
             row = first_row + i
             emb = values[offsets[i] : offsets[i + 1]]
@@ -132,7 +137,13 @@ def read_documents(path: str | Path, dim: int) -> Iterator[tuple[int, Document]]
             p = int(prompt[i]) if prompt is not None else 0
             if not 0 <= p < emb.shape[0]:
                 raise DataError(f"{path} row {row}: prompt_len {p} must be in [0, {emb.shape[0]}) (the answer needs a sentence)")
-            yield row, Document(torch.from_numpy(emb.copy()), p)
+            r = None
+            if roles is not None:
+                r = torch.tensor(roles[i] or [], dtype=torch.int8)
+                if r.numel() != emb.shape[0] or not ((r >= 0) & (r <= 2)).all():
+                    raise DataError(f"{path} row {row}: roles must give one of 0 (sentence), 1 (break), 2 (plan) per "
+                                    f"embedding: {r.numel()} roles for {emb.shape[0]} embeddings")
+            yield row, Document(torch.from_numpy(emb.copy()), p, r)
         first_row += table.num_rows
 
 
@@ -173,12 +184,17 @@ def embeddings_column(docs: Sequence[Tensor], dim: Optional[int] = None) -> pa.L
 
 
 def write_documents(path: str | Path, docs: Sequence[Tensor], *, prompt_lens: Optional[Sequence[int]] = None,
-                    sentences: Optional[Sequence[Sequence[str]]] = None, row_group_size: int = 1024) -> None:
+                    sentences: Optional[Sequence[Sequence[str]]] = None, roles: Optional[Sequence[Tensor]] = None,
+                    row_group_size: int = 1024) -> None:
     """Writes documents ([L_i, D] tensors) as fp16 vectors in the layout :func:`read_documents` reads,
-    with their ``sentences`` (texts, L_i per document) when given."""
+    with their ``sentences`` (texts, L_i per document) and ``roles`` ([L_i] int8) when given."""
     columns = {EMBEDDINGS: embeddings_column(docs)}
     if prompt_lens is not None:
         columns[PROMPT_LEN] = pa.array(list(prompt_lens), type=pa.int32())
+    if roles is not None:
+        if [r.numel() for r in roles] != [d.shape[0] for d in docs]:
+            raise ValueError("write_documents: roles must have one role per embedding of each document")
+        columns[ROLES] = pa.array([r.tolist() for r in roles], type=pa.list_(pa.int8()))
     if sentences is not None:
         if [len(s) for s in sentences] != [d.shape[0] for d in docs]:
             raise ValueError("write_documents: sentences must have one text per embedding of each document")
@@ -203,13 +219,14 @@ class DataConfig:
 def _documents(config: DataConfig) -> Iterator[Document]:
     for file in config.files:
         for _, doc in read_documents(file, config.dim):
-            emb = doc.embeddings
+            emb, roles = doc.embeddings, doc.roles
             if config.eot is not None:
                 emb = torch.cat((emb, config.eot.float()[None]))
+                roles = None if roles is None else torch.cat((roles, roles.new_zeros(1)))
             for start in range(0, emb.shape[0], config.max_sentences):
-                chunk = emb[start : start + config.max_sentences]
+                end = start + config.max_sentences
                 # the prompt stays on the first chunk only (it is the prompt of that chunk's answer)
-                yield Document(chunk, max(0, doc.prompt_len - start))
+                yield Document(emb[start:end], max(0, doc.prompt_len - start), None if roles is None else roles[start:end])
 
 
 def _shuffled(docs: Iterator[Document], size: int, rng: random.Random) -> Iterator[Document]:
@@ -225,9 +242,14 @@ def _shuffled(docs: Iterator[Document], size: int, rng: random.Random) -> Iterat
 def collate(docs: Sequence[Document]) -> Batch:
     lens = torch.tensor([d.embeddings.shape[0] for d in docs])
     out = torch.zeros(len(docs), int(lens.max()), docs[0].embeddings.shape[1])
+    roles = None
+    if any(d.roles is not None for d in docs):
+        roles = torch.zeros(out.shape[:2], dtype=torch.int8)
     for i, d in enumerate(docs):
         out[i, : d.embeddings.shape[0]] = d.embeddings
-    return Batch(out, lens, torch.tensor([d.prompt_len for d in docs]))
+        if roles is not None and d.roles is not None:
+            roles[i, : d.roles.numel()] = d.roles
+    return Batch(out, lens, torch.tensor([d.prompt_len for d in docs]), roles)
 
 
 def batches(config: DataConfig, epoch: int = 0) -> Iterator[Batch]:

@@ -32,13 +32,24 @@ def _targets(batch: Batch, first: int, device: torch.device) -> Tensor:
     return (pos < lens) & (pos >= torch.clamp(prompt, min=first))
 
 
-def base_lcm_loss(model: BaseLCM, batch: Batch, generator: torch.Generator, *, forward=None, **_) -> tuple[Tensor, int]:
+def _weighted(err: Tensor, mask: Tensor, batch: Batch, structure_weight: float, shift: int = 0) -> Tensor:
+    """err * mask summed, with the LPCM's break and plan targets (``batch.roles`` > 0) weighted by
+    ``structure_weight``; ``shift``: err position i scores concept i + shift."""
+    weights = mask.to(err.dtype)
+    if batch.roles is not None and structure_weight != 1.0:
+        structural = batch.roles.to(err.device)[:, shift:] > 0
+        weights = weights * torch.where(structural, structure_weight, 1.0)
+    return (err * weights).sum()
+
+
+def base_lcm_loss(model: BaseLCM, batch: Batch, generator: torch.Generator, *, forward=None,
+                  structure_weight: float = 1.0, **_) -> tuple[Tensor, int]:
     """Next-concept MSE (paper eqs. 5-6): position i predicts position i + 1."""
     x = _normalized(model, batch)
     pred = (forward or model)(x, batch.seq_lens.to(x.device))
     mask = _targets(batch, 1, x.device)[:, 1:]
     err = (pred[:, :-1].float() - x[:, 1:].float()).pow(2).sum(-1)
-    return (err * mask).sum(), int(mask.sum())
+    return _weighted(err, mask, batch, structure_weight, shift=1), int(mask.sum())
 
 
 #: how the rows trained without context are drawn (:func:`cfg_dropout_rows`)
@@ -75,7 +86,8 @@ def default_cfg_dropout_rule(model: nn.Module) -> str:
 def diffusion_loss(model: TwoTowerLCM | OneTowerLCM, batch: Batch, generator: torch.Generator, *, cfg_dropout: float = 0.15,
                    cfg_dropout_rule: Optional[str] = None, weighting: str = "none",
                    snr_clamp: tuple[float, float] = (0.0, 5.0), forward=None, fragility: Optional[FragilityMLP] = None,
-                   fragility_ab: tuple[float, float] = (-4.0, 3.5), **_) -> tuple[Tensor, int]:
+                   fragility_ab: tuple[float, float] = (-4.0, 3.5), structure_weight: float = 1.0,
+                   **_) -> tuple[Tensor, int]:
     """Diffusion objective (paper section 2.3): every position is noised to a uniform timestep and
     denoised from the clean context before it; the target follows the scheduler's prediction type.
 
@@ -85,6 +97,7 @@ def diffusion_loss(model: TwoTowerLCM | OneTowerLCM, batch: Batch, generator: to
         l_max); the paper's settings are (0, 10) and (0.001, 5)) or
         ``fragility`` (eq. 25: sigmoid(a F(x0) + b) per target sentence, F = ``fragility`` applied to the
         normalized clean embedding, (a, b) = ``fragility_ab``).
+    structure_weight: LPCM data (``batch.roles``): the weight of the break and plan targets' loss.
     """
     x0 = _normalized(model, batch)
     B, L, _ = x0.shape
@@ -108,7 +121,7 @@ def diffusion_loss(model: TwoTowerLCM | OneTowerLCM, batch: Batch, generator: to
         err = err * fragility.to(x0.device).weights(x0.float(), *fragility_ab)
     elif weighting != "none":
         raise ValueError(f"unknown loss weighting '{weighting}'; expected none, clamp_snr or fragility")
-    return (err * mask).sum(), int(mask.sum())
+    return _weighted(err, mask, batch, structure_weight), int(mask.sum())
 
 
 def quant_loss(model: QuantLCM, batch: Batch, generator: torch.Generator, *, cfg_dropout: float = 0.15,
@@ -143,4 +156,5 @@ def quant_loss(model: QuantLCM, batch: Batch, generator: torch.Generator, *, cfg
 LOSSES: dict[str, Callable[..., tuple[Tensor, int]]] = {
     "base": base_lcm_loss, "two_tower": diffusion_loss, "one_tower": diffusion_loss,
     "quant_d": quant_loss, "quant_c": quant_loss,
+    "lpcm": diffusion_loss,  # a One-Tower on paragraph-structured data (break and plan concepts: paper 4.3)
 }

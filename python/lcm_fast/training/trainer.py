@@ -28,8 +28,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -51,7 +53,7 @@ from ..io.official import CheckpointError
 from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 from ..models.two_tower import DenoiserLayer
 from ..nn.transformer import DecoderLayer
-from .data import Batch, DataConfig, batches
+from .data import ROLES, Batch, DataConfig, DataError, batches
 from .fragility import FragilityMLP
 from .losses import LOSSES
 
@@ -61,12 +63,24 @@ PARALLELISMS = ("ddp", "fsdp")
 _FULL = StateDictOptions(full_state_dict=True)
 
 
+def _has_roles(files: Sequence[str]) -> bool:
+    """Whether every data file has the LPCM's ``roles`` column (read from the schema: no data is loaded)."""
+    for file in files:
+        try:
+            if ROLES not in pq.read_schema(file).names:
+                return False
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{file}: not a readable parquet file ({e})") from e
+    return True
+
+
 @dataclass
 class TrainConfig:
     """Defaults follow the official pre-training recipes (reference-lcm-spec.md section 7.2)."""
 
     variant: str = "two_tower"
-    """base (Base-LCM, MSE) | two_tower | one_tower (diffusion) | quant_d | quant_c (Quant-LCM)"""
+    """base (Base-LCM, MSE) | two_tower | one_tower (diffusion) | quant_d | quant_c (Quant-LCM) | lpcm (a One-Tower
+    on paragraph-structured data: ``lcm-fast prepare --paragraphs``)"""
     steps: int = 1000
     lr: float = 4e-4
     warmup_steps: int = 100
@@ -89,6 +103,8 @@ class TrainConfig:
     fragility_model: Optional[str] = None
     """Path of a FragilityMLP state dict (``torch.save(mlp.state_dict())``) for fragility weighting."""
     fragility_ab: tuple[float, float] = (-4.0, 3.5)
+    structure_loss_weight: float = 1.0
+    """LPCM data (a ``roles`` column): the loss on break and plan targets is multiplied by this."""
     ema_decay: Optional[float] = None
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999); every checkpoint
     then also holds it as a native model in ``ema/`` (``lcm_fast.from_pretrained(ckpt / "ema")``)."""
@@ -150,7 +166,7 @@ class Trainer:
         if config.keep < 0:
             raise ValueError(f"keep must be >= 0 (0: every checkpoint), got {config.keep}")
         expected = {"base": BaseLCM, "two_tower": TwoTowerLCM, "one_tower": OneTowerLCM, "quant_d": QuantLCM,
-                    "quant_c": QuantLCM}[config.variant]
+                    "quant_c": QuantLCM, "lpcm": OneTowerLCM}[config.variant]
         if not isinstance(model, expected):
             raise TypeError(f"variant '{config.variant}' trains a {expected.__name__}, got {type(model).__name__}")
         if isinstance(model, QuantLCM):
@@ -159,6 +175,9 @@ class Trainer:
                 raise ValueError(f"variant '{config.variant}' needs a Quant-LCM with target='{target}', "
                                  f"got target='{model.config.target}'")
             model.require_codebooks()
+        if config.variant == "lpcm" and not _has_roles(data.files):
+            raise ValueError("variant 'lpcm' trains on paragraph-structured data (a 'roles' column of break and plan "
+                             f"concepts), which {data.files[0]} lacks: prepare it with lcm-fast prepare --paragraphs")
         if config.validate_every and valid is None:
             raise ValueError("validate_every is set but no validation data was given (valid=DataConfig(...))")
         if config.precision not in PRECISIONS:
@@ -419,7 +438,8 @@ class Trainer:
                             loss, n = loss_fn(self.model, batch, generator, forward=self.forward,
                                               cfg_dropout=cfg.cfg_dropout, cfg_dropout_rule=cfg.cfg_dropout_rule,
                                               weighting=cfg.loss_weighting, snr_clamp=cfg.snr_clamp,
-                                              fragility=self.fragility, fragility_ab=cfg.fragility_ab)
+                                              fragility=self.fragility, fragility_ab=cfg.fragility_ab,
+                                              structure_weight=cfg.structure_loss_weight)
                         loss.backward()
                     local += torch.tensor([n, loss.item()], dtype=torch.float64)
                 if self.world > 1:
