@@ -330,8 +330,13 @@ def _generate(args: argparse.Namespace) -> None:
             raise ValueError(f"no sentence bank at {bank}: pass --decoder BANK_DIR "
                              "(lcm-fast prepare writes one) or --decoder sonar")
         decoder = RetrievalDecoder.load(bank, args.bank_index)
+    break_vec = None
+    if args.lpcm:
+        from lcm_fast.text.paragraphs import load_break
+
+        break_vec = load_break(args.lpcm)
     result = continue_text(" ".join(args.text), model, encoder, decoder, n_sentences=args.sentences,
-                           options=generation, weights=args.weights)
+                           options=generation, weights=args.weights, break_vec=break_vec)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return
@@ -556,6 +561,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     gen.add_argument("--weights", choices=["int8"], help="the decode step's weight format: int8 (weight-only, "
                      "per-channel scales: half of bf16's bytes per step; default: the model's own weights)")
     gen.add_argument("--json", action="store_true", help='print {"prompt": [...], "sentences": [{"text", "similarity"}]}')
+    gen.add_argument("--lpcm", help="an LPCM's break concept (lpcm.pt of its prepare --paragraphs data): its breaks "
+                     "and plans are left out of the printed sentences (--json lists every concept's role and the plans)")
     ev = sub.add_parser("eval", help="pre-training metrics (l2, l2-r, CA, PAR) and generation metrics (ROUGE-L, "
                         "OVL-3, REP-4, word ratio) on held-out parquet documents")
     ev.add_argument("--model", required=True, help="model directory")

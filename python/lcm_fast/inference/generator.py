@@ -37,6 +37,7 @@ from ..nn.position import check_positions
 from ..ops import skinny_linear
 from .fast import FastDecoder, FastDenoiser, check_weights, fast_decoder_unsupported
 from .graphs import BatchGraphs, batch_bucket, pad_batch
+from .planning import SENTENCE, concept_roles
 from .noise import NoiseSource, TorchNoise
 
 StepCallback = Callable[[int, int, SchedulerOutput, Tensor], None]
@@ -67,6 +68,7 @@ _OPTION_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str, bool], .
     (("epsilon_scaling",), lambda v: _real(v) and v > 0, "a finite number > 0", True),
     (("eos_threshold", "stop_on_repetition_cosine_threshold"), lambda v: _real(v) and -1 <= v <= 1,
      "a cosine in [-1, 1]", True),
+    (("break_threshold",), lambda v: _real(v) and -1 <= v <= 1, "a cosine in [-1, 1]", False),
 )
 
 
@@ -111,6 +113,9 @@ class GenerationOptions:
     sample_max_value: float = 6.0
     official_timestep_stride: bool = True
     """Reproduce the official integer-stride timestep quirk (T=100, 40 requested steps run 50)."""
+    break_threshold: float = 0.9
+    """LPCM (with a ``break_vec``): a concept whose cosine to it reaches this is a break, the next one its plan
+    (:mod:`lcm_fast.inference.planning`); ``GenerationOutput.roles`` then labels every concept."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -162,6 +167,13 @@ class GenerationOutput:
     """One embedding sequence per input document, in input order; each **includes its prompt**."""
 
     sequences: list[Tensor]  # each [L_i, sonar_dim], SONAR space
+    roles: Optional[list[Tensor]] = None
+    """With a ``break_vec`` (LPCM): each sequence's [L_i] int8 roles (sentence 0, break 1, plan 2)."""
+
+    def sentences(self, i: int) -> Tensor:
+        """Document i's concepts without the LPCM's breaks and plans ([n, sonar_dim]; all of them without roles)."""
+        seq = self.sequences[i]
+        return seq if self.roles is None else seq[self.roles[i] == SENTENCE]
 
     @property
     def lengths(self) -> Tensor:  # [B] int64
@@ -595,6 +607,8 @@ class Generator:
             eval mode).
         options: :class:`GenerationOptions` (official defaults when None).
         eos_vec: [sonar_dim] end-of-text embedding for ``eos_threshold`` stopping.
+        break_vec: [sonar_dim] an LPCM's break concept (its data's ``lpcm.pt``): the output labels every concept's role
+            (``GenerationOutput.roles``, ``break_threshold``).
         engine: ``"fast"`` (default) or ``"reference"`` (see the module docstring).
         cuda_graphs: fast engine, Two-Tower, Base-LCM and One-Tower (Quant-LCM has no static path yet): run each
             sentence's DDIM loop (Two-Tower, One-Tower) or decoder pass (Base-LCM) on static buffers and replay it
@@ -614,7 +628,8 @@ class Generator:
 
     def __init__(self, model: BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM,
                  options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None,
-                 engine: str = "fast", cuda_graphs: bool = False, weights: Optional[str] = None) -> None:
+                 engine: str = "fast", cuda_graphs: bool = False, weights: Optional[str] = None,
+                 break_vec: Optional[Tensor] = None) -> None:
         if not isinstance(model, (BaseLCM, TwoTowerLCM, OneTowerLCM, QuantLCM)):
             raise TypeError(f"expected a BaseLCM, TwoTowerLCM, OneTowerLCM or QuantLCM, got {type(model).__name__}")
         if engine not in ENGINES:
@@ -641,9 +656,10 @@ class Generator:
         self._static: Optional[tuple[tuple, _TwoTowerStepper | _BaseLCMStepper]] = None  # see _static_stepper
         self.options = options or GenerationOptions()
         self.options.validate()  # also on an options object changed in place since it was made
-        if eos_vec is not None and eos_vec.shape != (model.sonar_dim,):
-            raise ValueError(f"eos_vec must have shape [{model.sonar_dim}], got {list(eos_vec.shape)}")
-        self.eos_vec = eos_vec
+        for name, vec in (("eos_vec", eos_vec), ("break_vec", break_vec)):
+            if vec is not None and vec.shape != (model.sonar_dim,):
+                raise ValueError(f"{name} must have shape [{model.sonar_dim}], got {list(vec.shape)}")
+        self.eos_vec, self.break_vec = eos_vec, break_vec
 
     @torch.inference_mode()
     def __call__(
@@ -750,7 +766,10 @@ class Generator:
                 stepper.reorder(keep)
                 noise.reorder(keep)
         bar.close()
-        return GenerationOutput(results)  # type: ignore[arg-type]  (every row finishes by max_gen_len)
+        roles = None
+        if self.break_vec is not None:
+            roles = [concept_roles(seq, self.break_vec, opt.break_threshold) for seq in results]  # type: ignore[arg-type]
+        return GenerationOutput(results, roles)  # type: ignore[arg-type]  (every row finishes by max_gen_len)
 
     def _static_stepper(self, batch: int, length: int, noise: NoiseSource,
                         temperature: float) -> _TwoTowerStepper | _BaseLCMStepper:
@@ -779,8 +798,9 @@ class Generator:
 
 def generate(model: BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM, prompts: Tensor, seq_lens: Optional[Tensor] = None, *,
              options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None, engine: str = "fast",
-             cuda_graphs: bool = False, weights: Optional[str] = None, **call_kwargs: Any) -> GenerationOutput:
-    """One-shot helper: ``Generator(model, options, eos_vec, engine, cuda_graphs, weights)(prompts, seq_lens,
-    **call_kwargs)``."""
-    return Generator(model, options, eos_vec, engine, cuda_graphs, weights)(prompts, seq_lens, **call_kwargs)
+             cuda_graphs: bool = False, weights: Optional[str] = None, break_vec: Optional[Tensor] = None,
+             **call_kwargs: Any) -> GenerationOutput:
+    """One-shot helper: ``Generator(model, options, eos_vec, engine, cuda_graphs, weights, break_vec)(prompts,
+    seq_lens, **call_kwargs)``."""
+    return Generator(model, options, eos_vec, engine, cuda_graphs, weights, break_vec)(prompts, seq_lens, **call_kwargs)
 

@@ -7,7 +7,7 @@ a SaT model is configured (``LCM_FAST_SAT_MODEL``), else its single line breaks,
 
 The LPCM reads a document as ``p1 BREAK PLAN(p2) p2 BREAK PLAN(p3) p3 ... pn BREAK``: a *break* concept after
 every paragraph and a *plan* concept, which says what the next paragraph is about, before every paragraph that
-follows a break. Each concept carries a role (``ROLES``): sentence, break or plan.
+follows a break. Each concept carries a role (:mod:`lcm_fast.inference.planning`): sentence, break or plan.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..inference.planning import BREAK, PLAN, SENTENCE
 from .segment import SAT_MODEL_ENV, _sat, segment
 
 MAX_SENTENCES = 10  # the paper: "less than 10 sentences"
 FALLBACK_SENTENCES = 5
-SENTENCE, BREAK, PLAN = 0, 1, 2
-ROLES = {"sentence": SENTENCE, "break": BREAK, "plan": PLAN}
 #: the break concept is the encoder's embedding of this text, a typographic section break (a "dinkus"): a real
 #: point of the embedding space with the norm statistics of sentences, decodable, and far from prose
 BREAK_TEXT = "* * *"
@@ -80,6 +80,17 @@ def central_sentence(embeddings: Tensor) -> int:
     the paragraph's sentences; the first on ties): the ``extractive`` plan of that paragraph."""
     unit = F.normalize(embeddings.float(), dim=-1)
     return int((unit @ unit.T).mean(1).argmax())
+
+
+def load_break(path: str | Path) -> Tensor:
+    """The break concept [D] stored with paragraph-structured data (``DIR/lpcm.pt`` of ``prepare --paragraphs``)."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing, truncated or foreign file
+        raise ValueError(f"{path} is not the lpcm.pt of `lcm-fast prepare --paragraphs` ({type(e).__name__}: {e})") from e
+    if not isinstance(stored, dict) or not isinstance(stored.get("break"), Tensor) or stored["break"].dim() != 1:
+        raise ValueError(f"{path} is not the lpcm.pt of `lcm-fast prepare --paragraphs` (no 'break' vector)")
+    return stored["break"].float()
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""The LPCM's data (paper section 4.3): paragraph rules, break and plan concepts, ``prepare --paragraphs``, the
-``roles`` column through the data loader, the structure loss weight and ``train --variant lpcm``."""
+"""The Large Planning Concept Model (paper section 4.3): paragraph rules, break and plan concepts,
+``prepare --paragraphs``, the ``roles`` column through the data loader, the structure loss weight,
+``train --variant lpcm``, and roles in generated sequences (breaks and plans out of the text)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 
 import lcm_fast
 from lcm_fast.text import RetrievalDecoder, load_encoder
-from lcm_fast.text.paragraphs import (BREAK, BREAK_TEXT, PLAN, SENTENCE, apply_rules, central_sentence,
-                                      split_paragraphs, structure)
+from lcm_fast.inference.planning import BREAK, PLAN, SENTENCE, concept_roles
+from lcm_fast.text.paragraphs import BREAK_TEXT, apply_rules, central_sentence, load_break, split_paragraphs, structure
+from lcm_fast.text.pipeline import continue_text
 from lcm_fast.text.prepare import LPCM_FILE, prepare
 from lcm_fast.training import DataConfig, TrainConfig, Trainer, batches
 from lcm_fast.training.data import DataError, collate, read_documents, write_documents
@@ -141,3 +143,56 @@ def test_train_lpcm_needs_structured_data(tmp_path):
         Trainer(lcm_fast.build_model(tiny_config("two_tower_diffusion_lcm")), config,
                 DataConfig(files=[str(tmp_path / "s.parquet")], dim=24))
     Trainer(model, config, DataConfig(files=[str(tmp_path / "s.parquet")], dim=24)).train(progress=False)
+
+
+def test_concept_roles():
+    """A break where the cosine reaches the threshold, the next concept its plan, unless a break itself."""
+    brk = torch.tensor([1.0, 0.0, 0.0])
+    seq = torch.tensor([[0, 1, 0], [2, 0.1, 0], [0, 0, 1], [1, 0, 0], [1, 0.01, 0], [0, 1, 1]], dtype=torch.float32)
+    assert concept_roles(seq, brk, 0.9).tolist() == [SENTENCE, BREAK, PLAN, BREAK, BREAK, PLAN]
+    assert concept_roles(seq, brk, 1.0).tolist() == [SENTENCE, SENTENCE, SENTENCE, BREAK, PLAN, SENTENCE]
+
+
+class _Identity:
+    """An encoder/decoder pair on raw vectors: the text is the vector's index in ``bank``."""
+
+    dim = 24
+
+    def __init__(self, bank):
+        self.bank = bank
+
+    def encode(self, sentences, **_):
+        return torch.stack([self.bank[int(s.split()[1].rstrip("."))] for s in sentences])
+
+    def decode(self, embeddings):
+        return [f"Vector {int(torch.cdist(e[None], self.bank).argmin())}" for e in embeddings]
+
+
+def test_generation_labels_breaks_and_plans(tmp_path):
+    """With a break_vec the output labels every concept; sentences() and continue_text leave breaks and plans out
+    (the concepts are the same as without it)."""
+    torch.manual_seed(0)
+    model = lcm_fast.build_model(tiny_config("one_tower_diffusion_lcm")).eval()
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randn(1, 3, 24, generator=g)
+    # an untrained model's concepts are alike (cosines up to 0.96): a threshold that singles out the break itself
+    options = lcm_fast.GenerationOptions(seed=0, inference_timesteps=4, break_threshold=0.99)
+    plain = lcm_fast.generate(model, prompt, max_gen_len=5, options=options)
+    assert plain.roles is None
+    brk = plain.sequences[0][4].clone()  # make the second generated concept "the break"
+    out = lcm_fast.generate(model, prompt, max_gen_len=5, options=options, break_vec=brk)
+    assert torch.equal(out.sequences[0], plain.sequences[0])
+    assert out.roles[0].tolist()[3:6] == [SENTENCE, BREAK, PLAN]
+    assert torch.equal(out.sentences(0), plain.sequences[0][out.roles[0] == SENTENCE])
+    bank = plain.sequences[0]
+    io = _Identity(bank)
+    result = continue_text("Vector 0. Vector 1. Vector 2.", model, io, io, n_sentences=5, options=options, break_vec=brk)
+    assert result["roles"] == ["sentence", "break", "plan", "sentence", "sentence"]
+    assert [s["text"] for s in result["sentences"]] == ["Vector 3", "Vector 6", "Vector 7"]
+    assert result["plans"] == ["Vector 5"]
+    torch.save({"break": brk}, tmp_path / "lpcm.pt")
+    assert torch.equal(load_break(tmp_path / "lpcm.pt"), brk)
+    with pytest.raises(ValueError, match="is not the lpcm.pt of `lcm-fast prepare --paragraphs`"):
+        load_break(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match=r"break_vec must have shape \[24\]"):
+        lcm_fast.generate(model, prompt, max_gen_len=2, options=options, break_vec=torch.zeros(5))
