@@ -196,3 +196,20 @@ def test_generation_labels_breaks_and_plans(tmp_path):
         load_break(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match=r"break_vec must have shape \[24\]"):
         lcm_fast.generate(model, prompt, max_gen_len=2, options=options, break_vec=torch.zeros(5))
+
+
+def test_the_ablation_runs_end_to_end(tmp_path, capsys):
+    """`lcm-fast repro --lpcm --quick`: both models trained on the same sentences (the LPCM's data with its breaks
+    and plans), scored on sentences only, the coherence proxy beside the real continuations' (about 10 s)."""
+    from lcm_fast.cli.__main__ import main
+
+    main(["repro", "--lpcm", "--quick", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "lpcm.json").read_text())
+    for name in ("One-Tower", "LPCM"):
+        assert set(results[name]) == {"l2", "par", "ca", "local", "topic", "structure_concepts"}
+        assert all(v == v for v in results[name].values())  # no NaN
+    plain = pq.read_table(next((tmp_path / "data" / "train-plain").glob("*.parquet"))).to_pylist()
+    structured = pq.read_table(next((tmp_path / "data" / "train").glob("*.parquet"))).to_pylist()
+    assert [r["sentences"] for r in plain] == [[s for s, k in zip(r["sentences"], r["roles"]) if k == 0] for r in structured]
+    assert any(1 in r["roles"] for r in structured)
+    assert "| LPCM |" in capsys.readouterr().out

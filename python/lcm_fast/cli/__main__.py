@@ -220,6 +220,12 @@ def _repro(args: argparse.Namespace) -> None:
 
     if args.steps < 1 or args.seeds < 1:
         raise ValueError(f"--steps and --seeds must be >= 1, got {args.steps} and {args.seeds}")
+    if args.lpcm:
+        from lcm_fast.text import lpcm_ablation
+
+        lpcm_ablation.run(args.out, steps=args.steps, quick=args.quick, device=args.device)
+        print((Path(args.out) / "lpcm.md").read_text())
+        return
     run(args.out, steps=args.steps, seeds=args.seeds, quick=args.quick, mi_model=args.mi_model, device=args.device,
         progress=True)
     print((Path(args.out) / "table.md").read_text())
@@ -459,6 +465,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     rep.add_argument("--steps", type=int, default=600, help="training steps per variant")
     rep.add_argument("--seeds", type=int, default=1, help="seeds per variant: the table gives mean +- spread")
     rep.add_argument("--quick", action="store_true", help="a few documents and tiny models, end to end (tests)")
+    rep.add_argument("--lpcm", action="store_true", help="the LPCM ablation (paper Table 13) instead: One-Tower vs LPCM "
+                     "on the Python reference's paragraphs, pre-training metrics and a coherence proxy")
     rep.add_argument("--mi-model", default=os.environ.get(MI_MODEL_ENV),
                      help=f"local causal LM directory for the MI column (the paper: GPT-2); default ${MI_MODEL_ENV}")
     rep.add_argument("--device", help="default: cuda when available, else cpu")

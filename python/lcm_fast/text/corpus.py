@@ -46,8 +46,9 @@ def _shipped(source: str) -> list[Document]:
         return [Document(source, row["title"], row["text"]) for row in map(json.loads, f) if row["text"].strip()]
 
 
-def _python_docs() -> list[Document]:
-    """One document per section of each reference topic: its unindented prose paragraphs, lines joined."""
+def _python_docs(paragraph_separator: str = " ") -> list[Document]:
+    """One document per section of each reference topic: its unindented prose paragraphs, lines joined, paragraphs
+    joined by ``paragraph_separator`` ("\n\n" keeps them apart: the LPCM ablation's paragraphs)."""
     from pydoc_data.topics import topics
 
     docs = []
@@ -59,7 +60,7 @@ def _python_docs() -> list[Document]:
             if _UNDERLINE.match(line.strip()) or (heading and line.strip() and not line[0].isspace()):
                 if heading:
                     if paragraphs:
-                        docs.append(Document("python_docs", title, " ".join(paragraphs)))
+                        docs.append(Document("python_docs", title, paragraph_separator.join(paragraphs)))
                     title, paragraphs = f"{topic}: {line.strip()}", []
                 continue
             if line and not line[0].isspace():
@@ -71,7 +72,7 @@ def _python_docs() -> list[Document]:
                     paragraphs.append(paragraph)
                 current = []
         if paragraphs:
-            docs.append(Document("python_docs", title, " ".join(paragraphs)))
+            docs.append(Document("python_docs", title, paragraph_separator.join(paragraphs)))
     return docs
 
 

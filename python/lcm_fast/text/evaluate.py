@@ -79,6 +79,8 @@ def evaluate(model, files: Sequence[str], *, encoder: Optional[Encoder] = None, 
         valid = torch.arange(batch.embeddings.shape[1])[None, :] < batch.seq_lens[:, None]
         scored = valid.clone()
         scored[:, 0] = False
+        if batch.roles is not None:  # an LPCM's data: its break and plan concepts are not sentences to score
+            scored &= batch.roles == 0
         if not scored.any():
             continue
         row = prediction_metrics(pred.cpu().float(), batch.embeddings.float(), scored, valid)
