@@ -124,6 +124,9 @@ def test_cli_fit_fragility_then_train(tmp_path, monkeypatch, capsys):
     summary = capsys.readouterr().out.splitlines()[-1]
     low, high = (float(v) for v in summary.split("min/10%/50%/90%/max ")[1].split(" ")[0].split("/")[::4])
     assert low < 0.1 and high > 0.9, summary  # the weights span (0, 1)
+    main(["fit-normalizer", "--data", *shards, "--out", "normalizer.pt"])  # --normalizer: a given one, not refitted
+    main(["fit-fragility", "--data", *shards, "--bank", "other/bank", "--normalizer", "normalizer.pt",
+          "--out", "fragility-n.pt"])
     main(["train", "--variant", "two_tower", "--data", *shards, "--fragility", "fragility.pt", "--steps", "2",
           "--out", "run"])
     metrics = [json.loads(line) for line in Path("run/metrics.jsonl").read_text().splitlines()]

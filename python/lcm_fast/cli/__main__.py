@@ -185,6 +185,7 @@ def _fit_normalizer(args: argparse.Namespace) -> None:
 def _fit_fragility(args: argparse.Namespace) -> None:
     import torch
 
+    import lcm_fast
     from lcm_fast.nn.normalizer import SonarNormalizer
     from lcm_fast.text import load_encoder
     from lcm_fast.text.evaluate import prepared_documents
