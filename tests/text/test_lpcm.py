@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -89,6 +90,8 @@ def test_prepare_paragraphs(tmp_path, encoder):
     with pytest.raises(DataError, match="document 1 has 1 paragraphs .blank-line separated. but 2 plan texts"):
         prepare([tmp_path / "docs.jsonl"], tmp_path / "bad", encoder, paragraphs=True, plan_source="text",
                 plan_column="plans", progress=False)
+    with pytest.raises(ValueError, match="unknown plan source 'llm'; expected one of"):
+        prepare([tmp_path / "docs.jsonl"], tmp_path / "llm", encoder, paragraphs=True, plan_source="llm")
     (tmp_path / "x.txt").write_text("A text.\n")
     with pytest.raises(DataError, match="plan texts .--plan-source text. need .jsonl or .parquet"):
         prepare([tmp_path / "x.txt"], tmp_path / "txt", encoder, paragraphs=True, plan_source="text", progress=False)
@@ -119,6 +122,12 @@ def test_roles_through_the_data_loader(tmp_path):
     assert all(b.roles is None for b in batches(DataConfig(files=[str(tmp_path / "plain.parquet")], dim=24)))
     with pytest.raises(ValueError, match="one role per embedding"):
         write_documents(tmp_path / "bad.parquet", docs[:1], roles=roles[1:2])
+    for bad, found in (([0, 0, 1, 2], "4 roles for 5"), ([0, 0, 7, 2, 0], "5 roles for 5")):
+        table = pq.read_table(tmp_path / "plain.parquet").slice(0, 1)
+        pq.write_table(table.append_column("roles", pa.array([bad], type=pa.list_(pa.int8()))), tmp_path / "bad.parquet")
+        with pytest.raises(DataError, match=f"row 0: roles must give one of 0 .sentence., 1 .break., 2 .plan. per "
+                                            f"embedding: {found} embeddings"):
+            list(read_documents(tmp_path / "bad.parquet", 24))
 
 
 def test_structure_loss_weight(tmp_path):
@@ -194,6 +203,8 @@ def test_generation_labels_breaks_and_plans(tmp_path):
     assert torch.equal(load_break(tmp_path / "lpcm.pt"), brk)
     with pytest.raises(ValueError, match="is not the lpcm.pt of `lcm-fast prepare --paragraphs`"):
         load_break(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match=r"break_threshold must be a cosine in \[-1, 1\]"):
+        lcm_fast.GenerationOptions(break_threshold=1.5)
     with pytest.raises(ValueError, match=r"break_vec must have shape \[24\]"):
         lcm_fast.generate(model, prompt, max_gen_len=2, options=options, break_vec=torch.zeros(5))
 

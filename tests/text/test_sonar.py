@@ -142,6 +142,10 @@ def test_errors_say_what_is_wrong(tmp_path, encoder, decoder):
         decoder.decode(bad)
     with pytest.raises(TypeError, match="list of sentences"):
         encoder.encode("one string")
+    with pytest.raises(TypeError, match="sentence 1 is a int"):
+        encoder.encode(["fine", 3])
+    # nothing to do is not an error: an empty batch in, an empty batch out
+    assert encoder.encode([]).shape == (0, 32) and decoder.decode(torch.zeros(0, 32)) == []
     # a checkpoint of another architecture: the basic (1024-d) shape expected from a 32-d file
     with pytest.raises(ValueError, match=r"encoder_frontend.embed.weight has shape \(1024, 32\).*expects \(1024, 1024\)"):
         load_sonar_checkpoint(FIXTURES / "sonar_text_encoder.pt", "encoder")

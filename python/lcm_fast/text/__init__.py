@@ -3,10 +3,11 @@ with the user's weights) and decoders (the retrieval decoder over a sentence ban
 coherence metric."""
 
 from .corpus_generation import generate_corpus
-from .encoders import Decoder, Encoder, MiniLMEncoder, SonarDecoder, SonarEncoder, load_encoder
+from .encoders import Decoder, Encoder, MiniLMEncoder, load_encoder
 from .mutual_information import MutualInformation
 from .retrieval import RetrievalDecoder, check_dims
 from .segment import Segment, segment, segment_spans
+from .sonar import SonarDecoder, SonarEncoder
 
 __all__ = [
     "Decoder", "Encoder", "MiniLMEncoder", "MutualInformation", "RetrievalDecoder", "Segment", "SonarDecoder", "SonarEncoder", "check_dims",

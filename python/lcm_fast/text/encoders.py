@@ -17,7 +17,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .sonar import SonarDecoder, SonarEncoder
+from .sonar import SonarEncoder
 
 class Encoder(Protocol):
     name: str

@@ -10,7 +10,8 @@ What sonar-space 0.5 / fairseq2 0.8 build for ``text_sonar_basic_encoder`` and `
 - **Decoder**: pre-LN layers of causal self-attention, attention to the sentence vector as a length-1 "encoder
   output", and a ReLU FFN; a final LayerNorm; logits by the embedding matrix (tied). With one key the cross
   attention's softmax is exactly 1, so it is ``output_proj(v_proj(sentence))``, the same at every step: it is
-  computed once per sentence (:meth:`SonarTextDecoder.condition`), and its q/k projections are dead weights.
+  computed once per sentence (:meth:`SonarTextDecoder.condition`); its layer norm and q/k projections
+  (which only shape the query) are dead weights.
 
 State-dict keys are fairseq2's, so a fairseq2-native checkpoint loads as is; :func:`load_sonar_checkpoint` also
 takes the fairseq layout of Meta's published decoder file.
@@ -76,7 +77,9 @@ class FeedForward(nn.Module):
         return self.output_proj(F.relu(self.inner_proj(x)))
 
 
-class EncoderLayer(nn.Module):
+class _Block(nn.Module):
+    """Pre-LN self-attention and FFN modules. Keys ``self_attn[_layer_norm]``, ``ffn[_layer_norm]``."""
+
     def __init__(self, c: SonarConfig) -> None:
         super().__init__()
         self.self_attn_layer_norm = nn.LayerNorm(c.model_dim)
@@ -84,6 +87,8 @@ class EncoderLayer(nn.Module):
         self.ffn_layer_norm = nn.LayerNorm(c.model_dim)
         self.ffn = FeedForward(c.model_dim, c.ffn_inner_dim)
 
+
+class EncoderLayer(_Block):
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x: [B, S, dim]; mask: [B, 1, 1, S] bool
         h = self.self_attn_layer_norm(x)
         attn = self.self_attn
@@ -91,15 +96,14 @@ class EncoderLayer(nn.Module):
         return self.ffn(self.ffn_layer_norm(x)) + x
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(_Block):
+    """Plus the attention to the sentence vector (``encoder_decoder_attn[_layer_norm]``); the decoder runs its
+    layers one cached step at a time (:meth:`SonarTextDecoder.step`)."""
+
     def __init__(self, c: SonarConfig) -> None:
-        super().__init__()
-        self.self_attn_layer_norm = nn.LayerNorm(c.model_dim)
-        self.self_attn = Attention(c.model_dim, c.num_heads)
+        super().__init__(c)
         self.encoder_decoder_attn_layer_norm = nn.LayerNorm(c.model_dim)
         self.encoder_decoder_attn = Attention(c.model_dim, c.num_heads)
-        self.ffn_layer_norm = nn.LayerNorm(c.model_dim)
-        self.ffn = FeedForward(c.model_dim, c.ffn_inner_dim)
 
 
 class _Frontend(nn.Module):
@@ -116,10 +120,12 @@ class _Frontend(nn.Module):
 
 
 class _Stack(nn.Module):
-    def __init__(self, layers: list[nn.Module], dim: int) -> None:
+    """Keys ``layers.*`` and, with ``norm_dim``, ``layer_norm.*`` (the decoder's; the encoder's is the model's)."""
+
+    def __init__(self, layers: list[nn.Module], norm_dim: Optional[int] = None) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.layer_norm = nn.LayerNorm(dim)
+        self.layer_norm = nn.LayerNorm(norm_dim) if norm_dim else None
 
 
 class SonarTextEncoder(nn.Module):
@@ -130,8 +136,7 @@ class SonarTextEncoder(nn.Module):
         self.config = config
         self.max_tokens = config.max_seq_len + 2  # fairseq's encoders count the two offset positions as room
         self.encoder_frontend = _Frontend(config, self.max_tokens)
-        self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        self.encoder = _Stack([EncoderLayer(config) for _ in range(config.num_layers)])
         self.layer_norm = nn.LayerNorm(config.model_dim)
 
     def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
