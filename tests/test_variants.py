@@ -30,7 +30,9 @@ def test_base_lcm_cache_equals_recompute(variant):
     options = lcm_fast.GenerationOptions(sample_latent_variable=False)
     cached = lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=3).padded()[0]
     full = lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=3, disable_cache=True).padded()[0]
-    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)  # fp32 op-order noise, amplified by random weights
+    # fp32 op-order noise, amplified by random weights and guidance: up to 1.7e-4 seen on an AMD EPYC (MKL's AVX2
+    # kernels), under 1e-4 on the Intel machines
+    torch.testing.assert_close(cached, full, atol=5e-4, rtol=5e-4)
 
 
 DENOISER_VARIANTS = {
@@ -54,7 +56,9 @@ def test_two_tower_cache_equals_recompute(context, variant, guidance):
                                          ddim_eta=0.3, seed=11)
     cached = lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=2).padded()[0]
     full = lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=2, disable_cache=True).padded()[0]
-    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)  # fp32 op-order noise, amplified by random weights
+    # fp32 op-order noise, amplified by random weights and guidance: up to 1.7e-4 seen on an AMD EPYC (MKL's AVX2
+    # kernels), under 1e-4 on the Intel machines
+    torch.testing.assert_close(cached, full, atol=5e-4, rtol=5e-4)
 
 
 @pytest.mark.parametrize("variant", ["default", "projection activations"])

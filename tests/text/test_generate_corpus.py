@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +152,14 @@ def test_ray_backend_equals_the_single_process_run(model, tmp_path):
     ray = pytest.importorskip("ray")  # in requirements-dev: runs in CI
     inputs = _write_shards(tmp_path / "in", shards=4, docs=5)
     kwargs = dict(max_gen_len=2, options=OPTIONS, batch_size=2, progress=False)
-    gc.generate_corpus(model, inputs, tmp_path / "local", **kwargs)
+    # Ray's one-CPU actors start with OMP_NUM_THREADS=1, so MKL runs its single-threaded kernels, which on some CPUs
+    # (AMD EPYC) differ in the last bit from the threaded ones: the single-process run runs with the same threading
+    model.save_pretrained(tmp_path / "model")
+    script = (f"import lcm_fast; from lcm_fast.text import corpus_generation as gc; gc.generate_corpus("
+              f"lcm_fast.from_pretrained({str(tmp_path / 'model')!r}), {[str(p) for p in inputs]!r}, "
+              f"{str(tmp_path / 'local')!r}, max_gen_len=2, batch_size=2, progress=False, "
+              f"options=lcm_fast.GenerationOptions.from_dict({asdict(OPTIONS)!r}))")
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         run = lambda: gc.generate_corpus(model, inputs, tmp_path / "ray", backend="ray", ray_workers=2, **kwargs)
