@@ -17,6 +17,8 @@ bytes streamed per second and a device-copy peak to compare them with (the issue
 ``test_generate_one_tower_interleaved`` and ``test_generate_quant_lcm_interleaved``: One-Tower and Quant-LCM-D,
 one sentence after 50, likewise.
 
+``test_beam_search_cost_interleaved``: beam search over concepts (K candidates x B beams) against sampling one.
+
 ``test_target_ratio_interleaved`` measures the issue's CPU target case (C = 50, batch 1) with the two
 engines alternated A/B/A/B in one window, median of ``REPEATS`` each, so the ratio does not depend on which
 minute of a noisy machine each engine ran in (separate tests run minutes apart).
@@ -131,6 +133,31 @@ def test_target_ratio_interleaved(benchmark, model_dim):
     benchmark.extra_info.update(int8_over_bf16=median["fast_bf16"] / median["fast_int8"],
                                 bf16_int8_over_bf16=median["fast_bf16"] / median["fast_bf16_int8"],
                                 int8_ratio=median["reference"] / median["fast_int8"])
+
+
+# Beam search over sampled concepts (issue 26): K candidates x B beams per document run as K x B rows through the fast
+# engine's step, plus one scoring pass (the denoising-consistency scorer) per sentence; BEAM_SENTENCES sentences
+# after a prompt of 50, every setting in one interleaved window against sampling one (1 x 1).
+BEAMS = {"beam_1x1": (1, 1), "beam_4x1": (4, 1), "beam_2x2": (2, 2), "beam_4x2": (4, 2)}
+BEAM_SENTENCES = 4
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_beam_search_cost_interleaved(benchmark, batch):
+    """extra_info: each setting's seconds per call, sentences per second and cost (seconds over sampling one's)."""
+    model = two_tower(256)
+    prompts = torch.randn(batch, 50, model.sonar_dim) * 0.01
+    generators = {name: lcm_fast.Generator(model, lcm_fast.GenerationOptions.recommended(
+        seed=1, eos_threshold=None, num_candidates=k, beam_size=b)) for name, (k, b) in BEAMS.items()}
+    median = _interleaved(generators, prompts, BEAM_SENTENCES, 1 if benchmark.disabled else REPEATS)
+    benchmark.group = f"generate/two_tower/d256/c50/b{batch}/beams"
+    out = benchmark.pedantic(generators["beam_4x2"], args=(prompts,), kwargs=dict(max_gen_len=BEAM_SENTENCES),
+                             rounds=1, iterations=1)
+    assert out.lengths.tolist() == [50 + BEAM_SENTENCES] * batch and len(out.beams[0]) == 2
+    benchmark.extra_info.update(engine="fast", device="cpu", model_dim=256, context=50, batch=batch, dtype="float32",
+                                **{f"{name}_s": median[name] for name in BEAMS},
+                                **{f"{name}_sentences_per_s": batch * BEAM_SENTENCES / median[name] for name in BEAMS},
+                                **{f"{name}_cost": median[name] / median["beam_1x1"] for name in BEAMS})
 
 
 # Base-LCM in the 1.6B recipe's shape (32 layers, RMSNorm, SwiGLU, RoPE): a prompt of 50 sentences, then

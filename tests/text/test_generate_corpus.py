@@ -254,3 +254,25 @@ def test_cli_generates_a_corpus_with_texts(model, tmp_path):
     assert both.returncode != 0 and "either a prompt text or --data" in both.stderr
     no_out = cli("--data", str(tmp_path / "in" / "*.parquet"))
     assert no_out.returncode != 0 and "--data needs --out" in no_out.stderr
+
+
+def test_beam_search_and_lpcm_roles_in_a_corpus(model, tmp_path):
+    """Beam search keys every candidate's noise by its document, so a corpus generated with beams has the same
+    concepts at any batch size; a break concept adds the generated concepts' roles; a callable scorer, which the
+    manifest cannot record, is refused."""
+    inputs = _write_shards(tmp_path / "in", shards=1, docs=5)
+    options = lcm_fast.GenerationOptions.recommended(seed=7, inference_timesteps=4, num_candidates=3, beam_size=2)
+    brk = torch.randn(D)
+    tables = []
+    for batch in (1, 4):
+        gc.generate_corpus(model, inputs, tmp_path / f"b{batch}", max_gen_len=3, options=options, batch_size=batch,
+                           progress=False, break_vec=brk)
+        tables.append(_outputs(tmp_path / f"b{batch}")["part-00000.parquet"])
+    for a, b in zip(*map(_concepts, tables)):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+    roles = tables[0].column("roles").to_pylist()
+    assert [len(r) for r in roles] == tables[0].column("length").to_pylist() and {x for r in roles for x in r} <= {0, 1, 2}
+    assert json.loads(tables[0].schema.metadata[gc.METADATA_KEY])["options"]["beam_size"] == 2
+    with pytest.raises(ValueError, match="give beam_scorer by name"):
+        gc.generate_corpus(model, inputs, tmp_path / "callable", options=lcm_fast.GenerationOptions(
+            seed=1, beam_size=2, beam_scorer=lambda c: c.concepts[:, 0]), progress=False)

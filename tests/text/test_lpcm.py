@@ -219,8 +219,12 @@ def test_the_ablation_runs_end_to_end(tmp_path, capsys):
     for name in ("One-Tower", "LPCM"):
         assert set(results[name]) == {"l2", "par", "ca", "local", "topic", "structure_concepts"}
         assert all(v == v for v in results[name].values())  # no NaN
+    for name in ("One-Tower + beam 4x2, consistency", "LPCM + beam 4x2, consistency", "LPCM + beam 4x2, plan"):
+        assert set(results[name]) == {"local", "topic", "structure_concepts"}
+    assert "One-Tower + beam 4x2, plan" not in results  # the plan scorer needs the LPCM's breaks
     plain = pq.read_table(next((tmp_path / "data" / "train-plain").glob("*.parquet"))).to_pylist()
     structured = pq.read_table(next((tmp_path / "data" / "train").glob("*.parquet"))).to_pylist()
     assert [r["sentences"] for r in plain] == [[s for s, k in zip(r["sentences"], r["roles"]) if k == 0] for r in structured]
     assert any(1 in r["roles"] for r in structured)
-    assert "| LPCM |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| LPCM |" in out and "| LPCM + beam 4x2, plan |  | | |" in out

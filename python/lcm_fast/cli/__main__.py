@@ -319,14 +319,20 @@ def _generate(args: argparse.Namespace) -> None:
         raise ValueError("--data needs --out DIR (the output shards and the manifest)")
     if args.out and not args.data:
         raise ValueError("--out is for --data (a corpus); a prompt text prints its continuation")
-    generation = lcm_fast.GenerationOptions.recommended(inference_timesteps=args.steps, guidance_scale=args.guidance,
-                                                        seed=args.seed)
+    generation = lcm_fast.GenerationOptions.recommended(
+        inference_timesteps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+        num_candidates=args.num_candidates, beam_size=args.beam_size, beam_scorer=args.beam_scorer)
+    break_vec = None
+    if args.lpcm:
+        from lcm_fast.text.paragraphs import load_break
+
+        break_vec = load_break(args.lpcm)
     model_dir = Path(args.model) if args.model else DEMO_DIR
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} is not a model directory (save_pretrained / lcm-fast train)")
     model = lcm_fast.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     if args.data:
-        _generate_corpus(args, model, generation)
+        _generate_corpus(args, model, generation, break_vec)
         return
     encoder = load_encoder(args.encoder, **_encoder_options(args))
     if args.decoder == "sonar":
@@ -337,11 +343,6 @@ def _generate(args: argparse.Namespace) -> None:
             raise ValueError(f"no sentence bank at {bank}: pass --decoder BANK_DIR "
                              "(lcm-fast prepare writes one) or --decoder sonar")
         decoder = RetrievalDecoder.load(bank, args.bank_index)
-    break_vec = None
-    if args.lpcm:
-        from lcm_fast.text.paragraphs import load_break
-
-        break_vec = load_break(args.lpcm)
     result = continue_text(" ".join(args.text), model, encoder, decoder, n_sentences=args.sentences,
                            options=generation, weights=args.weights, break_vec=break_vec)
     if args.json:
@@ -352,7 +353,7 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"{score}{sentence['text']}")
 
 
-def _generate_corpus(args: argparse.Namespace, model, generation) -> None:
+def _generate_corpus(args: argparse.Namespace, model, generation, break_vec) -> None:
     from lcm_fast.text import RetrievalDecoder, SonarDecoder
     from lcm_fast.text.corpus_generation import generate_corpus
 
@@ -366,7 +367,7 @@ def _generate_corpus(args: argparse.Namespace, model, generation) -> None:
         prompt_sentences=args.prompt_sentences, id_column=None if args.id_column == "none" else args.id_column,
         batch_size=args.batch_size, decoder=decoder, decoder_name=args.decoder, weights=args.weights,
         skip_bad_shards=args.skip_bad_shards,
-        backend=args.backend, ray_workers=args.ray_workers, ray_address=args.ray_address)
+        backend=args.backend, ray_workers=args.ray_workers, ray_address=args.ray_address, break_vec=break_vec)
     documents = sum(s["documents"] for s in manifest["shards"].values())
     print(f"{documents} documents in {len(manifest['shards'])} shards -> {args.out}")
     if manifest["failed"]:
@@ -563,6 +564,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     gen.add_argument("--steps", type=int, default=40, help="diffusion steps requested (paper: 40)")
     gen.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (paper: 3)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--num-candidates", type=int, default=1, help="beam search: concepts sampled per beam at each "
+                     "sentence (K; K x B rows per document)")
+    gen.add_argument("--beam-size", type=int, default=1, help="beam search: partial documents kept (B; 1 with K = 1: "
+                     "plain sampling)")
+    gen.add_argument("--beam-scorer", default="consistency", choices=["consistency", "plan"],
+                     help="beam search: score candidates by the model's denoising loss (diffusion LCMs) or by cosine "
+                     "to the LPCM's latest plan (with --lpcm)")
     gen.add_argument("--device", help="default cpu")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                      help="the model's weights and activations (bfloat16: half the weight bytes, ~1.2-1.7x faster "
@@ -571,7 +579,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                      "per-channel scales: half of bf16's bytes per step; default: the model's own weights)")
     gen.add_argument("--json", action="store_true", help='print {"prompt": [...], "sentences": [{"text", "similarity"}]}')
     gen.add_argument("--lpcm", help="an LPCM's break concept (lpcm.pt of its prepare --paragraphs data): its breaks "
-                     "and plans are left out of the printed sentences (--json lists every concept's role and the plans)")
+                     "and plans are left out of the printed sentences (--json lists every concept's role and the plans; with --data the "
+                     "output shards get a roles column)")
     ev = sub.add_parser("eval", help="pre-training metrics (l2, l2-r, CA, PAR) and generation metrics (ROUGE-L, "
                         "OVL-3, REP-4, word ratio) on held-out parquet documents")
     ev.add_argument("--model", required=True, help="model directory")

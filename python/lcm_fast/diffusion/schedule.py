@@ -245,11 +245,15 @@ class DDIMScheduler:
             prev_sample = prev_sample + sigma * variance_noise
         return SchedulerOutput(prev_sample, x0)
 
-    def get_epsilon(self, model_output: Tensor, sample: Tensor, timestep: Timestep) -> Tensor:
-        """The noise implied by the model output under the configured prediction type. [..., D]."""
+    def split(self, model_output: Tensor, sample: Tensor, timestep: Timestep) -> tuple[Tensor, Tensor]:
+        """(x0, eps) implied by the model output at ``sample`` under the configured prediction type. [..., D] each."""
         a_t = self.alphas_cumprod[int(timestep)]
         ptype = PREDICTION_TYPES[_checked(self.config.prediction_type)]
-        return split_prediction(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5, ptype)[1]
+        return split_prediction(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5, ptype)
+
+    def get_epsilon(self, model_output: Tensor, sample: Tensor, timestep: Timestep) -> Tensor:
+        """The noise implied by the model output under the configured prediction type. [..., D]."""
+        return self.split(model_output, sample, timestep)[1]
 
     def _per_sample(self, values: Tensor, timesteps: Tensor, like: Tensor) -> Tensor:
         v = values.to(device=like.device, dtype=like.dtype)[timesteps.to(like.device).long()].flatten()

@@ -1,14 +1,18 @@
-"""Generation: the reference engine (a readable port of the official algorithm) and noise sources."""
+"""Generation: the reference and fast engines, noise sources and beam search over sampled concepts."""
 
+from .beam import Candidates, DenoisingConsistency, PlanSimilarity
 from .generator import GenerationOptions, GenerationOutput, Generator, generate
 from .noise import DocumentNoise, NoiseSource, ReplayNoise, TorchNoise
 
 __all__ = [
+    "Candidates",
+    "DenoisingConsistency",
     "DocumentNoise",
     "GenerationOptions",
     "GenerationOutput",
     "Generator",
     "NoiseSource",
+    "PlanSimilarity",
     "ReplayNoise",
     "TorchNoise",
     "generate",

@@ -11,6 +11,10 @@ same outputs without the waste (see :mod:`lcm_fast.inference.fast`). Base-LCM, O
 their KV-cached decoder in both; the fast engine runs each new position's layers in one op call
 (:class:`FastDecoder`; post-norm layers and ``scale_residual`` keep the modules). One stepper per family, the
 engine a choice inside it; the DDIM + CFG chain of the diffusion families is :class:`~lcm_fast.diffusion.GuidedDDIM`.
+
+Beam search over sampled concepts (``num_candidates`` x ``beam_size`` > 1, :mod:`lcm_fast.inference.beam`) widens every
+document to K x B consecutive rows that run through the same steppers; after each sentence the rows are reordered to
+the chosen beams (repeated rows: the caches copy their parents').
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from ..nn.position import check_positions
 from ..ops import skinny_linear
 from .fast import FastDecoder, FastDenoiser, check_weights, fast_decoder_unsupported
 from .graphs import BatchGraphs, batch_bucket, pad_batch
+from .beam import SCORERS, BeamSearch, Candidates, Scorer, resolve_scorer
 from .planning import SENTENCE, concept_roles
 from .noise import NoiseSource, TorchNoise
 
@@ -56,7 +61,8 @@ def _integer(value: Any) -> bool:
 
 #: GenerationOptions.validate: (names, check, what the check wants, None allowed)
 _OPTION_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str, bool], ...] = (
-    (("max_seq_len", "min_seq_len", "top_k", "inference_timesteps"), lambda v: _integer(v) and v >= 1,
+    (("max_seq_len", "min_seq_len", "top_k", "inference_timesteps", "num_candidates", "beam_size"),
+     lambda v: _integer(v) and v >= 1,
      "an integer >= 1", False),
     (("seed",), _integer, "an integer", True),
     (("guidance_scale",), _real, "a finite number", False),
@@ -69,6 +75,8 @@ _OPTION_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str, bool], .
     (("eos_threshold", "stop_on_repetition_cosine_threshold"), lambda v: _real(v) and -1 <= v <= 1,
      "a cosine in [-1, 1]", True),
     (("break_threshold",), lambda v: _real(v) and -1 <= v <= 1, "a cosine in [-1, 1]", False),
+    (("beam_scorer",), lambda v: isinstance(v, str) and v in SCORERS or not isinstance(v, str) and callable(v),
+     f"one of {sorted(SCORERS)} or a callable", False),
 )
 
 
@@ -116,6 +124,15 @@ class GenerationOptions:
     break_threshold: float = 0.9
     """LPCM (with a ``break_vec``): a concept whose cosine to it reaches this is a break, the next one its plan
     (:mod:`lcm_fast.inference.planning`); ``GenerationOutput.roles`` then labels every concept."""
+    num_candidates: int = 1
+    """Beam search (:mod:`lcm_fast.inference.beam`): concepts sampled per beam at each sentence (K)."""
+    beam_size: int = 1
+    """Beam search: partial documents kept per document (B). K x B rows per document run through each step;
+    K = B = 1 is plain sampling."""
+    beam_scorer: str | Scorer = "consistency"
+    """Beam search: how candidates are scored (higher is better): ``"consistency"`` (the model's denoising loss of
+    the candidate, diffusion LCMs), ``"plan"`` (cosine to the LPCM's latest plan, with a ``break_vec``), or a callable
+    ``scorer(Candidates) -> [R]`` (e.g. :class:`~lcm_fast.inference.beam.PlanSimilarity` with plans)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -169,6 +186,10 @@ class GenerationOutput:
     sequences: list[Tensor]  # each [L_i, sonar_dim], SONAR space
     roles: Optional[list[Tensor]] = None
     """With a ``break_vec`` (LPCM): each sequence's [L_i] int8 roles (sentence 0, break 1, plan 2)."""
+    beams: Optional[list[list[Tensor]]] = None
+    """Beam search: each document's hypotheses, best first (``sequences[i]`` is ``beams[i][0]``), [L, D] each."""
+    beam_scores: Optional[list[Tensor]] = None
+    """Beam search: each document's hypotheses' scores [n_i] float64 (mean score of their generated sentences)."""
 
     def sentences(self, i: int) -> Tensor:
         """Document i's concepts without the LPCM's breaks and plans ([n, sonar_dim]; all of them without roles)."""
@@ -215,6 +236,11 @@ def _validate_prompts(prompts: Tensor, seq_lens: Optional[Tensor], dim: int) -> 
         doc, pos = (int(v) for v in bad.nonzero()[0])
         raise ValueError(f"prompt contains NaN or inf at document {doc}, sentence {pos}")
     return seq_lens
+
+
+def _moves(index: Tensor, rows: int) -> bool:
+    """Whether taking rows ``index`` of ``rows`` active ones changes them (drops, repeats or permutes any)."""
+    return index.numel() != rows or not torch.equal(index, torch.arange(rows, device=index.device))
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -478,6 +504,16 @@ class _TwoTowerStepper:
 
         self.ddim.run(latents.view(B, D), x0.view(B, D), denoise, noise.flatten(1, 2) if noise is not None else None)
 
+    def predict_x0(self, latents: Tensor, t: int) -> Tensor:
+        """Beam scoring: the model's conditional x0 prediction for noisy latents [R, D] (normalized, fp32) at training
+        timestep t, each row on its context (positions before the sentence): [R, D] fp32. The modules, no guidance."""
+        out = self._conditional(latents[:, None].to(self.dtype), t)[:, 0].float()
+        return self.model.noise_scheduler.split(out, latents, t)[0]
+
+    def _conditional(self, x: Tensor, t: int) -> Tensor:  # x: [R, 1, D] model dtype -> [R, 1, D]
+        timesteps = torch.full(x.shape[:2], t, dtype=torch.long, device=x.device)
+        return self.model.denoiser(x, timesteps, self.context, inference=True)
+
     def reorder(self, index: Tensor) -> None:
         for c in self.cache or []:
             c.reorder(index)
@@ -522,6 +558,9 @@ class _OneTowerStepper(_TwoTowerStepper):
 
     def _rows(self, forced: Tensor) -> Optional[Tensor]:
         return None if not forced.any() else (~forced).nonzero().flatten()
+
+    def _conditional(self, x: Tensor, t: int) -> Tensor:
+        return self.model.denoise_step(x, t, self.cache)
 
     def _denoise(self, latents: Tensor, i: int, t: int, rows: Optional[Tensor]) -> Tensor:
         if self.decoder is not None:
@@ -707,21 +746,30 @@ class Generator:
 
         device, dtype = model_device(model), next(model.parameters()).dtype
         B, P_max, D = prompts.shape
+        width = opt.num_candidates * opt.beam_size  # rows per document (1: no beam search)
+        scorer = resolve_scorer(opt.beam_scorer) if width > 1 else None
+        if scorer is not None and hasattr(scorer, "check"):
+            scorer.check(model, self.break_vec)
+        beams = BeamSearch(opt.num_candidates, opt.beam_size, B, device) if width > 1 else None
         P_min = int(seq_lens.min())
         total = P_max + max_gen_len
         seqs = torch.zeros(B, total, D, device=device, dtype=dtype)
         seqs[:, :P_max] = prompts.to(device=device, dtype=dtype)
         prompt_lens = seq_lens.to(device)
-        in_prompt = torch.arange(P_max, device=device)[None, :] < prompt_lens[:, None]  # [B, P_max]
-        rows = torch.arange(B, device=device)  # original index of each active row
+        rows = torch.arange(B, device=device)  # input document of each active row
+        if width > 1:  # every document's rows: its beams' candidates, consecutive
+            seqs, prompt_lens, rows = (t.repeat_interleave(width, 0) for t in (seqs, prompt_lens, rows))
+            noise.expand(width)
+        in_prompt = torch.arange(P_max, device=device)[None, :] < prompt_lens[:, None]  # [R, P_max]
         results: list[Optional[Tensor]] = [None] * B
 
         # the fast engine always caches; Two-Tower's runs any layer, the others' FastDecoder not every layer style
         fast = self.engine == "fast" and (isinstance(model, TwoTowerLCM) or fast_decoder_unsupported(model) is None)
         if self.weights is not None and disable_cache and not isinstance(model, (OneTowerLCM, QuantLCM)):
             raise ValueError(f"weights={self.weights!r} needs the fast engine's cached decode step: drop disable_cache")
+        R = B * width
         if self.cuda_graphs and (not disable_cache or isinstance(model, OneTowerLCM)):  # One-Tower always caches
-            stepper = self._static_stepper(B, total, noise, temperature)
+            stepper = self._static_stepper(R, total, noise, temperature)
         elif isinstance(model, (OneTowerLCM, QuantLCM)):  # always cached: the context cache is the model's state
             stepper = (_QuantStepper if isinstance(model, QuantLCM) else _OneTowerStepper)(
                 model, opt, total, noise, fast, weights=self.weights)
@@ -741,35 +789,65 @@ class Generator:
         for step in range(P_min, total):
             teacher_forced = in_prompt[:, step] if step < P_max else torch.zeros_like(rows, dtype=torch.bool)
             noise.at(step)
-            out = stepper.step(seqs, step, teacher_forced, step_callback)  # [B_active, D]
+            out = stepper.step(seqs, step, teacher_forced, step_callback)  # [R_active, D]
             out[teacher_forced] = seqs[teacher_forced, step]
             stop = torch.zeros_like(teacher_forced)
             if opt.eos_threshold is not None and eos is not None:
                 stop |= F.cosine_similarity(eos, out) >= opt.eos_threshold
             if opt.stop_on_repetition_cosine_threshold is not None:
                 stop |= F.cosine_similarity(seqs[:, step - 1], out) >= opt.stop_on_repetition_cosine_threshold
-            stop &= ~teacher_forced & ((step - prompt_lens) >= min_gen_len)
-            finish = stop | ((step - prompt_lens + 1) >= max_gen_len)
+            generated = step - prompt_lens + 1
+            stop &= ~teacher_forced & (generated > min_gen_len)
+            at_limit = generated >= max_gen_len
             seqs[:, step] = out
-            bar.update(int((~teacher_forced).sum()))
-            for i in finish.nonzero().flatten().tolist():
-                length = step + 1
-                if opt.trim_hypotheses and bool(stop[i]) and not opt.include_eos_token:
-                    length -= 1
-                results[int(rows[i])] = seqs[i, :length].clone()
-            keep = (~finish).nonzero().flatten()
-            bar.set_postfix(documents=f"{B - keep.numel()}/{B} done", refresh=False)
-            if keep.numel() == 0:
+            bar.update(int((~teacher_forced).sum()) // width)
+            trim = torch.full_like(stop, opt.trim_hypotheses and not opt.include_eos_token)
+            if beams is None:
+                finish = stop | at_limit
+                for i in finish.nonzero().flatten().tolist():
+                    results[int(rows[i])] = seqs[i, : step + 1 - int(bool(trim[i] & stop[i]))].clone()
+                index = keep = (~finish).nonzero().flatten()
+            else:
+                scores = None
+                if not teacher_forced.all():
+                    scores = self._score(scorer, stepper, seqs, step, rows, noise)  # type: ignore[arg-type]
+                index, keep, done = beams.advance(seqs, step, scores, stop, at_limit, teacher_forced, rows, generated,
+                                                  trim)
+                for doc in done:
+                    hypotheses, _ = beams.best(doc)
+                    results[doc] = hypotheses[0]
+            bar.set_postfix(documents=f"{sum(r is not None for r in results)}/{B} done", refresh=False)
+            if index.numel() == 0:
                 break
-            if keep.numel() < finish.numel():  # the official code reorders every step; same result
-                seqs, rows, prompt_lens, in_prompt = seqs[keep], rows[keep], prompt_lens[keep], in_prompt[keep]
-                stepper.reorder(keep)
+            if _moves(index, len(rows)):  # the official code reorders every step; same result
+                seqs, rows, prompt_lens, in_prompt = seqs[index], rows[index], prompt_lens[index], in_prompt[index]
+                stepper.reorder(index)
+            if _moves(keep, len(teacher_forced)):
                 noise.reorder(keep)
         bar.close()
         roles = None
         if self.break_vec is not None:
             roles = [concept_roles(seq, self.break_vec, opt.break_threshold) for seq in results]  # type: ignore[arg-type]
-        return GenerationOutput(results, roles)  # type: ignore[arg-type]  (every row finishes by max_gen_len)
+        if beams is None:
+            return GenerationOutput(results, roles)  # type: ignore[arg-type]  (every row finishes by max_gen_len)
+        ranked = [beams.best(doc) for doc in range(B)]
+        return GenerationOutput(results, roles, [h for h, _ in ranked], [s for _, s in ranked])  # type: ignore[arg-type]
+
+    def _score(self, scorer: Scorer, stepper: Any, seqs: Tensor, step: int, documents: Tensor,
+               noise: NoiseSource) -> Tensor:
+        """Beam search: the scores [R] of the candidates at position ``step`` of seqs [R, >= step + 1, D]."""
+        out = seqs[:, step]
+        candidates = Candidates(
+            concepts=out, context=seqs[:, :step], documents=documents, model=self.model,
+            randn=lambda shape: noise.randn(shape, site="beam_score", device=out.device),
+            denoise=getattr(stepper, "predict_x0", None), break_vec=self.break_vec,
+            break_threshold=self.options.break_threshold)
+        scores = scorer(candidates)
+        if not isinstance(scores, Tensor) or scores.shape != (len(out),) or scores.isnan().any():
+            raise ValueError(f"beam scorer {scorer!r} must return a [{len(out)}] tensor without NaN, got "
+                             f"{scores.shape if isinstance(scores, Tensor) else type(scores).__name__}"
+                             f"{' with NaN' if isinstance(scores, Tensor) and scores.isnan().any() else ''}")
+        return scores
 
     def _static_stepper(self, batch: int, length: int, noise: NoiseSource,
                         temperature: float) -> _TwoTowerStepper | _BaseLCMStepper:

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 #: where a draw comes from: the initial diffusion latents, the DDIM eta noise, Base-LCM sampling,
-#: Quant-LCM unit sampling
-SITES = ("initial_latents", "ddim_variance", "latent_sample", "unit_sample")
+#: Quant-LCM unit sampling, a beam scorer's draws (:class:`~lcm_fast.inference.beam.DenoisingConsistency`)
+SITES = ("initial_latents", "ddim_variance", "latent_sample", "unit_sample", "beam_score")
 
 
 class NoiseSource:
@@ -36,6 +36,11 @@ class NoiseSource:
 
     def reorder(self, index: Tensor) -> None:
         """The active documents are now rows ``index`` [n] of the previous ones (finished ones dropped)."""
+
+    def expand(self, width: int) -> None:
+        """Beam search: every active document becomes ``width`` consecutive rows (its beams' candidates), each with
+        its own draws; row 0 of a document keeps the document's. Called before any draw; rows then stay in place
+        (a row's noise belongs to its slot, not to the beam that moves into it)."""
 
 
 class TorchNoise(NoiseSource):
@@ -86,7 +91,8 @@ class DocumentNoise(NoiseSource):
     """Noise keyed by document: row i of every draw at position p comes from a generator seeded by
     :func:`document_seed` (seed, keys[i], p) and continued through that position's draws (their order is the
     algorithm's, the same in every batch). So a document's draws do not depend on the other documents, the
-    batch size, its row or the prompts' lengths around it. keys: one per prompt row (the documents' ids)."""
+    batch size, its row or the prompts' lengths around it. keys: one per prompt row (the documents' ids). Beam search's
+    candidate rows of a document are keyed by (key, j) (:meth:`expand`), so they too do not depend on the batch."""
 
     def __init__(self, seed: int, keys: Sequence[str | int]) -> None:
         self.seed, self.keys = int(seed), list(keys)
@@ -95,6 +101,10 @@ class DocumentNoise(NoiseSource):
     def at(self, position: int) -> None:
         self.position = position
         self._generators: Optional[list[torch.Generator]] = None  # seeded at the position's first draw
+
+    def expand(self, width: int) -> None:
+        self.keys = [key if j == 0 else (key, j) for key in self.keys for j in range(width)]
+        self._generators = None
 
     def reorder(self, index: Tensor) -> None:
         rows = index.tolist()

@@ -11,7 +11,9 @@ Exactness: a shard's documents are generated in batches of similar prompt length
 document with its own noise (:class:`~lcm_fast.inference.noise.DocumentNoise` keyed by its id and position). A
 document's output does not depend on its batch beyond fp32 rounding (differently shaped kernels), and a shard's
 batches are the same whoever runs it, so a run resumed or spread over Ray workers writes the bytes of one
-uninterrupted single-process run.
+uninterrupted single-process run with the same BLAS threading (Ray's one-CPU actors run MKL single-threaded, whose
+kernels differ from its threaded ones in the last bit on some CPUs, which can change an fp16 output by one unit).
+Beam search (``options.num_candidates``, ``beam_size``) keys each candidate's noise as well, so it keeps all of this.
 
 Resuming: output shards are written atomically (a temporary file, then a rename) and the manifest, rewritten
 atomically after each shard, lists the finished ones; a run in the same directory skips them. A directory whose
@@ -36,6 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..inference import DocumentNoise, GenerationOptions, Generator
+from ..inference.beam import SCORERS
 from ..inference.generator import model_device
 from ..training.data import DataError, embeddings_column, read_documents
 from .encoders import Decoder
@@ -57,6 +60,7 @@ class CorpusJob:
     decoder: Optional[str]  # the decoder's name when texts are written
     eos_vec: Optional[str]  # SHA-256 of the end-of-text vector that stops documents (None: none given)
     weights: Optional[str] = None  # the decode step's weight format (Generator's ``weights``)
+    break_vec: Optional[str] = None  # SHA-256 of an LPCM's break concept: outputs label roles (None: none given)
 
 
 def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
@@ -83,6 +87,10 @@ def model_identity(model: torch.nn.Module) -> dict[str, Any]:
         count += t.numel()
     return {"family": type(model).__name__, "sonar_dim": int(model.sonar_dim), "numel": count,
             "sha256": digest.hexdigest()}
+
+
+def _digest(vector: Optional[Tensor]) -> Optional[str]:
+    return hashlib.sha256(vector.float().cpu().numpy().tobytes()).hexdigest() if vector is not None else None
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -113,16 +121,18 @@ def _read_prompts(path: Path, dim: int, job: CorpusJob, max_seq_len: int) -> tup
 
 
 def generate_shard(model: torch.nn.Module, job: CorpusJob, path: Path, out: Path, decoder: Optional[Decoder] = None,
-                   eos_vec: Optional[Tensor] = None, on_batch: Callable[[int], None] = lambda n: None) -> int:
+                   eos_vec: Optional[Tensor] = None, on_batch: Callable[[int], None] = lambda n: None,
+                   break_vec: Optional[Tensor] = None) -> int:
     """Generates for every document of input shard ``path`` and writes output shard ``out`` atomically; returns the
     number of documents. ``on_batch(n)`` is called after each batch of n documents."""
     ids, prompts = _read_prompts(path, model.sonar_dim, job, model.config.max_seq_len)
     keys = ids.to_pylist()
     options = GenerationOptions.from_dict(job.options)
-    generator = Generator(model, options, eos_vec, weights=job.weights)
+    generator = Generator(model, options, eos_vec, weights=job.weights, break_vec=break_vec)
     device, D = model_device(model), model.sonar_dim
     order = sorted(range(len(prompts)), key=lambda i: prompts[i].shape[0])  # stable: batches of similar length
     generated: list[Optional[Tensor]] = [None] * len(prompts)
+    roles: list[Optional[Tensor]] = [None] * len(prompts)
     for start in range(0, len(order), job.batch_size):
         rows = order[start:start + job.batch_size]
         lens = torch.tensor([prompts[i].shape[0] for i in rows])
@@ -133,11 +143,15 @@ def generate_shard(model: torch.nn.Module, job: CorpusJob, path: Path, out: Path
         result = generator(batch.to(device), lens, max_gen_len=job.max_gen_len, noise=noise, progress=False)
         for j, i in enumerate(rows):
             generated[i] = result.sequences[j][int(lens[j]):].float().cpu()
+            if result.roles is not None:
+                roles[i] = result.roles[j][int(lens[j]):]
         on_batch(len(rows))
     docs: list[Tensor] = generated  # type: ignore[assignment]  (every row was generated)
     columns = {"id": ids, "prompt_len": pa.array([p.shape[0] for p in prompts], pa.int32()),
                "length": pa.array([d.shape[0] for d in docs], pa.int32()),
                "embeddings": embeddings_column(docs, D)}
+    if break_vec is not None:  # the LPCM's breaks and plans stay in the concepts, labelled (0 sentence, 1 break, 2 plan)
+        columns["roles"] = pa.array([r.tolist() for r in roles], pa.list_(pa.int8()))  # type: ignore[union-attr]
     if decoder is not None:
         texts = decoder.decode(torch.cat(docs)) if any(d.shape[0] for d in docs) else []
         offsets = [0] + torch.tensor([d.shape[0] for d in docs]).cumsum(0).tolist()
@@ -153,16 +167,16 @@ class _RayShardGenerator:
     """Ray Data actor: one model (on the actor's GPU when it has one) for the shards it is given."""
 
     def __init__(self, model: torch.nn.Module, job: CorpusJob, decoder: Optional[Decoder],
-                 eos_vec: Optional[Tensor]) -> None:
+                 eos_vec: Optional[Tensor], break_vec: Optional[Tensor]) -> None:
         self.model = model.to("cuda") if torch.cuda.is_available() else model
-        self.job, self.decoder, self.eos_vec = job, decoder, eos_vec
+        self.job, self.decoder, self.eos_vec, self.break_vec = job, decoder, eos_vec, break_vec
 
     def __call__(self, batch: dict) -> dict:
         documents, errors = [], []
         for path, out in zip(batch["path"], batch["out"]):
             try:
                 documents.append(generate_shard(self.model, self.job, Path(str(path)), Path(str(out)), self.decoder,
-                                                self.eos_vec))
+                                                self.eos_vec, break_vec=self.break_vec))
                 errors.append("")
             except DataError as e:  # the driver reports it, and stops or goes on (skip_bad_shards)
                 documents.append(0)
@@ -190,7 +204,7 @@ def generate_corpus(
     options: Optional[GenerationOptions] = None, prompt_sentences: Optional[int] = None, id_column: Optional[str] = "id",
     batch_size: Optional[int] = None, decoder: Optional[Decoder] = None, decoder_name: Optional[str] = None,
     eos_vec: Optional[Tensor] = None, weights: Optional[str] = None, skip_bad_shards: bool = False,
-    backend: str = "local",
+    backend: str = "local", break_vec: Optional[Tensor] = None,
     ray_workers: Optional[int] = None, ray_address: Optional[str] = None, progress: bool = True,
 ) -> dict[str, Any]:
     """Generates ``max_gen_len`` sentences for every document of the parquet shards ``inputs`` (paths or globs) with
@@ -201,7 +215,9 @@ def generate_corpus(
     prompt_sentences: the prompt is a document's first sentences (None: all). id_column: the documents' ids
     (None: "<shard file name>#<row>"). batch_size: documents per batch (default :func:`default_batch_size`).
     decoder: also write the generated sentences' texts (``decoder_name`` names it in the manifest). weights: the
-    decode step's weight format (:class:`~lcm_fast.Generator`'s; ``"int8"``: weight-only int8).
+    decode step's weight format (:class:`~lcm_fast.Generator`'s; ``"int8"``: weight-only int8). break_vec: an
+    LPCM's break concept: the outputs get a ``roles`` column (each generated concept's role: 0 sentence, 1 break,
+    2 plan; the concepts and texts keep them all).
     skip_bad_shards: a shard that cannot be read (DataError) is reported in ``failed`` and the run goes on;
     otherwise it stops the run with that error (finished shards are kept). backend: ``local`` (this process) or
     ``ray`` (a Ray Data actor pool of ``ray_workers`` actors, one model each, one GPU each where the cluster has
@@ -214,6 +230,9 @@ def generate_corpus(
     options = options or GenerationOptions.recommended(seed=0)
     if options.seed is None:
         raise ValueError("corpus generation keys each document's noise by the seed: options.seed must be set")
+    if not isinstance(options.beam_scorer, str):
+        raise ValueError("corpus generation records its options in the manifest: give beam_scorer by name "
+                         f"({sorted(SCORERS)}), not a callable ({options.beam_scorer!r})")
     for name, value in (("max_gen_len", max_gen_len), ("prompt_sentences", prompt_sentences or 1),
                         ("batch_size", batch_size or 1)):
         if not isinstance(value, int) or value < 1:
@@ -224,8 +243,7 @@ def generate_corpus(
     job = CorpusJob(options=asdict(options), max_gen_len=max_gen_len, prompt_sentences=prompt_sentences,
                     id_column=id_column, batch_size=batch_size or default_batch_size(model_device(model)),
                     decoder=(decoder_name or type(decoder).__name__) if decoder is not None else None,
-                    eos_vec=hashlib.sha256(eos_vec.float().cpu().numpy().tobytes()).hexdigest()
-                    if eos_vec is not None else None, weights=weights)
+                    eos_vec=_digest(eos_vec), weights=weights, break_vec=_digest(break_vec))
     identity = model_identity(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,7 +285,7 @@ def generate_corpus(
     if backend == "local":
         for path in todo:
             try:
-                n = generate_shard(model, job, path, out / outputs[str(path)], decoder, eos_vec, bar.update)
+                n = generate_shard(model, job, path, out / outputs[str(path)], decoder, eos_vec, bar.update, break_vec)
                 finished(str(path), n, "")
             except DataError as e:
                 finished(str(path), 0, str(e))
@@ -280,7 +298,7 @@ def generate_corpus(
         pool = ray.data.ActorPoolStrategy(size=ray_workers) if ray_workers else ray.data.ActorPoolStrategy(min_size=1)
         rows = [{"path": str(p), "out": str(out / outputs[str(p)])} for p in todo]
         results = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(  # a block per shard
-            _RayShardGenerator, fn_constructor_args=(shipped, job, decoder, eos_vec),
+            _RayShardGenerator, fn_constructor_args=(shipped, job, decoder, eos_vec, break_vec),
             batch_size=1, compute=pool, num_gpus=1 if gpus else None)
         for row in results.iter_rows():
             finished(str(row["path"]), int(row["documents"]), str(row["error"]))

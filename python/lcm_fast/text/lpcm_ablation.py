@@ -12,11 +12,14 @@ for the same steps and scores the coherence of their generations with an LLM jud
 - **A coherence proxy** of generations: each test document's first ``PROMPT`` sentences continued by ``GENERATE``
   concepts (the LPCM's breaks and plans left out); ``local``: mean cosine of consecutive generated sentences,
   ``topic``: mean cosine of a generated sentence to the prompt's mean, both in the encoder's space; the same
-  numbers for the documents' real continuations are the yardstick.
+  numbers for the documents' real continuations are the yardstick; also with beam search over concepts (4 candidates
+  x 2 beams, :mod:`lcm_fast.inference.beam`): the denoising-consistency scorer for both models, the LPCM's plan
+  scorer (cosine to its latest plan) for the LPCM.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from pathlib import Path
@@ -41,6 +44,9 @@ from .repro import _shrink, _write_split
 
 PROMPT, GENERATE = 4, 8
 MODELS = ("One-Tower", "LPCM")
+#: generation settings of the proxy: (row suffix, beam scorer or None: sampling one); beam search is 4 candidates x 2
+#: beams (lcm_fast.inference.beam); the plan scorer only for the LPCM
+SEARCHES = (("", None), (" + beam 4x2, consistency", "consistency"), (" + beam 4x2, plan", "plan"))
 
 
 def _is_test(doc) -> bool:
@@ -106,19 +112,30 @@ def run(out_dir: str | Path, *, steps: int = 600, quick: bool = False, device: O
                                                                max_sentences=128, max_concepts=2048)).train(progress=False).eval()
         metrics = evaluate(trained, data[name]["test"], max_docs=4 if quick else 64, generate_sentences=0)["teacher_forced"]
         prompts = [torch.tensor(emb[:PROMPT])[None] for emb, _ in test_docs]
-        scores, structure = [], 0
-        for prompt in prompts:
-            result = generate(trained, prompt.to(device), max_gen_len=GENERATE, options=options,
-                              break_vec=break_vec if name == "LPCM" else None)
-            content = result.sentences(0)[PROMPT:]
-            structure += GENERATE - len(content)
-            scores.append(_coherence(content.cpu(), prompt[0]))
-        results[name] = {**{k: metrics[k] for k in ("l2", "par", "ca")}, "local": _mean([s[0] for s in scores]),
-                         "topic": _mean([s[1] for s in scores]), "structure_concepts": structure / max(1, len(prompts))}
+        results[name] = {k: metrics[k] for k in ("l2", "par", "ca")}
+        for search, scorer in SEARCHES:
+            if scorer == "plan" and name != "LPCM":
+                continue
+            beams = dict(num_candidates=4, beam_size=2, beam_scorer=scorer) if scorer else {}
+            results[f"{name}{search}"] = {**results.get(f"{name}{search}", {}), **_proxy(
+                trained, prompts, dataclasses.replace(options, **beams), break_vec if name == "LPCM" else None, device)}
     results["test_documents"] = len(test_docs)
     (out / "lpcm.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "lpcm.md").write_text(markdown(results))
     return results
+
+
+def _proxy(model, prompts: list[torch.Tensor], options: GenerationOptions, break_vec: Optional[torch.Tensor],
+           device: str) -> dict[str, float]:
+    """The coherence proxy of the model's continuations of ``prompts`` ([1, PROMPT, D] each)."""
+    scores, structure = [], 0
+    for prompt in prompts:
+        result = generate(model, prompt.to(device), max_gen_len=GENERATE, options=options, break_vec=break_vec)
+        content = result.sentences(0)[PROMPT:]
+        structure += GENERATE - len(content)
+        scores.append(_coherence(content.cpu(), prompt[0]))
+    return {"local": _mean([s[0] for s in scores]), "topic": _mean([s[1] for s in scores]),
+            "structure_concepts": structure / max(1, len(prompts))}
 
 
 def _mean(values: list[float]) -> float:
@@ -129,9 +146,13 @@ def _mean(values: list[float]) -> float:
 def markdown(results: dict) -> str:
     rows = ["| | l2 | PAR | CA | local coherence | topic | breaks + plans per document |", "|---|---|---|---|---|---|---|"]
     for name in MODELS:
-        r = results[name]
-        rows.append(f"| {name} | {r['l2']:.4f} | {r['par']:.4f} | {r['ca']:.4f} | {r['local']:.4f} | {r['topic']:.4f} | "
-                    f"{r['structure_concepts']:.2f} |")
+        for search, _ in SEARCHES:
+            if f"{name}{search}" not in results:
+                continue
+            r = results[f"{name}{search}"]
+            metrics = f"{r['l2']:.4f} | {r['par']:.4f} | {r['ca']:.4f}" if not search else " | |"
+            rows.append(f"| {name}{search} | {metrics} | {r['local']:.4f} | {r['topic']:.4f} | "
+                        f"{r['structure_concepts']:.2f} |")
     real = results["real continuation"]
     rows.append(f"| real continuation | | | | {real['local']:.4f} | {real['topic']:.4f} | |")
     return (f"LPCM ablation ({results['steps']} steps each, {results['test_documents']} test documents, prompts of "
