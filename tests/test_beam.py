@@ -155,13 +155,14 @@ def test_scores_are_the_mean_of_the_sentences_and_beat_sampling_one(family):
     assert best.mean() > sampled.mean()
 
 
-@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "one_tower_diffusion_lcm"])
-def test_denoising_consistency_on_both_engines_and_static_shapes(family):
-    """The consistency scorer through the fast engine (caches reordered with repeated rows), the static-shape path
-    and the reference engine: the same beams."""
+@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "one_tower_diffusion_lcm", "base_lcm"])
+def test_both_engines_and_static_shapes_agree(family):
+    """Beam search through the fast engine (caches reordered with repeated rows), the static-shape path (in place)
+    and the reference engine: the same beams (the diffusion families with the consistency scorer)."""
     model = _model(family)
     prompts, lens = torch.randn(2, 3, 24), torch.tensor([3, 2])
-    options = _options(family, num_candidates=3, beam_size=2)
+    options = _options(family, num_candidates=3, beam_size=2,
+                       beam_scorer=Target() if family == "base_lcm" else "consistency")
     runs = {engine: lcm_fast.generate(model, prompts, lens, options=options, engine=engine, max_gen_len=3)
             for engine in ("fast", "reference")}
     with pytest.warns(UserWarning, match="not on a GPU"):

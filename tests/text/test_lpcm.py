@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lcm_fast
 from lcm_fast.text import RetrievalDecoder, load_encoder
@@ -61,6 +62,14 @@ def test_structure_layout():
     assert plans.texts[3] == "plan b" and not plans.embeddings[3].any()
     with pytest.raises(ValueError, match="1 plans for 2 paragraphs"):
         structure(paragraphs, emb, brk, (["plan a"], torch.zeros(1, 8)))
+    # the mean plan: the paragraph's mean direction at its sentences' mean norm, shown as its central sentence
+    mean = structure(paragraphs, emb, brk, plan_source="mean")
+    plan = mean.embeddings[3]
+    torch.testing.assert_close(F.normalize(plan, dim=0), F.normalize(emb[2:].mean(0), dim=0))
+    torch.testing.assert_close(plan.norm(), emb[2:].norm(dim=-1).mean())
+    assert mean.texts[3] == "b2" and torch.equal(mean.embeddings[:3], out.embeddings[:3])
+    with pytest.raises(ValueError, match="unknown computed plan source 'llm'"):
+        structure(paragraphs, emb, brk, plan_source="llm")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +96,12 @@ def test_prepare_paragraphs(tmp_path, encoder):
     row = pq.read_table(tmp_path / "text" / manifest["shards"][0]).to_pylist()[0]
     assert row["sentences"][4] == "q" and torch.allclose(torch.tensor(row["embeddings"][4]), encoder.encode(["q"])[0],
                                                          atol=1e-3)
+    manifest = prepare([tmp_path / "docs.jsonl"], tmp_path / "mean", encoder, paragraphs=True, plan_source="mean",
+                       progress=False)
+    row = pq.read_table(tmp_path / "mean" / manifest["shards"][0]).to_pylist()[0]
+    paragraph = torch.tensor(row["embeddings"][5:9])  # B's sentences (fp16 in the shard)
+    assert manifest["options"]["plan_source"] == "mean" and row["roles"] == rows[0]["roles"]
+    assert F.cosine_similarity(torch.tensor(row["embeddings"][4]), paragraph.mean(0), dim=0) > 0.999
     with pytest.raises(DataError, match="document 1 has 1 paragraphs .blank-line separated. but 2 plan texts"):
         prepare([tmp_path / "docs.jsonl"], tmp_path / "bad", encoder, paragraphs=True, plan_source="text",
                 plan_column="plans", progress=False)
@@ -216,10 +231,11 @@ def test_the_ablation_runs_end_to_end(tmp_path, capsys):
 
     main(["repro", "--lpcm", "--quick", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "lpcm.json").read_text())
-    for name in ("One-Tower", "LPCM"):
+    for name in ("One-Tower", "LPCM", "LPCM, mean plans"):
         assert set(results[name]) == {"l2", "par", "ca", "local", "topic", "structure_concepts"}
         assert all(v == v for v in results[name].values())  # no NaN
-    for name in ("One-Tower + beam 4x2, consistency", "LPCM + beam 4x2, consistency", "LPCM + beam 4x2, plan"):
+    for name in ("One-Tower + beam 4x2, consistency", "LPCM + beam 4x2, consistency", "LPCM + beam 4x2, plan",
+                 "LPCM, mean plans + beam 4x2, plan"):
         assert set(results[name]) == {"local", "topic", "structure_concepts"}
     assert "One-Tower + beam 4x2, plan" not in results  # the plan scorer needs the LPCM's breaks
     plain = pq.read_table(next((tmp_path / "data" / "train-plain").glob("*.parquet"))).to_pylist()

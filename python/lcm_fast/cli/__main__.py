@@ -529,9 +529,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       help="the LPCM's data (train --variant lpcm): paragraphs (blank lines, else SaT when configured, "
                       "else line breaks, else groups of 5 sentences; at most 10 sentences each, one-sentence runs "
                       "merged), a break concept after each and a plan concept before each following one")
-    prep.add_argument("--plan-source", default="extractive", choices=["extractive", "text"],
-                      help="--paragraphs: the plan concept is the paragraph's most central sentence (extractive) or "
-                      "a plan text of the input (text: --plan-column, one per blank-line paragraph)")
+    prep.add_argument("--plan-source", default="extractive", choices=["extractive", "mean", "text"],
+                      help="--paragraphs: the plan concept is the paragraph's most central sentence (extractive), the "
+                      "mean of its sentences at their norm (mean), or a plan text of the input (text: --plan-column, "
+                      "one per blank-line paragraph)")
     prep.add_argument("--plan-column", default="plans", help="--plan-source text: the input's list of plan texts")
     gen = sub.add_parser("generate", help="continue a text with an LCM (default: the shipped demo model, offline)",
                          description="Segments the text, encodes it, generates sentences with the fast engine and "

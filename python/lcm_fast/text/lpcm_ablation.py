@@ -5,16 +5,18 @@ for the same steps and scores the coherence of their generations with an LLM jud
 
 - **Data**: the prose of the Python language reference (``lcm_fast.text.corpus``), whose sections keep their
   paragraphs (the shipped excerpts have none), split by document (one in 5 for test, by a hash of the title: a
-  larger test set than repro's 1 in 20, from 200 documents), prepared with ``--paragraphs`` (extractive plans) and
-  encoded with the packaged MiniLM; the baseline's data is the same shards without the break and plan rows.
-- **Models**: the ``small_one_tower`` preset (the same size for both), the same steps, batches and seed.
+  larger test set than repro's 1 in 20, from 200 documents), prepared with ``--paragraphs`` and encoded with the
+  packaged MiniLM, once with extractive plans (a copy of the paragraph's central sentence) and once with mean plans
+  (the mean of its sentences: a plan that copies none); the baseline's data is the same shards without the break and
+  plan rows.
+- **Models**: the ``small_one_tower`` preset (the same size for all three), the same steps, batches and seed.
 - **Pre-training metrics** on the test documents' sentences (l2, PAR, CA: break and plan targets are not scored).
 - **A coherence proxy** of generations: each test document's first ``PROMPT`` sentences continued by ``GENERATE``
   concepts (the LPCM's breaks and plans left out); ``local``: mean cosine of consecutive generated sentences,
   ``topic``: mean cosine of a generated sentence to the prompt's mean, both in the encoder's space; the same
   numbers for the documents' real continuations are the yardstick; also with beam search over concepts (4 candidates
-  x 2 beams, :mod:`lcm_fast.inference.beam`): the denoising-consistency scorer for both models, the LPCM's plan
-  scorer (cosine to its latest plan) for the LPCM.
+  x 2 beams, :mod:`lcm_fast.inference.beam`): the denoising-consistency scorer for every model, the plan scorer
+  (cosine to the latest plan) for the LPCMs.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from .prepare import LPCM_FILE, prepare
 from .repro import _shrink, _write_split
 
 PROMPT, GENERATE = 4, 8
-MODELS = ("One-Tower", "LPCM")
+#: the models: (name, plan source of its data or None: the One-Tower on the sentences alone)
+MODELS = (("One-Tower", None), ("LPCM", "extractive"), ("LPCM, mean plans", "mean"))
 #: generation settings of the proxy: (row suffix, beam scorer or None: sampling one); beam search is 4 candidates x 2
 #: beams (lcm_fast.inference.beam); the plan scorer only for the LPCM
 SEARCHES = (("", None), (" + beam 4x2, consistency", "consistency"), (" + beam 4x2, plan", "plan"))
@@ -83,14 +86,16 @@ def run(out_dir: str | Path, *, steps: int = 600, quick: bool = False, device: O
     if quick:
         docs = docs[:10] + [d for d in docs if _is_test(d)][:2]
     encoder = load_encoder("minilm")
-    files = {}
-    for split in ("train", "test"):
-        chosen = [d for d in docs if _is_test(d) == (split == "test")]
-        manifest = prepare([_write_split(chosen, out / f"{split}.jsonl")], out / "data" / split, encoder,
-                           paragraphs=True, progress=False)
-        files[split] = [str(out / "data" / split / shard) for shard in manifest["shards"]]
-    data = {"LPCM": files, "One-Tower": {split: _without_structure(f, out / "data" / f"{split}-plain")
-                                          for split, f in files.items()}}
+    data: dict = {}
+    for name, source in MODELS[1:]:
+        files = data[name] = {}
+        for split in ("train", "test"):
+            chosen = [d for d in docs if _is_test(d) == (split == "test")]
+            directory = out / "data" / f"{split}{'' if source == 'extractive' else '-' + source}"
+            manifest = prepare([_write_split(chosen, out / f"{split}.jsonl")], directory, encoder, paragraphs=True,
+                               plan_source=source, progress=False)
+            files[split] = [str(directory / shard) for shard in manifest["shards"]]
+    data["One-Tower"] = {split: _without_structure(f, out / "data" / f"{split}-plain") for split, f in data["LPCM"].items()}
     break_vec = load_break(out / "data" / "train" / LPCM_FILE)
     normalizer = SonarNormalizer.fit(sample_embeddings([(f, 1.0) for f in data["One-Tower"]["train"]], encoder.dim,
                                                        100_000))
@@ -101,11 +106,11 @@ def run(out_dir: str | Path, *, steps: int = 600, quick: bool = False, device: O
     reference = [_coherence(torch.tensor(emb[PROMPT : PROMPT + GENERATE]), torch.tensor(emb[:PROMPT]))
                  for emb, _ in test_docs]
     results["real continuation"] = {"local": _mean([r[0] for r in reference]), "topic": _mean([r[1] for r in reference])}
-    for name in MODELS:
+    for name, source in MODELS:
         torch.manual_seed(0)
         model = build_model(_shrink(archs.get_arch("small_one_tower_diffusion_lcm"), quick, encoder.dim, 128))
         model.normalizer.load_state_dict(normalizer.state_dict())
-        config = TrainConfig(variant="lpcm" if name == "LPCM" else "one_tower", steps=results["steps"], lr=1e-3,
+        config = TrainConfig(variant="lpcm" if source else "one_tower", steps=results["steps"], lr=1e-3,
                              warmup_steps=1 if quick else steps // 10, save_every=0, log_every=max(1, steps // 10),
                              out_dir=str(out / "runs" / name))
         trained = Trainer(model.to(device), config, DataConfig(files=data[name]["train"], dim=encoder.dim,
@@ -114,11 +119,11 @@ def run(out_dir: str | Path, *, steps: int = 600, quick: bool = False, device: O
         prompts = [torch.tensor(emb[:PROMPT])[None] for emb, _ in test_docs]
         results[name] = {k: metrics[k] for k in ("l2", "par", "ca")}
         for search, scorer in SEARCHES:
-            if scorer == "plan" and name != "LPCM":
+            if scorer == "plan" and not source:
                 continue
             beams = dict(num_candidates=4, beam_size=2, beam_scorer=scorer) if scorer else {}
             results[f"{name}{search}"] = {**results.get(f"{name}{search}", {}), **_proxy(
-                trained, prompts, dataclasses.replace(options, **beams), break_vec if name == "LPCM" else None, device)}
+                trained, prompts, dataclasses.replace(options, **beams), break_vec if source else None, device)}
     results["test_documents"] = len(test_docs)
     (out / "lpcm.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "lpcm.md").write_text(markdown(results))
@@ -145,7 +150,7 @@ def _mean(values: list[float]) -> float:
 
 def markdown(results: dict) -> str:
     rows = ["| | l2 | PAR | CA | local coherence | topic | breaks + plans per document |", "|---|---|---|---|---|---|---|"]
-    for name in MODELS:
+    for name, _ in MODELS:
         for search, _ in SEARCHES:
             if f"{name}{search}" not in results:
                 continue

@@ -30,7 +30,9 @@ FALLBACK_SENTENCES = 5
 #: the break concept is the encoder's embedding of this text, a typographic section break (a "dinkus"): a real
 #: point of the embedding space with the norm statistics of sentences, decodable, and far from prose
 BREAK_TEXT = "* * *"
-PLAN_SOURCES = ("extractive", "text")
+PLAN_SOURCES = ("extractive", "mean", "text")
+#: the plan sources computed from the paragraph itself (``text`` comes with the data)
+COMPUTED_PLANS = ("extractive", "mean")
 
 
 def _paragraph_texts(text: str) -> list[str]:
@@ -82,6 +84,19 @@ def central_sentence(embeddings: Tensor) -> int:
     return int((unit @ unit.T).mean(1).argmax())
 
 
+def computed_plan(embeddings: Tensor, source: str) -> tuple[Tensor, int]:
+    """The plan of a paragraph from its sentences, embeddings [n, D] -> (plan [D], the index of the sentence whose
+    text stands for it). ``extractive``: its :func:`central_sentence`. ``mean``: the mean of its sentences rescaled to
+    their mean norm (an abstract of the paragraph that copies none of its sentences), text: the central sentence."""
+    c = central_sentence(embeddings)
+    if source == "extractive":
+        return embeddings[c], c
+    if source != "mean":
+        raise ValueError(f"unknown computed plan source {source!r}; expected one of {COMPUTED_PLANS}")
+    mean = embeddings.float().mean(0)
+    return (mean * embeddings.float().norm(dim=-1).mean() / mean.norm().clamp_min(1e-12)).to(embeddings.dtype), c
+
+
 def load_break(path: str | Path) -> Tensor:
     """The break concept [D] stored with paragraph-structured data (``DIR/lpcm.pt`` of ``prepare --paragraphs``)."""
     try:
@@ -103,10 +118,10 @@ class Structured:
 
 
 def structure(paragraphs: Sequence[Sequence[str]], embeddings: Tensor, break_embedding: Tensor,
-              plans: Optional[tuple[Sequence[str], Tensor]] = None) -> Structured:
+              plans: Optional[tuple[Sequence[str], Tensor]] = None, plan_source: str = "extractive") -> Structured:
     """``p1 BREAK PLAN(p2) p2 ... pn BREAK``. embeddings: [sum of paragraph lengths, D] of the sentences in order;
     break_embedding: [D]; plans: (texts, [n, D] embeddings), one per paragraph (the first one's is unused), or None
-    for the extractive plan (each paragraph's :func:`central_sentence`)."""
+    for plans computed from each paragraph by ``plan_source`` (:func:`computed_plan`)."""
     sizes = [len(p) for p in paragraphs]
     if sum(sizes) != embeddings.shape[0]:
         raise ValueError(f"{sum(sizes)} sentences but {embeddings.shape[0]} embeddings")
@@ -116,8 +131,8 @@ def structure(paragraphs: Sequence[Sequence[str]], embeddings: Tensor, break_emb
     for k, (paragraph, emb) in enumerate(zip(paragraphs, embeddings.split(sizes))):
         if k > 0:
             if plans is None:
-                c = central_sentence(emb)
-                rows.append(emb[c : c + 1]), texts.append(paragraph[c])
+                plan, c = computed_plan(emb, plan_source)
+                rows.append(plan[None]), texts.append(paragraph[c])
             else:
                 rows.append(plans[1][k : k + 1]), texts.append(plans[0][k])
             roles.append(PLAN)

@@ -10,8 +10,9 @@ sentences and their embeddings become the retrieval decoder's bank (``DIR/bank``
 ``paragraphs=True`` (``--paragraphs``) prepares the Large Planning Concept Model's data (paper section 4.3,
 :mod:`lcm_fast.text.paragraphs`): documents as paragraphs, a break concept after each (the encoder's embedding of
 ``BREAK_TEXT``, stored as ``DIR/lpcm.pt``) and a plan concept before each paragraph after a break, from
-``plan_source``: ``extractive`` (the paragraph's most central sentence) or ``text`` (the input's ``plan_column``:
-one plan text per blank-line paragraph, which are then taken as they are). Shards gain a ``roles`` column.
+``plan_source``: ``extractive`` (the paragraph's most central sentence), ``mean`` (the mean of its sentences at
+their norm: a plan that copies none of them) or ``text`` (the input's ``plan_column``: one plan text per
+blank-line paragraph, which are then taken as they are). Shards gain a ``roles`` column.
 
 ``backend="ray"`` (with ``ray[data]`` installed) encodes and writes the shards on a Ray Data actor pool
 (one encoder per actor, for a multi-machine cluster: ``ray.init(address=...)`` first, and ``out_dir`` on
@@ -96,10 +97,11 @@ def read_documents_text(path: str | Path, text_column: str = "text",
             yield str(record[text_column]), [str(p) for p in record[plan_column]]
 
 
-def _paragraphed(path: Path, index: int, doc, max_chars: int) -> dict:
-    """An LPCM document: {"paragraphs": [[sentences]], "plans": [texts] or None}."""
+def _paragraphed(path: Path, index: int, doc, max_chars: int, plan_source: str) -> dict:
+    """An LPCM document: {"paragraphs": [[sentences]], "plans": [texts] or None, "plan_source": how plans are
+    computed when there are no plan texts}."""
     if isinstance(doc, str):
-        return {"paragraphs": split_paragraphs(doc, max_chars), "plans": None}
+        return {"paragraphs": split_paragraphs(doc, max_chars), "plans": None, "plan_source": plan_source}
     text, plans = doc  # the user's plans: one per blank-line paragraph, the paragraphs as given
     paragraphs = [p for p in (segment(b, max_chars) for b in text.replace("\r\n", "\n").split("\n\n")) if p]
     if len(plans) != len(paragraphs):
@@ -109,12 +111,13 @@ def _paragraphed(path: Path, index: int, doc, max_chars: int) -> dict:
 
 
 def _segmented(inputs: Sequence[str | Path], text_column: str, max_chars: int, paragraphs: bool = False,
-               plan_column: Optional[str] = None) -> Iterator[list[str] | dict]:
+               plan_column: Optional[str] = None, plan_source: str = "extractive") -> Iterator[list[str] | dict]:
     """Per document its sentences, or with ``paragraphs`` its :func:`_paragraphed` structure."""
     for path in inputs:
         count = 0
         for index, doc in enumerate(read_documents_text(path, text_column, plan_column)):
-            item = _paragraphed(Path(path), index, doc, max_chars) if paragraphs else segment(doc, max_chars)
+            item = (_paragraphed(Path(path), index, doc, max_chars, plan_source) if paragraphs
+                    else segment(doc, max_chars))
             if not (item["paragraphs"] if paragraphs else item):
                 raise DataError(f"{path}: document {index} has no sentences (empty text)")
             count += 1
@@ -139,7 +142,7 @@ def _write_shard(path: Path, docs: Sequence, encoder: Encoder, batch_size: int,
         for d in docs:
             sentences, plans = next(emb), next(emb)
             out.append(structure(d["paragraphs"], sentences, break_embedding,
-                                 None if d["plans"] is None else (d["plans"], plans)))
+                                 None if d["plans"] is None else (d["plans"], plans), d.get("plan_source", "extractive")))
         write_documents(tmp, [o.embeddings for o in out], sentences=[o.texts for o in out], roles=[o.roles for o in out])
     os.replace(tmp, path)
 
@@ -234,7 +237,8 @@ def prepare(inputs: Sequence[str | Path], out_dir: str | Path, encoder: Encoder,
             bar.update(len(docs))
         docs.clear()
 
-    for doc in _segmented(inputs, text_column, max_chars, paragraphs, plan_column if plan_source == "text" else None):
+    for doc in _segmented(inputs, text_column, max_chars, paragraphs, plan_column if plan_source == "text" else None,
+                          plan_source):
         docs.append(doc)
         if len(docs) == shard_docs:
             flush()
