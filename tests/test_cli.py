@@ -77,6 +77,20 @@ def test_the_readme_own_data_path_end_to_end(tmp_path, monkeypatch, capsys):
     assert manifest["complete"] and sum(s["documents"] for s in manifest["shards"].values()) == 24
 
 
+def test_the_readme_beam_search_section(capsys):
+    """The README's beam search section as written: the CLI on the demo, then the Python API (about 10 s)."""
+    section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Beam search over concepts", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    line = shlex.split(section.split("```bash\n", 1)[1].split("```", 1)[0].strip())
+    assert line[:2] == [".venv/bin/lcm-fast", "generate"] and "--beam-size" in line
+    main(line[1:])
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3  # three decoded sentences
+    exec(compile(section.split("```python\n", 1)[1].split("```", 1)[0], "README.md", "exec"), {})
+    with pytest.raises(SystemExit):
+        main(["generate", "--num-candidates", "0", "A sentence."])
+    assert "GenerationOptions.num_candidates must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
 def test_the_readme_sonar_path(tmp_path, monkeypatch, capsys):
     """The README's SONAR section as written, with the toy SONAR-architecture weights of the test fixtures: the
     Python round trip, then prepare -> train -> generate with --encoder sonar --decoder sonar (about 15 s)."""
