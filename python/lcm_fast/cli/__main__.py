@@ -467,8 +467,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     rep.add_argument("--steps", type=int, default=600, help="training steps per variant")
     rep.add_argument("--seeds", type=int, default=1, help="seeds per variant: the table gives mean +- spread")
     rep.add_argument("--quick", action="store_true", help="a few documents and tiny models, end to end (tests)")
-    rep.add_argument("--lpcm", action="store_true", help="the LPCM ablation (paper Table 13) instead: One-Tower vs LPCM "
-                     "on the Python reference's paragraphs, pre-training metrics and a coherence proxy")
+    rep.add_argument("--lpcm", action="store_true", help="the LPCM ablation (paper Table 13) instead: One-Tower vs LPCMs "
+                     "(extractive and mean plans) on the Python reference's paragraphs, pre-training metrics and a "
+                     "coherence proxy, with and without beam search (about 30 minutes on 2 CPU cores)")
     rep.add_argument("--mi-model", default=os.environ.get(MI_MODEL_ENV),
                      help=f"local causal LM directory for the MI column (the paper: GPT-2); default ${MI_MODEL_ENV}")
     rep.add_argument("--device", help="default: cuda when available, else cpu")
