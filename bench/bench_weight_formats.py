@@ -10,6 +10,11 @@ l2 distance and cosine of the generated concepts to the document's true next sen
 ``cos_next``: generation's analogue of the paper's l2, in raw embedding space; the paper's CA ranks teacher-forced
 predictions, which no weight format of the decode step changes), and the minimum and mean cosine to the fp32
 concepts.
+
+``test_weight_formats_random_1_6b`` (marked slow: ``-m slow``; 6.4 GB of fp32 weights per model, about 10 minutes on
+2 cores): random models in the paper's 1.6B shapes (Two-Tower, Base-LCM, One-Tower), ``BATCH`` prompts of
+``CONTEXT`` SONAR-scale sentences continued by ``SENTENCES_1_6B`` with the paper's sampling; ``extra_info`` per format:
+the minimum and mean cosine and the largest absolute difference to the fp32 concepts.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from __future__ import annotations
 import copy
 import time
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import lcm_fast
+from lcm_fast.inference.fast import clear_caches
 from lcm_fast.text import load_encoder, segment
 from lcm_fast.text.corpus import load_corpus
 from lcm_fast.text.pipeline import DEMO_DIR
@@ -62,3 +69,36 @@ def test_weight_formats_quality(benchmark):
     benchmark.extra_info.update(model="demo two-tower d192", documents=len(docs), prompt=PROMPT, sentences=SENTENCES,
                                 formats=rows)
     assert rows["int8"]["min_cos_fp32"] >= 0.99 and rows["bf16+int8"]["min_cos_fp32"] >= 0.98
+
+
+SHAPES_1_6B = ("two_tower_diffusion_lcm_1_6B", "base_lcm_1_6B", "one_tower_diffusion_lcm_1_6B")
+BATCH, CONTEXT, SENTENCES_1_6B = 2, 8, 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", SHAPES_1_6B)
+def test_weight_formats_random_1_6b(benchmark, arch):
+    torch.manual_seed(0)
+    model = lcm_fast.build_model(lcm_fast.get_arch(arch)).eval()
+    prompts = torch.randn(BATCH, CONTEXT, model.sonar_dim) * 0.01  # about SONAR's scale
+    options = lcm_fast.GenerationOptions.paper(model, seed=0, eos_threshold=None)
+    concepts, seconds = {}, {}
+    # the fp32 formats first, then the same model converted in place (a copy would not fit 24 GB; bf16 -> fp32 would
+    # round the fp32 weights)
+    for name in ("fp32", "int8", "bf16", "bf16+int8"):
+        dtype, weights = FORMATS[name]
+        clear_caches()  # the previous format's packs and tables
+        model.to(dtype)
+        start = time.perf_counter()
+        out = lcm_fast.generate(model, prompts.to(dtype), options=options, weights=weights, max_gen_len=SENTENCES_1_6B)
+        seconds[name] = time.perf_counter() - start
+        concepts[name] = torch.stack([s[CONTEXT:].float() for s in out.sequences])  # [BATCH, SENTENCES_1_6B, D]
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.group = f"weight_formats/{arch}/random"
+    rows = {}
+    for name, c in concepts.items():
+        to_fp32 = F.cosine_similarity(c, concepts["fp32"], dim=-1)
+        rows[name] = dict(min_cos_fp32=float(to_fp32.min()), mean_cos_fp32=float(to_fp32.mean()),
+                          max_abs_fp32=float((c - concepts["fp32"]).abs().max()), seconds=seconds[name])
+    benchmark.extra_info.update(model=f"{arch} random", batch=BATCH, context=CONTEXT, sentences=SENTENCES_1_6B,
+                                formats=rows)
