@@ -7,7 +7,9 @@ The shipped demo model (a Two-Tower, d 384, lcm_fast.text.pipeline.DEMO_DIR) con
 recommended sampling at ``STEPS`` steps. The single process (torch's threads) and the Ray backend (a local
 cluster of ``WORKERS`` CPUs started once, outside the timing; each job starts its actor pool and ships the model,
 inside it, as a user's job does) alternate A/B after a warm-up, median of ``REPEATS``; ``extra_info`` has both
-rates, their ratio and that the outputs are equal.
+rates, their ratio and whether the outputs are byte-equal (``outputs_equal``; the test suite checks byte equality
+under the same BLAS threading: Ray's one-CPU actors run MKL single-threaded, this process with two threads, which on
+some CPUs changes an fp16 output by one unit, so here the outputs must only agree to fp16 rounding).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -70,8 +73,9 @@ def test_generate_corpus_local_vs_ray(benchmark, tmp_path):
         benchmark.pedantic(lambda: job("local"), rounds=1, iterations=1)
     finally:
         ray.shutdown()
-    same = all(pq.read_table(outs["local"] / p.name).equals(pq.read_table(outs["ray"] / p.name))
-               for p in outs["local"].glob("part-*.parquet"))
+    names = [p.name for p in outs["local"].glob("part-*.parquet")]
+    tables = {b: [pq.read_table(outs[b] / n) for n in names] for b in outs}
+    same = all(a.equals(b) for a, b in zip(tables["local"], tables["ray"]))
     local, distributed = statistics.median(times["local"]), statistics.median(times["ray"])
     benchmark.group = f"generate_corpus/{len(shards)}x{DOCS}docs/{SENTENCES}sent/{STEPS}steps"
     benchmark.extra_info.update(
@@ -79,4 +83,8 @@ def test_generate_corpus_local_vs_ray(benchmark, tmp_path):
         torch_threads=torch.get_num_threads(), ray_workers=WORKERS, ray_init_s=ray_start,
         local_s=local, ray_s=distributed, local_docs_per_s=docs / local, ray_docs_per_s=docs / distributed,
         ray_over_local=local / distributed, outputs_equal=same)
-    assert same
+    for a, b in zip(tables["local"], tables["ray"]):
+        assert a.column("id").equals(b.column("id")) and a.column("length").equals(b.column("length"))
+        concepts = [np.asarray(t.column("embeddings").combine_chunks().flatten().flatten(), dtype=np.float32)
+                    for t in (a, b)]
+        np.testing.assert_allclose(*concepts, rtol=2e-3, atol=2e-3)
