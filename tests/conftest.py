@@ -42,7 +42,8 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 
 def random_model(config, seed: int = 0):
-    """A model with random weights (non-trivial norms and normalizer statistics), in eval mode."""
+    """A model with random weights (non-trivial norms and normalizer statistics; a Quant-LCM's codebooks), in eval
+    mode."""
     torch.manual_seed(seed)
     model = lcm_fast.build_model(config)
     with torch.no_grad():
@@ -51,6 +52,9 @@ def random_model(config, seed: int = 0):
         if model.normalizer is not None:
             model.normalizer.center.normal_(0, 0.01)
             model.normalizer.scale.uniform_(0.5, 1.5)
+        if hasattr(model, "rvq_codebooks"):  # Quant-LCM: random codebooks at the scale of the embeddings' residuals
+            codebooks = 0.3 * torch.randn(model.rvq_codebooks.shape, generator=torch.Generator().manual_seed(seed + 1))
+            model.set_codebooks(codebooks)
     return model.eval()
 
 

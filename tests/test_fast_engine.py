@@ -171,16 +171,17 @@ def test_fast_one_tower_equals_reference(model_key, lens, guidance, eta, steps, 
 @pytest.mark.parametrize("stack", [{}, dict(layer_normalization_style="rms", use_swiglu=True, norm_order_style="normformer",
                                             enable_qk_layernorm=True, num_attn_heads=1, num_layers=3)])
 @pytest.mark.parametrize("sampling", [dict(top_k=1), dict(top_k=5, top_p=0.9, lcm_temperature=0.7, guidance_scale=2.5)])
-def test_fast_quant_lcm_equals_reference(target, stack, sampling):
+@pytest.mark.parametrize("static", [False, True])
+def test_fast_quant_lcm_equals_reference(target, stack, sampling, static):
     """Quant-LCM: every codebook pass's tokens (and their CFG twins) in one decoder_layers_decode call, teacher-forced
     rows skipped through a row index: the same units as the module path (the scores differ by fp32 rounding only,
-    far from a tie here), hence bit-identical sentences."""
+    far from a tie here), hence bit-identical sentences. static: a sentence's passes on static buffers, the unit
+    draws made up front (replayed as a CUDA graph on a GPU; no graph here)."""
     model = random_model(tiny_config("quant_lcm", target=target, lcm=stack), seed=len(stack))
-    model.set_codebooks(0.3 * torch.randn(model.rvq_codebooks.shape, generator=torch.Generator().manual_seed(1)))
     prompts = torch.randn(3, 4, model.sonar_dim, generator=torch.Generator().manual_seed(2))
     options = lcm_fast.GenerationOptions(seed=5, eos_threshold=None, **sampling)
-    ref, fast = (lcm_fast.generate(model, prompts, torch.tensor([4, 1, 3]), options=options, max_gen_len=3,
-                                   engine=engine) for engine in ("reference", "fast"))
+    run = functools.partial(lcm_fast.generate, model, prompts, torch.tensor([4, 1, 3]), options=options, max_gen_len=4)
+    ref, fast = run(engine="reference"), run(cuda_graphs=static)
     assert all(torch.equal(a, b) for a, b in zip(ref.sequences, fast.sequences))
 
 
@@ -190,13 +191,13 @@ def test_unknown_engine():
 
 
 def test_cuda_graphs_need_the_fast_engine_and_a_graphable_model():
-    with pytest.raises(ValueError, match="cuda_graphs needs the fast engine and a Two-Tower, Base-LCM or One-Tower "
-                                         r"model \(without post-norm layers or scale_residual\), got engine 'reference'"):
+    with pytest.raises(ValueError, match="cuda_graphs needs the fast engine and a model its decode step runs "
+                                         r"\(not post-norm layers or scale_residual\), got engine 'reference'"):
         lcm_fast.Generator(_model((2, 1, False, False, "sample")), engine="reference", cuda_graphs=True)
     with pytest.raises(ValueError, match="and a BaseLCM"):
         lcm_fast.Generator(_base_model((2, 1, True, True, "post", False, None)), cuda_graphs=True)
     with pytest.raises(ValueError, match="and a QuantLCM"):
-        lcm_fast.Generator(random_model(tiny_config("quant_lcm")), cuda_graphs=True)
+        lcm_fast.Generator(random_model(tiny_config("quant_lcm", lcm=dict(norm_order_style="post"))), cuda_graphs=True)
     with pytest.warns(UserWarning, match="the static-shape path runs without graphs"):
         lcm_fast.Generator(_model((2, 1, False, False, "sample")), cuda_graphs=True)
 
@@ -215,14 +216,24 @@ def captured(monkeypatch) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm", "one_tower_diffusion_lcm"])
+FAMILIES = ["two_tower_diffusion_lcm", "base_lcm", "one_tower_diffusion_lcm", "quant_lcm"]
+
+
+def _static_options(family: str, **overrides) -> lcm_fast.GenerationOptions:
+    """Options whose every draw is used: Quant-LCM samples its units (top-k, top-p) under CFG."""
+    if family == "quant_lcm":
+        overrides = dict(overrides, top_k=5, top_p=0.9, lcm_temperature=0.7, guidance_scale=2.0)
+    return lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=6, eos_threshold=None,
+                                                  **overrides)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_static_shapes_run_finishing_batches_in_buckets(family, captured):
     """cuda_graphs (static shapes; on CPU without graphs): as documents finish, the active rows run padded to
     their power-of-two bucket on caches compacted in place; each bucket is captured at its second sentence
     and replayed after later finishes, and the outputs are the per-step fast engine's."""
     model = random_model(tiny_config(family), seed=4)
-    options = lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=6,
-                                                     eos_threshold=None, lcm_temperature=0.3)
+    options = _static_options(family, lcm_temperature=0.3)
     prompts = torch.randn(5, 5, model.sonar_dim, generator=torch.Generator().manual_seed(0))
     # documents 3 and 4 finish after positions 6 and 8; positions 1-4 teacher-force some rows (Two-Tower
     # denoises those sentences step by step), 5-6 run 5 rows in the bucket of 8, 7-10 4 and then 3 rows in
@@ -236,13 +247,13 @@ def test_static_shapes_run_finishing_batches_in_buckets(family, captured):
         torch.testing.assert_close(a, b, **CUDA_GRAPHS_VS_EAGER)
 
 
-@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm", "one_tower_diffusion_lcm"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_static_buffers_and_graphs_are_reused_by_later_calls(family, captured):
     """cuda_graphs: a call that fits the last call's buffers (its batch bucket, its length rounded up to 64) restarts
     that call's stepper on the same storage, captures nothing new and returns what a fresh generator returns; other
     options or an in-place weight update get a new stepper."""
     model = random_model(tiny_config(family), seed=5)
-    options = lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=6, eos_threshold=None)
+    options = _static_options(family)
     generator = lcm_fast.Generator(model, options, cuda_graphs=True)
     g = torch.Generator().manual_seed(1)
     generator(torch.randn(5, 5, model.sonar_dim, generator=g), torch.tensor([5, 5, 5, 1, 3]), max_gen_len=6)
@@ -263,7 +274,7 @@ def test_static_buffers_and_graphs_are_reused_by_later_calls(family, captured):
     fresh = call(lcm_fast.Generator(model, options, cuda_graphs=True))
     assert all(torch.equal(a, b) for a, b in zip(again, fresh))
 
-    generator.options = dataclasses.replace(options, guidance_scale=2.0)
+    generator.options = dataclasses.replace(options, guidance_scale=2.5)
     call(generator)
     assert generator._static[1] is not stepper
     stepper = generator._static[1]

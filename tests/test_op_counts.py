@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import lcm_fast
-from lcm_fast.archs import base_lcm_1_6B, one_tower_1_6B, two_tower_1_6B
+from lcm_fast.archs import base_lcm_1_6B, one_tower_1_6B, quant_lcm_1_6B, two_tower_1_6B
 from lcm_fast.inference.fast import FastDecoder, FastDenoiser
+from lcm_fast.inference.generator import _QuantStepper
 from lcm_fast.inference.graphs import OpCounter
 from lcm_fast.nn.attention import KVCache
 
@@ -70,8 +71,29 @@ def _decoder_step(config, weights=None):
     return step, len(stack.lcm.layers)
 
 
+def _quant_pass(weights=None):
+    """-> (a codebook pass of intermediate representations [B, 1, 32] after one cached position, its layers):
+    Quant-LCM-D's static step with CFG, its 8192 units scored and sampled (top-k, Gumbel-max) and the centroid
+    added."""
+    torch.manual_seed(0)
+    model = lcm_fast.build_model(_narrow(quant_lcm_1_6B())).eval()
+    model.set_codebooks(0.1 * torch.randn(model.rvq_codebooks.shape))
+    options = lcm_fast.GenerationOptions(top_k=3, lcm_temperature=0.7, guidance_scale=2.0)
+    stepper = _QuantStepper(model, options, 64, lcm_fast.TorchNoise(0), fast=True, static_batch=B, weights=weights)
+    with torch.no_grad():
+        stepper.prefill(torch.randn(B, 1, 32))
+    normals = torch.randn(B, model.config.codebook_size)
+
+    def step(x):
+        inter = x[:, 0].clone()
+        stepper._pass(inter, 3, normals)
+        return inter
+
+    return step, len(model.lcm.layers)
+
+
 STEPS = {"two_tower": (_two_tower_step, 2 * B), "base_lcm": (lambda: _decoder_step(base_lcm_1_6B), B),
-         "one_tower": (lambda: _decoder_step(one_tower_1_6B), B)}
+         "one_tower": (lambda: _decoder_step(one_tower_1_6B), B), "quant_lcm": (_quant_pass, B)}
 
 
 def test_two_tower_denoising_step():
@@ -82,11 +104,15 @@ def test_two_tower_denoising_step():
     _within(ops, layers, per_layer=10)  # 138 ops, 10.6 per layer (26.5 at 5412cce)
 
 
-@pytest.mark.parametrize("family,per_layer", [("base_lcm", 10), ("one_tower", 12)])
-def test_decoder_step(family, per_layer):
+# Quant-LCM's pass is One-Tower's step plus the CFG combination, the units' scores, their sampling and the centroid's
+# addition: 11 ops of the step's own
+@pytest.mark.parametrize("family,per_layer,per_step", [("base_lcm", 10, 10), ("one_tower", 12, 10),
+                                                       ("quant_lcm", 12, 20)])
+def test_decoder_step(family, per_layer, per_step):
     step, layers = STEPS[family][0]()
     x = torch.randn(B, 1, 32)
-    _within(_count(lambda: step(x)), layers, per_layer)  # 330 and 378 ops (36.4 per layer for Base-LCM at 5412cce)
+    # 331, 379 and 390 ops (36.4 per layer for Base-LCM at 5412cce)
+    _within(_count(lambda: step(x)), layers, per_layer, per_step)
 
 
 @pytest.mark.parametrize("family", sorted(STEPS))
@@ -100,11 +126,12 @@ def test_the_step_compiles_as_one_graph(family):
     torch.testing.assert_close(compiled, eager)
 
 
-@pytest.mark.parametrize("family", ["two_tower", "base_lcm"])
+@pytest.mark.parametrize("family", ["two_tower", "base_lcm", "quant_lcm"])
 def test_int8_weights_add_no_op_per_step(family):
     """The int8 pack is made once, outside the step: the captured step dispatches the same ops (no dequantize, no
     copy of a weight), reads packed weights through the same linear ops, and still compiles as one graph."""
-    make = _two_tower_step if family == "two_tower" else (lambda weights=None: _decoder_step(base_lcm_1_6B, weights))
+    make = {"two_tower": _two_tower_step, "quant_lcm": _quant_pass,
+            "base_lcm": lambda weights=None: _decoder_step(base_lcm_1_6B, weights)}[family]
     rows = STEPS[family][1]
     x = torch.randn(rows, 1, 32)
     counts = []

@@ -136,7 +136,7 @@ def test_a_failed_capture_leaves_no_state_behind():
     assert torch.equal(call(torch.ones(3, device="cuda"))[0], torch.full((3,), 2.0, device="cuda"))
 
 
-@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])
+@pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm", "one_tower_diffusion_lcm", "quant_lcm"])
 def test_generation_with_cuda_graphs_matches_the_eager_fast_engine(family):
     """Generator(cuda_graphs=True) against the per-step fast engine: in a first call sentences 2+ of a batch bucket
     replay, also after documents finish and the caches are compacted under a captured graph; in a second call on
@@ -144,7 +144,9 @@ def test_generation_with_cuda_graphs_matches_the_eager_fast_engine(family):
     from ..conftest import random_model, tiny_config
 
     model = random_model(tiny_config(family)).cuda()
-    options = lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=12, eos_threshold=None)
+    sampled_units = dict(top_k=5, top_p=0.9, lcm_temperature=0.7, guidance_scale=2.0) if family == "quant_lcm" else {}
+    options = lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=12, eos_threshold=None,
+                                                     **sampled_units)
     prompts, lens = torch.randn(5, 5, model.sonar_dim, device="cuda"), torch.tensor([5, 5, 5, 1, 3])
     graphed, eager = lcm_fast.Generator(model, options, cuda_graphs=True), lcm_fast.Generator(model, options)
     for _ in range(2):

@@ -252,12 +252,51 @@ def _normalize(model: OneTowerLCM | QuantLCM, x: Tensor) -> Tensor:
     return model.normalizer.normalize(x) if model.normalizer is not None else x
 
 
-def _encode_into_cache(model: OneTowerLCM | QuantLCM, cache: list, seqs: Tensor, step: int,
-                       linear: Optional[LinearFn] = None) -> None:
-    """Adds positions [cached, step) of seqs ([B, >= step, D] raw) to the model's context cache."""
-    done = cache[0].length
-    if step > done:
-        model.encode(_normalize(model, seqs[:, done:step]), cache=cache, linear=linear)
+def _fast_decodes(model: BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM, engine: str) -> bool:
+    """The fast engine's decode step runs this model (FastDecoder does not take every layer style)."""
+    return engine == "fast" and (isinstance(model, TwoTowerLCM) or fast_decoder_unsupported(model) is None)
+
+
+class _ContextCache:
+    """The One-Tower backbone's state (One-Tower, Quant-LCM): the clean sentences so far in the model's KV cache,
+    which the fast engine's :class:`FastDecoder` reads in place. With ``static_batch`` (cuda_graphs) the caches are
+    zeroed with rows for the batch's bucket and the decoder runs in static shapes; ``self._sentence`` (a sentence's
+    whole loop, on static buffers) is what :class:`BatchGraphs` captures."""
+
+    model: OneTowerLCM | QuantLCM
+    cache: list[KVCache]
+    noise: NoiseSource
+
+    def _decoder(self, capacity: int, fast: bool, static_batch: Optional[int], weights: Optional[str]) -> None:
+        self.linear = skinny_linear if fast else None  # the context's encoding too: the kernel where it beats BLAS
+        self.graphs: Optional[BatchGraphs] = None
+        if fast and static_batch is not None:
+            self.cache = [KVCache(capacity, zeroed=True, batch_capacity=batch_bucket(static_batch)) for _ in self.cache]
+            self.graphs = BatchGraphs(self._sentence)  # type: ignore[attr-defined]
+        self.decoder = (FastDecoder(self.model, self.cache, static_shapes=static_batch is not None, weights=weights)
+                        if fast else None)
+
+    def restart(self, noise: NoiseSource, temperature: float) -> None:
+        """Static shapes: ready for another generation call on the same caches and graphs (emptied, not freed)."""
+        self.noise = noise
+        for cache in self.cache:
+            cache.reset()
+        self.decoder.length.zero_()
+
+    def prefill(self, prefix: Tensor) -> None:  # prefix: [B, Pmin, D] raw
+        self._extend_context(prefix, prefix.shape[1])
+
+    def _extend_context(self, seqs: Tensor, step: int) -> None:
+        """Adds positions [cached, step) of seqs ([B, >= step, D] raw) to the context cache."""
+        done = self.cache[0].length
+        if step > done:
+            self.model.encode(_normalize(self.model, seqs[:, done:step]), cache=self.cache, linear=self.linear)
+        if self.decoder is not None:
+            self.decoder.length.fill_(self.cache[0].length)  # the token's position (static shapes)
+
+    def reorder(self, index: Tensor) -> None:
+        for c in self.cache:
+            c.reorder(index)
 
 
 class _BaseLCMStepper:
@@ -523,7 +562,7 @@ class _TwoTowerStepper:
             self.fast.reorder(index)  # in place in static shapes: the graphs stay valid
 
 
-class _OneTowerStepper(_TwoTowerStepper):
+class _OneTowerStepper(_ContextCache, _TwoTowerStepper):
     """One-Tower: the clean sentences so far are a KV cache; every DDIM step runs only the noisy token
     of the next sentence, attending to the cache (conditional) or to itself (unconditional). The
     same sampling options and DDIM chain as Two-Tower; teacher-forced rows are not denoised. The fast engine
@@ -535,26 +574,7 @@ class _OneTowerStepper(_TwoTowerStepper):
     def __init__(self, model: OneTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
                  fast: bool, static_batch: Optional[int] = None, weights: Optional[str] = None) -> None:
         super().__init__(model, options, True, capacity, noise)  # type: ignore[arg-type]
-        self.linear = skinny_linear if fast else None  # the context's encoding too: the kernel where it beats BLAS
-        if fast and static_batch is not None:
-            self.cache = [KVCache(capacity, zeroed=True, batch_capacity=batch_bucket(static_batch)) for _ in self.cache]
-            self.graphs = BatchGraphs(self._sentence)
-        self.decoder = (FastDecoder(model, self.cache, static_shapes=static_batch is not None, weights=weights)
-                        if fast else None)
-
-    def restart(self, noise: NoiseSource, temperature: float) -> None:
-        self.noise = noise
-        for cache in self.cache:
-            cache.reset()
-        self.decoder.length.zero_()
-
-    def prefill(self, prefix: Tensor) -> None:
-        self._extend_context(prefix, prefix.shape[1])
-
-    def _extend_context(self, seqs: Tensor, step: int) -> None:
-        _encode_into_cache(self.model, self.cache, seqs, step, self.linear)
-        if self.decoder is not None:
-            self.decoder.length.fill_(self.cache[0].length)  # the token's position (static shapes)
+        self._decoder(capacity, fast, static_batch, weights)
 
     def _rows(self, forced: Tensor) -> Optional[Tensor]:
         return None if not forced.any() else (~forced).nonzero().flatten()
@@ -572,70 +592,80 @@ class _OneTowerStepper(_TwoTowerStepper):
         return torch.cat((cond, self.model.denoise_step(latents, t, cache, conditional=False)))
 
 
-class _QuantStepper:
+class _QuantStepper(_ContextCache):
     """Quant-LCM: the One-Tower context cache, then for the next sentence M passes of one token each,
     k = 1..M: the model sees the intermediate representation of the codebooks chosen so far and the
     index k; its (CFG-guided) output scores the units of codebook k, one is picked (greedy or
     sampled) and its centroid added. The sentence is the final sum of M centroids. The fast engine runs each
     pass's tokens (and their CFG twins) through :class:`FastDecoder` (every layer in one op call, on the context
-    cache, no cache copies for row subsets)."""
+    cache, no cache copies for row subsets). With ``static_batch`` (cuda_graphs) a sentence's M passes run as
+    One-Tower's DDIM loop: on zeroed caches with rows for the batch's bucket, the unit draws made up front, one
+    graph replay per sentence; sentences with teacher-forced rows take the per-pass loop."""
 
     def __init__(self, model: QuantLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
-                 fast: bool, weights: Optional[str] = None) -> None:
+                 fast: bool, static_batch: Optional[int] = None, weights: Optional[str] = None) -> None:
         self.model, self.options, self.noise = model, options, noise
+        self.dtype = next(model.parameters()).dtype
         self.cache = model.new_cache(capacity)
         self.cfg = options.guidance_scale != 1.0
-        self.linear = skinny_linear if fast else None  # the context's encoding too: the kernel where it beats BLAS
-        self.fast = FastDecoder(model, self.cache, weights=weights) if fast else None
+        self.sampling = options.top_k != 1 and options.lcm_temperature != 0
+        self._decoder(capacity, fast, static_batch, weights)
 
-    def prefill(self, prefix: Tensor) -> None:
-        _encode_into_cache(self.model, self.cache, prefix, prefix.shape[1], self.linear)
-
-    def _context(self, rows: Optional[Tensor]) -> Optional[list[KVCache]]:
-        """The cache a sentence's passes attend to: its rows ``rows`` (None: all; the fast engine reads the rows
-        of the cache in place: None)."""
-        return None if self.fast is not None or rows is None else [c.select(rows) for c in self.cache]
-
-    def _guided(self, x: Tensor, k: int, rows: Optional[Tensor], context: Optional[list[KVCache]]) -> Tensor:
+    def _guided(self, x: Tensor, k: int, rows: Optional[Tensor], context: list[KVCache]) -> Tensor:
         """The (CFG-guided) model output for x [n, 1, sonar_dim] (normalized intermediate representations) at
-        codebook index k, on ``context`` (batch rows ``rows``) -> [n, 1, out_dim]."""
+        codebook index k, on the cached context of batch rows ``rows`` ([n], None: all): the fast engine reads them
+        in place, the reference the caches ``context`` -> [n, 1, out_dim]."""
         m = self.model
-        if self.fast is not None:
-            out = self.fast.denoise(x, k, rows, self.cfg)
+        if self.decoder is not None:
+            out = self.decoder.denoise(x, k, rows, self.cfg)
             cond, uncond = out.chunk(2) if self.cfg else (out, None)
         else:
-            context = context if context is not None else self.cache
             cond = m.denoise_step(x, k, context)
             uncond = m.denoise_step(x, k, context, conditional=False) if self.cfg else None
         return cond if uncond is None else uncond + self.options.guidance_scale * (cond - uncond)
 
-    def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
+    def _pass(self, inter: Tensor, k: int, normals: Optional[Tensor], rows: Optional[Tensor] = None,
+              context: Optional[list[KVCache]] = None) -> None:
+        """Codebook pass k, in place: inter [n, sonar_dim] (raw, the codebooks' dtype) gains the picked centroid;
+        normals: [n, K] the unit draw's standard normals (None: greedy); rows, context: see :meth:`_guided`."""
         m, opt = self.model, self.options
-        _encode_into_cache(m, self.cache, seqs, step, self.linear)
+        out = self._guided(_normalize(m, inter.to(self.dtype))[:, None], k, rows, context or self.cache)
+        units = sample_units(m.unit_scores(out[:, 0], inter, k), opt.lcm_temperature, opt.top_k, opt.top_p, normals)
+        inter += m.rvq_codebooks[k][units]
+
+    def _sentence(self, inter: Tensor, normals: Optional[Tensor]) -> None:
+        """Every codebook pass of one sentence, in place: inter [B, sonar_dim] zeros; normals [M, B, K] or None."""
+        for k in range(self.model.config.n_codebooks):
+            self._pass(inter, k, normals[k] if normals is not None else None)
+
+    def _normals(self, B: int, device: torch.device) -> Tensor:
+        return self.noise.randn((B, self.model.config.codebook_size), site="unit_sample", device=device)
+
+    def step(self, seqs: Tensor, step: int, forced: Tensor, callback: Optional[StepCallback]) -> Tensor:
+        m = self.model
+        self._extend_context(seqs, step)
         B, D, device, dtype = seqs.shape[0], m.sonar_dim, seqs.device, seqs.dtype
+        if self.graphs is not None and not forced.any():  # the sentence's passes on static buffers (see the class)
+            normals = (torch.stack([self._normals(B, device) for _ in range(m.config.n_codebooks)])
+                       if self.sampling else None)  # [M, B, K], in the per-pass loop's order
+            size = batch_bucket(B)  # rows [B, size) are padding
+            inter = torch.zeros(size, D, device=device, dtype=m.rvq_codebooks.dtype)
+            inter, _ = self.graphs(inter, pad_batch(normals, size, dim=1) if normals is not None else None)
+            return inter[:B].to(dtype, copy=True)  # the buffer is the graph's: the next sentence overwrites it
         rows = None if not forced.any() else (~forced).nonzero().flatten()
-        context = self._context(rows)
+        # the reference reads the rows' caches, selected once per sentence
+        context = None if self.decoder is not None or rows is None else [c.select(rows) for c in self.cache]
         n = B if rows is None else rows.numel()
         inter = torch.zeros(n, D, device=device, dtype=m.rvq_codebooks.dtype)
-        sampling = opt.top_k != 1 and opt.lcm_temperature != 0
         for k in range(m.config.n_codebooks):
-            normals = (self.noise.randn((B, m.config.codebook_size), site="unit_sample", device=device)
-                       if sampling else None)
-            if n == 0:
-                continue
-            out = self._guided(_normalize(m, inter.to(dtype))[:, None], k, rows, context)
-            scores = m.unit_scores(out[:, 0], inter, k)
-            pick = normals if normals is None or rows is None else normals.index_select(0, rows)
-            units = sample_units(scores, opt.lcm_temperature, opt.top_k, opt.top_p, pick)
-            inter += m.rvq_codebooks[k][units]
+            normals = self._normals(B, device) if self.sampling else None
+            if n > 0:
+                self._pass(inter, k, normals if normals is None or rows is None else normals.index_select(0, rows),
+                           rows, context)
         out = inter.to(dtype)
         if rows is None:
             return out
         return torch.zeros(B, D, device=device, dtype=dtype).index_copy_(0, rows, out)
-
-    def reorder(self, index: Tensor) -> None:
-        for c in self.cache:
-            c.reorder(index)
 
 
 class Generator:
@@ -649,8 +679,8 @@ class Generator:
         break_vec: [sonar_dim] an LPCM's break concept (its data's ``lpcm.pt``): the output labels every concept's role
             (``GenerationOutput.roles``, ``break_threshold``).
         engine: ``"fast"`` (default) or ``"reference"`` (see the module docstring).
-        cuda_graphs: fast engine, Two-Tower, Base-LCM and One-Tower (Quant-LCM has no static path yet): run each
-            sentence's DDIM loop (Two-Tower, One-Tower) or decoder pass (Base-LCM) on static buffers and replay it
+        cuda_graphs: fast engine, every family: run each sentence's DDIM loop (Two-Tower, One-Tower), decoder pass
+            (Base-LCM) or codebook passes (Quant-LCM) on static buffers and replay it
             as a CUDA graph from the second sentence of a batch size on (same outputs, one replay per sentence
             instead of ~1k launches). The active batch
             runs padded to the next power of two, so finishing documents cost at most log2(batch) + 1 captures
@@ -673,16 +703,14 @@ class Generator:
             raise TypeError(f"expected a BaseLCM, TwoTowerLCM, OneTowerLCM or QuantLCM, got {type(model).__name__}")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine '{engine}'; expected one of {ENGINES}")
-        graphable = isinstance(model, TwoTowerLCM) or (isinstance(model, (BaseLCM, OneTowerLCM))
-                                                       and not fast_decoder_unsupported(model))
-        if cuda_graphs and (engine != "fast" or not graphable):  # Quant-LCM: no static path yet
-            raise ValueError(f"cuda_graphs needs the fast engine and a Two-Tower, Base-LCM or One-Tower model (without "
-                             f"post-norm layers or scale_residual), got engine '{engine}' and a {type(model).__name__}")
+        decodable = _fast_decodes(model, engine)
+        if cuda_graphs and not decodable:
+            raise ValueError(f"cuda_graphs needs the fast engine and a model its decode step runs (not post-norm layers "
+                             f"or scale_residual), got engine '{engine}' and a {type(model).__name__}")
         if isinstance(model, QuantLCM):
             model.require_codebooks()
         check_weights(weights)
-        if weights is not None and (engine != "fast" or not (isinstance(model, TwoTowerLCM)
-                                                            or fast_decoder_unsupported(model) is None)):
+        if weights is not None and not decodable:
             raise ValueError(f"weights={weights!r} is a format of the fast engine's decode step: it needs engine 'fast' "
                              f"and a model it runs (not post-norm layers or scale_residual), got engine '{engine}'")
         self.weights = weights
@@ -692,7 +720,7 @@ class Generator:
         self.engine = engine
         self.model = model.eval()
         self.cuda_graphs = cuda_graphs
-        self._static: Optional[tuple[tuple, _TwoTowerStepper | _BaseLCMStepper]] = None  # see _static_stepper
+        self._static: Optional[tuple[tuple, Any]] = None  # (key, stepper): see _static_stepper
         self.options = options or GenerationOptions()
         self.options.validate()  # also on an options object changed in place since it was made
         for name, vec in (("eos_vec", eos_vec), ("break_vec", break_vec)):
@@ -764,11 +792,11 @@ class Generator:
         results: list[Optional[Tensor]] = [None] * B
 
         # the fast engine always caches; Two-Tower's runs any layer, the others' FastDecoder not every layer style
-        fast = self.engine == "fast" and (isinstance(model, TwoTowerLCM) or fast_decoder_unsupported(model) is None)
+        fast = _fast_decodes(model, self.engine)
         if self.weights is not None and disable_cache and not isinstance(model, (OneTowerLCM, QuantLCM)):
             raise ValueError(f"weights={self.weights!r} needs the fast engine's cached decode step: drop disable_cache")
         R = B * width
-        if self.cuda_graphs and (not disable_cache or isinstance(model, OneTowerLCM)):  # One-Tower always caches
+        if self.cuda_graphs and (not disable_cache or isinstance(model, (OneTowerLCM, QuantLCM))):  # always cached
             stepper = self._static_stepper(R, total, noise, temperature)
         elif isinstance(model, (OneTowerLCM, QuantLCM)):  # always cached: the context cache is the model's state
             stepper = (_QuantStepper if isinstance(model, QuantLCM) else _OneTowerStepper)(
@@ -850,13 +878,14 @@ class Generator:
         return scores
 
     def _static_stepper(self, batch: int, length: int, noise: NoiseSource,
-                        temperature: float) -> _TwoTowerStepper | _BaseLCMStepper:
+                        temperature: float) -> Any:
         """cuda_graphs: the last call's stepper where this call fits it (the same batch bucket and length bucket,
         unchanged options and weights), restarted on its buffers so that its captured graphs replay from this
         call's first sentence; else a new one, after the old one's buffers are freed."""
         model, opt = self.model, self.options
         capacity = -(-length // STATIC_LENGTH_STEP) * STATIC_LENGTH_STEP
-        weights = tuple((p.data_ptr(), p._version) for p in model.parameters())  # in-place updates bump _version
+        # in-place updates bump _version (Quant-LCM's codebooks are a buffer)
+        weights = tuple((p.data_ptr(), p._version) for p in (*model.parameters(), *model.buffers()))
         key = (batch_bucket(batch), capacity, repr(opt), weights)
         if self._static is not None and self._static[0] == key:
             self._static[1].restart(noise, temperature)
@@ -865,8 +894,9 @@ class Generator:
         w = self.weights
         if isinstance(model, TwoTowerLCM):
             stepper = _TwoTowerStepper(model, opt, True, capacity, noise, fast=True, static_batch=batch, weights=w)
-        elif isinstance(model, OneTowerLCM):
-            stepper = _OneTowerStepper(model, opt, capacity, noise, fast=True, static_batch=batch, weights=w)
+        elif isinstance(model, (OneTowerLCM, QuantLCM)):
+            stepper = (_QuantStepper if isinstance(model, QuantLCM) else _OneTowerStepper)(
+                model, opt, capacity, noise, fast=True, static_batch=batch, weights=w)
         else:
             stepper = _BaseLCMStepper(model, opt, temperature, True, capacity, noise, fast=True, static_batch=batch,
                                       weights=w)
