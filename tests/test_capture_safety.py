@@ -1,5 +1,5 @@
-"""Capture safety on CPU: every function the fast engine captures in a CUDA graph (the Two-Tower sentence loop,
-the Base-LCM decoder step) runs under :class:`~lcm_fast.inference.graphs.CaptureGuard`, which fails at the first
+"""Capture safety on CPU: every function the fast engine captures in a CUDA graph (the Two-Tower, One-Tower and
+Quant-LCM sentence loops, the Base-LCM decoder step) runs under :class:`~lcm_fast.inference.graphs.CaptureGuard`, which fails at the first
 operation a CUDA graph cannot hold. The GPU finds such a bug only when a capture fails; these tests find it here."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 import lcm_fast
 from lcm_fast.inference.fast import FastDecoder
-from lcm_fast.inference.generator import _OneTowerStepper, _TwoTowerStepper
+from lcm_fast.inference.generator import _OneTowerStepper, _QuantStepper, _TwoTowerStepper
 from lcm_fast.inference.graphs import CapturedCall, CaptureGuard, CaptureUnsafeError
 from lcm_fast.nn.attention import KVCache
 
@@ -110,3 +110,20 @@ def test_one_tower_sentence_loop_is_capture_safe():
         with CaptureGuard("one-tower sentence"):
             stepper._sentence(latents, x0, torch.randn(steps, 4, 1, D))
     assert torch.isfinite(x0).all() and x0.abs().sum() > 0
+
+
+@pytest.mark.parametrize("target", ["discrete", "continuous"])
+@pytest.mark.parametrize("sampling", [dict(top_k=1), dict(top_k=5, top_p=0.9, lcm_temperature=0.7, guidance_scale=2.0)])
+def test_quant_lcm_sentence_loop_is_capture_safe(target, sampling):
+    """The static Quant-LCM sentence (every codebook pass: the decoder on its context cache, the units' scores, their
+    greedy or top-k/top-p draw and the centroid's addition) under the guard."""
+    model = random_model(tiny_config("quant_lcm", target=target))
+    options = lcm_fast.GenerationOptions(seed=0, **sampling)
+    stepper = _QuantStepper(model, options, 16, lcm_fast.TorchNoise(0), fast=True, static_batch=4)
+    M, K, D = model.config.n_codebooks, model.config.codebook_size, model.sonar_dim
+    with torch.inference_mode():
+        stepper.prefill(torch.randn(4, 5, D))
+        inter = torch.zeros(4, D)
+        with CaptureGuard("quant-LCM sentence"):
+            stepper._sentence(inter, torch.randn(M, 4, K) if stepper.sampling else None)
+    assert torch.isfinite(inter).all() and inter.abs().sum() > 0
