@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..diffusion import GuidedDDIM
-from ..inference.generator import GenerationOptions
+from ..inference.options import GenerationOptions
 from ..models import BaseLCM, OneTowerLCM, QuantLCM, TwoTowerLCM
 
 

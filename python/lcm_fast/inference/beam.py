@@ -30,8 +30,6 @@ from torch import Tensor
 from ..models import OneTowerLCM, TwoTowerLCM
 from .planning import latest_plans
 
-Scorer = Callable[["Candidates"], Tensor]
-
 
 @dataclass
 class Candidates:
@@ -52,6 +50,9 @@ class Candidates:
     break_vec: Optional[Tensor] = None
     """[D] an LPCM's break concept (``Generator(break_vec=...)``), else None."""
     break_threshold: float = 0.9
+
+
+Scorer = Callable[[Candidates], Tensor]
 
 
 class DenoisingConsistency:
