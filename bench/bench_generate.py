@@ -135,6 +135,21 @@ def test_target_ratio_interleaved(benchmark, model_dim):
                                 int8_ratio=median["reference"] / median["fast_int8"])
 
 
+@pytest.mark.filterwarnings("ignore:cuda_graphs=True on a model that is not on a GPU")
+def test_static_step_routes_interleaved(benchmark):
+    """The static (graph-captured) Two-Tower step's two routes, on CPU without graphs, against the per-step fast engine
+    in one window: ``static_s`` (its layers as composed fused ops) and ``static_inductor_s`` (compiled by Inductor;
+    the warm-up call compiles). A GPU replays either as a CUDA graph (bench_generate -k gpu); on CPU this measures what
+    Inductor's fusion does to the same computation, not the GPU's choice."""
+    model = two_tower(256)
+    options = lcm_fast.GenerationOptions.recommended(seed=1, eos_threshold=None)
+    median = _interleaved_case(benchmark, "two_tower", model, 1, 2,
+                               static=lcm_fast.Generator(model, options, cuda_graphs=True),
+                               static_inductor=lcm_fast.Generator(model, options, cuda_graphs=True, inductor=True))
+    benchmark.extra_info.update(inductor_over_composed=median["static"] / median["static_inductor"],
+                                inductor_over_fast=median["fast"] / median["static_inductor"])
+
+
 # Beam search over sampled concepts (issue 26): K candidates x B beams per document run as K x B rows through the fast
 # engine's step, plus one scoring pass (the denoising-consistency scorer) per sentence; BEAM_SENTENCES sentences
 # after a prompt of 50, every setting in one interleaved window against sampling one (1 x 1).
@@ -217,23 +232,26 @@ def _device_copy_bandwidth() -> float:
 
 def _gpu_cases():
     for batch, context in ((1, 50), (64, 200)):
-        for engine, dtype, graphs, weights in (("reference", torch.float32, False, None),
-                                               ("fast", torch.bfloat16, False, None), ("fast", torch.bfloat16, True, None),
-                                               ("fast", torch.bfloat16, True, "int8")):
+        # the static step's two routes to few launches: composed fused ops, or Inductor (its warm-up compiles)
+        for engine, dtype, graphs, weights, inductor in (
+                ("reference", torch.float32, False, None, False), ("fast", torch.bfloat16, False, None, False),
+                ("fast", torch.bfloat16, True, None, False), ("fast", torch.bfloat16, True, None, True),
+                ("fast", torch.bfloat16, True, "int8", False)):
             heavy = engine == "reference" and batch > 1  # ~30 s a call on an H200
-            yield pytest.param(engine, dtype, graphs, weights, batch, context,
+            yield pytest.param(engine, dtype, graphs, weights, inductor, batch, context,
                                marks=[pytest.mark.slow] if heavy else [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("engine,dtype,graphs,weights,batch,context", list(_gpu_cases()))
-def test_generate_two_tower_gpu(benchmark, engine, dtype, graphs, weights, batch, context):
+@pytest.mark.parametrize("engine,dtype,graphs,weights,inductor,batch,context", list(_gpu_cases()))
+def test_generate_two_tower_gpu(benchmark, engine, dtype, graphs, weights, inductor, batch, context):
     from lcm_fast.inference.fast import decoding_tables
 
     model = gpu_two_tower(dtype)
     options = lcm_fast.GenerationOptions.recommended(seed=1, eos_threshold=None)
     prompts = torch.randn(batch, context, model.sonar_dim, device="cuda") * 0.01
-    generator = lcm_fast.Generator(model, options, engine=engine, cuda_graphs=graphs, weights=weights)
+    generator = lcm_fast.Generator(model, options, engine=engine, cuda_graphs=graphs, weights=weights,
+                                   inductor=inductor)
 
     def run():
         out = generator(prompts, max_gen_len=GPU_SENTENCES)
@@ -246,6 +264,7 @@ def test_generate_two_tower_gpu(benchmark, engine, dtype, graphs, weights, batch
     median = benchmark.stats.stats.median if benchmark.stats else float("nan")
     info = dict(engine=engine, device=torch.cuda.get_device_name(), model_dim=model.config.model_dim, context=context,
                 batch=batch, dtype=str(dtype).removeprefix("torch."), cuda_graphs=graphs, weights=weights,
+                inductor=inductor,
                 sentences_per_s=batch * GPU_SENTENCES / median)
     if engine == "fast":  # denoiser weights streamed per step (composed; the modulation table replaces its MLP)
         sched = model.noise_scheduler.with_options()

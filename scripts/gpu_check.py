@@ -109,7 +109,8 @@ def _generate(log: str, out: Path) -> str:
     for b in _benchmarks(out, "generate"):
         e = b["extra_info"]
         case = (f"{e['engine']} {e['dtype']}{' ' + e['weights'] if e.get('weights') else ''}"
-                f"{' graphs' if e.get('cuda_graphs') else ''} b{e['batch']} c{e['context']}")
+                f"{' graphs' if e.get('cuda_graphs') else ''}{' inductor' if e.get('inductor') else ''} b{e['batch']} "
+                f"c{e['context']}")
         text = f"{case}: {1e3 / e['sentences_per_s']:.2f} ms/sentence"
         if "weight_bytes_per_s" in e:
             text += (f" ({e['weight_bytes_per_s'] / 1e9:.0f} GB/s weights = "

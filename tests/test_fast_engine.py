@@ -248,6 +248,24 @@ def test_static_shapes_run_finishing_batches_in_buckets(family, captured):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_inductor_compiles_the_static_step(family, captured):
+    """cuda_graphs with inductor: the static step's layers in plain PyTorch compiled by Inductor (fullgraph), through
+    the batch buckets (captured as without it, each capture's warm-up checked by CaptureGuard with the Python of the
+    compiled code) and teacher-forced sentences (the composed ops): the outputs of the composed static step."""
+    model = random_model(tiny_config(family), seed=4)
+    options = _static_options(family, lcm_temperature=0.3)
+    prompts = torch.randn(5, 5, model.sonar_dim, generator=torch.Generator().manual_seed(0))
+    lens = torch.tensor([5, 5, 5, 1, 3])
+    compiled, composed = (lcm_fast.generate(model, prompts, lens, options=options, max_gen_len=6, cuda_graphs=True,
+                                            inductor=inductor) for inductor in (True, False))
+    assert captured == [8, 4, 8, 4]
+    for a, b in zip(compiled.sequences, composed.sequences):
+        torch.testing.assert_close(a, b, **CUDA_GRAPHS_VS_EAGER)
+    with pytest.raises(ValueError, match="inductor=True compiles the static .* it needs cuda_graphs=True"):
+        lcm_fast.Generator(model, options, inductor=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_static_buffers_and_graphs_are_reused_by_later_calls(family, captured):
     """cuda_graphs: a call that fits the last call's buffers (its batch bucket, its length rounded up to 64) restarts
     that call's stepper on the same storage, captures nothing new and returns what a fresh generator returns; other

@@ -136,11 +136,12 @@ def test_a_failed_capture_leaves_no_state_behind():
     assert torch.equal(call(torch.ones(3, device="cuda"))[0], torch.full((3,), 2.0, device="cuda"))
 
 
+@pytest.mark.parametrize("inductor", [False, True])
 @pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm", "one_tower_diffusion_lcm", "quant_lcm"])
-def test_generation_with_cuda_graphs_matches_the_eager_fast_engine(family):
+def test_generation_with_cuda_graphs_matches_the_eager_fast_engine(family, inductor):
     """Generator(cuda_graphs=True) against the per-step fast engine: in a first call sentences 2+ of a batch bucket
     replay, also after documents finish and the caches are compacted under a captured graph; in a second call on
-    the same buffers every sentence replays."""
+    the same buffers every sentence replays. inductor: the captured step's layers compiled by Inductor."""
     from ..conftest import random_model, tiny_config
 
     model = random_model(tiny_config(family)).cuda()
@@ -148,7 +149,8 @@ def test_generation_with_cuda_graphs_matches_the_eager_fast_engine(family):
     options = lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=12, eos_threshold=None,
                                                      **sampled_units)
     prompts, lens = torch.randn(5, 5, model.sonar_dim, device="cuda"), torch.tensor([5, 5, 5, 1, 3])
-    graphed, eager = lcm_fast.Generator(model, options, cuda_graphs=True), lcm_fast.Generator(model, options)
+    graphed = lcm_fast.Generator(model, options, cuda_graphs=True, inductor=inductor)
+    eager = lcm_fast.Generator(model, options)
     for _ in range(2):
         runs = [generator(prompts, lens, max_gen_len=6) for generator in (graphed, eager)]
         assert runs[0].lengths.tolist() == runs[1].lengths.tolist()

@@ -30,9 +30,10 @@ The prompts' prefills (contextualizer and cross-attention K/V, Base-LCM's prompt
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -84,6 +85,39 @@ def packed_decode_args(layers: torch.nn.ModuleList, weights: Optional[str]) -> t
         params, *rest = decode_args(layers)
         packs[weights] = kept = (fingerprint, (pack_weights(params, weights), *rest))
     return kept[1]
+
+
+class _InductorLayers:
+    """A decode op's composed twin (``ref``) in plain PyTorch compiled by Inductor as one graph per shape (a graph
+    break is an error; shapes are specialized, as the CUDA graph that captures the step is). Calls with a row subset
+    (sentences with teacher-forced rows, which run step by step and are never captured) take the composed ops, so
+    ragged prompts cost no compile."""
+
+    # one compile per batch bucket and CFG shape (the first DDIM step has no unconditional rows), per model shape
+    RECOMPILE_LIMIT = 64
+
+    def __init__(self, ref: Callable[..., Tensor]) -> None:
+        self.compiled = torch.compile(ref, fullgraph=True, dynamic=False)
+        self.composed = functools.partial(ref, backend=None)
+        self.rows = list(inspect.signature(ref).parameters).index("rows")
+
+    def __call__(self, *args: object) -> Tensor:
+        if args[self.rows] is not None:
+            return self.composed(*args)
+        with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+            return self.compiled(*args, backend="ref")
+
+
+@functools.cache
+def _inductor_layers(ref: Callable[..., Tensor]) -> _InductorLayers:
+    return _InductorLayers(ref)  # one per op: every generator shares its compiled code
+
+
+def static_layers_decode(ref: Callable[..., Tensor], inductor: bool) -> Callable[..., Tensor]:
+    """The static-shape step's layers: ref's composed ops, each on its fused kernel, or with ``inductor`` all of them
+    compiled by Inductor (fused elementwise prologues and epilogues, its own GEMMs), the other route to few launches
+    per step on a GPU."""
+    return _inductor_layers(ref) if inductor else functools.partial(ref, backend=None)
 
 
 @dataclass
@@ -144,10 +178,11 @@ class FastDenoiser:
             tensor (the composed ops of :func:`denoiser_layers_decode_ref`; the CPU kernel takes an int). The
             caches hold rows for the first batch's :func:`batch_bucket`, and keep their storage on :meth:`reorder`.
         weights: the format of the step's projection weights (:data:`WEIGHT_FORMATS`).
+        inductor: static shapes, the layers compiled by Inductor (:func:`static_layers_decode`).
     """
 
     def __init__(self, model: TwoTowerLCM, timesteps: list[int], capacity: int, static_shapes: bool = False,
-                 weights: Optional[str] = None) -> None:
+                 weights: Optional[str] = None, inductor: bool = False) -> None:
         den = model.denoiser
         self.model, self.denoiser, self.capacity = model, den, capacity + 1
         tables = decoding_tables(den, timesteps, weights)
@@ -155,7 +190,7 @@ class FastDenoiser:
         self.layers_args, self.io_params = tables.layers_args, tables.io_params
         weight = den.layers[0].self_attn.v_proj.weight
         self.static_shapes = static_shapes
-        self.layers_decode = (functools.partial(denoiser_layers_decode_ref, backend=None) if static_shapes else
+        self.layers_decode = (static_layers_decode(denoiser_layers_decode_ref, inductor) if static_shapes else
                               denoiser_layers_decode_for(weight.device.type, weight.dtype))
         self.length = torch.zeros((), dtype=torch.long, device=weight.device)  # [] valid positions (static_shapes)
         self.caches: list[KVCache] = []
@@ -237,10 +272,11 @@ class FastDecoder:
             composed ops of :func:`decoder_layers_decode_ref`; the caches must be ``zeroed``).
         weights: the format of the layers' projection weights (:data:`WEIGHT_FORMATS`; the frontend and postnet,
             one projection each, keep the model's).
+        inductor: static shapes, the layers compiled by Inductor (:func:`static_layers_decode`).
     """
 
     def __init__(self, model: BaseLCM | OneTowerBackbone, cache: list[KVCache], static_shapes: bool = False,
-                 weights: Optional[str] = None) -> None:
+                 weights: Optional[str] = None, inductor: bool = False) -> None:
         self.model, self.cache, self.static_shapes = model, cache, static_shapes
         self.layers_args = packed_decode_args(model.lcm.layers, weights)
         weight = model.frontend.pre_linear.weight
@@ -255,7 +291,7 @@ class FastDecoder:
         with torch.no_grad():
             self.positions = (positions(weight.new_zeros(1, positions.max_seq_len, weight.shape[0]))[0]
                               if static_shapes and positions is not None else None)
-        self.layers_decode = (functools.partial(decoder_layers_decode_ref, backend=None) if static_shapes else
+        self.layers_decode = (static_layers_decode(decoder_layers_decode_ref, inductor) if static_shapes else
                               decoder_layers_decode_for(weight.device.type, weight.dtype))
 
     @torch.no_grad()

@@ -78,14 +78,15 @@ class _ContextCache:
     cache: list[KVCache]
     noise: NoiseSource
 
-    def _decoder(self, capacity: int, fast: bool, static_batch: Optional[int], weights: Optional[str]) -> None:
+    def _decoder(self, capacity: int, fast: bool, static_batch: Optional[int], weights: Optional[str],
+                 inductor: bool) -> None:
         self.linear = skinny_linear if fast else None  # the context's encoding too: the kernel where it beats BLAS
         self.graphs: Optional[BatchGraphs] = None
         if fast and static_batch is not None:
             self.cache = [KVCache(capacity, zeroed=True, batch_capacity=batch_bucket(static_batch)) for _ in self.cache]
             self.graphs = BatchGraphs(self._sentence)  # type: ignore[attr-defined]
-        self.decoder = (FastDecoder(self.model, self.cache, static_shapes=static_batch is not None, weights=weights)
-                        if fast else None)
+        self.decoder = (FastDecoder(self.model, self.cache, static_shapes=static_batch is not None, weights=weights,
+                                    inductor=inductor) if fast else None)
 
     def restart(self, noise: NoiseSource, temperature: float) -> None:
         """Static shapes: ready for another generation call on the same caches and graphs (emptied, not freed)."""
@@ -122,7 +123,7 @@ class _BaseLCMStepper:
 
     def __init__(self, model: BaseLCM, options: GenerationOptions, temperature: float, use_cache: bool,
                  capacity: int, noise: NoiseSource, fast: bool = False, static_batch: Optional[int] = None,
-                 weights: Optional[str] = None) -> None:
+                 weights: Optional[str] = None, inductor: bool = False) -> None:
         self.model, self.options, self.temperature, self.noise = model, options, temperature, noise
         self.cache = model.new_cache(capacity) if use_cache else None
         # the modules' GEMM (None: their own); the fast engine's prefill too takes the kernel where it beats BLAS
@@ -134,7 +135,8 @@ class _BaseLCMStepper:
                 self.cache = [KVCache(capacity, zeroed=True, batch_capacity=batch_bucket(static_batch))
                               for _ in self.cache]
                 self.graphs = BatchGraphs(lambda x, out: out.copy_(self.decoder(x)))
-            self.decoder = FastDecoder(model, self.cache, static_shapes=static_batch is not None, weights=weights)
+            self.decoder = FastDecoder(model, self.cache, static_shapes=static_batch is not None, weights=weights,
+                                       inductor=inductor)
 
     def restart(self, noise: NoiseSource, temperature: float) -> None:
         """Static shapes: ready for another generation call on the same caches and graphs (emptied, not freed)."""
@@ -203,7 +205,7 @@ class _TwoTowerStepper:
 
     def __init__(self, model: TwoTowerLCM, options: GenerationOptions, use_cache: bool, capacity: int,
                  noise: NoiseSource, fast: bool = False, static_batch: Optional[int] = None,
-                 weights: Optional[str] = None) -> None:
+                 weights: Optional[str] = None, inductor: bool = False) -> None:
         self.model, self.options, self.noise, self.capacity = model, options, noise, capacity
         self.cache = model.new_cache(capacity) if use_cache else None
         overrides = {}
@@ -227,7 +229,7 @@ class _TwoTowerStepper:
                 self.cache = [KVCache(capacity, batch_capacity=batch_bucket(static_batch)) for _ in self.cache]
                 self.graphs = BatchGraphs(self._sentence)
             self.fast = FastDenoiser(model, self.timesteps, capacity, static_shapes=static_batch is not None,
-                                     weights=weights)
+                                     weights=weights, inductor=inductor)
 
     def restart(self, noise: NoiseSource, temperature: float) -> None:
         """Static shapes: ready for another generation call on the same caches and graphs (emptied, not freed).
@@ -383,9 +385,10 @@ class _OneTowerStepper(_ContextCache, _TwoTowerStepper):
     replay per sentence; the context is encoded outside the graph."""
 
     def __init__(self, model: OneTowerLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
-                 fast: bool, static_batch: Optional[int] = None, weights: Optional[str] = None) -> None:
+                 fast: bool, static_batch: Optional[int] = None, weights: Optional[str] = None,
+                 inductor: bool = False) -> None:
         super().__init__(model, options, True, capacity, noise)  # type: ignore[arg-type]
-        self._decoder(capacity, fast, static_batch, weights)
+        self._decoder(capacity, fast, static_batch, weights, inductor)
 
     def _rows(self, forced: Tensor) -> Optional[Tensor]:
         return None if not forced.any() else (~forced).nonzero().flatten()
@@ -414,13 +417,14 @@ class _QuantStepper(_ContextCache):
     graph replay per sentence; sentences with teacher-forced rows take the per-pass loop."""
 
     def __init__(self, model: QuantLCM, options: GenerationOptions, capacity: int, noise: NoiseSource,
-                 fast: bool, static_batch: Optional[int] = None, weights: Optional[str] = None) -> None:
+                 fast: bool, static_batch: Optional[int] = None, weights: Optional[str] = None,
+                 inductor: bool = False) -> None:
         self.model, self.options, self.noise = model, options, noise
         self.dtype = next(model.parameters()).dtype
         self.cache = model.new_cache(capacity)
         self.cfg = options.guidance_scale != 1.0
         self.sampling = options.top_k != 1 and options.lcm_temperature != 0
-        self._decoder(capacity, fast, static_batch, weights)
+        self._decoder(capacity, fast, static_batch, weights, inductor)
 
     def _guided(self, x: Tensor, k: int, rows: Optional[Tensor], context: list[KVCache]) -> Tensor:
         """The (CFG-guided) model output for x [n, 1, sonar_dim] (normalized intermediate representations) at
@@ -504,12 +508,17 @@ class Generator:
             (weight-only int8 with per-output-channel scales, made once per model and kept: a quarter of fp32's
             bytes per step, half of bf16's; activations stay in the model dtype). The fast engine only; the
             prompt's prefill and the Two-Tower contextualizer keep the model's weights. Quality: bench/RESULTS.md.
+        inductor: with ``cuda_graphs``, the static step's layers in plain PyTorch compiled by Inductor
+            (``torch.compile(fullgraph=True)``: fused norm/modulation prologues and residual epilogues, its own GEMMs)
+            before they are captured, instead of the composed fused ops; the same outputs within rounding. The other
+            route to few launches per step on a GPU, for a measured choice (``bench_generate.py -k gpu``); the first
+            call of each batch bucket compiles (seconds to a minute), later generators reuse the code.
     """
 
     def __init__(self, model: BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM,
                  options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None,
                  engine: str = "fast", cuda_graphs: bool = False, weights: Optional[str] = None,
-                 break_vec: Optional[Tensor] = None) -> None:
+                 break_vec: Optional[Tensor] = None, inductor: bool = False) -> None:
         if not isinstance(model, (BaseLCM, TwoTowerLCM, OneTowerLCM, QuantLCM)):
             raise TypeError(f"expected a BaseLCM, TwoTowerLCM, OneTowerLCM or QuantLCM, got {type(model).__name__}")
         if engine not in ENGINES:
@@ -518,6 +527,8 @@ class Generator:
         if cuda_graphs and not decodable:
             raise ValueError(f"cuda_graphs needs the fast engine and a model its decode step runs (not post-norm layers "
                              f"or scale_residual), got engine '{engine}' and a {type(model).__name__}")
+        if inductor and not cuda_graphs:
+            raise ValueError("inductor=True compiles the static (graph-captured) step: it needs cuda_graphs=True")
         if isinstance(model, QuantLCM):
             model.require_codebooks()
         check_weights(weights)
@@ -530,7 +541,7 @@ class Generator:
                           "slower than the default fast engine (what the CPU tests exercise)", stacklevel=2)
         self.engine = engine
         self.model = model.eval()
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs, self.inductor = cuda_graphs, inductor
         self._static: Optional[tuple[tuple, Any]] = None  # (key, stepper): see _static_stepper
         self.options = options or GenerationOptions()
         self.options.validate()  # also on an options object changed in place since it was made
@@ -697,20 +708,19 @@ class Generator:
         capacity = -(-length // STATIC_LENGTH_STEP) * STATIC_LENGTH_STEP
         # in-place updates bump _version (Quant-LCM's codebooks are a buffer)
         weights = tuple((p.data_ptr(), p._version) for p in (*model.parameters(), *model.buffers()))
-        key = (batch_bucket(batch), capacity, repr(opt), weights)
+        key = (batch_bucket(batch), capacity, repr(opt), weights, self.weights, self.inductor)
         if self._static is not None and self._static[0] == key:
             self._static[1].restart(noise, temperature)
             return self._static[1]
         self._static = None
-        w = self.weights
+        step = dict(fast=True, static_batch=batch, weights=self.weights, inductor=self.inductor)
         if isinstance(model, TwoTowerLCM):
-            stepper = _TwoTowerStepper(model, opt, True, capacity, noise, fast=True, static_batch=batch, weights=w)
+            stepper = _TwoTowerStepper(model, opt, True, capacity, noise, **step)
         elif isinstance(model, (OneTowerLCM, QuantLCM)):
-            stepper = (_QuantStepper if isinstance(model, QuantLCM) else _OneTowerStepper)(
-                model, opt, capacity, noise, fast=True, static_batch=batch, weights=w)
+            stepper = (_QuantStepper if isinstance(model, QuantLCM) else _OneTowerStepper)(model, opt, capacity, noise,
+                                                                                           **step)
         else:
-            stepper = _BaseLCMStepper(model, opt, temperature, True, capacity, noise, fast=True, static_batch=batch,
-                                      weights=w)
+            stepper = _BaseLCMStepper(model, opt, temperature, True, capacity, noise, **step)
         self._static = (key, stepper)
         return stepper
 
@@ -718,8 +728,9 @@ class Generator:
 def generate(model: BaseLCM | TwoTowerLCM | OneTowerLCM | QuantLCM, prompts: Tensor, seq_lens: Optional[Tensor] = None, *,
              options: Optional[GenerationOptions] = None, eos_vec: Optional[Tensor] = None, engine: str = "fast",
              cuda_graphs: bool = False, weights: Optional[str] = None, break_vec: Optional[Tensor] = None,
-             **call_kwargs: Any) -> GenerationOutput:
-    """One-shot helper: ``Generator(model, options, eos_vec, engine, cuda_graphs, weights, break_vec)(prompts,
+             inductor: bool = False, **call_kwargs: Any) -> GenerationOutput:
+    """One-shot helper: ``Generator(model, options, eos_vec, engine, cuda_graphs, weights, break_vec, inductor)(prompts,
     seq_lens, **call_kwargs)``."""
-    return Generator(model, options, eos_vec, engine, cuda_graphs, weights, break_vec)(prompts, seq_lens, **call_kwargs)
+    return Generator(model, options, eos_vec, engine, cuda_graphs, weights, break_vec, inductor)(prompts, seq_lens,
+                                                                                                 **call_kwargs)
 

@@ -152,8 +152,12 @@ class CapturedCall:
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext(), CaptureGuard(name):
-            fn(*(x.clone() if x is not None else None for x in inputs))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            # compiled code (Generator(inductor=True)) is opaque to a dispatch mode: the guard checks its Python
+            with CaptureGuard(name), torch.compiler.set_stance("force_eager"):
+                fn(*(x.clone() if x is not None else None for x in inputs))
+            if side is not None:  # and the compiled code's own lazy work (loading kernels) is done before the capture
+                fn(*(x.clone() if x is not None else None for x in inputs))
         if side is not None:
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = _capture(fn, self.buffers, name)
