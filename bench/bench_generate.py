@@ -238,7 +238,9 @@ def _gpu_cases():
                 ("fast", torch.bfloat16, True, None, False), ("fast", torch.bfloat16, True, None, True),
                 ("fast", torch.bfloat16, True, "int8", False)):
             heavy = engine == "reference" and batch > 1  # ~30 s a call on an H200
-            yield pytest.param(engine, dtype, graphs, weights, inductor, batch, context,
+            name = "-".join([engine, str(dtype).removeprefix("torch."), *(["graphs"] if graphs else []),
+                             *([weights] if weights else []), *(["inductor"] if inductor else []), f"b{batch}"])
+            yield pytest.param(engine, dtype, graphs, weights, inductor, batch, context, id=name,
                                marks=[pytest.mark.slow] if heavy else [])
 
 

@@ -104,9 +104,9 @@ def _train(log: str, out: Path) -> str:
     return "; ".join(rows) or _pytest_counts(log, out)
 
 
-def _generate(log: str, out: Path) -> str:
+def _generate(log: str, out: Path, stage: str = "generate") -> str:
     rows = []
-    for b in _benchmarks(out, "generate"):
+    for b in _benchmarks(out, stage):
         e = b["extra_info"]
         case = (f"{e['engine']} {e['dtype']}{' ' + e['weights'] if e.get('weights') else ''}"
                 f"{' graphs' if e.get('cuda_graphs') else ''}{' inductor' if e.get('inductor') else ''} b{e['batch']} "
@@ -144,8 +144,9 @@ def _ops(log: str, out: Path) -> str:
     return "; ".join(f"{op} {gbps:.0f} GB/s" for op, gbps in best.items()) or _pytest_counts(log, out)
 
 
-def _bench(path: str, select: str, stage: str, *extra: str) -> Callable[[Path], list[str]]:
-    return lambda out: [*PYTEST, path, "-k", select, f"--benchmark-json={out / f'bench-{stage}.json'}", *extra]
+def _bench(paths: str, select: str, stage: str, *extra: str) -> Callable[[Path], list[str]]:
+    return lambda out: [*PYTEST, *paths.split(), "-k", select, f"--benchmark-json={out / f'bench-{stage}.json'}",
+                        *extra]
 
 
 def _sanitize(tool: str) -> Callable[[Path], list[str]]:
@@ -157,15 +158,18 @@ STAGES = [  # priority order
     Stage("build", lambda out: [PY, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
           300, False, lambda log, out: _last(r"^(Successfully installed.*)$", log, "built")),
     Stage("info", lambda out: [PY, "-m", "lcm_fast.info"], 60, False, _info, show=True),
-    Stage("tests", lambda out: [*PYTEST, "-k", "cuda", "--continue-on-collection-errors", "tests"], 300, True,
-          _pytest_counts),
+    Stage("tests", lambda out: [*PYTEST, "-k", "cuda and not inductor", "--continue-on-collection-errors", "tests"],
+          300, True, _pytest_counts),
     Stage("memcheck", _sanitize("memcheck"), 180, True, _sanitizer, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
     Stage("racecheck", _sanitize("racecheck"), 180, True, _sanitizer),
     Stage("train", _bench("bench/bench_train.py", "gpu", "train"), 240, True, _train),
-    Stage("generate", _bench("bench/bench_generate.py", "gpu", "generate"), 240, True, _generate),
+    Stage("generate", _bench("bench/bench_generate.py", "gpu and not inductor", "generate"), 240, True, _generate),
     Stage("rvq", _bench("bench/bench_rvq.py", "gpu", "rvq"), 200, True, _rvq),
     Stage("ops", _bench("bench/bench_ops.py", "cuda and not compile", "ops", "--benchmark-max-time=0.05"), 150, True,
           _ops),
+    # Generator(inductor=True): its CUDA tests and the 1.6B step compiled, last (compiling takes minutes)
+    Stage("inductor", _bench("tests/ops/test_cuda.py bench/bench_generate.py", "inductor", "inductor"), 300, True,
+          lambda log, out: f"{_pytest_counts(log, out)}; {_generate(log, out, 'inductor')}"),
 ]
 
 

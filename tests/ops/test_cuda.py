@@ -136,7 +136,7 @@ def test_a_failed_capture_leaves_no_state_behind():
     assert torch.equal(call(torch.ones(3, device="cuda"))[0], torch.full((3,), 2.0, device="cuda"))
 
 
-@pytest.mark.parametrize("inductor", [False, True])
+@pytest.mark.parametrize("inductor", [False, True], ids=["composed", "inductor"])
 @pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm", "one_tower_diffusion_lcm", "quant_lcm"])
 def test_generation_with_cuda_graphs_matches_the_eager_fast_engine(family, inductor):
     """Generator(cuda_graphs=True) against the per-step fast engine: in a first call sentences 2+ of a batch bucket
