@@ -29,11 +29,9 @@ The prompts' prefills (contextualizer and cross-attention K/V, Base-LCM's prompt
 
 from __future__ import annotations
 
-import functools
-import inspect
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -47,7 +45,7 @@ from ..nn.transformer import decode_args
 from ..ops.decoder import decoder_layers_decode_for, decoder_layers_decode_ref
 from ..ops.denoiser import denoiser_layers_decode_for, denoiser_layers_decode_ref
 from ..ops.linear import quantize_int8, skinny_linear
-from .graphs import batch_bucket
+from .graphs import batch_bucket, static_layers_decode
 
 #: the decode pack's projection weights: None (the model's own, in its dtype) or "int8" (weight-only int8,
 #: :func:`lcm_fast.ops.quantize_int8`: per-output-channel scales, activations in the model dtype)
@@ -85,39 +83,6 @@ def packed_decode_args(layers: torch.nn.ModuleList, weights: Optional[str]) -> t
         params, *rest = decode_args(layers)
         packs[weights] = kept = (fingerprint, (pack_weights(params, weights), *rest))
     return kept[1]
-
-
-class _InductorLayers:
-    """A decode op's composed twin (``ref``) in plain PyTorch compiled by Inductor as one graph per shape (a graph
-    break is an error; shapes are specialized, as the CUDA graph that captures the step is). Calls with a row subset
-    (sentences with teacher-forced rows, which run step by step and are never captured) take the composed ops, so
-    ragged prompts cost no compile."""
-
-    # one compile per batch bucket and CFG shape (the first DDIM step has no unconditional rows), per model shape
-    RECOMPILE_LIMIT = 64
-
-    def __init__(self, ref: Callable[..., Tensor]) -> None:
-        self.compiled = torch.compile(ref, fullgraph=True, dynamic=False)
-        self.composed = functools.partial(ref, backend=None)
-        self.rows = list(inspect.signature(ref).parameters).index("rows")
-
-    def __call__(self, *args: object) -> Tensor:
-        if args[self.rows] is not None:
-            return self.composed(*args)
-        with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
-            return self.compiled(*args, backend="ref")
-
-
-@functools.cache
-def _inductor_layers(ref: Callable[..., Tensor]) -> _InductorLayers:
-    return _InductorLayers(ref)  # one per op: every generator shares its compiled code
-
-
-def static_layers_decode(ref: Callable[..., Tensor], inductor: bool) -> Callable[..., Tensor]:
-    """The static-shape step's layers: ref's composed ops, each on its fused kernel, or with ``inductor`` all of them
-    compiled by Inductor (fused elementwise prologues and epilogues, its own GEMMs), the other route to few launches
-    per step on a GPU."""
-    return _inductor_layers(ref) if inductor else functools.partial(ref, backend=None)
 
 
 @dataclass

@@ -12,12 +12,17 @@ Capture safety is checked on every device: the warm-up run before a capture (on 
 graph, the run that stands in for it) goes through :class:`CaptureGuard`, which fails at the first operation
 a CUDA graph cannot hold (a host sync, a data-dependent shape, a tensor made from Python data), naming it
 and the line that issued it. So the CPU tests of the static path catch what would break the capture on a GPU.
+
+What a captured step runs (:func:`static_layers_decode`): the decode ops' composed twins, each sub-op on its fused
+kernel, or (``Generator(inductor=True)``) the same computation compiled by Inductor before the capture.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
+import inspect
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -239,3 +244,36 @@ def pad_batch(x: Tensor, size: int, dim: int = 0) -> Tensor:
     shape = list(x.shape)
     shape[dim] = size - x.shape[dim]
     return torch.cat((x, x.new_zeros(shape)), dim)
+
+
+class _InductorLayers:
+    """A decode op's composed twin (``ref``) in plain PyTorch compiled by Inductor as one graph per shape (a graph
+    break is an error; shapes are specialized, as the CUDA graph that captures the step is). Calls with a row subset
+    (sentences with teacher-forced rows, which run step by step and are never captured) take the composed ops, so
+    ragged prompts cost no compile."""
+
+    # one compile per batch bucket and CFG shape (the first DDIM step has no unconditional rows), per model shape
+    RECOMPILE_LIMIT = 64
+
+    def __init__(self, ref: Callable[..., Tensor]) -> None:
+        self.compiled = torch.compile(ref, fullgraph=True, dynamic=False)
+        self.composed = functools.partial(ref, backend=None)
+        self.rows = list(inspect.signature(ref).parameters).index("rows")
+
+    def __call__(self, *args: object) -> Tensor:
+        if args[self.rows] is not None:
+            return self.composed(*args)
+        with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+            return self.compiled(*args, backend="ref")
+
+
+@functools.cache
+def _inductor_layers(ref: Callable[..., Tensor]) -> _InductorLayers:
+    return _InductorLayers(ref)  # one per op: every generator shares its compiled code
+
+
+def static_layers_decode(ref: Callable[..., Tensor], inductor: bool) -> Callable[..., Tensor]:
+    """The static-shape step's layers: ref's composed ops, each on its fused kernel, or with ``inductor`` all of them
+    compiled by Inductor (fused elementwise prologues and epilogues, its own GEMMs), the other route to few launches
+    per step on a GPU."""
+    return _inductor_layers(ref) if inductor else functools.partial(ref, backend=None)
