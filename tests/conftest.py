@@ -41,6 +41,10 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+#: Quant-LCM options whose every unit is drawn (top-k and top-p over the Gumbel-max draw) under CFG
+SAMPLED_UNITS = dict(top_k=5, top_p=0.9, lcm_temperature=0.7, guidance_scale=2.0)
+
+
 def random_model(config, seed: int = 0):
     """A model with random weights (non-trivial norms and normalizer statistics; a Quant-LCM's codebooks), in eval
     mode."""

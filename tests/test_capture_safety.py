@@ -13,7 +13,7 @@ from lcm_fast.inference.generator import _OneTowerStepper, _QuantStepper, _TwoTo
 from lcm_fast.inference.graphs import CapturedCall, CaptureGuard, CaptureUnsafeError
 from lcm_fast.nn.attention import KVCache
 
-from .conftest import random_model, tiny_config
+from .conftest import SAMPLED_UNITS, random_model, tiny_config
 
 
 @pytest.mark.parametrize("step,op", [
@@ -113,7 +113,7 @@ def test_one_tower_sentence_loop_is_capture_safe():
 
 
 @pytest.mark.parametrize("target", ["discrete", "continuous"])
-@pytest.mark.parametrize("sampling", [dict(top_k=1), dict(top_k=5, top_p=0.9, lcm_temperature=0.7, guidance_scale=2.0)])
+@pytest.mark.parametrize("sampling", [dict(top_k=1), SAMPLED_UNITS])
 def test_quant_lcm_sentence_loop_is_capture_safe(target, sampling):
     """The static Quant-LCM sentence (every codebook pass: the decoder on its context cache, the units' scores, their
     greedy or top-k/top-p draw and the centroid's addition) under the guard."""

@@ -19,7 +19,7 @@ from lcm_fast.inference.graphs import batch_bucket, pad_batch
 from lcm_fast.nn.attention import KVCache
 from lcm_fast.ops.denoiser import LAYER_TENSORS
 
-from .conftest import random_model, tiny_config
+from .conftest import SAMPLED_UNITS, random_model, tiny_config
 from .tolerances import CUDA_GRAPHS_VS_EAGER, FAST_ENGINE_ATOL, FAST_ENGINE_ERR_FACTOR
 
 _MODELS: dict = {}
@@ -170,7 +170,7 @@ def test_fast_one_tower_equals_reference(model_key, lens, guidance, eta, steps, 
 @pytest.mark.parametrize("target", ["discrete", "continuous"])
 @pytest.mark.parametrize("stack", [{}, dict(layer_normalization_style="rms", use_swiglu=True, norm_order_style="normformer",
                                             enable_qk_layernorm=True, num_attn_heads=1, num_layers=3)])
-@pytest.mark.parametrize("sampling", [dict(top_k=1), dict(top_k=5, top_p=0.9, lcm_temperature=0.7, guidance_scale=2.5)])
+@pytest.mark.parametrize("sampling", [dict(top_k=1), dict(SAMPLED_UNITS, guidance_scale=2.5)])
 @pytest.mark.parametrize("static", [False, True])
 def test_fast_quant_lcm_equals_reference(target, stack, sampling, static):
     """Quant-LCM: every codebook pass's tokens (and their CFG twins) in one decoder_layers_decode call, teacher-forced
@@ -222,7 +222,7 @@ FAMILIES = ["two_tower_diffusion_lcm", "base_lcm", "one_tower_diffusion_lcm", "q
 def _static_options(family: str, **overrides) -> lcm_fast.GenerationOptions:
     """Options whose every draw is used: Quant-LCM samples its units (top-k, top-p) under CFG."""
     if family == "quant_lcm":
-        overrides = dict(overrides, top_k=5, top_p=0.9, lcm_temperature=0.7, guidance_scale=2.0)
+        overrides = dict(overrides, **SAMPLED_UNITS)
     return lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=6, eos_threshold=None,
                                                   **overrides)
 

@@ -142,10 +142,10 @@ def test_generation_with_cuda_graphs_matches_the_eager_fast_engine(family, induc
     """Generator(cuda_graphs=True) against the per-step fast engine: in a first call sentences 2+ of a batch bucket
     replay, also after documents finish and the caches are compacted under a captured graph; in a second call on
     the same buffers every sentence replays. inductor: the captured step's layers compiled by Inductor."""
-    from ..conftest import random_model, tiny_config
+    from ..conftest import SAMPLED_UNITS, random_model, tiny_config
 
     model = random_model(tiny_config(family)).cuda()
-    sampled_units = dict(top_k=5, top_p=0.9, lcm_temperature=0.7, guidance_scale=2.0) if family == "quant_lcm" else {}
+    sampled_units = SAMPLED_UNITS if family == "quant_lcm" else {}
     options = lcm_fast.GenerationOptions.recommended(seed=3, ddim_eta=0.3, inference_timesteps=12, eos_threshold=None,
                                                      **sampled_units)
     prompts, lens = torch.randn(5, 5, model.sonar_dim, device="cuda"), torch.tensor([5, 5, 5, 1, 3])
