@@ -122,17 +122,20 @@ def _interleaved_case(benchmark, family: str, model: torch.nn.Module, batch: int
 @pytest.mark.parametrize("model_dim", [256, 512])
 def test_target_ratio_interleaved(benchmark, model_dim):
     """extra_info also has, in the same window, ``fast_bf16_s`` (the fast engine on a bf16 copy of the model),
-    ``fast_int8_s`` (int8 weights, fp32 activations), ``fast_bf16_int8_s`` (int8 weights, bf16 activations) and the
-    ratios of int8 to bf16."""
+    ``fast_int8_s`` (int8 weights, fp32 activations), ``fast_bf16_int8_s`` (int8 weights, bf16 activations),
+    ``fast_fp8_s`` (fp8 weights, fp32 activations: a GPU format, widened by F16C here) and the ratios of int8 to
+    bf16."""
     model = two_tower(model_dim)
     options = lcm_fast.GenerationOptions.recommended(seed=1, eos_threshold=None)
     half = copy.deepcopy(model).to(torch.bfloat16)
     median = _interleaved_case(benchmark, "two_tower", model, 1, 1, fast_bf16=lcm_fast.Generator(half, options),
                                fast_int8=lcm_fast.Generator(model, options, weights="int8"),
-                               fast_bf16_int8=lcm_fast.Generator(half, options, weights="int8"))
+                               fast_bf16_int8=lcm_fast.Generator(half, options, weights="int8"),
+                               fast_fp8=lcm_fast.Generator(model, options, weights="fp8"))
     benchmark.extra_info.update(int8_over_bf16=median["fast_bf16"] / median["fast_int8"],
                                 bf16_int8_over_bf16=median["fast_bf16"] / median["fast_bf16_int8"],
-                                int8_ratio=median["reference"] / median["fast_int8"])
+                                int8_ratio=median["reference"] / median["fast_int8"],
+                                fp8_over_bf16=median["fast_bf16"] / median["fast_fp8"])
 
 
 @pytest.mark.filterwarnings("ignore:cuda_graphs=True on a model that is not on a GPU")
@@ -236,7 +239,7 @@ def _gpu_cases():
         for engine, dtype, graphs, weights, inductor in (
                 ("reference", torch.float32, False, None, False), ("fast", torch.bfloat16, False, None, False),
                 ("fast", torch.bfloat16, True, None, False), ("fast", torch.bfloat16, True, None, True),
-                ("fast", torch.bfloat16, True, "int8", False)):
+                ("fast", torch.bfloat16, True, "int8", False), ("fast", torch.bfloat16, True, "fp8", False)):
             heavy = engine == "reference" and batch > 1  # ~30 s a call on an H200
             name = "-".join([engine, str(dtype).removeprefix("torch."), *(["graphs"] if graphs else []),
                              *([weights] if weights else []), *(["inductor"] if inductor else []), f"b{batch}"])

@@ -25,6 +25,7 @@ from lcm_fast.ops import (
     skinny_linear,
     skinny_linear_ref,
 )
+from lcm_fast.ops.linear import PACKED_FORMATS, quantize_weight
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and all("cuda" in s.kernels for s in OPS.values() if "cuda" in s.devices) else [])
 BACKENDS = ["ref", "compile", "ext"]
@@ -137,6 +138,28 @@ def test_skinny_linear(benchmark, device, backend, dtype, rows, K, N):
     _measure(benchmark, run, op="skinny_linear", backend=backend, device=device, B=rows, D=K, dtype=dtype,
              moved_bytes=per * len(weights))
     benchmark.extra_info["N"] = N
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["bf16", *PACKED_FORMATS])
+@pytest.mark.parametrize("rows", [1, 2, 3])  # batch 1 without and with CFG; the 3-row tile
+@pytest.mark.parametrize("K,N", LINEAR_SHAPES)
+def test_packed_skinny_linear(benchmark, device, fmt, rows, K, N):
+    """Weight-only int8 / fp8 (fp32 x) against bf16 weights (bf16 x) at decoding's rows, through distinct weights
+    totalling >= 64 MB of bf16 as test_skinny_linear (half of that packed). gbps = weight bytes read per second;
+    compare the formats by time (the group's medians): a packed weight is half of bf16's bytes."""
+    count = max(1, (64 << 20) // (2 * N * K))
+    dense = [torch.randn(N, K) for _ in range(count)]
+    weights = [(w.to(device, torch.bfloat16) if fmt == "bf16" else quantize_weight(w, fmt).to(device)) for w in dense]
+    x = torch.randn(rows, K, device=device, dtype=torch.bfloat16 if fmt == "bf16" else torch.float32)
+
+    def run():
+        for w in weights:
+            skinny_linear(x, w, backend="ext")
+
+    _measure(benchmark, run, op="packed_skinny_linear", backend=fmt, device=device, B=rows, D=K, dtype=x.dtype,
+             moved_bytes=sum(w.numel() * w.element_size() for w in weights))
+    benchmark.extra_info.update(N=N, weights=fmt)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -139,8 +139,9 @@ def _ops(log: str, out: Path) -> str:
     best: dict[str, float] = {}
     for b in _benchmarks(out, "ops"):
         e = b["extra_info"]
-        if e.get("backend") == "ext" and "gbps" in e:
-            best[e["op"]] = max(best.get(e["op"], 0.0), e["gbps"])
+        if (e.get("backend") == "ext" or e.get("weights")) and "gbps" in e:
+            name = f"{e['op']} {e['weights']}" if e.get("weights") else e["op"]  # packed: one per weight format
+            best[name] = max(best.get(name, 0.0), e["gbps"])
     return "; ".join(f"{op} {gbps:.0f} GB/s" for op, gbps in best.items()) or _pytest_counts(log, out)
 
 

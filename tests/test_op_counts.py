@@ -127,17 +127,17 @@ def test_the_step_compiles_as_one_graph(family):
 
 
 @pytest.mark.parametrize("family", ["two_tower", "base_lcm", "quant_lcm"])
-def test_int8_weights_add_no_op_per_step(family):
-    """The int8 pack is made once, outside the step: the captured step dispatches the same ops (no dequantize, no
-    copy of a weight), reads packed weights through the same linear ops, and still compiles as one graph."""
+def test_packed_weights_add_no_op_per_step(family):
+    """The int8 / fp8 pack is made once, outside the step: the captured step dispatches the same ops (no dequantize,
+    no copy of a weight), reads packed weights through the same linear ops, and still compiles as one graph."""
     make = {"two_tower": _two_tower_step, "quant_lcm": _quant_pass,
             "base_lcm": lambda weights=None: _decoder_step(base_lcm_1_6B, weights)}[family]
     rows = STEPS[family][1]
     x = torch.randn(rows, 1, 32)
     counts = []
-    for weights in (None, "int8"):
+    for weights in (None, "int8", "fp8"):
         step, _ = make(weights=weights)
         counts.append(_count(lambda: step(x)).counts)
-    assert counts[0] == counts[1]
+    assert counts[0] == counts[1] == counts[2]
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="eager")(x), step(x))

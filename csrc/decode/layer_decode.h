@@ -113,13 +113,15 @@ struct Layer {
     return t && t->defined() ? t->template const_data_ptr<T>() : nullptr;
   }
 
-  // out [M, N] = x [M, K] W^T + b with W = params[w] (of type T, or packed int8): the skinny kernel, or BLAS for a
+  // out [M, N] = x [M, K] W^T + b with W = params[w] (of type T, or packed): the skinny kernel, or BLAS for a
   // real GEMM.
   void linear(const T* x, int64_t M, int w, T* out) const {
     const at::Tensor weight = *get(w);
     const int64_t N = weight.size(0), K = weight_k(weight);
-    if (is_packed_int8(weight))
-      return skinny_linear_kernel(x, M, K, int8_values(weight), int8_scales(weight), ptr(w + 1), N, out, N);
+    if (is_packed(weight))
+      return visit_packed(weight, [&](auto q) {
+        skinny_linear_kernel(x, M, K, q, packed_scales(weight), ptr(w + 1), N, out, N);
+      });
     if (skinny_takes(weight.scalar_type(), M))
       return skinny_linear_kernel(x, M, K, ptr(w), nullptr, ptr(w + 1), N, out, N);
     at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference only: BLAS on the weights needs no graph
@@ -222,15 +224,15 @@ inline void check_caches(const char* op, at::TensorList keys, at::TensorList val
 }
 
 // Every tensor of a parameter list (`name` in errors) contiguous, of h's dtype (a projection's weight may be packed
-// int8 instead) and on its device.
+// int8 or fp8 instead) and on its device.
 inline void check_params(const char* op, const char* name, const c10::List<std::optional<at::Tensor>>& list,
                          const at::Tensor& h) {
   for (int64_t i = 0; i < int64_t(list.size()); ++i) {
     const std::optional<at::Tensor> p = list.get(i);
     if (!p || !p->defined()) continue;
-    const bool dtype = p->scalar_type() == h.scalar_type() || (is_packed_int8(*p) && p->dim() == 2);
+    const bool dtype = p->scalar_type() == h.scalar_type() || (is_packed(*p) && p->dim() == 2);
     TORCH_CHECK(p->is_contiguous() && p->device() == h.device() && dtype, op, ": ", name, "[", i,
-                "] must be contiguous, ", h.scalar_type(), " (a weight: or packed int8) and on ", h.device());
+                "] must be contiguous, ", h.scalar_type(), " (a weight: or packed int8/fp8) and on ", h.device());
   }
 }
 

@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Optional.h>
 #include <ATen/core/List.h>
 
@@ -10,19 +11,26 @@
 
 namespace lcm_fast {
 
-// A packed int8 weight (python/lcm_fast/ops/linear.py quantize_int8): uint8 [N, K + 4] holding q [N, K] (int8, row
-// major) then the N fp32 row scales: W[n] = scale[n] * q[n]. The weight's K: its columns, less 4 for packed.
-constexpr int64_t kInt8ScaleBytes = 4;
-inline bool is_packed_int8(const at::Tensor& weight) { return weight.scalar_type() == at::kByte; }
+// A packed weight (python/lcm_fast/ops/linear.py quantize_weight): [N, K + 4] bytes holding q [N, K] (row major) then
+// the N fp32 row scales: W[n] = scale[n] * q[n]. Its dtype says the format of q: uint8 for int8 values, float8_e4m3fn
+// for fp8 (e4m3) ones. The weight's K: its columns, less 4 for packed.
+constexpr int64_t kPackedScaleBytes = 4;
+inline bool is_packed(const at::Tensor& weight) {
+  return weight.scalar_type() == at::kByte || weight.scalar_type() == at::kFloat8_e4m3fn;
+}
 inline int64_t weight_k(const at::Tensor& weight) {
-  return weight.size(1) - (is_packed_int8(weight) ? kInt8ScaleBytes : 0);
+  return weight.size(1) - (is_packed(weight) ? kPackedScaleBytes : 0);
 }
-// q and the scales of a contiguous packed int8 weight
-inline const int8_t* int8_values(const at::Tensor& weight) {
-  return reinterpret_cast<const int8_t*>(weight.const_data_ptr<uint8_t>());
+// The scales of a contiguous packed weight.
+inline const uint8_t* packed_scales(const at::Tensor& weight) {
+  return static_cast<const uint8_t*>(weight.const_data_ptr()) + weight.size(0) * weight_k(weight);
 }
-inline const uint8_t* int8_scales(const at::Tensor& weight) {
-  return weight.const_data_ptr<uint8_t>() + weight.size(0) * weight_k(weight);
+// f(q) for the values q [N, K] of a contiguous packed weight, typed by its format: int8_t or c10::Float8_e4m3fn.
+template <typename F>
+decltype(auto) visit_packed(const at::Tensor& weight, F f) {
+  const void* q = weight.const_data_ptr();
+  if (weight.scalar_type() == at::kByte) return f(static_cast<const int8_t*>(q));
+  return f(static_cast<const c10::Float8_e4m3fn*>(q));
 }
 
 inline void check_skinny_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -30,10 +38,10 @@ inline void check_skinny_linear_args(const at::Tensor& x, const at::Tensor& weig
               " and ", weight.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "skinny_linear: dtype must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(is_packed_int8(weight) || x.scalar_type() == weight.scalar_type(), "skinny_linear: x is ",
-              x.scalar_type(), " but weight is ", weight.scalar_type(), " (or uint8: packed int8)");
+  TORCH_CHECK(is_packed(weight) || x.scalar_type() == weight.scalar_type(), "skinny_linear: x is ",
+              x.scalar_type(), " but weight is ", weight.scalar_type(), " (or packed: uint8 int8, float8_e4m3fn fp8)");
   TORCH_CHECK(weight_k(weight) >= 1 && x.size(1) == weight_k(weight), "skinny_linear: x has K=", x.size(1),
-              " but weight has K=", weight_k(weight), is_packed_int8(weight) ? " (packed int8: K + 4 columns)" : "");
+              " but weight has K=", weight_k(weight), is_packed(weight) ? " (packed: K + 4 columns)" : "");
   TORCH_CHECK(x.device() == weight.device(), "skinny_linear: x on ", x.device(), " but weight on ", weight.device());
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "skinny_linear: bias must be [N=",

@@ -19,9 +19,11 @@ namespace {
 template <typename T>
 void run_skinny_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& out, int64_t col) {
   const T* bias = b.defined() ? b.const_data_ptr<T>() : nullptr;
-  if (is_packed_int8(w))
-    skinny_linear_kernel(x.const_data_ptr<T>(), x.size(0), x.size(1), int8_values(w), int8_scales(w), bias, w.size(0),
-                         out.data_ptr<T>() + col, out.size(1));
+  if (is_packed(w))
+    visit_packed(w, [&](auto q) {
+      skinny_linear_kernel(x.const_data_ptr<T>(), x.size(0), x.size(1), q, packed_scales(w), bias, w.size(0),
+                           out.data_ptr<T>() + col, out.size(1));
+    });
   else
     skinny_linear_kernel(x.const_data_ptr<T>(), x.size(0), x.size(1), w.const_data_ptr<T>(), nullptr, bias,
                          w.size(0), out.data_ptr<T>() + col, out.size(1));

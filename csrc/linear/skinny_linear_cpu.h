@@ -5,8 +5,8 @@
 // bench/RESULTS.md). Here each task streams its share of W as four sequential bands, one row of each
 // per tile: a tile stays in L1 while every 3-row block of x (kept in L2) is dotted against it in
 // registers (common/dot_tile.h), so W is read from memory exactly once. bf16/fp16 weights are
-// widened on load and accumulated in fp32; so are int8 weights (weight-only quantization: a quarter of fp32's
-// bytes), each output then scaled by its row's scale.
+// widened on load and accumulated in fp32; so are int8 and fp8 weights (weight-only quantization: a quarter of
+// fp32's bytes), each output then scaled by its row's scale.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -23,7 +23,7 @@
 #include <vector>
 
 #include "common/dot_tile.h"
-#include "linear/int8_dot.h"
+#include "linear/packed_dot.h"
 
 namespace lcm_fast {
 
@@ -49,9 +49,9 @@ constexpr int64_t kSkinnyMaxRows = 64;
 // Whether M rows of x go through skinny_linear_kernel rather than BLAS, for weights of this dtype: fp32 up to
 // kSkinnyMaxRows; bf16/fp16 at any M unless the CPU multiplies them natively (AMX, AVX512-BF16/FP16): without,
 // BLAS ran them at ~20 GFLOP/s against the kernel's 105-121 on the 2-core Zen3 VM (bench/RESULTS.md); packed int8
-// (uint8) always: BLAS has no weight-only int8 product.
+// (uint8: int8; float8_e4m3fn: fp8) always: BLAS has no weight-only product.
 inline bool skinny_takes(at::ScalarType dtype, int64_t M) {
-  if (dtype == at::kByte) return true;
+  if (dtype == at::kByte || dtype == at::kFloat8_e4m3fn) return true;
   if (dtype == at::kFloat) return M <= kSkinnyMaxRows;
   static const bool native_bf16 = cpu_native_half_gemm(true), native_fp16 = cpu_native_half_gemm(false);
   return M <= kSkinnyMaxRows || !(dtype == at::kBFloat16 ? native_bf16 : native_fp16);
@@ -64,7 +64,7 @@ constexpr int kSkinnyTileCols = 4;              // rows of W (output features) p
 constexpr int64_t kSkinnyWidenRows = 24;         // bf16/fp16 weights: from this many rows of x, widen tiles first
 constexpr int64_t kSkinnyTaskBytes = 64 << 10;  // weights per parallel task at least (smaller layers are not split)
 
-// Scale of weight row n: scales holds N fp32 values at any byte alignment (packed int8 weights), or is null (1).
+// Scale of weight row n: scales holds N fp32 values at any byte alignment (packed weights), or is null (1).
 inline float row_scale(const uint8_t* scales, int64_t n) {
   if (scales == nullptr) return 1.f;
   float scale;
@@ -72,14 +72,14 @@ inline float row_scale(const uint8_t* scales, int64_t n) {
   return scale;
 }
 
-// y = x W^T + b: x [M, K] of type T contiguous, W [N, K] of type W (T, or int8 of packed int8 weights) contiguous,
-// scales: null, or W's N fp32 row scales (int8), bias [N] of type T or null, out [M, N] of type T with row stride
-// ldo (>= N: the columns of a wider output). Accumulated in fp32, each output scaled by its row's scale before the
-// bias.
+// y = x W^T + b: x [M, K] of type T contiguous, W [N, K] of type W (T, or the int8/fp8 values of a packed weight)
+// contiguous, scales: null, or W's N fp32 row scales (packed), bias [N] of type T or null, out [M, N] of type T with
+// row stride ldo (>= N: the columns of a wider output). Accumulated in fp32, each output scaled by its row's scale
+// before the bias.
 template <typename T, typename W>
 void skinny_linear_kernel(const T* x_in, int64_t M, int64_t K, const W* w, const uint8_t* scales, const T* bias,
                           int64_t N, T* out, int64_t ldo) {
-  // Many rows (bf16/fp16/int8 take any number): blocks of x that stay in L2 (512 KB in fp32; at least the fp32
+  // Many rows (bf16/fp16/int8/fp8 take any number): blocks of x that stay in L2 (512 KB in fp32; at least the fp32
   // limit, which never splits) while the tiles stream past, one pass over W each; x streamed from memory once per
   // tile ran a 3200-row bf16 prefill at ~50 GFLOP/s
   const int64_t block_rows = std::clamp<int64_t>((512 << 10) / (4 * K), kSkinnyMaxRows, 256);
@@ -93,8 +93,9 @@ void skinny_linear_kernel(const T* x_in, int64_t M, int64_t K, const W* w, const
   // narrow weights are widened in registers, with 2-row blocks (3-row ones spill); from kSkinnyWidenRows rows
   // on, each tile is widened once into an fp32 copy that 3-row blocks share (bench/RESULTS.md)
   const bool widen_tile = !std::is_same_v<W, float> && M >= kSkinnyWidenRows;
-  // int8 weights widen twice as fast with AVX-512 (int8_dot.h), whose 32 registers hold 3-row blocks
-  const bool avx512 = std::is_same_v<W, int8_t> && !widen_tile && int8_dot_avx512_supported();
+  // one-byte weights widen twice as fast with AVX-512 (packed_dot.h), whose 32 registers hold 3-row blocks
+  constexpr bool int8 = std::is_same_v<W, int8_t>, fp8 = std::is_same_v<W, c10::Float8_e4m3fn>;
+  const bool avx512 = (int8 || fp8) && !widen_tile && packed_dot_avx512_supported();
   const int block = std::is_same_v<W, float> || widen_tile || avx512 ? kSkinnyTileRows : 2;
   const float* x = reinterpret_cast<const float*>(x_in);
   std::vector<float> widened;  // bf16/fp16 x in fp32 (M * K: a few KB)
@@ -124,8 +125,9 @@ void skinny_linear_kernel(const T* x_in, int64_t M, int64_t K, const W* w, const
       for (int64_t m = 0; m < M; m += block) {
         const int rows = int(std::min<int64_t>(block, M - m));
         if (widen_tile) kWide[rows - 1][cols - 1](x + m * K, K, tile.data(), K, K, dot);
-        else if (avx512) int8_dot_tile_avx512(rows, cols, x + m * K, K, reinterpret_cast<const int8_t*>(w + n * K),
-                                              span * K, K, dot);
+        else if (avx512) packed_dot_tile_avx512(int8 ? PackedFormat::kInt8 : PackedFormat::kFp8E4M3, rows, cols,
+                                                x + m * K, K, reinterpret_cast<const uint8_t*>(w + n * K), span * K, K,
+                                                dot);
         else kTiles[rows - 1][cols - 1](x + m * K, K, w + n * K, span * K, K, dot);
         for (int r = 0; r < rows; ++r)
           for (int c = 0; c < cols; ++c) {

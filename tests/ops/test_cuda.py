@@ -234,21 +234,22 @@ def test_rvq_training_on_gpu_takes_the_search():
     assert_codes_match(rq.encode(xc, search="auto"), codes, x, cb.cpu())
 
 
-# -- weight-only int8 on CUDA: the GEMV for few rows, a GEMM on the dequantized weight past kInt8GemvMaxRows --
+# -- weight-only int8 / fp8 on CUDA: the GEMV for few rows, a GEMM on the dequantized weight past kPackedGemvMaxRows --
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 40])
 @pytest.mark.parametrize("K,N", [(1024, 520), (1027, 33), (2048, 4096)])
-def test_int8_skinny_linear_cuda_matches_reference(M, K, N, dtype):
+def test_packed_skinny_linear_cuda_matches_reference(M, K, N, dtype, fmt):
     from lcm_fast.ops import skinny_linear, skinny_linear_ref
-    from lcm_fast.ops.linear import quantize_int8, unpack_int8
+    from lcm_fast.ops.linear import quantize_weight, unpack
 
     g = torch.Generator().manual_seed(M + K)
     x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
-    packed = quantize_int8(w).cuda()
+    packed = quantize_weight(w, fmt).cuda()
     x, b = x.to("cuda", dtype), b.to("cuda", dtype)
     got = skinny_linear(x, packed, b, backend="ext")
-    q, scale = unpack_int8(packed)
+    q, scale = unpack(packed)
     exact = (x.double() @ q.double().T) * scale.double() + b.double()
     ref = skinny_linear_ref(x, packed, b)
     ulp = exact.abs().max() * {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
@@ -257,9 +258,10 @@ def test_int8_skinny_linear_cuda_matches_reference(M, K, N, dtype):
     assert (got.double() - exact).abs().max() <= 2 * (ref.double() - exact).abs().max() + ulp + slack + 1e-4
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("family", ["two_tower_diffusion_lcm", "base_lcm"])
-def test_int8_generation_on_cuda(family):
-    """Generation with int8 weights on the GPU, eager and with CUDA graphs: close to the model's own weights."""
+def test_packed_generation_on_cuda(family, fmt):
+    """Generation with int8 / fp8 weights on the GPU, eager and with CUDA graphs: close to the model's own weights."""
     import torch.nn.functional as F
 
     from ..conftest import random_model, tiny_config
@@ -269,7 +271,7 @@ def test_int8_generation_on_cuda(family):
     prompts, lens = torch.randn(3, 5, model.sonar_dim, device="cuda"), torch.tensor([5, 2, 4])
     own = lcm_fast.generate(model, prompts, lens, max_gen_len=3, options=options).sequences
     for graphs in (False, True):
-        int8 = lcm_fast.generate(model, prompts, lens, max_gen_len=3, options=options, weights="int8",
-                                 cuda_graphs=graphs).sequences
-        for a, b, n in zip(own, int8, lens.tolist()):
+        packed = lcm_fast.generate(model, prompts, lens, max_gen_len=3, options=options, weights=fmt,
+                                   cuda_graphs=graphs).sequences
+        for a, b, n in zip(own, packed, lens.tolist()):
             assert F.cosine_similarity(a[n:], b[n:], dim=-1).min() >= 0.97

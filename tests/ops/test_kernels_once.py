@@ -16,7 +16,7 @@ from lcm_fast.ops import (OPS, adaln_gated_residual_norm_modulate, adaln_gated_r
                           rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref, sampler_params, skinny_linear,
                           skinny_linear_multi, skinny_linear_multi_ref)
 
-from lcm_fast.ops.linear import quantize_int8, skinny_linear_ref
+from lcm_fast.ops.linear import PACKED_FORMATS, quantize_weight, skinny_linear_ref
 from lcm_fast.ops.rvq import RVQ_SEARCH_MIN_SCORES, search_codebooks, sq_norms
 
 from ..tolerances import ADALN_FP32, GUIDED_DDIM_FP32, SKINNY_LINEAR_FP32
@@ -64,10 +64,11 @@ def _linear(device: str) -> None:
     for glu in (False, True):  # q/k/v side by side; SwiGLU's product
         torch.testing.assert_close(skinny_linear_multi(x, (w, u), (b, None), glu, backend="ext"),
                                    skinny_linear_multi_ref(x, (w, u), (b, None), glu), atol=1e-3, rtol=1e-4)
-    for k in (1027, 1024):  # packed int8 weights: the byte-wise and the 16-byte loads of the CUDA GEMV
-        packed = quantize_int8(w[:, :k])
-        torch.testing.assert_close(skinny_linear(x[:, :k].contiguous(), packed, b, backend="ext"),
-                                   skinny_linear_ref(x[:, :k], packed, b), atol=1e-3, rtol=1e-4)
+    for fmt in PACKED_FORMATS:
+        for k in (1027, 1024):  # packed weights: the byte-wise and the 16-byte loads of the CUDA GEMV
+            packed = quantize_weight(w[:, :k], fmt)
+            torch.testing.assert_close(skinny_linear(x[:, :k].contiguous(), packed, b, backend="ext"),
+                                       skinny_linear_ref(x[:, :k], packed, b), atol=1e-3, rtol=1e-4)
 
 
 def _guided_ddim(device: str) -> None:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcm_fast.ops import skinny_linear, skinny_linear_multi, skinny_linear_multi_ref, skinny_linear_ref
-from lcm_fast.ops.linear import INT8_SCALE_BYTES, MAX_ROWS, SPEC, in_features, quantize_int8, unpack_int8
+from lcm_fast.ops.linear import MAX_ROWS, PACKED_FORMATS, PACKED_SCALE_BYTES, SPEC, in_features, quantize_weight, unpack
 
 from ..tolerances import SKINNY_LINEAR_FP32
 
@@ -145,73 +145,115 @@ def test_multi_bad_input(weights, biases, glu, match):
         torch.ops.lcm_fast.skinny_linear_multi(torch.randn(2, 8), weights, biases, glu)
 
 
-# -- weight-only int8: packed weights [N, K + 4] (K int8 values, then the row's fp32 scale) --
+# -- weight-only int8 / fp8: packed weights [N, K + 4] (K one-byte values, then the row's fp32 scale) --
 
-def _int8_check(x, packed, b):
+FORMATS = list(PACKED_FORMATS)
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _packed_check(x, packed, b):
     """Kernel vs the reference twin: both compute scale * (x . q) in fp32 then add the bias; fp32 rounding apart
     (summation order), the 2x rule with one output ulp of slack for half outputs."""
     got = skinny_linear(x, packed, b, backend="ext")
     ref = skinny_linear_ref(x, packed, b)
     assert got.dtype == x.dtype and got.shape == ref.shape
-    q, scale = unpack_int8(packed)
+    q, scale = unpack(packed)
     exact = (x.double() @ q.double().T) * scale.double() + (0 if b is None else b.double())
     ulp = exact.abs().max() * {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[x.dtype]
     assert (got.double() - exact).abs().max() <= 2 * (ref.double() - exact).abs().max() + ulp + 1e-5
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 # the 2-row register blocks and their tail; 24+ rows widen each tile to fp32 once; 300 rows in L2-sized blocks
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 30, 100, 300])
 @pytest.mark.parametrize("K,N", [(1, 1), (7, 5), (256, 256), (1023, 9), (1025, 770)])
-def test_int8_matches_reference(M, K, N, dtype):
+def test_packed_matches_reference(M, K, N, dtype, fmt):
     x, w, b = _inputs(M, K, N, dtype, bias=(K + M) % 2 == 0)
-    _int8_check(x, quantize_int8(w), b)
+    _packed_check(x, quantize_weight(w, fmt), b)
 
 
-def test_int8_avx2_and_avx512_tiles_agree():
+def test_fp8_widening_is_exact():
+    """Every one of e4m3's 254 finite values (subnormals, the largest 448, both zeros) as a weight: the widening
+    (fp16 bits, F16C, times 2^8 in registers for 1-2 rows; the tile widened once for many) gives the value itself,
+    so one-hot rows of x return the weights exactly, at every position of a vector load and in the tail."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    finite = values[~values.float().isnan()]
+    for K in (256, 255):  # two rows of weights, K % 8 == 0 and a tail
+        q = torch.zeros(2 * K, dtype=torch.float8_e4m3fn)
+        q[: finite.numel()] = finite
+        packed = torch.cat((q.view(torch.uint8), torch.ones(2).view(torch.uint8))).view(2, K + 4)
+        packed = packed.view(torch.float8_e4m3fn)
+        one_hot = torch.eye(K)
+        by_row = torch.cat([skinny_linear(one_hot[k: k + 1], packed, backend="ext") for k in range(K)])
+        for got in (by_row, skinny_linear(one_hot, packed, backend="ext")):
+            assert torch.equal(got.T, unpack(packed)[0].float())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_avx2_and_avx512_tiles_agree(fmt):
     """The AVX-512 tiles (chosen at run time where the CPU has them) and the AVX2 ones (LCM_FAST_NO_AVX512=1, what
-    other CPUs run), in a second process: the same outputs up to fp32 summation order."""
-    script = ("import sys, torch; from lcm_fast.ops.linear import quantize_int8, skinny_linear; "
-              "g = torch.Generator().manual_seed(0); w = quantize_int8(torch.randn(37, 1029, generator=g)); "
-              "x = torch.randn(3, 1029, generator=g); torch.save(skinny_linear(x, w, backend='ext'), sys.argv[1])")
+    other CPUs run), in a second process: the same outputs up to fp32 summation order for 1-3 rows, and the same
+    weights exactly through one-hot rows (main loop and tail; test_fp8_widening_is_exact checks them in this one)."""
+    script = ("import sys, torch; from lcm_fast.ops.linear import quantize_weight, skinny_linear; "
+              "g = torch.Generator().manual_seed(0); "
+              "w = quantize_weight(torch.randn(37, 1029, generator=g), sys.argv[2]); x = torch.randn(3, 1029, generator=g); "
+              "eye = torch.eye(1029)[list(range(20)) + list(range(1010, 1029))]; "
+              "rows = [skinny_linear(x[:m], w, backend='ext') for m in (1, 2, 3)]; "
+              "torch.save(rows + [torch.cat([skinny_linear(e[None], w, backend='ext') for e in eye])], sys.argv[1])")
     outs = []
     for flag in ("0", "1"):
         path = Path(tempfile.mkdtemp()) / "y.pt"
         env = {k: v for k, v in os.environ.items() if k != "LCM_FAST_NO_AVX512"} | ({"LCM_FAST_NO_AVX512": "1"} if flag == "1" else {})
-        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, timeout=120)
+        subprocess.run([sys.executable, "-c", script, str(path), fmt], check=True, env=env, timeout=120)
         outs.append(torch.load(path))
-    torch.testing.assert_close(outs[0], outs[1], **SKINNY_LINEAR_FP32)
+    for a, b in zip(outs[0][:3], outs[1][:3], strict=True):
+        torch.testing.assert_close(a, b, **SKINNY_LINEAR_FP32)
+    assert torch.equal(outs[0][3], outs[1][3])
 
 
-def test_int8_quantization():
-    """Per output channel: scale = max|w| / 127, every weight within scale / 2 of scale * q, q in [-127, 127];
-    an all-zero row has scale 0 (its outputs are the bias); bad weights are errors."""
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantization(fmt):
+    """Per output channel: scale = max|w| / qmax; int8: q in [-127, 127], every weight within scale / 2 of
+    scale * q; fp8: e4m3's round to nearest, within 2^-4 relatively (2^-10 scale absolutely, its subnormals); the
+    row's largest weight exact. An all-zero row has scale 0 (its outputs are the bias); bad weights are errors."""
     w = torch.randn(40, 33) * torch.logspace(-3, 3, 40)[:, None]
     w[7] = 0
-    packed = quantize_int8(w)
-    assert packed.dtype == torch.uint8 and packed.shape == (40, 33 + INT8_SCALE_BYTES) and in_features(packed) == 33
-    q, scale = unpack_int8(packed)
-    torch.testing.assert_close(scale, w.abs().amax(1) / 127)
-    assert q.abs().max() <= 127 and (q.float() * scale[:, None] - w).abs().le(scale[:, None] / 2 * (1 + 1e-6)).all()
-    assert scale[7] == 0 and not q[7].any()
+    packed = quantize_weight(w, fmt)
+    dtype, qmax = PACKED_FORMATS[fmt]
+    assert packed.dtype == dtype and packed.shape == (40, 33 + PACKED_SCALE_BYTES) and in_features(packed) == 33
+    q, scale = unpack(packed)
+    torch.testing.assert_close(scale, w.abs().amax(1) / qmax)
+    err = (q.float() * scale[:, None] - w).abs()
+    bound = scale[:, None] / 2 if fmt == "int8" else torch.maximum(w.abs() * 2**-4, scale[:, None] * 2**-10)
+    assert q.float().abs().max() <= qmax and err.le(bound * (1 + 1e-6)).all()
+    assert torch.equal(q.float().abs().amax(1)[scale > 0], torch.full((39,), qmax))
+    assert scale[7] == 0 and not q[7].float().any()
     assert torch.equal(skinny_linear(torch.randn(2, 33), packed, torch.ones(40), backend="ext")[:, 7], torch.ones(2))
-    assert torch.equal(quantize_int8(w.bfloat16()), quantize_int8(w.bfloat16().float()))
+    assert torch.equal(quantize_weight(w.bfloat16(), fmt).view(torch.uint8),
+                       quantize_weight(w.bfloat16().float(), fmt).view(torch.uint8))
     for bad, match in ((torch.randn(3), "floating-point \\[N, K\\]"), (torch.ones(2, 2, dtype=torch.int32), "floating"),
                        (torch.tensor([[1.0, float("nan")]]), "NaN or inf")):
         with pytest.raises(ValueError, match=match):
-            quantize_int8(bad)
+            quantize_weight(bad, fmt)
+    with pytest.raises(ValueError, match="unknown format 'int4'"):
+        quantize_weight(w, "int4")
 
 
-def test_int8_multi_glu_opcheck_and_errors():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_packed_multi_glu_opcheck_and_errors(fmt):
     x, ws, bs = _multi_inputs(3, 64, (48, 48), torch.float32)
-    packed = [quantize_int8(w) for w in ws]
+    packed = [quantize_weight(w, fmt) for w in ws]
     for glu in (False, True):
         got = skinny_linear_multi(x, packed, bs, glu, backend="ext")
         torch.testing.assert_close(got, skinny_linear_multi_ref(x, packed, bs, glu), **SKINNY_LINEAR_FP32)
     mixed = [packed[0], ws[1]]  # a packed weight beside one in the model dtype
     torch.testing.assert_close(skinny_linear_multi(x, mixed, bs, backend="ext"),
                                skinny_linear_multi_ref(x, mixed, bs), **SKINNY_LINEAR_FP32)
-    torch.library.opcheck(torch.ops.lcm_fast.skinny_linear, (x, packed[0], bs[0]))
-    torch.library.opcheck(torch.ops.lcm_fast.skinny_linear_multi, (x.bfloat16(), packed, [None, None], True))
-    with pytest.raises(RuntimeError, match="K=64 but weight has K=63 \\(packed int8"):
+    # the schema check compares inputs by arithmetic that torch lacks for float8 (the int8 run checks the schema)
+    tests = [t for t in OPCHECK_UTILS if fmt == "int8" or t != "test_schema"]
+    torch.library.opcheck(torch.ops.lcm_fast.skinny_linear, (x, packed[0], bs[0]), test_utils=tests)
+    torch.library.opcheck(torch.ops.lcm_fast.skinny_linear_multi, (x.bfloat16(), packed, [None, None], True),
+                          test_utils=tests)
+    with pytest.raises(RuntimeError, match="K=64 but weight has K=63 \\(packed"):
         torch.ops.lcm_fast.skinny_linear(x, packed[0][:, 1:].contiguous(), None)

@@ -44,12 +44,12 @@ from ..nn.norm import norm_args
 from ..nn.transformer import decode_args
 from ..ops.decoder import decoder_layers_decode_for, decoder_layers_decode_ref
 from ..ops.denoiser import denoiser_layers_decode_for, denoiser_layers_decode_ref
-from ..ops.linear import quantize_int8, skinny_linear
+from ..ops.linear import PACKED_FORMATS, quantize_weight, skinny_linear
 from .graphs import batch_bucket, static_layers_decode
 
-#: the decode pack's projection weights: None (the model's own, in its dtype) or "int8" (weight-only int8,
-#: :func:`lcm_fast.ops.quantize_int8`: per-output-channel scales, activations in the model dtype)
-WEIGHT_FORMATS = (None, "int8")
+#: the decode pack's projection weights: None (the model's own, in its dtype), "int8" or "fp8" (weight-only e4m3)
+#: (:func:`lcm_fast.ops.quantize_weight`: per-output-channel scales, activations in the model dtype)
+WEIGHT_FORMATS = (None, *PACKED_FORMATS)
 
 
 def check_weights(weights: Optional[str]) -> None:
@@ -61,7 +61,8 @@ def pack_weights(tensors: list, weights: Optional[str]) -> list:
     """A decode pack's tensors with its projection weights (its 2-D tensors; norms, biases and slopes are 1-D) in
     the format ``weights``."""
     check_weights(weights)
-    return tensors if weights is None else [quantize_int8(t) if t is not None and t.dim() == 2 else t for t in tensors]
+    return tensors if weights is None else [quantize_weight(t, weights) if t is not None and t.dim() == 2 else t
+                                            for t in tensors]
 
 
 def _fingerprint(module: torch.nn.Module) -> tuple:
@@ -75,7 +76,7 @@ _PACKS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDict
 @torch.no_grad()
 def packed_decode_args(layers: torch.nn.ModuleList, weights: Optional[str]) -> tuple:
     """:func:`decode_args` of layers with the projection weights in the format ``weights``, kept per layers and format
-    until a weight changes (packing the 1.6B denoiser in int8 takes about a second)."""
+    until a weight changes (packing the 1.6B denoiser takes about a second)."""
     fingerprint = _fingerprint(layers)
     packs = _PACKS.setdefault(layers, {})
     kept = packs.get(weights)

@@ -504,10 +504,11 @@ class Generator:
             that fits them, whose sentences then all replay; ``del`` the generator to free them. Off by default
             until it has been measured on a GPU (the tests/ops/test_cuda.py checks). On CPU it runs the static
             path without graphs (slower than the CPU kernel; what the CPU tests exercise).
-        weights: the format of the decode step's projection weights: None (the model's own) or ``"int8"``
-            (weight-only int8 with per-output-channel scales, made once per model and kept: a quarter of fp32's
-            bytes per step, half of bf16's; activations stay in the model dtype). The fast engine only; the
-            prompt's prefill and the Two-Tower contextualizer keep the model's weights. Quality: bench/RESULTS.md.
+        weights: the format of the decode step's projection weights: None (the model's own), ``"int8"`` or ``"fp8"``
+            (weight-only int8 or e4m3 with per-output-channel scales, made once per model and kept: a quarter of
+            fp32's bytes per step, half of bf16's; activations stay in the model dtype). The fast engine only; the
+            prompt's prefill and the Two-Tower contextualizer keep the model's weights. Which to use, and quality:
+            README ("Weight formats"), bench/RESULTS.md.
         inductor: with ``cuda_graphs``, the static step's layers in plain PyTorch compiled by Inductor
             (``torch.compile(fullgraph=True)``: fused norm/modulation prologues and residual epilogues, its own GEMMs)
             before they are captured, instead of the composed fused ops; the same outputs within rounding. The other

@@ -11,7 +11,7 @@ from .adaln import (
 from .decoder import decoder_layers_decode, decoder_layers_decode_ref
 from .denoiser import denoiser_layers_decode, denoiser_layers_decode_ref
 from .guided_ddim import guided_ddim_step_, guided_ddim_step_ref, sampler_params
-from .linear import quantize_int8, skinny_linear, skinny_linear_multi, skinny_linear_multi_ref, skinny_linear_ref
+from .linear import quantize_weight, skinny_linear, skinny_linear_multi, skinny_linear_multi_ref, skinny_linear_ref
 from .rvq import rvq_decode, rvq_decode_ref, rvq_encode, rvq_encode_ref
 
 __all__ = [
@@ -26,7 +26,7 @@ __all__ = [
     "denoiser_layers_decode_ref",
     "guided_ddim_step_",
     "guided_ddim_step_ref",
-    "quantize_int8",
+    "quantize_weight",
     "rvq_decode",
     "rvq_decode_ref",
     "rvq_encode",

@@ -8,7 +8,7 @@ CPU kernel streams W exactly once in order (``csrc/linear/skinny_linear_cpu.cpp`
 more than :data:`MAX_ROWS` rows are a real GEMM and the op hands them to BLAS. On CUDA the op forwards to
 cuBLAS.
 
-Weight-only int8: a weight may be packed int8 (:func:`quantize_int8`: symmetric per output channel, a quarter of
+Weight-only int8 or fp8: a weight may be packed (:func:`quantize_weight`: symmetric per output channel, a quarter of
 fp32's bytes, half of bf16's), multiplied as ``scale * (x . q)`` with x in its own dtype and fp32 accumulation.
 """
 
@@ -29,49 +29,64 @@ from ._dispatch import OpSpec, register
 MAX_ROWS = 64
 
 
-#: a packed int8 weight is uint8 [N, K + INT8_SCALE_BYTES]: q [N, K] (int8, row major), then the N fp32 row scales
-#: (``csrc/linear/skinny_linear_checks.h``); one tensor, so every parameter list and op takes it as a weight
-INT8_SCALE_BYTES = 4
+#: a packed weight is [N, K + PACKED_SCALE_BYTES] bytes: q [N, K] (row major), then the N fp32 row scales
+#: (``csrc/linear/skinny_linear_checks.h``); one tensor, so every parameter list and op takes it as a weight. Its dtype
+#: says the format of q: uint8 holds int8 values, float8_e4m3fn fp8 (e4m3) ones.
+PACKED_SCALE_BYTES = 4
+
+#: weight-only formats: the packed tensor's dtype and the largest |q| (the row's max |w| maps to it)
+PACKED_FORMATS = {"int8": (torch.uint8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 
 
-def quantize_int8(weight: Tensor) -> Tensor:
-    """Weight-only int8 of weight [N, K] (any float dtype): per output channel n, ``scale = max|w_n| / 127`` and
-    ``q = round(w_n / scale)`` in [-127, 127], packed as uint8 [N, K + 4] (:data:`INT8_SCALE_BYTES`). The
-    rounding error of each weight is at most scale / 2; an all-zero row has scale 0."""
+def quantize_weight(weight: Tensor, fmt: str = "int8") -> Tensor:
+    """Weight-only quantization of weight [N, K] (any float dtype), symmetric per output channel n:
+    ``scale = max|w_n| / qmax`` and ``q = w_n / scale`` rounded to the format, packed as [N, K + 4]
+    (:data:`PACKED_SCALE_BYTES`, dtype by :data:`PACKED_FORMATS`). ``"int8"``: q in [-127, 127], every weight within
+    scale / 2; ``"fp8"``: e4m3 (3 mantissa bits), every weight within 2^-4 of itself relatively (2^-10 scale
+    absolutely below e4m3's normal range). An all-zero row has scale 0."""
+    if fmt not in PACKED_FORMATS:
+        raise ValueError(f"quantize_weight: unknown format {fmt!r}; expected one of {list(PACKED_FORMATS)}")
     if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"quantize_int8: expected a floating-point [N, K] weight, got {weight.dtype} {list(weight.shape)}")
+        raise ValueError(f"quantize_weight: expected a floating-point [N, K] weight, got {weight.dtype} "
+                         f"{list(weight.shape)}")
     w = weight.detach().float()
     if not torch.isfinite(w).all():
-        raise ValueError("quantize_int8: the weight holds NaN or inf")
+        raise ValueError("quantize_weight: the weight holds NaN or inf")
+    dtype, qmax = PACKED_FORMATS[fmt]
     N, K = w.shape
-    scale = w.abs().amax(1) / 127
-    q = torch.round(w / torch.where(scale > 0, scale, 1.0)[:, None]).clamp(-127, 127).to(torch.int8)
-    return torch.cat((q.view(torch.uint8).flatten(), scale.view(torch.uint8))).view(N, K + INT8_SCALE_BYTES)
+    scale = w.abs().amax(1) / qmax
+    # the clamp: w / scale may round past qmax, which e4m3 would turn into NaN
+    q = (w / torch.where(scale > 0, scale, 1.0)[:, None]).clamp(-qmax, qmax)
+    q = torch.round(q).to(torch.int8) if fmt == "int8" else q.to(torch.float8_e4m3fn)
+    packed = torch.cat((q.view(torch.uint8).flatten(), scale.view(torch.uint8)))
+    return packed.view(N, K + PACKED_SCALE_BYTES).view(dtype)
 
 
-def unpack_int8(packed: Tensor) -> tuple[Tensor, Tensor]:
-    """(q [N, K] int8, scale [N] fp32) of a packed int8 weight [N, K + 4]."""
-    N, K = packed.shape[0], packed.shape[1] - INT8_SCALE_BYTES
+def unpack(packed: Tensor) -> tuple[Tensor, Tensor]:
+    """(q [N, K] int8 or float8_e4m3fn, scale [N] fp32) of a packed weight [N, K + 4]."""
+    N, K = packed.shape[0], packed.shape[1] - PACKED_SCALE_BYTES
     flat = packed.contiguous().view(-1)
+    q = flat[: N * K].view(N, K)
     # clone: the scales start at byte N K, which a float view needs divisible by 4
-    return flat[: N * K].view(torch.int8).view(N, K), flat[N * K:].clone().view(torch.float32)
+    scale = flat[N * K:].view(torch.uint8).clone().view(torch.float32)
+    return (q.view(torch.int8) if packed.dtype == torch.uint8 else q), scale
 
 
-def is_packed_int8(weight: Tensor) -> bool:
-    return weight.dtype == torch.uint8
+def is_packed(weight: Tensor) -> bool:
+    return weight.dtype in (torch.uint8, torch.float8_e4m3fn)
 
 
 def in_features(weight: Tensor) -> int:
-    """K of a weight [N, K], or of a packed int8 one [N, K + 4]."""
-    return weight.shape[1] - (INT8_SCALE_BYTES if is_packed_int8(weight) else 0)
+    """K of a weight [N, K], or of a packed one [N, K + 4]."""
+    return weight.shape[1] - (PACKED_SCALE_BYTES if is_packed(weight) else 0)
 
 
 def skinny_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """Plain-PyTorch twin: ``F.linear``. x: [..., K]; weight: [N, K] of x's dtype, or packed int8 [N, K + 4]
+    """Plain-PyTorch twin: ``F.linear``. x: [..., K]; weight: [N, K] of x's dtype, or packed [N, K + 4]
     (``scale * (x . q)`` in fp32, then the bias, rounded to x's dtype once); bias: [N] or None -> [..., N]."""
-    if not is_packed_int8(weight):
+    if not is_packed(weight):
         return F.linear(x, weight, bias)
-    q, scale = unpack_int8(weight)
+    q, scale = unpack(weight)
     y = F.linear(x.float(), q.float()) * scale
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
@@ -103,7 +118,7 @@ if _ext.EXT_AVAILABLE:
 
 def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """``F.linear`` for few rows: x [..., K] (fp32/bf16/fp16, the dtype of weight [N, K] and bias [N]; or weight
-    packed int8 [N, K + 4], :func:`quantize_int8`) -> [..., N], accumulated in fp32. Not differentiable (inference)."""
+    packed [N, K + 4], :func:`quantize_weight`) -> [..., N], accumulated in fp32. Not differentiable (inference)."""
     if SPEC.choose(x.device.type, x.dtype, backend) == "ref":
         return skinny_linear_ref(x, weight, bias)
     # a decoding step makes ~100 of these calls, a few microseconds of weights each: the overload is called

@@ -215,7 +215,7 @@ def generate_corpus(
     prompt_sentences: the prompt is a document's first sentences (None: all). id_column: the documents' ids
     (None: "<shard file name>#<row>"). batch_size: documents per batch (default :func:`default_batch_size`).
     decoder: also write the generated sentences' texts (``decoder_name`` names it in the manifest). weights: the
-    decode step's weight format (:class:`~lcm_fast.Generator`'s; ``"int8"``: weight-only int8). break_vec: an
+    decode step's weight format (:class:`~lcm_fast.Generator`'s; ``"int8"``, ``"fp8"``: weight-only). break_vec: an
     LPCM's break concept: the outputs get a ``roles`` column (each generated concept's role: 0 sentence, 1 break,
     2 plan; the concepts and texts keep them all).
     skip_bad_shards: a shard that cannot be read (DataError) is reported in ``failed`` and the run goes on;
