@@ -46,15 +46,20 @@ inline bool cpu_native_half_gemm(bool bf16) {
 // More fp32 rows of x are a real GEMM (ops/linear.py MAX_ROWS): BLAS catches up from 64-128 rows.
 constexpr int64_t kSkinnyMaxRows = 64;
 
+// bf16/fp16 rows of x past this many are a real GEMM where the CPU multiplies them natively: on a Zen 5 EPYC with
+// AVX512-BF16, BLAS ran 8 bf16 rows 1.1-1.4x faster than the kernel and 50 rows 3-3.5x, the kernel 1-4 rows
+// 1.1-2.5x faster (bench/RESULTS.md).
+constexpr int64_t kSkinnyNativeHalfMaxRows = 4;
+
 // Whether M rows of x go through skinny_linear_kernel rather than BLAS, for weights of this dtype: fp32 up to
-// kSkinnyMaxRows; bf16/fp16 at any M unless the CPU multiplies them natively (AMX, AVX512-BF16/FP16): without,
-// BLAS ran them at ~20 GFLOP/s against the kernel's 105-121 on the 2-core Zen3 VM (bench/RESULTS.md); packed int8
-// (uint8: int8; float8_e4m3fn: fp8) always: BLAS has no weight-only product.
+// kSkinnyMaxRows; bf16/fp16 at any M unless the CPU multiplies them natively (AMX, AVX512-BF16/FP16; then up to
+// kSkinnyNativeHalfMaxRows): without, BLAS ran them at ~20 GFLOP/s against the kernel's 105-121 on the 2-core Zen3
+// VM (bench/RESULTS.md); packed int8 (uint8: int8; float8_e4m3fn: fp8) always: BLAS has no weight-only product.
 inline bool skinny_takes(at::ScalarType dtype, int64_t M) {
   if (dtype == at::kByte || dtype == at::kFloat8_e4m3fn) return true;
   if (dtype == at::kFloat) return M <= kSkinnyMaxRows;
   static const bool native_bf16 = cpu_native_half_gemm(true), native_fp16 = cpu_native_half_gemm(false);
-  return M <= kSkinnyMaxRows || !(dtype == at::kBFloat16 ? native_bf16 : native_fp16);
+  return M <= kSkinnyNativeHalfMaxRows || !(dtype == at::kBFloat16 ? native_bf16 : native_fp16);
 }
 
 // rows of x per register tile: 3 x 4 tiles (12 accumulators, 4 weight vectors: the 16 AVX2 registers) ran

@@ -26,6 +26,7 @@ from ._dispatch import OpSpec, register
 #: fp32 inputs with more rows are a real GEMM: the op hands them to BLAS (``kSkinnyMaxRows`` in
 #: ``csrc/linear/skinny_linear_cpu.h``), which catches up from 64-128 rows; bf16/fp16 stay in the kernel at any
 #: size on CPUs without native half GEMMs (BLAS ran them at ~20 GFLOP/s, the kernel at 105-121; bench/RESULTS.md)
+#: and up to 4 rows on CPUs with them (``kSkinnyNativeHalfMaxRows``)
 MAX_ROWS = 64
 
 
