@@ -66,7 +66,8 @@ constexpr std::array<Tile, 4> row(std::integer_sequence<int, cs...>) {
 }
 
 template <PackedFormat F>
-constexpr Tiles kTiles = {row<F, 1>(std::make_integer_sequence<int, 4>()), row<F, 2>(std::make_integer_sequence<int, 4>()),
+constexpr Tiles kTiles = {row<F, 1>(std::make_integer_sequence<int, 4>()),
+                          row<F, 2>(std::make_integer_sequence<int, 4>()),
                           row<F, 3>(std::make_integer_sequence<int, 4>())};
 
 }  // namespace

@@ -95,8 +95,10 @@ void launch_packed_gemv(const void* x, int64_t M, int64_t K, const void* q, Pack
   if (M == 0 || N == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   const auto* bytes = static_cast<const uint8_t*>(q);
-  if (fmt == PackedFormat::kInt8) launch_format<PackedFormat::kInt8>(x, M, K, bytes, scales, bias, N, out, ldo, dtype, s);
-  else launch_format<PackedFormat::kFp8E4M3>(x, M, K, bytes, scales, bias, N, out, ldo, dtype, s);
+  if (fmt == PackedFormat::kInt8)
+    launch_format<PackedFormat::kInt8>(x, M, K, bytes, scales, bias, N, out, ldo, dtype, s);
+  else
+    launch_format<PackedFormat::kFp8E4M3>(x, M, K, bytes, scales, bias, N, out, ldo, dtype, s);
 }
 
 }  // namespace lcm_fast

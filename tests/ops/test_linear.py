@@ -197,14 +197,16 @@ def test_avx2_and_avx512_tiles_agree(fmt):
     weights exactly through one-hot rows (main loop and tail; test_fp8_widening_is_exact checks them in this one)."""
     script = ("import sys, torch; from lcm_fast.ops.linear import quantize_weight, skinny_linear; "
               "g = torch.Generator().manual_seed(0); "
-              "w = quantize_weight(torch.randn(37, 1029, generator=g), sys.argv[2]); x = torch.randn(3, 1029, generator=g); "
+              "w = quantize_weight(torch.randn(37, 1029, generator=g), sys.argv[2]); "
+              "x = torch.randn(3, 1029, generator=g); "
               "eye = torch.eye(1029)[list(range(20)) + list(range(1010, 1029))]; "
               "rows = [skinny_linear(x[:m], w, backend='ext') for m in (1, 2, 3)]; "
               "torch.save(rows + [torch.cat([skinny_linear(e[None], w, backend='ext') for e in eye])], sys.argv[1])")
     outs = []
     for flag in ("0", "1"):
         path = Path(tempfile.mkdtemp()) / "y.pt"
-        env = {k: v for k, v in os.environ.items() if k != "LCM_FAST_NO_AVX512"} | ({"LCM_FAST_NO_AVX512": "1"} if flag == "1" else {})
+        env = {k: v for k, v in os.environ.items() if k != "LCM_FAST_NO_AVX512"}
+        env |= {"LCM_FAST_NO_AVX512": "1"} if flag == "1" else {}
         subprocess.run([sys.executable, "-c", script, str(path), fmt], check=True, env=env, timeout=120)
         outs.append(torch.load(path))
     for a, b in zip(outs[0][:3], outs[1][:3], strict=True):
