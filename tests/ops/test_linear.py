@@ -173,6 +173,15 @@ def test_packed_matches_reference(M, K, N, dtype, fmt):
     _packed_check(x, quantize_weight(w, fmt), b)
 
 
+@settings(max_examples=40, deadline=None)
+@given(M=st.integers(1, 40), K=st.integers(1, 300), N=st.integers(1, 70), bias=st.booleans(),
+       fmt=st.sampled_from(FORMATS), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       spread=st.floats(0, 7))  # a row's weights over 10^spread: past ~4.5 its small ones are e4m3 subnormals
+def test_hypothesis_packed(M, K, N, bias, fmt, dtype, spread):
+    x, w, b = _inputs(M, K, N, dtype, bias)
+    _packed_check(x, quantize_weight(w.float() * torch.logspace(-spread, 0, K), fmt), b)
+
+
 def test_fp8_widening_is_exact():
     """Every one of e4m3's 254 finite values (subnormals, the largest 448, both zeros) as a weight: the widening
     (fp16 bits, F16C, times 2^8 in registers for 1-2 rows; the tile widened once for many) gives the value itself,
