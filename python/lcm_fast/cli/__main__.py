@@ -578,8 +578,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                      help="the model's weights and activations (bfloat16: half the weight bytes, ~1.2-1.7x faster "
                      "on CPU at batch 1; the sampler stays fp32)")
     gen.add_argument("--weights", choices=["int8", "fp8"], help="the decode step's weight format: int8 or fp8 "
-                     "(weight-only, per-channel scales: half of bf16's bytes per step; fp8 for GPUs, int8 for CPUs; "
-                     "default: the model's own weights)")
+                     "(weight-only, per-channel scales: half of bf16's bytes per step; int8 rounds less at the same "
+                     "bytes; default: the model's own weights; README 'Weight formats')")
     gen.add_argument("--json", action="store_true", help='print {"prompt": [...], "sentences": [{"text", "similarity"}]}')
     gen.add_argument("--lpcm", help="an LPCM's break concept (lpcm.pt of its prepare --paragraphs data): its breaks "
                      "and plans are left out of the printed sentences (--json lists every concept's role and the plans; with --data the "
