@@ -54,7 +54,7 @@ constexpr int64_t kSkinnyNativeHalfMaxRows = 4;
 // Whether M rows of x go through skinny_linear_kernel rather than BLAS, for weights of this dtype: fp32 up to
 // kSkinnyMaxRows; bf16/fp16 at any M unless the CPU multiplies them natively (AMX, AVX512-BF16/FP16; then up to
 // kSkinnyNativeHalfMaxRows): without, BLAS ran them at ~20 GFLOP/s against the kernel's 105-121 on the 2-core Zen3
-// VM (bench/RESULTS.md); packed int8 (uint8: int8; float8_e4m3fn: fp8) always: BLAS has no weight-only product.
+// VM (bench/RESULTS.md); packed weights (uint8: int8; float8_e4m3fn: fp8) always: BLAS has no weight-only product.
 inline bool skinny_takes(at::ScalarType dtype, int64_t M) {
   if (dtype == at::kByte || dtype == at::kFloat8_e4m3fn) return true;
   if (dtype == at::kFloat) return M <= kSkinnyMaxRows;
