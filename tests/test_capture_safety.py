@@ -57,8 +57,13 @@ def test_captured_call_checks_its_function_on_cpu():
     assert torch.equal(call(torch.full((3,), 2.0))[0], torch.full((3,), 4.0))
 
 
+# the decode step on the model's own weights and on packed int8 / fp8 ones (the weight-only linear's path)
+WEIGHTS = pytest.mark.parametrize("weights", [None, "int8", "fp8"])
+
+
+@WEIGHTS
 @pytest.mark.parametrize("positions", ["rope", "learned", "sine"])
-def test_base_lcm_decoder_step_is_capture_safe(positions):
+def test_base_lcm_decoder_step_is_capture_safe(positions, weights):
     """The static (CUDA-graph) Base-LCM decoder step under the guard. On the code before this test (5412cce) it
     failed, as the capture did on the H200 (cudaErrorStreamCaptureUnsupported)::
 
@@ -71,22 +76,24 @@ def test_base_lcm_decoder_step_is_capture_safe(positions):
     cache = [KVCache(16, zeroed=True) for _ in model.lcm.layers]
     with torch.inference_mode():
         model(torch.randn(3, 5, model.sonar_dim), cache=cache)  # the prefill
-        decoder = FastDecoder(model, cache, static_shapes=True)
+        decoder = FastDecoder(model, cache, static_shapes=True, weights=weights)
         decoder.length.fill_(5)
         x = torch.randn(3, 1, model.sonar_dim)
-        eager = FastDecoder(model, cache)(x)  # the per-step engine writes the same position
+        eager = FastDecoder(model, cache, weights=weights)(x)  # the per-step engine writes the same position
         with CaptureGuard("base-LCM decoder step"):
             out = decoder(x)
     torch.testing.assert_close(out, eager)
 
 
+@WEIGHTS
 @pytest.mark.parametrize("guidance,eta", [(3.0, 0.3), (1.0, 0.0)])
-def test_two_tower_sentence_loop_is_capture_safe(guidance, eta):
+def test_two_tower_sentence_loop_is_capture_safe(guidance, eta, weights):
     """The static Two-Tower sentence (every DDIM step: the denoiser and the fused sampler) under the guard."""
     model = random_model(tiny_config("two_tower_diffusion_lcm"))
     options = lcm_fast.GenerationOptions.recommended(seed=0, guidance_scale=guidance, ddim_eta=eta,
                                                      inference_timesteps=6)
-    stepper = _TwoTowerStepper(model, options, True, 16, lcm_fast.TorchNoise(0), fast=True, static_batch=4)
+    stepper = _TwoTowerStepper(model, options, True, 16, lcm_fast.TorchNoise(0), fast=True, static_batch=4,
+                               weights=weights)
     steps, D = len(stepper.timesteps), model.sonar_dim
     with torch.inference_mode():
         stepper.prefill(torch.randn(4, 5, D))
@@ -97,12 +104,13 @@ def test_two_tower_sentence_loop_is_capture_safe(guidance, eta):
     assert torch.isfinite(x0).all() and x0.abs().sum() > 0
 
 
-def test_one_tower_sentence_loop_is_capture_safe():
+@WEIGHTS
+def test_one_tower_sentence_loop_is_capture_safe(weights):
     """The static One-Tower sentence (every DDIM step: the decoder on its context cache and the fused sampler) under
     the guard."""
     model = random_model(tiny_config("one_tower_diffusion_lcm"))
     options = lcm_fast.GenerationOptions.recommended(seed=0, ddim_eta=0.3, inference_timesteps=6)
-    stepper = _OneTowerStepper(model, options, 16, lcm_fast.TorchNoise(0), fast=True, static_batch=4)
+    stepper = _OneTowerStepper(model, options, 16, lcm_fast.TorchNoise(0), fast=True, static_batch=4, weights=weights)
     steps, D = len(stepper.timesteps), model.sonar_dim
     with torch.inference_mode():
         stepper.prefill(torch.randn(4, 5, D))
@@ -114,12 +122,13 @@ def test_one_tower_sentence_loop_is_capture_safe():
 
 @pytest.mark.parametrize("target", ["discrete", "continuous"])
 @pytest.mark.parametrize("sampling", [dict(top_k=1), SAMPLED_UNITS])
-def test_quant_lcm_sentence_loop_is_capture_safe(target, sampling):
+@WEIGHTS
+def test_quant_lcm_sentence_loop_is_capture_safe(target, sampling, weights):
     """The static Quant-LCM sentence (every codebook pass: the decoder on its context cache, the units' scores, their
     greedy or top-k/top-p draw and the centroid's addition) under the guard."""
     model = random_model(tiny_config("quant_lcm", target=target))
     options = lcm_fast.GenerationOptions(seed=0, **sampling)
-    stepper = _QuantStepper(model, options, 16, lcm_fast.TorchNoise(0), fast=True, static_batch=4)
+    stepper = _QuantStepper(model, options, 16, lcm_fast.TorchNoise(0), fast=True, static_batch=4, weights=weights)
     M, K, D = model.config.n_codebooks, model.config.codebook_size, model.sonar_dim
     with torch.inference_mode():
         stepper.prefill(torch.randn(4, 5, D))
